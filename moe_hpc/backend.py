@@ -1,0 +1,93 @@
+"""The one array-module seam: model code is written once against ``xp`` (NumPy or CuPy).
+
+bf16 is ml_dtypes' ``bfloat16`` on both sides (CuPy accepts it as a 2-byte dtype for storage
+and matmul).  Every product follows the SPEC precision rule: bf16 operands, fp32 accumulation,
+one rounding back to bf16.  On the CPU streams and events are no-ops, so the engine's schedule
+is the same code on both devices.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import ml_dtypes
+import numpy as np
+
+from .errors import ConfigError
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F32 = np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Array module plus the few device operations the engine needs."""
+    name: str                 # "cpu" | "gpu"
+    xp: ModuleType            # numpy or cupy
+
+    def asarray(self, host_array):
+        return self.xp.asarray(host_array)
+
+    def to_host(self, array) -> np.ndarray:
+        return array if self.xp is np else self.xp.asnumpy(array)
+
+    @property
+    def weight_dtype(self) -> np.dtype:
+        """How bf16 weights are held: as fp32 copies of their exact bf16 values on the CPU, so
+        BLAS needs no per-call upcast; as bf16 on the GPU, where cuBLAS takes them directly."""
+        return F32 if self.xp is np else BF16
+
+    def synchronize(self) -> None:
+        if self.xp is not np:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def stream(self):
+        """A context in which work is queued on a side stream (no-op on the CPU)."""
+        if self.xp is np:
+            return contextlib.nullcontext()
+        return self.xp.cuda.Stream(non_blocking=True)
+
+
+def cupy_or_none():
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy
+    except Exception:  # no CuPy, no driver or no GPU: all mean "not available"
+        return None
+
+
+def make_backend(device: str, local_rank: int = 0) -> Backend:
+    """Pick NumPy or CuPy for ``run.device`` (cpu | gpu | auto) and bind this rank's GPU."""
+    if device == "cpu":
+        return Backend("cpu", np)
+    cupy = cupy_or_none()
+    if cupy is None:
+        if device == "gpu":
+            raise ConfigError("run.device = 'gpu' but CuPy or a CUDA GPU is not available "
+                              "(install the [gpu] extra, or use run.device = 'cpu')")
+        return Backend("cpu", np)
+    ngpu = cupy.cuda.runtime.getDeviceCount()
+    local = int(os.environ.get("SLURM_LOCALID", local_rank))
+    cupy.cuda.Device(local % ngpu).use()
+    return Backend("gpu", cupy)
+
+
+def to_bf16(array, xp=np):
+    """Round any floating array to bf16 (round-to-nearest-even)."""
+    return xp.asarray(array).astype(BF16)
+
+
+def matmul_bf16(a, b, xp=np):
+    """[..., K] @ [K, N] with bf16 operands, fp32 accumulation, bf16 result."""
+    return xp.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False)).astype(BF16)
+
+
+def matmul_f32(a, b, xp=np):
+    """Like matmul_bf16 but keeps the fp32 result (the gate logits stay fp32)."""
+    return xp.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False))
+
+
+__all__ = ["Backend", "BF16", "F32", "make_backend", "to_bf16", "matmul_bf16", "matmul_f32"]

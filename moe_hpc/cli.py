@@ -1,0 +1,171 @@
+"""``moe-hpc``: the command line. The one place where exceptions become exit codes.
+
+A MoeHpcError prints one ``error: ...`` line (on the rank that found it) and exits 1 on every
+rank; a peer's failure exits 1 quietly; anything else is a bug: it is reported, and with more
+than one rank the job is aborted so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import MoeHpcError, PeerFailed
+
+# The demo's batching: small micro-batches and chunks, so even 256 tokens exercise the
+# double-buffered exchange and the chunked writes. The model is the built-in tiny default.
+DEMO_SETTINGS = ["run.micro_batch_tokens=64", "run.chunk_sequences=4"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-hpc", description="Offline MoE inference over MPI ranks.")
+    p.add_argument("--version", action="version", version=f"moe-hpc {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    w = sub.add_parser("init-weights", help="write a synthetic checkpoint")
+    w.add_argument("config")
+    w.add_argument("-o", "--output", required=True)
+    w.add_argument("--seed", type=int, default=0)
+    _common(w)
+
+    i = sub.add_parser("make-inputs", help="write a synthetic input batch")
+    i.add_argument("config")
+    i.add_argument("-o", "--output", required=True)
+    i.add_argument("--sequences", type=int, required=True)
+    i.add_argument("--seq-len", type=int, required=True)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--ragged", action="store_true", help="also write /lengths (random in [1, L])")
+    _common(i)
+
+    r = sub.add_parser("run", help="run inference (under mpiexec/srun, or as one process)")
+    r.add_argument("config")
+    r.add_argument("--weights", required=True)
+    r.add_argument("--input", required=True)
+    r.add_argument("--output", required=True)
+    _common(r)
+
+    d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
+    d.add_argument("--dir", default="demo", help="where the demo files go (default: ./demo)")
+    _common(d)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing complete output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _world():
+    from mpi4py import MPI
+    return MPI.COMM_WORLD
+
+
+def _load_config(args):
+    from .config import load_config
+    return load_config(args.config, args.set)
+
+
+def cmd_init_weights(args, comm) -> None:
+    from .synth import write_checkpoint
+    cfg = _load_config(args)
+    if comm.Get_rank() == 0:
+        write_checkpoint(args.output, cfg.model, args.seed, args.overwrite)
+        print(f"wrote {args.output}")
+
+
+def cmd_make_inputs(args, comm) -> None:
+    from .synth import write_inputs
+    cfg = _load_config(args)
+    if comm.Get_rank() == 0:
+        write_inputs(args.output, cfg.model, args.sequences, args.seq_len, args.seed, args.ragged,
+                     args.overwrite)
+        print(f"wrote {args.output}")
+
+
+def cmd_run(args, comm) -> None:
+    from .runner import Job, run_job
+    cfg = _load_config(args)
+    job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug)
+    summary = run_job(comm, job)
+    if summary:
+        print(json.dumps({"summary": summary}))
+
+
+def cmd_demo(args, comm) -> None:
+    """Tiny end to end: weights and inputs (kept), a run, and a check against float64."""
+    from .config import build_config
+    from .failure import collective
+    from .reference import compare, read_output_hidden, reference_forward
+    from .runner import Job, run_job
+    from .synth import write_checkpoint, write_inputs
+    folder = Path(args.dir)
+    cfg = build_config({}, DEMO_SETTINGS + args.set, where="<built-in tiny default>")
+    weights, inputs, output = folder / "tiny_weights.h5", folder / "tiny_inputs.h5", folder / "tiny_output.h5"
+
+    def prepare():
+        if comm.Get_rank() != 0:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if not weights.exists():
+            write_checkpoint(weights, cfg.model, seed=0)
+        if not inputs.exists():
+            write_inputs(inputs, cfg.model, sequences=8, seq_len=32, seed=1, ragged=True)
+    collective(comm, prepare, debug=args.debug)
+    summary = run_job(comm, Job(cfg, weights, inputs, output, overwrite=True, debug=args.debug))
+    if comm.Get_rank() == 0:
+        ref = reference_forward(weights, inputs)
+        import h5py
+        with h5py.File(inputs, "r") as f:
+            lengths = f["lengths"][()]
+        agreement = compare(read_output_hidden(output), ref, lengths)
+        print(f"demo: {summary['tokens']} tokens on {comm.Get_size()} rank(s) in "
+              f"{summary['wall_time_s']:.2f} s -> {output}")
+        print(f"demo: vs float64 reference: {agreement} -> {'OK' if agreement.ok() else 'MISMATCH'}")
+        if not agreement.ok():
+            raise MoeHpcError("demo output does not match the float64 reference")
+
+
+COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "run": cmd_run,
+            "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        comm = _world()
+    except ImportError as exc:
+        print(f"error: mpi4py cannot load an MPI library ({exc}); install the [mpi] extra "
+              "or load your cluster's MPI", file=sys.stderr)
+        return 1
+    try:
+        COMMANDS[args.verb](args, comm)
+        return 0
+    except PeerFailed:
+        return 1
+    except MoeHpcError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so, and never leave other ranks hanging
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: internal error on rank {comm.Get_rank()}: {type(exc).__name__}: {exc} "
+              "(rerun with --debug for a traceback)", file=sys.stderr)
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

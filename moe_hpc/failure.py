@@ -1,0 +1,39 @@
+"""Turning one rank's problem into a clean exit of every rank, without an MPI hang.
+
+Steps that can fail on some ranks only (reading a file, writing a chunk) run inside
+``collective(comm, fn)``: every rank finishes the step, then all agree on the outcome with one
+small allgather.  If any rank failed, every rank raises: the lowest failing rank its own error
+(which the CLI prints as the one ``error:`` line), the others ``PeerFailed`` (which they exit
+on quietly).  Anything that escapes outside such a step is a bug; the CLI aborts the job then.
+"""
+from __future__ import annotations
+
+import traceback
+
+from .errors import MoeHpcError, PeerFailed
+
+
+def collective(comm, fn, *args, debug: bool = False, **kwargs):
+    """Run ``fn(*args, **kwargs)`` on every rank of ``comm`` and agree on success."""
+    error, message = None, None
+    result = None
+    try:
+        result = fn(*args, **kwargs)
+    except MoeHpcError as exc:
+        error, message = exc, str(exc)
+    except Exception as exc:  # a bug or an OS failure on this rank: still exit together
+        if debug:
+            traceback.print_exc()
+        error, message = exc, f"internal error on rank {comm.Get_rank()}: {type(exc).__name__}: {exc}"
+    messages = comm.allgather(message)
+    failed = [i for i, m in enumerate(messages) if m is not None]
+    if not failed:
+        return result
+    if comm.Get_rank() == failed[0]:
+        if isinstance(error, MoeHpcError):
+            raise error
+        raise MoeHpcError(message) from error
+    raise PeerFailed(messages[failed[0]])
+
+
+__all__ = ["collective"]
