@@ -33,7 +33,7 @@ class ModelConfig:
     num_layers: int = 4
     first_dense_layers: int = 1
     num_heads: int = 4
-    num_kv_heads: int = 0           # 0 means "same as num_heads" (plain MHA)
+    num_kv_heads: int = 0           # 0 or absent: same as num_heads (plain MHA)
     head_dim: int = 16
     dense_ffn_hidden_size: int = 256
     moe_ffn_hidden_size: int = 128
@@ -132,6 +132,8 @@ def _build_table(table: str, values: dict[str, Any], where: str):
         if key not in known:
             raise ConfigError(f"{where}: unknown key {table}.{key} (known: {', '.join(known)})")
         kwargs[key] = _coerce(table, key, value, known[key].default, where)
+    if table == "model" and not kwargs.get("num_kv_heads"):
+        kwargs["num_kv_heads"] = kwargs.get("num_heads", known["num_heads"].default)   # SPEC default
     return cls(**kwargs)
 
 

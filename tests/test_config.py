@@ -1,0 +1,81 @@
+"""Config: defaults, presets, --set overrides, and errors that name the key."""
+import dataclasses
+
+import pytest
+
+from moe_hpc.config import ModelConfig, build_config, load_config, parse_override
+from moe_hpc.errors import ConfigError
+
+from conftest import REPO, TINY
+
+
+def test_tiny_preset_is_the_builtin_default():
+    # `moe-hpc demo` runs the built-in default; inputs/tiny.toml must describe the same model
+    assert load_config(TINY).model == build_config({}).model
+
+
+@pytest.mark.parametrize("name, layers, moe, experts, H", [
+    ("seed61.toml", 61, 58, 64, 7168), ("seed16.toml", 16, 16, 16, 4096)])
+def test_seed_presets(name, layers, moe, experts, H):
+    m = load_config(REPO / "inputs" / name).model
+    assert (m.num_layers, m.num_moe_layers, m.num_experts, m.hidden_size) == (layers, moe, experts, H)
+
+
+def test_seed16_expert_and_heads():
+    m = load_config(REPO / "inputs" / "seed16.toml").model
+    assert (m.moe_ffn_hidden_size, m.num_heads, m.head_dim, m.first_dense_layers) == (16384, 32, 128, 0)
+
+
+def test_set_overrides_are_typed():
+    cfg = build_config({}, ["run.micro_batch_tokens=7", "run.device=cpu", "model.norm_eps=1e-5",
+                            "model.normalize_topk=false", "parallel.placement=\"shared\""])
+    assert cfg.run.micro_batch_tokens == 7 and cfg.run.device == "cpu"
+    assert cfg.model.norm_eps == 1e-5 and cfg.model.normalize_topk is False
+    assert cfg.parallel.placement == "shared"
+
+
+def test_override_beats_file(tmp_path):
+    cfg = load_config(TINY, ["model.num_experts=4"])
+    assert cfg.model.num_experts == 4
+
+
+@pytest.mark.parametrize("tables, overrides, key", [
+    ({"model": {"hiden_size": 3}}, [], "model.hiden_size"),
+    ({"model": {"hidden_size": "big"}}, [], "model.hidden_size"),
+    ({"model": {"top_k": 9}}, [], "model.top_k"),
+    ({"model": {"num_kv_heads": 3}}, [], "model.num_kv_heads"),
+    ({"model": {"activation": "relu"}}, [], "model.activation"),
+    ({"run": {"micro_batch_tokens": 0}}, [], "run.micro_batch_tokens"),
+    ({"run": {"logits": True}}, [], "run.logits"),
+    ({}, ["parallel.dense_ranks=-1"], "parallel.dense_ranks"),
+    ({}, ["parallel.placement=random"], "parallel.placement"),
+    ({}, ["run.bogus=1"], "run.bogus"),
+    ({}, ["model.head_dim=15"], "model.head_dim"),
+    ({}, ["model.first_dense_layers=9"], "model.first_dense_layers"),
+])
+def test_bad_values_name_the_key(tables, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config(tables, overrides)
+
+
+@pytest.mark.parametrize("text", ["noequals", "model=3", "nosuch.key=1", "model.=1"])
+def test_malformed_set(text):
+    with pytest.raises(ConfigError, match="--set"):
+        parse_override(text)
+
+
+def test_unknown_table_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[modle\]"):
+        build_config({"modle": {}})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nhidden_size = 1")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_config_roundtrips_through_json():
+    cfg = build_config({}, ["model.num_experts=16"])
+    assert cfg.to_dict()["model"]["num_experts"] == 16
+    assert dataclasses.asdict(cfg.model) == cfg.to_dict()["model"]

@@ -1,0 +1,124 @@
+"""Model pieces against the float64 formulas, one at a time (tighter than end-to-end)."""
+import math
+
+import numpy as np
+import pytest
+
+from moe_hpc import reference as ref
+from moe_hpc.backend import BF16
+from moe_hpc.checkpoint import DenseLayer
+from moe_hpc.config import build_config
+from moe_hpc.dispatcher import plan_dispatch
+from moe_hpc.model import activation, apply_rope, attention, mlp, rmsnorm, rope_tables, route
+from moe_hpc.runner import num_chunks, sequence_range
+
+rng = np.random.default_rng(0)
+
+
+def bf(shape, std=1.0):
+    return (rng.standard_normal(shape) * std).astype(BF16)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_rmsnorm():
+    x, w = bf((5, 64)), bf(64)
+    got = rmsnorm(x, w, 1e-6)
+    assert got.dtype == BF16
+    assert rel(got, ref._rmsnorm(x.astype(np.float64), w.astype(np.float64), 1e-6)) < 4e-3
+
+
+@pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "silu"])
+def test_activations(kind):
+    h = np.linspace(-6, 6, 1001).astype(np.float32)
+    assert np.abs(activation(h, kind) - ref._act(h.astype(np.float64), kind)).max() < 1e-6
+
+
+def test_rope_matches_spec_formula():
+    x = bf((24, 3, 16))
+    cos, sin = rope_tables(np.arange(24), 16, 10000.0)
+    got = apply_rope(x, cos, sin)
+    want = ref._rope(x.astype(np.float64), 10000.0)
+    assert rel(got, want) < 4e-3
+    # position 0 is the identity; the rotation keeps each pair's norm
+    np.testing.assert_array_equal(got[0], x[0])
+
+
+def _attn_weights(H, nh, nkv, D):
+    return DenseLayer(attn_norm=None, mlp_norm=None, wq=bf((H, nh * D), H ** -0.5),
+                      wk=bf((H, nkv * D), H ** -0.5), wv=bf((H, nkv * D), H ** -0.5),
+                      wo=bf((nh * D, H), (nh * D) ** -0.5))
+
+
+@pytest.mark.parametrize("nkv", [4, 2, 1])
+def test_attention_matches_reference_and_blocking(nkv):
+    cfg = build_config({}, [f"model.num_kv_heads={nkv}"]).model
+    w = _attn_weights(cfg.hidden_size, cfg.num_heads, nkv, cfg.head_dim)
+    a = bf((2, 19, cfg.hidden_size))
+    full = attention(a, w, cfg, block=512)
+    for block in (1, 5):
+        np.testing.assert_array_equal(attention(a, w, cfg, block=block), full)
+    g = {k: getattr(w, k).astype(np.float64) for k in ("wq", "wk", "wv", "wo")}
+    for s in range(2):
+        assert rel(full[s], ref._attention(a[s].astype(np.float64), g, cfg)) < 1e-2
+
+
+def test_causality():
+    cfg = build_config({}).model
+    w = _attn_weights(cfg.hidden_size, cfg.num_heads, cfg.num_heads, cfg.head_dim)
+    a = bf((1, 10, cfg.hidden_size))
+    b = a.copy()
+    b[0, 7:] = bf((3, cfg.hidden_size))
+    np.testing.assert_array_equal(attention(a, w, cfg, 4)[0, :7], attention(b, w, cfg, 4)[0, :7])
+
+
+def test_mlp_with_bias():
+    x, w1, b1, w2, b2 = bf((7, 64)), bf((64, 128), 0.125), bf(128, 0.1), bf((128, 64), 0.09), bf(64, 0.1)
+    got = mlp(x, w1, b1, w2, b2, "gelu")
+    f64 = lambda t: t.astype(np.float64)
+    want = ref._act(f64(x) @ f64(w1) + f64(b1), "gelu") @ f64(w2) + f64(b2)
+    assert rel(got, want) < 1e-2
+
+
+def test_router_bias_chooses_but_never_weights():
+    m = bf((6, 64))
+    gate = bf((64, 8), 0.125)
+    plain = route(m, gate, None, 2, True)
+    bias = np.zeros(8, np.float32)
+    bias[5] = 10.0        # forces expert 5 into every token's choice
+    biased = route(m, gate, bias, 2, False)
+    assert (biased.experts[:, 0] == 5).all()
+    logits = m.astype(np.float32) @ gate.astype(np.float32)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(biased.weights[:, 0], p[:, 5], rtol=1e-6)
+    np.testing.assert_allclose(plain.weights.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_router_ties_pick_lower_index():
+    m = np.zeros((1, 4), BF16)
+    r = route(m, np.zeros((4, 6), BF16), None, 2, True)
+    assert r.experts.tolist() == [[0, 1]]
+
+
+def test_plan_dispatch_groups_by_rank_and_spreads_replicas():
+    experts = np.array([[0, 1], [1, 2], [2, 0], [1, 0]])
+    holders = np.array([[0, 2], [1, -1], [1, -1]])      # expert 0 replicated on ranks 0 and 2
+    replicas = np.array([2, 1, 1])
+    plan = plan_dispatch(experts, np.arange(4) + 10, holders, replicas, world_size=3)
+    dest = holders[experts.reshape(-1), (np.repeat(np.arange(4) + 10, 2)) % replicas[experts.reshape(-1)]]
+    assert plan.send_counts.tolist() == np.bincount(dest, minlength=3).tolist()
+    assert (np.diff(dest[plan.order]) >= 0).all()
+    assert plan.send_counts[0] > 0 and plan.send_counts[2] > 0   # both replicas of expert 0 used
+    assert sorted(plan.order.tolist()) == list(range(8))
+
+
+@pytest.mark.parametrize("S, D, C", [(10, 3, 2), (1, 4, 8), (64, 4, 64), (7, 1, 3)])
+def test_sequence_split_covers_everything_once(S, D, C):
+    ranges = [sequence_range(d, D, S) for d in range(D)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == S
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert num_chunks(S, D, C) == math.ceil(max(b - a for a, b in ranges) / C)

@@ -1,0 +1,161 @@
+"""End to end on real MPI ranks: every layout must match the float64 reference of SPEC, and
+must not change the output beyond bf16 rounding."""
+import h5py
+import numpy as np
+import pytest
+
+from moe_hpc.config import build_config
+from moe_hpc.reference import TIE_MARGIN, compare, read_output_hidden, reference_forward
+from moe_hpc.synth import write_checkpoint, write_inputs
+
+from conftest import TINY, moe_hpc, needs_mpiexec
+
+pytestmark = needs_mpiexec
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_files):
+    weights, inputs = tiny_files
+    with h5py.File(inputs, "r") as f:
+        lengths = f["lengths"][()]
+    return reference_forward(weights, inputs), lengths
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_files, tmp_path_factory):
+    """The single-process output (no mpiexec at all), the split every other run is held to."""
+    weights, inputs = tiny_files
+    out = tmp_path_factory.mktemp("base") / "out.h5"
+    r = moe_hpc("run", TINY, "--weights", weights, "--input", inputs, "--output", out)
+    assert r.returncode == 0, r.stderr
+    return read_output_hidden(out)
+
+
+def split_difference(a, b, ref, lengths):
+    """Worst per-token relative difference between two outputs over tie-clear tokens."""
+    L = a.shape[1]
+    clear = (np.arange(L)[None, :] < lengths[:, None]) & (ref.margin >= TIE_MARGIN)
+    diff = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
+    return float(diff[clear].max())
+
+
+LAYOUTS = [
+    (1, []),
+    (2, []),
+    (3, []),
+    (4, []),
+    (2, ["parallel.dense_ranks=1"]),
+    (3, ["parallel.dense_ranks=1"]),
+    (4, ["parallel.dense_ranks=1"]),
+    (4, ["parallel.dense_ranks=2"]),
+    (3, ["run.micro_batch_tokens=1", "run.chunk_sequences=2"]),
+    (4, ["run.micro_batch_tokens=7", "parallel.dense_ranks=1"]),
+    (2, ["run.micro_batch_tokens=100000", "run.chunk_sequences=100"]),
+    (4, ["parallel.placement=disjoint"]),           # 24 slots on 4 ranks: wrapped
+    (3, ["parallel.placement=shared", "model.num_experts=2", "model.top_k=1"]),  # replicas
+]
+
+
+@pytest.mark.parametrize("ranks, sets", LAYOUTS, ids=[f"n{n}-{'-'.join(s) or 'colocated'}" for n, s in LAYOUTS])
+def test_layout_matches_reference(ranks, sets, tiny_files, reference, baseline, tmp_path):
+    weights, inputs = tiny_files
+    if any(s.startswith("model.") for s in sets):     # a different model needs its own weights
+        cfg = build_config({}, sets)
+        weights = tmp_path / "w.h5"
+        write_checkpoint(weights, cfg.model, seed=3)
+        ref = reference_forward(weights, inputs)
+        baseline = None
+    else:
+        ref = reference[0]
+    lengths = reference[1]
+    out = tmp_path / "out.h5"
+    args = ["run", TINY, "--weights", weights, "--input", inputs, "--output", out]
+    for s in sets:
+        args += ["--set", s]
+    r = moe_hpc(*args, ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    hidden = read_output_hidden(out)
+    agreement = compare(hidden, ref, lengths)
+    assert agreement.ok(), str(agreement)
+    assert agreement.median < 1.5e-2
+    if baseline is not None:
+        assert split_difference(hidden, baseline, ref, lengths) < 2e-2
+
+
+def test_output_contents(tiny_files, tmp_path):
+    weights, inputs = tiny_files
+    out = tmp_path / "out.h5"
+    r = moe_hpc("run", TINY, "--weights", weights, "--input", inputs, "--output", out,
+                "--set", "parallel.dense_ranks=1", ranks=3)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(inputs, "r") as f:
+        lengths = f["lengths"][()]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["format"] == "moe_hpc.output/1"
+        assert f["hidden"].attrs["dtype"] == "bfloat16" and f["hidden"].dtype == np.uint16
+        assert f.attrs["ranks"] == 3 and "placement" in f.attrs and "wall_time_s" in f.attrs
+        hidden = f["hidden"][()]
+        stats = f["stats/expert_tokens"][()]
+    cfg = build_config({})
+    # every valid token picks top_k experts in each MoE layer; padding is never counted
+    assert stats.shape == (cfg.model.num_moe_layers, cfg.model.num_experts)
+    assert (stats.sum(axis=1) == lengths.sum() * cfg.model.top_k).all()
+    pad = np.arange(hidden.shape[1])[None, :] >= lengths[:, None]
+    assert (hidden[pad] == 0).all() and (hidden[~pad] != 0).any(axis=-1).all()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_float32_output_and_single_process_equal_mpi(tiny_files, tmp_path, baseline):
+    weights, inputs = tiny_files
+    out = tmp_path / "out.h5"
+    r = moe_hpc("run", TINY, "--weights", weights, "--input", inputs, "--output", out,
+                "--set", "run.output_dtype=float32", ranks=2)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out, "r") as f:
+        assert f["hidden"].dtype == np.float32
+    # float32 storage of the same bf16 values
+    np.testing.assert_array_equal(read_output_hidden(out), baseline)
+
+
+@pytest.fixture(scope="module")
+def vocab_model(tmp_path_factory):
+    """GQA, silu, tokens with an embedding and an lm_head: the other half of the SPEC."""
+    d = tmp_path_factory.mktemp("vocab")
+    sets = ["model.num_kv_heads=2", "model.vocab_size=97", "model.activation=silu",
+            "model.normalize_topk=false", "model.first_dense_layers=2", "model.top_k=3"]
+    cfg = build_config({}, sets)
+    toml = d / "gqa.toml"
+    toml.write_text("[model]\n" + "\n".join(
+        f"{k} = {v!r}".replace("'", '"').replace("False", "false").replace("True", "true")
+        for k, v in cfg.to_dict()["model"].items()) + "\n")
+    write_checkpoint(d / "w.h5", cfg.model, seed=5)
+    write_inputs(d / "in.h5", cfg.model, sequences=5, seq_len=20, seed=6, ragged=True)
+    return toml, d / "w.h5", d / "in.h5"
+
+
+@pytest.mark.parametrize("ranks, sets", [(1, []), (3, ["parallel.dense_ranks=1", "run.micro_batch_tokens=16"])])
+def test_tokens_gqa_and_logits(vocab_model, ranks, sets, tmp_path):
+    toml, weights, inputs = vocab_model
+    out = tmp_path / "out.h5"
+    args = ["run", toml, "--weights", weights, "--input", inputs, "--output", out, "--set", "run.logits=true"]
+    for s in sets:
+        args += ["--set", s]
+    r = moe_hpc(*args, ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    ref = reference_forward(weights, inputs, with_logits=True)
+    with h5py.File(inputs, "r") as f:
+        lengths = f["lengths"][()]
+    agreement = compare(read_output_hidden(out), ref, lengths)
+    assert agreement.ok(), str(agreement)
+    with h5py.File(out, "r") as f:
+        raw = f["logits"][()]
+    logits = (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    valid = np.arange(logits.shape[1])[None, :] < lengths[:, None]
+    err = np.linalg.norm(logits - ref.logits, axis=-1)[valid] / np.linalg.norm(ref.logits, axis=-1)[valid]
+    assert np.median(err) < 2e-2
+
+
+def test_demo_command(tmp_path):
+    r = moe_hpc("demo", "--dir", tmp_path / "demo", ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert "-> OK" in r.stdout and (tmp_path / "demo" / "tiny_output.h5").exists()
