@@ -66,31 +66,38 @@ def _world():
     return MPI.COMM_WORLD
 
 
-def _load_config(args):
+def _load_config(args, comm):
+    """Every rank reads the config; a bad key is reported once, by rank 0."""
     from .config import load_config
-    return load_config(args.config, args.set)
+    from .failure import collective
+    return collective(comm, load_config, args.config, args.set, debug=args.debug)
+
+
+def _on_rank0(comm, debug, fn, *args):
+    from .failure import collective
+    collective(comm, lambda: fn(*args) if comm.Get_rank() == 0 else None, debug=debug)
 
 
 def cmd_init_weights(args, comm) -> None:
     from .synth import write_checkpoint
-    cfg = _load_config(args)
+    cfg = _load_config(args, comm)
+    _on_rank0(comm, args.debug, write_checkpoint, args.output, cfg.model, args.seed, args.overwrite)
     if comm.Get_rank() == 0:
-        write_checkpoint(args.output, cfg.model, args.seed, args.overwrite)
         print(f"wrote {args.output}")
 
 
 def cmd_make_inputs(args, comm) -> None:
     from .synth import write_inputs
-    cfg = _load_config(args)
+    cfg = _load_config(args, comm)
+    _on_rank0(comm, args.debug, write_inputs, args.output, cfg.model, args.sequences, args.seq_len,
+              args.seed, args.ragged, args.overwrite)
     if comm.Get_rank() == 0:
-        write_inputs(args.output, cfg.model, args.sequences, args.seq_len, args.seed, args.ragged,
-                     args.overwrite)
         print(f"wrote {args.output}")
 
 
 def cmd_run(args, comm) -> None:
     from .runner import Job, run_job
-    cfg = _load_config(args)
+    cfg = _load_config(args, comm)
     job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug)
     summary = run_job(comm, job)
     if summary:
@@ -105,18 +112,16 @@ def cmd_demo(args, comm) -> None:
     from .runner import Job, run_job
     from .synth import write_checkpoint, write_inputs
     folder = Path(args.dir)
-    cfg = build_config({}, DEMO_SETTINGS + args.set, where="<built-in tiny default>")
+    cfg = collective(comm, build_config, {}, DEMO_SETTINGS + args.set, where="<built-in tiny default>")
     weights, inputs, output = folder / "tiny_weights.h5", folder / "tiny_inputs.h5", folder / "tiny_output.h5"
 
     def prepare():
-        if comm.Get_rank() != 0:
-            return
         folder.mkdir(parents=True, exist_ok=True)
         if not weights.exists():
             write_checkpoint(weights, cfg.model, seed=0)
         if not inputs.exists():
             write_inputs(inputs, cfg.model, sequences=8, seq_len=32, seed=1, ragged=True)
-    collective(comm, prepare, debug=args.debug)
+    _on_rank0(comm, args.debug, prepare)
     summary = run_job(comm, Job(cfg, weights, inputs, output, overwrite=True, debug=args.debug))
     if comm.Get_rank() == 0:
         ref = reference_forward(weights, inputs)
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
     except MoeHpcError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")   # one write: ranks share stderr
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -159,8 +164,8 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug: say so, and never leave other ranks hanging
         if args.debug:
             traceback.print_exc()
-        print(f"error: internal error on rank {comm.Get_rank()}: {type(exc).__name__}: {exc} "
-              "(rerun with --debug for a traceback)", file=sys.stderr)
+        sys.stderr.write(f"error: internal error on rank {comm.Get_rank()}: {type(exc).__name__}: "
+                         f"{exc} (rerun with --debug for a traceback)\n")
         sys.stderr.flush()
         if comm.Get_size() > 1:
             comm.Abort(1)

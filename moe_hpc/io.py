@@ -87,8 +87,8 @@ def open_h5(path: str | Path, what: str) -> h5py.File:
 def check_format(f: h5py.File, expected: str, where: str) -> None:
     fmt = f.attrs.get("format")
     if isinstance(fmt, bytes):
-        fmt = fmt.decode()
-    if fmt != expected:
+        fmt = fmt.decode(errors="replace")
+    if not isinstance(fmt, str) or fmt != expected:
         raise InputError(f"{where}: root attribute format is {fmt!r}, expected {expected!r}")
 
 
@@ -312,7 +312,11 @@ def finalize_output(output: str | Path, expert_tokens: np.ndarray, attrs: dict) 
 
 
 def discard_output(output: str | Path) -> None:
-    tmp_path_for(output).unlink(missing_ok=True)
+    """Remove a partial ``<output>.tmp``; never masks the error that led here."""
+    try:
+        tmp_path_for(output).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 __all__ = ["InputBatch", "open_input", "open_h5", "check_format", "read_float", "write_float",

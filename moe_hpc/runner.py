@@ -21,7 +21,7 @@ from .failure import collective
 from .io import (OutputWriter, check_output_path, create_output, discard_output, finalize_output,
                  open_input)
 from .placement import make_placement
-from .topology import build_topology
+from .topology import build_topology, role_layout
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ def run_job(comm, job: Job, log=print) -> dict:
     """Run ``job`` on every rank of ``comm``. Returns rank 0's summary (others: {})."""
     t_start = time.perf_counter()
     cfg = job.cfg
+    collective(comm, role_layout, comm.Get_size(), cfg.parallel.dense_ranks, debug=job.debug)
     topo = build_topology(comm, cfg)
     world, rank = topo.world, topo.rank
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)

@@ -1,0 +1,495 @@
+"""Bad input fails cleanly: one ``error:`` line, every rank non-zero, fast, and no output.
+
+The contract: a missing, non-HDF5 or truncated file, a missing dataset, a wrong shape or
+dtype, a hidden size that does not match the config, NaN/Inf in the inputs, a negative or
+too-long ``/lengths``, an unwritable output path, a bad config key or value (in the file or
+through ``--set``), a checkpoint whose model table differs from the run's, or a wrong
+``format`` attribute gets
+
+- exactly ONE line starting with ``error:`` on stderr, summed over all ranks, that names the
+  file, dataset or key (and is not an "internal error");
+- no traceback;
+- a non-zero exit on EVERY rank, within seconds (no rank left waiting in a collective);
+- no file at the output path and no ``<output>.tmp`` left behind.
+
+And a rerun never destroys a complete output: without ``--overwrite`` it is refused with an
+error naming the output and the file stays byte-identical; with ``--overwrite`` it is replaced.
+
+Bad files are copies of the session's good ``tiny_files`` edited with h5py.  Each rank runs
+through a small wrapper that prints its own exit status, so "every rank exits non-zero" is
+checked per rank rather than through mpiexec's combined exit code.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import MPIEXEC, TINY, Result, needs_mpiexec
+
+pytestmark = needs_mpiexec
+
+BF16 = ml_dtypes.bfloat16
+RUN_TIMEOUT = 60          # subprocess limit: a hang fails the test instead of the job
+FAST_ENOUGH = 30.0        # a clean failure must be far quicker than the limit
+EXIT_TAG = "[bad-input-test] rank-exit"
+
+# Runs ``moe_hpc.cli.main`` like ``python -m moe_hpc.cli`` does, then reports this rank's exit
+# status on stderr (a rank that is aborted or killed reports nothing, which the tests catch).
+WRAPPER = f"""
+import os
+import sys
+from moe_hpc.cli import main
+rc = main(sys.argv[1:])
+try:
+    from mpi4py import MPI
+    rank = MPI.COMM_WORLD.Get_rank()
+except Exception:
+    rank = "?"
+sys.stderr.flush()
+os.write(2, ("{EXIT_TAG} rank=%s rc=%s\\n" % (rank, rc)).encode())   # one write: never split
+sys.exit(rc)
+"""
+
+
+EXIT_RE = re.compile(re.escape(EXIT_TAG) + r" rank=(\S+) rc=(-?\d+)\n?")
+ERROR_START = re.compile(r"error: ")   # anywhere: merged lines glue it to other text
+
+
+def error_messages(stderr: str) -> list[str]:
+    """Every ``error:`` message in ``stderr``, also when ranks' lines got merged.
+
+    Under mpiexec the ranks share one stderr pipe, and ``print`` writes a message and its
+    newline separately, so two ranks' lines can end up on one line ("error: Aerror: B").
+    Counting lines that start with ``error:`` would then miss one; this counts each start.
+    """
+    found = []
+    for line in stderr.splitlines():
+        starts = [m.start() for m in ERROR_START.finditer(line)]
+        for a, b in zip(starts, starts[1:] + [len(line)]):
+            found.append(line[a:b].rstrip())
+    return found
+
+
+@dataclass
+class Outcome:
+    result: Result
+    wall_s: float
+    rank_codes: dict          # world rank -> exit status reported by that rank
+    stderr: str               # stderr without the wrapper's exit reports
+
+    @property
+    def error_lines(self) -> list[str]:
+        return error_messages(self.stderr)
+
+    def describe(self) -> str:
+        return (f"\n--- returncode {self.result.returncode}, {self.wall_s:.1f} s, "
+                f"per-rank exit {self.rank_codes}\n--- stderr:\n{self.result.stderr}"
+                f"--- stdout:\n{self.result.stdout}")
+
+
+def run_ranks(*args, ranks: int) -> Outcome:
+    """``mpiexec -n ranks moe-hpc ARGS`` with per-rank exit reporting and wall time."""
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-c", WRAPPER, *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"moe-hpc hung: no exit within {RUN_TIMEOUT} s (MPI hang?)\ncommand: {cmd}\n"
+                    f"stderr so far:\n{exc.stderr}")
+    wall = time.monotonic() - t0
+    codes = {rank: int(rc) for rank, rc in EXIT_RE.findall(proc.stderr)}
+    stderr = EXIT_RE.sub("", proc.stderr)
+    return Outcome(Result(proc.returncode, proc.stdout, proc.stderr), wall, codes, stderr)
+
+
+def run_cmd(case: "Case", ranks: int) -> Outcome:
+    return run_ranks("run", case.config, "--weights", case.weights, "--input", case.input,
+                     "--output", case.output, *case.extra, ranks=ranks)
+
+
+def assert_clean_failure(out: Outcome, ranks: int, needles, output: Path,
+                         output_is_dir: bool = False) -> None:
+    """The whole bad-input contract for one finished run."""
+    info = out.describe()
+    assert out.wall_s < FAST_ENOUGH, f"failure took {out.wall_s:.1f} s (hang?){info}"
+    assert out.result.returncode != 0, f"the run succeeded on bad input{info}"
+    assert "Traceback" not in out.stderr, f"a traceback was printed{info}"
+    assert len(out.rank_codes) == ranks, \
+        f"only ranks {sorted(out.rank_codes)} of {ranks} exited normally (abort/kill?){info}"
+    assert all(rc != 0 for rc in out.rank_codes.values()), \
+        f"some rank exited 0 on bad input{info}"
+    assert len(out.error_lines) == 1, \
+        f"expected exactly one 'error:' line over all ranks, got {len(out.error_lines)}{info}"
+    line = out.error_lines[0]
+    assert "internal error" not in line, f"bad input reported as an internal error (a bug){info}"
+    for needle in needles:
+        assert str(needle) in line, f"the error line does not name {str(needle)!r}{info}"
+    tmp = output.with_name(output.name + ".tmp")
+    if output_is_dir:
+        assert output.is_dir() and not any(output.iterdir()), f"output directory was altered{info}"
+    else:
+        assert not output.exists(), f"a file appeared at the output path {output}{info}"
+    assert not tmp.exists(), f"a leftover {tmp} remains{info}"
+
+
+# ------------------------------------------------------------------ building bad files
+
+@dataclass
+class Case:
+    weights: Path
+    input: Path
+    output: Path
+    needles: tuple = ()
+    extra: tuple = ()
+    config: Path = TINY
+    output_is_dir: bool = False
+
+
+def bf16_bits(value) -> np.uint16:
+    return np.array(value, dtype=np.float32).astype(BF16).view(np.uint16)
+
+
+def edited(src: Path, dst: Path, edit) -> Path:
+    """Copy ``src`` to ``dst`` and apply ``edit(h5py.File)`` to the copy."""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+    return dst
+
+
+def truncated(src: Path, dst: Path) -> Path:
+    shutil.copy(src, dst)
+    os.truncate(dst, os.path.getsize(dst) // 2)
+    return dst
+
+
+def text_file(dst: Path) -> Path:
+    dst.write_text("this is not an HDF5 file\n" * 20)
+    return dst
+
+
+def replace_dataset(name: str, data, bf16: bool = False):
+    def edit(f):
+        del f[name]
+        dset = f.create_dataset(name, data=data)
+        if bf16:
+            dset.attrs["dtype"] = "bfloat16"
+    return edit
+
+
+def set_value(name: str, index, value):
+    def edit(f):
+        dset = f[name]
+        dset[index] = bf16_bits(value) if dset.dtype == np.uint16 else value
+    return edit
+
+
+def set_attr(name: str, value):
+    def edit(f):
+        f.attrs[name] = value
+    return edit
+
+
+def add_dataset(name: str, data):
+    def edit(f):
+        f.create_dataset(name, data=data)
+    return edit
+
+
+def del_item(name: str):
+    def edit(f):
+        del f[name]
+    return edit
+
+
+def del_attr(name: str, of: str = "/"):
+    def edit(f):
+        del f[of].attrs[name]
+    return edit
+
+
+def chain(*edits):
+    def edit(f):
+        for e in edits:
+            e(f)
+    return edit
+
+
+def input_case(edit, needles=("/hidden",), extra=(), name="bad_inputs.h5"):
+    """A case whose input is the good input with ``edit`` applied; needles include its path."""
+    def make(tmp, w, i):
+        bad = edited(i, tmp / name, edit)
+        return Case(w, bad, tmp / "out.h5", (bad, *needles), extra)
+    return make
+
+
+def weights_case(edit, needles=(), extra=()):
+    def make(tmp, w, i):
+        bad = edited(w, tmp / "bad_weights.h5", edit)
+        return Case(bad, i, tmp / "out.h5", (bad, *needles), extra)
+    return make
+
+
+def toml_case(text_edit, needles, extra=()):
+    """A config file: a copy of TINY with ``text_edit(str) -> str`` applied."""
+    def make(tmp, w, i):
+        cfg = tmp / "bad.toml"
+        cfg.write_text(text_edit(TINY.read_text()))
+        return Case(w, i, tmp / "out.h5", (cfg, *needles), extra, config=cfg)
+    return make
+
+
+def set_case(*sets, needles):
+    def make(tmp, w, i):
+        extra = tuple(x for s in sets for x in ("--set", s))
+        return Case(w, i, tmp / "out.h5", needles, extra)
+    return make
+
+
+S, L, H = 6, 24, 64           # the tiny_files input batch
+LAST_SEQ_CHUNKED = ("--set", "run.chunk_sequences=1")
+DEDICATED = ("--set", "parallel.dense_ranks=1")
+rng = np.random.default_rng(0)
+hidden_h32 = rng.standard_normal((S, L, 32), dtype=np.float32).astype(BF16).view(np.uint16)
+
+
+def missing_input(tmp, w, i):
+    return Case(w, tmp / "no_such_inputs.h5", tmp / "out.h5", (tmp / "no_such_inputs.h5",))
+
+
+def text_input(tmp, w, i):
+    bad = text_file(tmp / "inputs.h5")
+    return Case(w, bad, tmp / "out.h5", (bad,))
+
+
+def truncated_input(tmp, w, i):
+    bad = truncated(i, tmp / "inputs.h5")
+    return Case(w, bad, tmp / "out.h5", (bad,))
+
+
+def missing_weights(tmp, w, i):
+    return Case(tmp / "no_such_weights.h5", i, tmp / "out.h5", (tmp / "no_such_weights.h5",))
+
+
+def text_weights(tmp, w, i):
+    bad = text_file(tmp / "weights.h5")
+    return Case(bad, i, tmp / "out.h5", (bad,))
+
+
+def truncated_weights(tmp, w, i):
+    bad = truncated(w, tmp / "weights.h5")
+    return Case(bad, i, tmp / "out.h5", (bad,))
+
+
+def output_dir_missing(tmp, w, i):
+    out = tmp / "no_such_dir" / "out.h5"
+    return Case(w, i, out, (out,))
+
+
+def output_parent_is_file(tmp, w, i):
+    (tmp / "a_file").write_text("x")
+    out = tmp / "a_file" / "out.h5"
+    return Case(w, i, out, (out,))
+
+
+def output_is_directory(tmp, w, i):
+    out = tmp / "out.h5"
+    out.mkdir()
+    return Case(w, i, out, (out,), ("--overwrite",), output_is_dir=True)
+
+
+def output_dir_unwritable(tmp, w, i):
+    d = tmp / "read_only"
+    d.mkdir()
+    d.chmod(0o555)
+    out = d / "out.h5"
+    if os.access(d, os.W_OK):  # root ignores permissions; /proc refuses new files even to root
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root and no /proc: cannot make an unwritable directory")
+        out = Path("/proc") / f"moe_hpc_test_{os.getpid()}_out.h5"
+    return Case(w, i, out, (out,))
+
+
+def checkpoint_model_differs(f):
+    import json
+    model = json.loads(f.attrs["config"])
+    model["activation"] = "silu"
+    f.attrs["config"] = json.dumps(model)
+
+
+CASES = [
+    # --- input file: missing, not HDF5, truncated
+    pytest.param(missing_input, 2, id="input-missing"),
+    pytest.param(text_input, 2, id="input-not-hdf5"),
+    pytest.param(truncated_input, 2, id="input-truncated"),
+    # --- input datasets: missing, shape, dtype, H, format
+    pytest.param(input_case(del_item("hidden"), ("hidden",)), 2, id="input-no-hidden"),
+    pytest.param(input_case(replace_dataset("hidden", np.zeros((S, L * H), np.uint16), bf16=True)),
+                 2, id="input-hidden-2d"),
+    pytest.param(input_case(replace_dataset("hidden", np.zeros((S, L, H), np.int32))),
+                 2, id="input-hidden-int32"),
+    pytest.param(input_case(del_attr("dtype", of="hidden")),
+                 2, id="input-hidden-uint16-untagged"),
+    pytest.param(input_case(replace_dataset("hidden", hidden_h32, bf16=True), ("/hidden", "hidden_size")),
+                 2, id="input-hidden-H32-vs-config-64"),
+    pytest.param(input_case(chain(del_item("hidden"), add_dataset("tokens", np.zeros((S, L), np.int64))),
+                            ("/tokens",)),
+                 2, id="input-tokens-without-vocab"),
+    pytest.param(input_case(set_attr("format", "moe_hpc.checkpoint/1"), ("format",)),
+                 2, id="input-format-wrong"),
+    pytest.param(input_case(del_attr("format"), ("format",)),
+                 2, id="input-format-missing"),
+    pytest.param(input_case(set_attr("format", np.array([1, 2], np.int64)), ("format",)),
+                 2, id="input-format-array"),
+    # --- input values: NaN/Inf at valid positions
+    pytest.param(input_case(set_value("hidden", (0, 0, 0), np.nan)), 2, id="input-nan-seq0"),
+    pytest.param(input_case(set_value("hidden", (2, 0, 5), np.inf)), 2, id="input-inf-seq2"),
+    pytest.param(input_case(set_value("hidden", (S - 1, 0, 7), np.nan), extra=LAST_SEQ_CHUNKED),
+                 2, id="input-nan-last-seq-rank1-late-chunk"),
+    pytest.param(input_case(set_value("hidden", (S - 1, 0, 7), -np.inf),
+                            extra=DEDICATED + LAST_SEQ_CHUNKED),
+                 3, id="input-inf-last-seq-dense-rank2-late-chunk"),
+    # --- /lengths
+    pytest.param(input_case(set_value("lengths", 3, -1), ("/lengths",)), 2, id="lengths-negative"),
+    pytest.param(input_case(set_value("lengths", 4, L + 1), ("/lengths",)), 2, id="lengths-too-long"),
+    pytest.param(input_case(replace_dataset("lengths", np.ones(S + 1, np.int64)), ("/lengths",)),
+                 2, id="lengths-wrong-shape"),
+    pytest.param(input_case(replace_dataset("lengths", np.ones(S, np.float32)), ("/lengths",)),
+                 2, id="lengths-float"),
+    # --- weights file
+    pytest.param(missing_weights, 2, id="weights-missing"),
+    pytest.param(text_weights, 2, id="weights-not-hdf5"),
+    pytest.param(truncated_weights, 3, id="weights-truncated-3ranks"),
+    pytest.param(weights_case(set_attr("format", "moe_hpc.input/1"), ("format",)),
+                 2, id="weights-format-wrong"),
+    pytest.param(weights_case(del_item("layers/2/experts/w1"), ("layers/2/experts/w1",)),
+                 2, id="weights-missing-dataset"),
+    pytest.param(weights_case(replace_dataset("layers/0/wq", np.zeros((H, 32), np.uint16), bf16=True),
+                              ("layers/0/wq",)),
+                 2, id="weights-wrong-shape"),
+    pytest.param(weights_case(replace_dataset("layers/1/gate", np.zeros((H, 8), np.int32)),
+                              ("layers/1/gate",)),
+                 2, id="weights-wrong-dtype"),
+    # expert 7 of the last MoE layer lives only on expert rank 1 (shared placement, 2 expert ranks)
+    pytest.param(weights_case(set_value("layers/3/experts/w2", (7, 0, 0), np.nan),
+                              ("layers/3/experts/w2",), extra=DEDICATED),
+                 3, id="weights-nan-expert-on-rank1"),
+    # --- checkpoint model table vs the run config
+    pytest.param(weights_case(checkpoint_model_differs, ("model.activation",)),
+                 2, id="checkpoint-config-differs"),
+    pytest.param(set_case("model.top_k=1", needles=("model.top_k", "weights.h5")),
+                 2, id="run-config-differs-from-checkpoint"),
+    # --- output path
+    pytest.param(output_dir_missing, 2, id="output-dir-missing"),
+    pytest.param(output_parent_is_file, 2, id="output-parent-is-file"),
+    pytest.param(output_is_directory, 2, id="output-is-directory"),
+    pytest.param(output_dir_unwritable, 2, id="output-dir-unwritable"),
+    # --- config: in the file, and through --set
+    pytest.param(toml_case(lambda t: t.replace("[model]\n", "[model]\nhidden_sise = 64\n"),
+                           ("model.hidden_sise",)), 2, id="config-file-unknown-key"),
+    pytest.param(toml_case(lambda t: t.replace("chunk_sequences = 4", 'chunk_sequences = "four"'),
+                           ("run.chunk_sequences",)), 2, id="config-file-wrong-type"),
+    pytest.param(toml_case(lambda t: t + "\n[modle]\nx = 1\n", ("modle",)),
+                 2, id="config-file-unknown-table"),
+    pytest.param(toml_case(lambda t: t + "\n[run\n", ()), 2, id="config-file-not-toml"),
+    pytest.param(set_case("run.chunk_seqs=2", needles=("run.chunk_seqs",)), 2, id="set-unknown-key"),
+    pytest.param(set_case("model.normalize_topk=1", needles=("model.normalize_topk",)),
+                 2, id="set-wrong-type"),
+    pytest.param(set_case("run.device=tpu", needles=("run.device",)), 2, id="set-bad-value"),
+    pytest.param(set_case("parallel.dense_ranks=2", needles=("parallel.dense_ranks",)),
+                 2, id="set-dense-ranks-leaves-no-expert-rank"),
+]
+
+
+@pytest.mark.parametrize("make, ranks", CASES)
+def test_bad_input_fails_cleanly(make, ranks, tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    case = make(tmp_path, weights, inputs)
+    out = run_cmd(case, ranks)
+    assert_clean_failure(out, ranks, case.needles, case.output, case.output_is_dir)
+
+
+def test_config_file_missing(tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    cfg = tmp_path / "no_such.toml"
+    case = Case(weights, inputs, tmp_path / "out.h5", (cfg,), config=cfg)
+    assert_clean_failure(run_cmd(case, 2), 2, case.needles, case.output)
+
+
+# ------------------------------------------------------------------ reruns onto a complete output
+
+@pytest.fixture(scope="module")
+def complete_output(tmp_path_factory, tiny_files):
+    """A good output of the tiny run (2 ranks), made once."""
+    weights, inputs = tiny_files
+    output = tmp_path_factory.mktemp("complete") / "out.h5"
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output, ranks=2)
+    assert out.result.returncode == 0 and output.exists(), f"the good run failed{out.describe()}"
+    return output
+
+
+def _copy_output(complete: Path, tmp: Path) -> tuple[Path, bytes]:
+    output = tmp / "out.h5"
+    shutil.copy(complete, output)
+    return output, output.read_bytes()
+
+
+def test_rerun_without_overwrite_keeps_complete_output(complete_output, tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    output, before = _copy_output(complete_output, tmp_path)
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output, ranks=2)
+    info = out.describe()
+    assert out.wall_s < FAST_ENOUGH, f"refusal took {out.wall_s:.1f} s{info}"
+    assert out.result.returncode != 0, f"rerun without --overwrite succeeded{info}"
+    assert len(out.rank_codes) == 2 and all(rc != 0 for rc in out.rank_codes.values()), \
+        f"not every rank exited non-zero{info}"
+    assert "Traceback" not in out.stderr, info
+    assert len(out.error_lines) == 1, f"expected one 'error:' line{info}"
+    assert str(output) in out.error_lines[0], f"the error line does not name the output{info}"
+    assert output.read_bytes() == before, f"the existing output was modified{info}"
+    assert not output.with_name("out.h5.tmp").exists(), f"a leftover .tmp remains{info}"
+
+
+def test_rerun_with_overwrite_and_bad_input_keeps_complete_output(complete_output, tmp_path,
+                                                                  tiny_files):
+    weights, inputs = tiny_files
+    output, before = _copy_output(complete_output, tmp_path)
+    bad = edited(inputs, tmp_path / "bad_inputs.h5", set_value("hidden", (S - 1, 0, 0), np.nan))
+    out = run_ranks("run", TINY, "--weights", weights, "--input", bad, "--output", output,
+                    "--overwrite", "--set", "run.chunk_sequences=1", ranks=2)
+    info = out.describe()
+    assert out.result.returncode != 0, f"the run succeeded on a NaN input{info}"
+    assert len(out.error_lines) == 1 and str(bad) in out.error_lines[0], info
+    assert output.read_bytes() == before, f"a failed --overwrite run modified the complete output{info}"
+    assert not output.with_name("out.h5.tmp").exists(), f"a leftover .tmp remains{info}"
+
+
+def test_rerun_with_overwrite_replaces_output(complete_output, tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    output, _ = _copy_output(complete_output, tmp_path)
+    os.utime(output, (0, 0))   # so a replacement is visible even if the bytes came out equal
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output,
+                    "--overwrite", ranks=2)
+    info = out.describe()
+    assert out.wall_s < FAST_ENOUGH, info
+    assert out.result.returncode == 0, f"rerun with --overwrite failed{info}"
+    assert out.rank_codes == {"0": 0, "1": 0}, f"not every rank exited 0{info}"
+    assert out.error_lines == [], info
+    assert output.stat().st_mtime > 0, f"the output was not replaced{info}"
+    assert not output.with_name("out.h5.tmp").exists(), f"a leftover .tmp remains{info}"
+    with h5py.File(output, "r") as new, h5py.File(complete_output, "r") as old:
+        assert new.attrs["format"] == "moe_hpc.output/1"
+        np.testing.assert_array_equal(new["hidden"][()], old["hidden"][()])
