@@ -7,7 +7,6 @@ is the same code on both devices.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -43,11 +42,22 @@ class Backend:
         if self.xp is not np:
             self.xp.cuda.get_current_stream().synchronize()
 
-    def stream(self):
-        """A context in which work is queued on a side stream (no-op on the CPU)."""
-        if self.xp is np:
-            return contextlib.nullcontext()
+    # Streams and events exist on the GPU only; the CPU code paths never call these.
+    def new_stream(self):
         return self.xp.cuda.Stream(non_blocking=True)
+
+    def current_stream(self):
+        return self.xp.cuda.get_current_stream()
+
+    def record(self, stream=None):
+        """An event marking all work queued so far on ``stream`` (default: the current one)."""
+        event = self.xp.cuda.Event(disable_timing=True)
+        event.record(stream or self.current_stream())
+        return event
+
+    def memory_in_use(self) -> int:
+        """Device bytes held by the memory pool (0 on the CPU)."""
+        return 0 if self.xp is np else self.xp.get_default_memory_pool().total_bytes()
 
 
 def cupy_or_none():
@@ -81,8 +91,14 @@ def to_bf16(array, xp=np):
 
 
 def matmul_bf16(a, b, xp=np):
-    """[..., K] @ [K, N] with bf16 operands, fp32 accumulation, bf16 result."""
-    return xp.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False)).astype(BF16)
+    """[..., K] @ [K, N] with bf16 operands, fp32 accumulation, bf16 result.
+
+    NumPy has no bf16 GEMM: upcast (exact), fp32 BLAS, one rounding. cuBLAS takes bf16 directly
+    and accumulates in fp32.
+    """
+    if xp is np:
+        return np.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False)).astype(BF16)
+    return xp.matmul(a, b)
 
 
 def matmul_f32(a, b, xp=np):

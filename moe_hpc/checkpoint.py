@@ -56,6 +56,7 @@ class DenseLayer:
     b2: np.ndarray | None = None
     gate: np.ndarray | None = None    # MoE gate [H, E]
     gate_bias: np.ndarray | None = None   # [E] fp32 selection offsets (never weights)
+    expert_b2: np.ndarray | None = None   # [E, H] the experts' output biases, added at the combine
 
 
 @dataclass
@@ -136,6 +137,12 @@ class Checkpoint:
         get = lambda n: self._read(f"layers/{layer}/experts/{n}", shapes[f"experts/{n}"],
                                    n.startswith("b"), index=np.s_[expert], dtype=dtype)
         return Expert(get("w1"), get("b1"), get("w2"), get("b2"))
+
+    def read_expert_b2(self, layer: int, dtype):
+        """[E, H] output biases of every expert of a block (None when absent): small, and the
+        combine on the dense rank adds them, so expert ranks send bias-free outputs."""
+        return self._read(f"layers/{layer}/experts/b2", layer_shapes(self.model, layer)["experts/b2"],
+                          optional=True, dtype=dtype)
 
     def read_global(self, name: str, dtype):
         return self._read(name, global_shapes(self.model)[name], dtype=dtype)

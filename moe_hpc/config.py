@@ -24,6 +24,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 PLACEMENTS = ("auto", "shared", "disjoint")
 DEVICES = ("cpu", "gpu", "auto")
 OUTPUT_DTYPES = ("bfloat16", "float32")
+TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class RunConfig:
     device: str = "cpu"             # cpu | gpu | auto
     output_dtype: str = "bfloat16"  # dtype of /hidden in the output file
     logits: bool = False            # also write /logits (needs vocab_size > 0)
+    transport: str = "auto"         # auto | mpi | mpi-staged | nccl (GPU); the CPU uses mpi
+    cuda_aware_mpi: str = "auto"    # auto | yes | no: whether MPI takes device buffers
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,10 @@ def validate(cfg: Config) -> None:
     _require(r.device in DEVICES, where, "run.device", f"must be one of {', '.join(DEVICES)}, got {r.device!r}")
     _require(r.output_dtype in OUTPUT_DTYPES, where, "run.output_dtype",
              f"must be one of {', '.join(OUTPUT_DTYPES)}, got {r.output_dtype!r}")
+    _require(r.transport in TRANSPORTS, where, "run.transport",
+             f"must be one of {', '.join(TRANSPORTS)}, got {r.transport!r}")
+    _require(r.cuda_aware_mpi in ("auto", "yes", "no"), where, "run.cuda_aware_mpi",
+             f"must be auto, yes or no, got {r.cuda_aware_mpi!r}")
     _require(not r.logits or cfg.model.vocab_size > 0, where, "run.logits",
              "needs model.vocab_size > 0 (there is no lm_head)")
 

@@ -1,20 +1,27 @@
-"""Token dispatch planning: which rank each (token, choice) goes to, and the permutation
-that groups a micro-batch's rows by destination. Pure array functions, no MPI."""
+"""Dispatch planning: which rank each (token, choice) goes to, in which micro-batch, and the
+permutation that groups a block's rows by (micro-batch, destination rank, expert).
+
+Array functions on the ``xp`` seam (the plan is made where the routing is), no MPI.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from .exchange import displacements
+
 
 @dataclass
 class DispatchPlan:
-    """order:       [n] flat assignment indices (token*k + j) sorted by destination rank
-    expert_ids:  [n] int32 expert of each sent row, in send order
-    send_counts: [P] rows to each rank"""
-    order: np.ndarray
-    expert_ids: np.ndarray
-    send_counts: np.ndarray
+    """order:     [T*k] flat (token*k + choice) indices, sorted by (micro-batch, rank, expert)
+    positions: [T, k] row of each (token, choice) in its micro-batch's send order
+    counts:    [micro_batches, P, E] host int64, rows per (micro-batch, rank, expert)
+    starts:    [micro_batches + 1] host, where each micro-batch begins in ``order``"""
+    order: object
+    positions: object
+    counts: np.ndarray
+    starts: np.ndarray
 
 
 def replica_table(placement, layer: int, rank_of_expert_index) -> tuple[np.ndarray, np.ndarray]:
@@ -28,20 +35,34 @@ def replica_table(placement, layer: int, rank_of_expert_index) -> tuple[np.ndarr
     return holders, np.array([len(r) for r in rows], dtype=np.int64)
 
 
-def plan_dispatch(experts: np.ndarray, token_ids: np.ndarray, holders: np.ndarray,
-                  replicas: np.ndarray, world_size: int) -> DispatchPlan:
-    """experts: [T, k] chosen experts; token_ids: [T] global token index (sequence*L + pos).
+def destinations(experts, token_ids, holders, replicas, xp=np):
+    """[T, k] experts -> [T*k] destination ranks. A replicated expert's tokens are spread over
+    its replicas by global token index (sequence*L + position): data-dependent only, never
+    split-dependent."""
+    flat = experts.reshape(-1).astype(np.int64)
+    tok = xp.repeat(token_ids, experts.shape[1])
+    return holders[flat, tok % replicas[flat]]
 
-    A replicated expert's tokens are spread over its replicas by token index, which depends
-    on the data only, never on how the run is split.
+
+def plan_dispatch(experts, token_ids, holders, replicas, micro_batch_tokens: int,
+                  micro_batches: int, world_size: int, num_experts: int, xp=np, to_host=np.asarray) -> DispatchPlan:
+    """experts: [T, k] int; token_ids: [T] int64; holders, replicas: from ``replica_table``.
+
+    One sort and one count for the whole block, so the host learns every micro-batch's counts
+    in a single device-to-host copy.
     """
     T, k = experts.shape
-    flat = experts.reshape(-1)
-    tok = np.repeat(token_ids, k)
-    dest = holders[flat, tok % replicas[flat]]
-    order = np.lexsort((flat, dest))              # by destination, then expert within it
-    return DispatchPlan(order, flat[order].astype(np.int32),
-                        np.bincount(dest, minlength=world_size).astype(np.int64))
+    P, E = world_size, num_experts
+    flat = experts.reshape(-1).astype(np.int64)
+    micro_batch = xp.repeat(xp.arange(T, dtype=np.int64) // micro_batch_tokens, k)
+    keys = (micro_batch * P + destinations(experts, token_ids, holders, replicas, xp)) * E + flat
+    order = xp.argsort(keys, kind="stable") if xp is np else xp.argsort(keys)   # CuPy's sort is a stable radix sort
+    counts = to_host(xp.bincount(keys, minlength=micro_batches * P * E)).reshape(micro_batches, P, E)
+    starts = np.append(displacements(counts.sum(axis=(1, 2))), counts.sum())
+    rank_in_order = xp.empty_like(order)
+    rank_in_order[order] = xp.arange(order.size, dtype=order.dtype)
+    positions = (rank_in_order - xp.asarray(starts)[micro_batch]).reshape(T, k)
+    return DispatchPlan(order, positions, counts, starts)
 
 
-__all__ = ["DispatchPlan", "plan_dispatch", "replica_table"]
+__all__ = ["DispatchPlan", "plan_dispatch", "replica_table", "destinations"]

@@ -26,7 +26,8 @@ from .backend import BF16, F32, Backend, matmul_bf16
 from .checkpoint import Checkpoint, DenseLayer
 from .config import Config
 from .dispatcher import plan_dispatch, replica_table
-from .exchange import Exchange
+from .exchange import Exchange, expert_major, peer_major
+from .kernels import combine as combine_rows
 from .model import attention, mlp, rmsnorm, route
 from .model.experts import LocalExperts
 from .placement import Placement
@@ -45,7 +46,7 @@ class PhaseTimes:
 
 
 class MoeBlock:
-    """Gate, dispatch, experts, combine for one MoE block; owns nothing but references."""
+    """Gate, dispatch, experts, combine for one MoE block, on the engine's buffers."""
 
     def __init__(self, engine: "Engine"):
         self.e = engine
@@ -53,67 +54,73 @@ class MoeBlock:
     def __call__(self, layer: int, m, token_ids: np.ndarray):
         """m: [T, H] bf16 valid tokens of this rank (T may be 0); token_ids: [T] -> f [T, H] bf16."""
         e, xp, cfg = self.e, self.e.xp, self.e.cfg.model
-        T, k, P = m.shape[0], cfg.top_k, e.topo.size
+        T, k, P, E, H = m.shape[0], cfg.top_k, e.topo.size, cfg.num_experts, cfg.hidden_size
         t0 = time.perf_counter()
-        experts = np.zeros((0, k), np.int64)
-        weights = None
+        experts, weights = xp.zeros((0, k), np.int32), xp.zeros((0, k), F32)
         if T:
             w = e.dense[layer]
             routing = route(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp)
-            experts, weights = e.backend.to_host(routing.experts), routing.weights
-            e.expert_tokens[layer - cfg.first_dense_layers] += np.bincount(
-                experts.reshape(-1), minlength=cfg.num_experts)
-        t0 = e.times.add("gating", t0)
+            experts, weights = routing.experts, routing.weights
+            e.expert_tokens[layer - cfg.first_dense_layers] += e.backend.to_host(
+                xp.bincount(experts.reshape(-1), minlength=E))
         mbt = e.cfg.run.micro_batch_tokens
         nmb = e.topo.exchange.allreduce(math.ceil(T / mbt), op=_max())
-        bounds = [(min(T, i * mbt), min(T, (i + 1) * mbt)) for i in range(nmb)]
-        holders, replicas = e.replicas[layer]
-        plans = [plan_dispatch(experts[a:b], token_ids[a:b], holders, replicas, P) for a, b in bounds]
-        f = xp.empty((T, cfg.hidden_size), dtype=BF16)
+        f = xp.empty((T, H), dtype=BF16)
         if nmb == 0:
             return f
-        recv_counts = e.exchange.exchange_counts(np.stack([p.send_counts for p in plans]))
-        t0 = e.times.add("dispatch_plan", t0)
+        holders, replicas = e.replicas[layer]
+        plan = plan_dispatch(experts, xp.asarray(token_ids), holders, replicas, mbt, nmb, P, E, xp,
+                             e.backend.to_host)
+        recv_counts = e.exchange.exchange_counts(plan.counts)
+        t0 = e.times.add("gating", t0)
+        b2 = e.dense[layer].expert_b2 if T else None
+        ex = e.exchange
 
-        def post_dispatch(i):
-            a, _ = bounds[i]
-            rows = m[a + plans[i].order // k]
-            return e.exchange.post_dispatch(i % 2, rows, plans[i].expert_ids, plans[i].send_counts,
-                                            recv_counts[i])
+        def dispatch(i):
+            a, b = int(plan.starts[i]), int(plan.starts[i + 1])
+            send = ex.buffer("dispatch-send", i % 2, b - a)
+            xp.take(_words(m), plan.order[a:b] // k, axis=0, out=_words(send))
+            recv_layout = expert_major(recv_counts[i])
+            recv = ex.buffer("dispatch-recv", i % 2, recv_layout.rows)
+            return ex.post(send, peer_major(plan.counts[i]), recv, recv_layout), recv_layout
 
-        def finish_combine(i, handle):
-            (rows,) = handle.wait()
-            a, b = bounds[i]
-            if a == b:
-                return
-            y = xp.empty((rows.shape[0], cfg.hidden_size), dtype=BF16)
-            y[plans[i].order] = rows
-            y = y.reshape(b - a, k, cfg.hidden_size)
-            acc = xp.zeros((b - a, cfg.hidden_size), dtype=F32)
-            for j in range(k):   # fixed order over the k choices: the sum is split-independent
-                acc += weights[a:b, j:j + 1] * y[:, j].astype(F32)
-            f[a:b] = acc.astype(BF16)
+        def combine(i, out, layout):
+            back_layout = peer_major(plan.counts[i])
+            back = ex.buffer("combine-recv", i % 2, back_layout.rows)
+            return ex.post(out, layout, back, back_layout)
+
+        def reduce(i, handle):
+            rows = handle.wait()
+            a, b = i * mbt, min(T, (i + 1) * mbt)
+            if b > a:   # the k choices summed in a fixed order: the result is split-independent
+                combine_rows(rows, plan.positions[a:b], weights[a:b], experts[a:b], b2, out=f[a:b])
 
         pending = None
-        nxt = post_dispatch(0)
+        nxt = dispatch(0)
         for i in range(nmb):
-            current = nxt
+            handle, layout = nxt
             if i + 1 < nmb:
-                nxt = post_dispatch(i + 1)
+                nxt = dispatch(i + 1)          # travels while micro-batch i computes
             t0 = time.perf_counter()
-            rows, ids = current.wait()
+            rows = handle.wait()
             t0 = e.times.add("exchange_wait", t0)
-            out = e.local_experts.forward(layer, rows, ids) if rows.shape[0] else rows
+            out = e.local_experts.forward(layer, rows, layout, ex.buffer("combine-send", i % 2, layout.rows),
+                                          ex.buffer)
             t0 = e.times.add("experts", t0)
-            combine = e.exchange.post_combine(i % 2, out, recv_counts[i], plans[i].send_counts)
+            posted = combine(i, out, layout)
             if pending is not None:
-                finish_combine(*pending)
-            pending = (i, combine)
+                reduce(*pending)
+            pending = (i, posted)
             e.times.add("exchange_wait", t0)
         t0 = time.perf_counter()
-        finish_combine(*pending)
+        reduce(*pending)
         e.times.add("exchange_wait", t0)
         return f
+
+
+def _words(array):
+    """Raw 16-bit view of a bf16 array: gathers and copies need no bf16 support."""
+    return array.view(np.uint16)
 
 
 def _max():
@@ -132,11 +139,13 @@ class Engine:
         self.dense: dict[int, DenseLayer] = {}
         self.globals: dict[str, np.ndarray] = {}
         self.local_experts = LocalExperts({}, m.activation, m.hidden_size, self.xp)
-        self.exchange = Exchange(topo.exchange, m.hidden_size)
+        self.exchange = Exchange(topo.exchange, m.hidden_size, backend, cfg.run.transport,
+                                 cfg.run.cuda_aware_mpi)
         self.expert_tokens = np.zeros((m.num_moe_layers, m.num_experts), dtype=np.int64)
         self.times = PhaseTimes()
         ranks = topo.roles.expert_ranks
-        self.replicas = {l: replica_table(placement, l, ranks) for l in m.moe_layers}
+        self.replicas = {l: tuple(map(backend.asarray, replica_table(placement, l, ranks)))
+                         for l in m.moe_layers}
         self.moe = MoeBlock(self)
 
     # ------------------------------------------------------------------ weights
@@ -149,6 +158,9 @@ class Engine:
             for layer in range(m.num_layers):
                 d = ckpt.read_dense_layer(layer, dtype)
                 self.dense[layer] = DenseLayer(**{k: None if v is None else put(v) for k, v in vars(d).items()})
+                if m.is_moe(layer):   # the experts' output biases are added at the combine
+                    b2 = ckpt.read_expert_b2(layer, dtype)
+                    self.dense[layer].expert_b2 = None if b2 is None else put(b2)
             self.globals["final_norm"] = put(ckpt.read_global("final_norm", dtype))
             if m.vocab_size:
                 self.globals["embed"] = put(ckpt.read_global("embed", BF16))

@@ -1,10 +1,25 @@
-"""Token exchange between ranks: counts first, then payload by non-blocking ``Ialltoallv``.
+"""Token exchange between ranks: counts first, then rows, through one of three transports.
 
-The Exchange owns every communication buffer (two slots per direction, so one micro-batch can
-travel while the next is packed and the previous is combined) and returns handles: ``post_*``
-starts the transfer, ``Handle.wait()`` finishes it.  Rows travel as raw 16-bit words of bf16
-in a contiguous MPI datatype of H words, so counts are in tokens, not elements, and stay far
-below the 2^31 limit of MPI counts.
+Layouts.  A micro-batch's traffic is described by a count matrix ``counts[p, e]``: rows for
+(peer p, expert e).  The sender packs its rows peer-major (then expert), the receiver wants
+them expert-major (then source peer), so each local expert's rows are one contiguous block its
+GEMM can read in place; ``Layout`` turns counts into those row offsets.  The combine is the same
+exchange with the two layouts swapped.
+
+Transports (``run.transport``):
+- ``mpi``: ``Ialltoallv`` on the buffers themselves (host memory on the CPU backend; device
+  memory when the MPI is CUDA-aware);
+- ``mpi-staged``: device -> pinned host copies on the exchange stream, ``Ialltoallv`` on host
+  memory, host -> device copies back;
+- ``nccl``: grouped NCCL send/recv, one per (peer, expert) block, so rows land expert-major
+  with no extra copy.
+MPI transports receive peer-major and scatter to expert-major on the exchange stream.  While
+a GPU rank waits for device work before posting, it polls ``Testall`` on the exchanges in
+flight, so non-blocking MPI transfers keep moving (MPI has no progress of its own here).
+
+The Exchange owns every buffer (two slots per direction, so one micro-batch travels while the
+next is packed and the previous is combined) and returns handles: ``post`` starts a transfer,
+``Handle.wait()`` makes the compute stream (or the host) wait for it.
 """
 from __future__ import annotations
 
@@ -12,97 +27,260 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import BF16
+from .backend import BF16, Backend
+from .config import TRANSPORTS
+from .errors import ConfigError
 
 
 def displacements(counts: np.ndarray) -> np.ndarray:
-    """Exclusive prefix sum: where each peer's block starts."""
+    """Exclusive prefix sum: where each block starts."""
     out = np.zeros_like(counts)
     np.cumsum(counts[:-1], out=out[1:])
     return out
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Row offsets of every (peer, expert) block in a buffer. counts, offsets: [P, E] int64."""
+    counts: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def per_peer(self) -> np.ndarray:
+        return self.counts.sum(axis=1)
+
+    def peer_major_scatter(self) -> np.ndarray | None:
+        """Row index in this layout of each row received peer-major (peer, then expert), or None
+        when the two orders coincide and no scatter is needed."""
+        c = self.counts.reshape(-1)
+        starts = self.offsets.reshape(-1)[c > 0]
+        c = c[c > 0]
+        index = np.repeat(starts - displacements(c), c) + np.arange(int(c.sum()))
+        return None if (index == np.arange(index.size)).all() else index
+
+
+def peer_major(counts: np.ndarray) -> Layout:
+    """Sender's order: all rows for peer 0 (by expert), then peer 1, ..."""
+    return Layout(counts, displacements(counts.reshape(-1)).reshape(counts.shape))
+
+
+def expert_major(counts: np.ndarray) -> Layout:
+    """Receiver's order: all rows for expert 0 (by source peer), then expert 1, ..."""
+    return Layout(counts, displacements(counts.T.reshape(-1)).reshape(counts.T.shape).T.copy())
+
+
 @dataclass
 class Handle:
-    """An exchange in flight. ``wait()`` returns its received arrays (views into owned buffers,
-    valid until the same slot is posted again, two posts later)."""
-    requests: list
-    result: tuple
+    """An exchange in flight; ``wait()`` orders the consumer after it and returns the rows."""
+    transport: object
+    state: dict
+    result: object
     done: bool = field(default=False)
 
     def wait(self):
         if not self.done:
-            from mpi4py import MPI
-            MPI.Request.Waitall(self.requests)
+            self.transport.finish(self.state)
             self.done = True
         return self.result
 
 
 class Exchange:
-    """Dispatch and combine of token rows [n, H] bf16 over communicator ``comm``."""
+    """Owns the buffers; dispatch and combine of token rows [n, H] bf16 over ``comm``."""
 
-    def __init__(self, comm, hidden_size: int):
-        from mpi4py import MPI
-        self.comm = comm
-        self.size = comm.Get_size()
+    def __init__(self, comm, hidden_size: int, backend: Backend, transport: str = "auto",
+                 cuda_aware: str = "auto"):
+        self.comm, self.backend, self.xp = comm, backend, backend.xp
+        self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.hidden_size = hidden_size
-        self.row_type = MPI.UINT16_T.Create_contiguous(hidden_size).Commit()
-        self.index_type = MPI.INT32_T
-        self._buffers: dict[tuple[str, int], np.ndarray] = {}
+        self.transport = make_transport(transport, comm, hidden_size, backend, cuda_aware)
+        self._buffers: dict = {}
         self.bytes_sent = 0
+
+    @property
+    def transport_name(self) -> str:
+        return self.transport.name
+
+    def buffer(self, name: str, slot: int, rows: int, width: int | None = None):
+        """A reusable [rows, width] bf16 buffer; grows by half again when too small."""
+        width = width or self.hidden_size
+        key = (name, slot, width)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < rows:
+            cap = max(rows, int(1.5 * (0 if buf is None else buf.shape[0])), 1)
+            buf = self.xp.empty((cap, width), dtype=BF16)
+            self._buffers[key] = buf
+        return buf[:rows]
+
+    def buffer_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers.values())
+
+    def exchange_counts(self, counts: np.ndarray) -> np.ndarray:
+        """counts: [micro_batches, P, E] rows this rank sends -> [micro_batches, P, E] rows it
+        receives (from each source), in one Alltoall for the whole block."""
+        nmb, P, E = counts.shape
+        send = np.ascontiguousarray(counts.transpose(1, 0, 2), dtype=np.int64)   # [P, nmb, E]
+        recv = np.empty_like(send)
+        self.comm.Alltoall(send, recv)
+        return recv.transpose(1, 0, 2).copy()
+
+    def post(self, send, send_layout: Layout, recv, recv_layout: Layout) -> Handle:
+        """Start moving ``send`` rows (in ``send_layout``) into ``recv`` (in ``recv_layout``).
+        On the GPU the send rows must have been written on the current stream."""
+        self.bytes_sent += (send_layout.rows - int(send_layout.per_peer[self.rank])) * self.hidden_size * 2
+        return Handle(self.transport, self.transport.start(send, send_layout, recv, recv_layout), recv)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+# ------------------------------------------------------------------------------ transports
+
+def make_transport(kind: str, comm, hidden_size: int, backend: Backend, cuda_aware: str = "auto"):
+    """``run.transport`` -> a transport object (all ranks call this together)."""
+    if kind not in TRANSPORTS:
+        raise ConfigError(f"run.transport must be one of {', '.join(TRANSPORTS)}, got {kind!r}")
+    if backend.name == "cpu":
+        if kind not in ("auto", "mpi"):
+            raise ConfigError(f"run.transport = {kind!r} needs the GPU backend (run.device = 'gpu')")
+        return MpiTransport(comm, hidden_size, backend, staged=False)
+    aware = mpi_is_cuda_aware() if cuda_aware == "auto" else cuda_aware == "yes"
+    if kind == "auto":
+        kind = "nccl" if nccl_available() else ("mpi" if aware else "mpi-staged")
+    if kind == "nccl":
+        from .transport_nccl import NcclTransport
+        return NcclTransport(comm, hidden_size, backend)
+    if kind == "mpi" and not aware:
+        raise ConfigError("run.transport = 'mpi' on the GPU needs a CUDA-aware MPI, and this one "
+                          "does not report CUDA support; use 'mpi-staged' or 'nccl', or set "
+                          "run.cuda_aware_mpi = 'yes' if you know better")
+    return MpiTransport(comm, hidden_size, backend, staged=(kind == "mpi-staged"))
+
+
+def mpi_is_cuda_aware() -> bool:
+    """Ask the MPI (MPIX_Query_cuda_support, Open MPI and MPICH extensions); False if it can't say."""
+    from mpi4py import MPI
+    query = getattr(MPI, "Query_cuda_support", None)
+    try:
+        return bool(query()) if query is not None else False
+    except Exception:
+        return False
+
+
+def nccl_available() -> bool:
+    try:
+        from cupy.cuda import nccl
+        return nccl.available if hasattr(nccl, "available") else True
+    except Exception:
+        return False
+
+
+class MpiTransport:
+    """``Ialltoallv`` in a contiguous MPI datatype of H 16-bit words (counts are in rows, far
+    below MPI's 2^31 limit).  Host buffers on the CPU; on the GPU either device buffers
+    (CUDA-aware MPI) or pinned host staging (``staged``)."""
+
+    def __init__(self, comm, hidden_size: int, backend: Backend, staged: bool):
+        from mpi4py import MPI
+        self.MPI, self.comm, self.backend, self.xp = MPI, comm, backend, backend.xp
+        self.on_gpu = backend.name == "gpu"
+        self.staged = staged and self.on_gpu
+        self.name = "mpi-staged" if self.staged else "mpi"
+        self.row_type = MPI.UINT16_T.Create_contiguous(hidden_size).Commit()
+        self.hidden_size = hidden_size
+        self.in_flight: list = []
+        self._host: dict = {}
+        self.stream = backend.new_stream() if self.on_gpu else None
+
+    def _pinned(self, device_buffer, rows: int) -> np.ndarray:
+        """Pinned host twin of one device buffer (keyed by its address, so the two slots of each
+        direction never share a staging area)."""
+        key = device_buffer.data.ptr
+        buf = self._host.get(key)
+        if buf is None or buf.shape[0] < rows:
+            import cupyx
+            buf = cupyx.empty_pinned((max(rows, 1), self.hidden_size), dtype=np.uint16)
+            self._host[key] = buf
+        return buf[:rows]
+
+    def _progress_until(self, event) -> None:
+        """Block until GPU ``event`` has happened, driving the MPI transfers in flight meanwhile."""
+        while not event.done:
+            if self.in_flight:
+                self.MPI.Request.Testall(self.in_flight)
+
+    def start(self, send, send_layout: Layout, recv, recv_layout: Layout) -> dict:
+        # MPI moves one contiguous block per peer: gather an expert-major send buffer into
+        # peer order first, and receive peer order into a landing area to scatter afterwards.
+        gather, scatter = send_layout.peer_major_scatter(), recv_layout.peer_major_scatter()
+        n_send, n_recv = send_layout.rows, recv_layout.rows
+        src, target = send[:n_send], recv
+        if self.on_gpu:
+            self.stream.wait_event(self.backend.record())         # the send rows are written
+            with self.stream:
+                if gather is not None:
+                    src = self.xp.take(_words(src), self.xp.asarray(gather), axis=0)
+                if self.staged:
+                    host = self._pinned(send, n_send)
+                    _d2h(self.xp, src, host, self.stream)
+                    src, target = host, self._pinned(recv, n_recv)
+                elif scatter is not None:
+                    target = self.xp.empty_like(recv[:n_recv])
+            self._progress_until(self.backend.record(self.stream))
+        else:
+            if gather is not None:
+                src = src[gather]
+            if scatter is not None:
+                target = np.empty_like(recv[:n_recv])
+        sc, rc = send_layout.per_peer.astype(np.int32), recv_layout.per_peer.astype(np.int32)
+        spec = lambda buf, counts: [_words(buf), (counts, displacements(counts)), self.row_type]
+        request = self.comm.Ialltoallv(spec(src, sc), spec(target, rc))
+        self.in_flight.append(request)
+        # keep the gathered copy alive until the transfer is done
+        return {"request": request, "src": src, "target": target, "recv": recv, "scatter": scatter,
+                "rows": n_recv}
+
+    def finish(self, state: dict) -> None:
+        request = state["request"]
+        request.Wait()
+        self.in_flight.remove(request)
+        target, recv, scatter, n = state["target"], state["recv"], state["scatter"], state["rows"]
+        if not self.on_gpu:
+            if scatter is not None:
+                recv[scatter] = target
+            return
+        with self.stream:
+            if self.staged:
+                landing = recv[:n] if scatter is None else self.xp.empty_like(recv[:n])
+                _h2d(self.xp, target, landing, self.stream)
+                target = landing
+            if scatter is not None:
+                _words(recv)[self.xp.asarray(scatter)] = _words(target)
+        self.backend.current_stream().wait_event(self.backend.record(self.stream))
 
     def close(self) -> None:
         self.row_type.Free()
 
-    def _buffer(self, name: str, slot: int, rows: int, width: int, dtype) -> np.ndarray:
-        """A reusable buffer of at least ``rows`` rows; grows (x1.5) only when too small."""
-        key = (name, slot)
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape[0] < rows:
-            cap = max(rows, int(1.5 * (0 if buf is None else buf.shape[0])), 1)
-            buf = np.empty((cap, width), dtype=dtype) if width else np.empty(cap, dtype=dtype)
-            self._buffers[key] = buf
-        return buf[:rows]
 
-    def exchange_counts(self, send_counts: np.ndarray) -> np.ndarray:
-        """send_counts: [micro_batches, P] int -> recv_counts [micro_batches, P], in one Alltoall
-        for the whole layer (so each payload exchange can be posted without a blocking step)."""
-        nmb = send_counts.shape[0]
-        send = np.ascontiguousarray(send_counts.T, dtype=np.int64)        # [P, nmb]
-        recv = np.empty_like(send)
-        self.comm.Alltoall(send, recv)
-        return recv.T.copy()
-
-    def _post(self, tag: str, slot: int, rows, send_counts, recv_counts, extra=None) -> Handle:
-        H = self.hidden_size
-        n_recv = int(recv_counts.sum())
-        send = self._buffer(f"{tag}-send", slot, rows.shape[0], H, BF16)
-        send[...] = rows
-        recv = self._buffer(f"{tag}-recv", slot, n_recv, H, BF16)
-        sc, rc = send_counts.astype(np.int32), recv_counts.astype(np.int32)
-        sd, rd = displacements(sc), displacements(rc)
-        requests = [self.comm.Ialltoallv([send.view(np.uint16), (sc, sd), self.row_type],
-                                         [recv.view(np.uint16), (rc, rd), self.row_type])]
-        result = (recv,)
-        if extra is not None:
-            xs = self._buffer(f"{tag}-xsend", slot, extra.shape[0], 0, np.int32)
-            xs[...] = extra
-            xr = self._buffer(f"{tag}-xrecv", slot, n_recv, 0, np.int32)
-            requests.append(self.comm.Ialltoallv([xs, (sc, sd), self.index_type],
-                                                 [xr, (rc, rd), self.index_type]))
-            result = (recv, xr)
-        self.bytes_sent += int(sc.sum()) * H * 2
-        return Handle(requests, result)
-
-    def post_dispatch(self, slot: int, rows, expert_ids, send_counts, recv_counts) -> Handle:
-        """rows: [n, H] bf16 grouped by destination rank; expert_ids: [n] int32.
-        wait() -> (recv_rows [r, H] bf16, recv_expert_ids [r] int32), grouped by source rank."""
-        return self._post("dispatch", slot, rows, send_counts, recv_counts, extra=expert_ids)
-
-    def post_combine(self, slot: int, rows, send_counts, recv_counts) -> Handle:
-        """Send expert outputs back in the order they arrived (the inverse exchange).
-        wait() -> (rows [n, H] bf16,) in the dispatch's send order."""
-        return self._post("combine", slot, rows, send_counts, recv_counts)
+def _words(buf):
+    """The raw 16-bit words of a bf16 (or uint16) buffer, as MPI sees them."""
+    return buf.view(np.uint16) if buf.dtype != np.uint16 else buf
 
 
-__all__ = ["Exchange", "Handle", "displacements"]
+def _d2h(xp, device_rows, host_rows, stream) -> None:
+    if device_rows.shape[0]:
+        xp.cuda.runtime.memcpyAsync(host_rows.ctypes.data, device_rows.data.ptr, device_rows.nbytes,
+                                    xp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+
+
+def _h2d(xp, host_rows, device_rows, stream) -> None:
+    if host_rows.shape[0]:
+        xp.cuda.runtime.memcpyAsync(device_rows.data.ptr, host_rows.ctypes.data, host_rows.nbytes,
+                                    xp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+
+
+__all__ = ["Exchange", "Handle", "Layout", "peer_major", "expert_major", "displacements",
+           "make_transport", "TRANSPORTS"]

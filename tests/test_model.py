@@ -8,7 +8,8 @@ from moe_hpc import reference as ref
 from moe_hpc.backend import BF16
 from moe_hpc.checkpoint import DenseLayer
 from moe_hpc.config import build_config
-from moe_hpc.dispatcher import plan_dispatch
+from moe_hpc.dispatcher import destinations, plan_dispatch
+from moe_hpc.exchange import expert_major, peer_major
 from moe_hpc.model import activation, apply_rope, attention, mlp, rmsnorm, rope_tables, route
 from moe_hpc.runner import num_chunks, sequence_range
 
@@ -59,8 +60,8 @@ def test_attention_matches_reference_and_blocking(nkv):
     w = _attn_weights(cfg.hidden_size, cfg.num_heads, nkv, cfg.head_dim)
     a = bf((2, 19, cfg.hidden_size))
     full = attention(a, w, cfg, block=512)
-    for block in (1, 5):
-        np.testing.assert_array_equal(attention(a, w, cfg, block=block), full)
+    for block in (1, 5):   # tiling changes only the fp32 summation order
+        assert rel(attention(a, w, cfg, block=block), full) < 4e-3
     g = {k: getattr(w, k).astype(np.float64) for k in ("wq", "wk", "wv", "wo")}
     for s in range(2):
         assert rel(full[s], ref._attention(a[s].astype(np.float64), g, cfg)) < 1e-2
@@ -105,15 +106,35 @@ def test_router_ties_pick_lower_index():
 
 
 def test_plan_dispatch_groups_by_rank_and_spreads_replicas():
-    experts = np.array([[0, 1], [1, 2], [2, 0], [1, 0]])
+    experts = np.array([[0, 1], [1, 2], [2, 0], [1, 0], [0, 2]])
     holders = np.array([[0, 2], [1, -1], [1, -1]])      # expert 0 replicated on ranks 0 and 2
     replicas = np.array([2, 1, 1])
-    plan = plan_dispatch(experts, np.arange(4) + 10, holders, replicas, world_size=3)
-    dest = holders[experts.reshape(-1), (np.repeat(np.arange(4) + 10, 2)) % replicas[experts.reshape(-1)]]
-    assert plan.send_counts.tolist() == np.bincount(dest, minlength=3).tolist()
-    assert (np.diff(dest[plan.order]) >= 0).all()
-    assert plan.send_counts[0] > 0 and plan.send_counts[2] > 0   # both replicas of expert 0 used
-    assert sorted(plan.order.tolist()) == list(range(8))
+    tokens = np.arange(5) + 10
+    plan = plan_dispatch(experts, tokens, holders, replicas, micro_batch_tokens=2, micro_batches=3,
+                         world_size=3, num_experts=3)
+    dest = destinations(experts, tokens, holders, replicas)
+    assert plan.counts.sum() == 10 and plan.counts.shape == (3, 3, 3)
+    assert plan.counts[:, 0, :].sum() > 0 and plan.counts[:, 2, :].sum() > 0   # both replicas used
+    assert plan.starts.tolist() == [0, 4, 8, 10]
+    for i in range(3):
+        seg = plan.order[plan.starts[i]:plan.starts[i + 1]]
+        assert (seg // 2 // 2 == i).all(), "each micro-batch's rows are contiguous"
+        key = dest[seg] * 3 + experts.reshape(-1)[seg]
+        assert (np.diff(key) >= 0).all(), "grouped by destination rank, then expert"
+        # positions point back at each (token, choice) in its micro-batch's send order
+        for r, a in enumerate(seg):
+            assert plan.positions.reshape(-1)[a] == r
+
+
+def test_layouts_and_scatter():
+    counts = np.array([[2, 0, 1], [0, 3, 1]])     # [peer, expert]
+    pm, em = peer_major(counts), expert_major(counts)
+    assert pm.offsets.tolist() == [[0, 2, 2], [3, 3, 6]]
+    assert em.offsets.tolist() == [[0, 2, 5], [2, 2, 6]]
+    scatter = em.peer_major_scatter()
+    # rows arriving peer-major: peer 0 (e0 x2, e2 x1), peer 1 (e1 x3, e2 x1)
+    assert scatter.tolist() == [0, 1, 5, 2, 3, 4, 6]
+    assert pm.peer_major_scatter() is None
 
 
 @pytest.mark.parametrize("S, D, C", [(10, 3, 2), (1, 4, 8), (64, 4, 64), (7, 1, 3)])

@@ -1,14 +1,11 @@
-"""The experts a rank hosts, run back to back over one buffer sorted by expert."""
+"""The experts a rank hosts, run back to back over the expert-major receive buffer."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import BF16
-from .layers import mlp
-
 
 class LocalExperts:
-    """Weights of the (layer, expert) pairs hosted here; ``forward`` computes received rows."""
+    """Weights of the (layer, expert) pairs hosted here."""
 
     def __init__(self, experts: dict, activation: str, hidden_size: int, xp=np):
         self.experts = experts            # (layer, expert) -> checkpoint.Expert
@@ -16,23 +13,25 @@ class LocalExperts:
         self.hidden_size = hidden_size
         self.xp = xp
 
-    def forward(self, layer: int, rows, expert_ids):
-        """rows: [r, H] bf16, expert_ids: [r] int -> [r, H] bf16, in the same order."""
-        xp = self.xp
-        out = xp.empty((rows.shape[0], self.hidden_size), dtype=BF16)
-        if rows.shape[0] == 0:
-            return out
-        order = xp.argsort(expert_ids, kind="stable")
-        sorted_ids = expert_ids[order]
-        present, starts = np.unique(np.asarray(sorted_ids), return_index=True)
-        ends = list(starts[1:]) + [rows.shape[0]]
-        for e, a, b in zip(present.tolist(), starts.tolist(), ends):
+    def forward(self, layer: int, rows, layout, out, workspace):
+        """rows: [r, H] bf16 received expert-major (``layout``: exchange.Layout) -> ``out``
+        [r, H] bf16, same order, without the output bias b2 (the combine adds it).
+
+        Each expert's rows are one contiguous block, so each expert is two GEMMs in place;
+        ``workspace(name, slot, rows, width)`` lends the [n, F] hidden buffer.
+        """
+        from ..kernels import expert_mlp
+        per_expert = layout.counts.sum(axis=0)
+        start = 0
+        for e in np.nonzero(per_expert)[0].tolist():
+            n = int(per_expert[e])
             w = self.experts.get((layer, e))
             if w is None:
-                raise RuntimeError(f"rank received tokens for expert {e} of layer {layer}, "
-                                   "which it does not host (placement mismatch)")
-            idx = order[a:b]
-            out[idx] = mlp(rows[idx], w.w1, w.b1, w.w2, w.b2, self.activation, xp)
+                raise RuntimeError(f"received tokens for expert {e} of layer {layer}, which this "
+                                   "rank does not host (placement mismatch)")
+            hidden = workspace("expert-hidden", 0, n, w.w1.shape[1])
+            expert_mlp(rows[start:start + n], w.w1, w.b1, w.w2, self.activation, hidden, out[start:start + n])
+            start += n
         return out
 
 

@@ -50,18 +50,13 @@ def activation(h32, kind: str, xp=np):
 
 
 def mlp(x, w1, b1, w2, b2, kind: str, xp=np):
-    """act(x @ w1 + b1) @ w2 + b2.  x: [T, H] bf16, w1: [H, F], w2: [F, H] -> [T, H] bf16.
-
-    The bias and activation are applied to the fp32 product before the one rounding to bf16.
-    """
-    h = xp.matmul(x.astype(F32, copy=False), w1.astype(F32, copy=False))
-    if b1 is not None:
-        h += b1.astype(F32, copy=False)
-    h = activation(h, kind, xp).astype(BF16)
-    y = xp.matmul(h.astype(F32), w2.astype(F32, copy=False))
-    if b2 is not None:
-        y += b2.astype(F32, copy=False)
-    return y.astype(BF16)
+    """act(x @ w1 + b1) @ w2 + b2 (the dense block). x: [T, H] bf16, w1: [H, F], w2: [F, H]
+    -> [T, H] bf16. The same fused expert kernel as the MoE experts, then the output bias."""
+    from ..kernels import expert_mlp
+    y = expert_mlp(x, w1, b1, w2, kind)
+    if b2 is None:
+        return y
+    return (y.astype(F32) + b2.astype(F32, copy=False)).astype(BF16)
 
 
 def rope_tables(positions, head_dim: int, theta: float, xp=np):
@@ -72,13 +67,13 @@ def rope_tables(positions, head_dim: int, theta: float, xp=np):
     return xp.cos(angles).astype(F32), xp.sin(angles).astype(F32)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, cos, sin, xp=np):
     """x: [..., L, heads, D] bf16; rotate the two halves of D (SPEC's half-split form) -> bf16."""
     half = x.shape[-1] // 2
     x32 = x.astype(F32)
     c, s = cos[:, None, :], sin[:, None, :]
     lo, hi = x32[..., :half], x32[..., half:]
-    out = np.empty_like(x32) if isinstance(x32, np.ndarray) else x32.copy()
+    out = xp.empty_like(x32)
     out[..., :half] = lo * c - hi * s
     out[..., half:] = hi * c + lo * s
     return out.astype(BF16)

@@ -9,29 +9,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import F32, matmul_f32
+from ..backend import F32
 
 
 @dataclass
 class Routing:
-    """experts: [T, k] int64, ordered by selection score; weights: [T, k] fp32."""
+    """experts: [T, k] int32, ordered by selection score; weights: [T, k] fp32."""
     experts: object
     weights: object
 
 
 def route(m, gate, bias, top_k: int, normalize: bool, xp=np) -> Routing:
     """m: [T, H] bf16, gate: [H, E], bias: [E] fp32 | None -> Routing. All gate math in fp32."""
-    logits = matmul_f32(m, gate, xp)
+    from ..kernels import matmul_f32out, topk
+    logits = matmul_f32out(m, gate)
     logits -= logits.max(axis=-1, keepdims=True)
     p = xp.exp(logits)
     p /= p.sum(axis=-1, keepdims=True)
     score = p if bias is None else p + xp.asarray(bias, dtype=F32)
-    # stable sort of -score: equal scores keep index order, so the lower expert wins a tie
-    experts = xp.argsort(-score, axis=-1, kind="stable")[:, :top_k]
-    weights = xp.take_along_axis(p, experts, axis=-1)
-    if normalize:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
-    return Routing(experts.astype(np.int64), weights.astype(F32))
+    return Routing(*topk(score, p, top_k, normalize))
 
 
 __all__ = ["Routing", "route"]

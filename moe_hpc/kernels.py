@@ -1,0 +1,84 @@
+"""The few fused operations the MoE block needs, for NumPy and CuPy arrays alike.
+
+Each function dispatches on where its input lives: NumPy code here, CUDA kernels in
+``kernels_cuda`` (imported only when a CuPy array arrives).  Both follow the same precision
+rule: bf16 in and out, fp32 arithmetic inside.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import BF16, F32
+from .model.layers import activation
+
+
+def _on_host(array) -> bool:
+    return isinstance(array, np.ndarray)
+
+
+def _cuda():
+    from . import kernels_cuda
+    return kernels_cuda
+
+
+def topk(score, probs, k: int, normalize: bool):
+    """score, probs: [T, E] fp32 -> experts [T, k] int32 (highest score first, ties to the lower
+    index), weights [T, k] fp32 (probs of the chosen, renormalised if ``normalize``)."""
+    if not _on_host(score):
+        return _cuda().topk(score, probs, k, normalize)
+    experts = np.argsort(-score, axis=-1, kind="stable")[:, :k].astype(np.int32)
+    weights = np.take_along_axis(probs, experts, axis=-1)
+    if normalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return experts, weights.astype(F32)
+
+
+def matmul_f32out(a, b):
+    """[T, H] bf16 @ [H, N] -> [T, N] fp32 (the gate: fp32 logits, no bf16 rounding)."""
+    if not _on_host(a):
+        return _cuda().matmul_f32out(a, b)
+    return np.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False))
+
+
+def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
+    """act(x @ w1 + b1) @ w2 for one expert (its b2 is added at the combine).
+
+    x: [n, H] bf16, w1: [H, F], b1: [F] | None, w2: [F, H] -> [n, H] bf16.
+    ``hidden``/``out`` are optional preallocated [n, F] / [n, H] bf16 buffers.
+    """
+    if not _on_host(x):
+        return _cuda().expert_mlp(x, w1, b1, w2, kind, hidden, out)
+    h = np.matmul(x.astype(F32, copy=False), w1.astype(F32, copy=False))
+    if b1 is not None:
+        h += b1.astype(F32, copy=False)
+    h = activation(h, kind).astype(BF16)
+    y = np.matmul(h.astype(F32), w2.astype(F32, copy=False)).astype(BF16)
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+def combine(rows, positions, weights, experts=None, b2=None, out=None):
+    """Weighted sum of each token's k expert outputs, in choice order (split-independent).
+
+    rows: [n, H] bf16 returned expert outputs; positions: [T, k] row of each (token, choice);
+    weights: [T, k] fp32; experts: [T, k] and b2: [E, H] add each expert's output bias.
+    -> [T, H] bf16.
+    """
+    if not _on_host(rows):
+        return _cuda().combine(rows, positions, weights, experts, b2, out)
+    T, k = positions.shape
+    acc = np.zeros((T, rows.shape[1]), dtype=F32)
+    for j in range(k):
+        v = rows[positions[:, j]].astype(F32)
+        if b2 is not None:
+            v += b2[experts[:, j]].astype(F32, copy=False)
+        acc += weights[:, j:j + 1] * v
+    if out is None:
+        return acc.astype(BF16)
+    out[...] = acc.astype(BF16)
+    return out
+
+
+__all__ = ["topk", "matmul_f32out", "expert_mlp", "combine"]

@@ -1,0 +1,153 @@
+"""CUDA versions of ``kernels``: bf16 handled as raw 16-bit words so no kernel depends on a
+compiler's bf16 support; conversions round to nearest even, like ml_dtypes.
+
+Imported only when a CuPy array reaches ``kernels``.
+"""
+from __future__ import annotations
+
+import functools
+
+import cupy as cp
+import numpy as np
+
+from .backend import BF16, F32
+
+_BF16_HELPERS = r"""
+__device__ __forceinline__ float bf2f(unsigned short u) {
+    return __uint_as_float(((unsigned int)u) << 16);
+}
+__device__ __forceinline__ unsigned short f2bf(float f) {
+    unsigned int x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;           // NaN stays NaN
+    x += 0x7fffu + ((x >> 16) & 1u);                               // round to nearest even
+    return (unsigned short)(x >> 16);
+}
+"""
+
+_ACTIVATIONS = {
+    "gelu": "0.5f * v * (1.0f + erff(v * 0.70710678118654752f))",
+    "gelu_tanh": "0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)))",
+    "silu": "v / (1.0f + expf(-v))",
+}
+
+
+def _u16(a):
+    return a.view(cp.uint16)
+
+
+@functools.lru_cache(maxsize=None)
+def _bias_act_kernel(kind: str, has_bias: bool):
+    bias = "v += bf2f(b1[i % F]);" if has_bias else ""
+    return cp.ElementwiseKernel(
+        "raw uint16 b1, int64 F", "uint16 h",
+        f"float v = bf2f(h); {bias} v = {_ACTIVATIONS[kind]}; h = f2bf(v);",
+        f"moe_bias_act_{kind}_{int(has_bias)}", preamble=_BF16_HELPERS)
+
+
+@functools.lru_cache(maxsize=None)
+def _combine_kernel(k: int, has_b2: bool):
+    b2 = "v += bf2f(b2[(long long)ex[t * K + j] * H + h]);" if has_b2 else ""
+    return cp.ElementwiseKernel(
+        "raw uint16 rows, raw int64 pos, raw float32 w, raw int32 ex, raw uint16 b2, int64 H",
+        "uint16 out",
+        f"""
+        const int K = {k};
+        long long t = i / H, h = i - t * H;
+        float acc = 0.0f;
+        for (int j = 0; j < K; ++j) {{
+            float v = bf2f(rows[pos[t * K + j] * H + h]);
+            {b2}
+            acc += w[t * K + j] * v;
+        }}
+        out = f2bf(acc);
+        """, f"moe_combine_{k}_{int(has_b2)}", preamble=_BF16_HELPERS)
+
+
+_TOPK = cp.RawKernel(r"""
+#define MAXK 8
+extern "C" __global__ void moe_topk(const float* score, const float* probs, int T, int E, int K,
+                                    int normalize, int* experts, float* weights) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* s = score + (long long)t * E;
+    int best[MAXK]; float top[MAXK];
+    for (int j = 0; j < K; ++j) { best[j] = -1; top[j] = 0.0f; }
+    for (int e = 0; e < E; ++e) {
+        float v = s[e];
+        if (best[K - 1] >= 0 && !(v > top[K - 1])) continue;   // ties keep the lower index
+        int j = K - 1;
+        while (j > 0 && (best[j - 1] < 0 || v > top[j - 1])) { top[j] = top[j - 1]; best[j] = best[j - 1]; --j; }
+        top[j] = v; best[j] = e;
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < K; ++j) sum += probs[(long long)t * E + best[j]];
+    for (int j = 0; j < K; ++j) {
+        float p = probs[(long long)t * E + best[j]];
+        experts[(long long)t * K + j] = best[j];
+        weights[(long long)t * K + j] = normalize ? p / sum : p;
+    }
+}
+""", "moe_topk")
+
+
+def topk(score, probs, k: int, normalize: bool):
+    if k > 8:
+        raise ValueError("the GPU top-k kernel handles top_k <= 8")
+    T, E = score.shape
+    experts = cp.empty((T, k), dtype=cp.int32)
+    weights = cp.empty((T, k), dtype=cp.float32)
+    if T:
+        _TOPK(((T + 255) // 256,), (256,), (cp.ascontiguousarray(score, dtype=cp.float32),
+              cp.ascontiguousarray(probs, dtype=cp.float32), np.int32(T), np.int32(E), np.int32(k),
+              np.int32(normalize), experts, weights))
+    return experts, weights
+
+
+def matmul_f32out(a, b):
+    """bf16 x bf16 -> fp32 through cublasGemmEx (row-major: C^T = B^T A^T)."""
+    from cupy_backends.cuda.libs import cublas
+    a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
+    m, kdim = a.shape
+    n = b.shape[1]
+    out = cp.empty((m, n), dtype=cp.float32)
+    if m == 0:
+        return out
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    try:
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, n, m, kdim,
+                      one.ctypes.data, b.data.ptr, 14, n, a.data.ptr, 14, kdim,   # 14: CUDA_R_16BF
+                      zero.ctypes.data, out.data.ptr, 0, n,                      # 0: CUDA_R_32F
+                      cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+    finally:
+        cublas.setPointerMode(handle, mode)
+    return out
+
+
+def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
+    n = x.shape[0]
+    h = cp.matmul(x, w1, out=hidden)            # bf16 operands, fp32 accumulate (cuBLAS)
+    empty = cp.empty(0, dtype=cp.uint16)
+    _bias_act_kernel(kind, b1 is not None)(empty if b1 is None else _u16(b1), w1.shape[1], _u16(h))
+    if n == 0:
+        return out if out is not None else cp.empty((0, w2.shape[1]), BF16)
+    return cp.matmul(h, w2, out=out)
+
+
+def combine(rows, positions, weights, experts=None, b2=None, out=None):
+    T, k = positions.shape
+    H = rows.shape[1]
+    if out is None:
+        out = cp.empty((T, H), dtype=BF16)
+    if T == 0:
+        return out
+    has_b2 = b2 is not None
+    _combine_kernel(k, has_b2)(
+        _u16(rows), cp.ascontiguousarray(positions, dtype=cp.int64),
+        cp.ascontiguousarray(weights, dtype=cp.float32),
+        cp.ascontiguousarray(experts, dtype=cp.int32) if has_b2 else cp.empty(0, cp.int32),
+        _u16(b2) if has_b2 else cp.empty(0, cp.uint16), H, _u16(out).reshape(-1))
+    return out
