@@ -98,7 +98,8 @@ def matmul_bf16(a, b, xp=np):
     """
     if xp is np:
         return np.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False)).astype(BF16)
-    return xp.matmul(a, b)
+    # CuPy sends batched (>2-D) bf16 products down an integer code path; fold to one GEMM
+    return xp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
 
 
 def matmul_f32(a, b, xp=np):

@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True)
     _common(r)
 
+    b = sub.add_parser("bench", help="time one MoE layer and the shrunk model on GPUs, with ceilings")
+    from .bench import add_arguments
+    add_arguments(b)
+    b.add_argument("--debug", action="store_true", help="show tracebacks")
+
     d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
     d.add_argument("--dir", default="demo", help="where the demo files go (default: ./demo)")
     _common(d)
@@ -136,8 +141,13 @@ def cmd_demo(args, comm) -> None:
             raise MoeHpcError("demo output does not match the float64 reference")
 
 
+def cmd_bench(args, comm) -> None:
+    from .bench import run_bench
+    run_bench(comm, args)
+
+
 COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "run": cmd_run,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:

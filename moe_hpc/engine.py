@@ -26,7 +26,7 @@ from .backend import BF16, F32, Backend, matmul_bf16
 from .checkpoint import Checkpoint, DenseLayer
 from .config import Config
 from .dispatcher import plan_dispatch, replica_table
-from .exchange import Exchange, expert_major, peer_major
+from .exchange import Exchange, expert_slots, peer_major, slot_capacity
 from .kernels import combine as combine_rows
 from .model import attention, mlp, rmsnorm, route
 from .model.experts import LocalExperts
@@ -72,16 +72,18 @@ class MoeBlock:
         plan = plan_dispatch(experts, xp.asarray(token_ids), holders, replicas, mbt, nmb, P, E, xp,
                              e.backend.to_host)
         recv_counts = e.exchange.exchange_counts(plan.counts)
+        self.last_send_counts, self.last_recv_counts = plan.counts, recv_counts   # for bench/trace
         t0 = e.times.add("gating", t0)
         b2 = e.dense[layer].expert_b2 if T else None
         ex = e.exchange
+        slots = e.local_experts.slot_of(layer)
 
         def dispatch(i):
             a, b = int(plan.starts[i]), int(plan.starts[i + 1])
             send = ex.buffer("dispatch-send", i % 2, b - a)
             xp.take(_words(m), plan.order[a:b] // k, axis=0, out=_words(send))
-            recv_layout = expert_major(recv_counts[i])
-            recv = ex.buffer("dispatch-recv", i % 2, recv_layout.rows)
+            recv_layout = expert_slots(recv_counts[i], slots, slot_capacity(recv_counts[i][:, slots >= 0]))
+            recv = ex.buffer("dispatch-recv", i % 2, recv_layout.extent)
             return ex.post(send, peer_major(plan.counts[i]), recv, recv_layout), recv_layout
 
         def combine(i, out, layout):
@@ -104,7 +106,7 @@ class MoeBlock:
             t0 = time.perf_counter()
             rows = handle.wait()
             t0 = e.times.add("exchange_wait", t0)
-            out = e.local_experts.forward(layer, rows, layout, ex.buffer("combine-send", i % 2, layout.rows),
+            out = e.local_experts.forward(layer, rows, layout, ex.buffer("combine-send", i % 2, layout.extent),
                                           ex.buffer)
             t0 = e.times.add("experts", t0)
             posted = combine(i, out, layout)
@@ -123,6 +125,20 @@ def _words(array):
     return array.view(np.uint16)
 
 
+def take_rows(a, rows, xp):
+    """a: [N, W] bf16, rows: [n] int -> [n, W] bf16 copy."""
+    return xp.take(_words(a), rows, axis=0).view(BF16)
+
+
+def put_rows(a, rows, values) -> None:
+    """a[rows] = values for bf16 [N, W] arrays, in place."""
+    _words(a)[rows] = _words(values)
+
+
+def zero_rows(a, rows) -> None:
+    _words(a)[rows] = 0
+
+
 def _max():
     from mpi4py import MPI
     return MPI.MAX
@@ -138,7 +154,7 @@ class Engine:
         m = cfg.model
         self.dense: dict[int, DenseLayer] = {}
         self.globals: dict[str, np.ndarray] = {}
-        self.local_experts = LocalExperts({}, m.activation, m.hidden_size, self.xp)
+        self.local_experts = LocalExperts(m.num_experts, m.activation, self.xp)
         self.exchange = Exchange(topo.exchange, m.hidden_size, backend, cfg.run.transport,
                                  cfg.run.cuda_aware_mpi)
         self.expert_tokens = np.zeros((m.num_moe_layers, m.num_experts), dtype=np.int64)
@@ -171,8 +187,9 @@ class Engine:
                 x = ckpt.read_expert(layer, e, dtype)
                 x.w1, x.w2 = put(x.w1), put(x.w2)
                 x.b1 = None if x.b1 is None else put(x.b1)
-                x.b2 = None if x.b2 is None else put(x.b2)
-                self.local_experts.experts[(layer, e)] = x
+                x.b2 = None      # added at the combine, from the dense ranks' copy
+                self.local_experts.add(layer, e, x)
+            self.local_experts.stack()
 
     # ------------------------------------------------------------------ compute
     def forward_chunk(self, inputs, lengths: np.ndarray, first_seq: int):
@@ -180,30 +197,35 @@ class Engine:
         padding zeroed, logits [s, L, V] bf16 or None). Dense ranks only."""
         xp, m = self.xp, self.cfg.model
         t0 = time.perf_counter()
-        x = self.globals["embed"][xp.asarray(inputs)] if inputs.ndim == 2 else xp.asarray(inputs)
+        if inputs.ndim == 2:
+            x = take_rows(self.globals["embed"], xp.asarray(inputs.reshape(-1)), xp).reshape(*inputs.shape, -1)
+        else:
+            x = xp.asarray(inputs)
         s, L, H = x.shape
-        valid_host = np.arange(L)[None, :] < lengths[:, None]
-        valid = xp.asarray(valid_host)
-        token_ids = ((first_seq + np.arange(s))[:, None] * L + np.arange(L)[None, :])[valid_host]
+        valid_host = (np.arange(L)[None, :] < lengths[:, None]).reshape(-1)
+        rows = xp.asarray(np.flatnonzero(valid_host))          # valid positions of [s*L]
+        token_ids = ((first_seq + np.arange(s))[:, None] * L + np.arange(L)[None, :]).reshape(-1)[valid_host]
         for layer in range(m.num_layers):
             w = self.dense[layer]
             a = rmsnorm(x, w.attn_norm, m.norm_eps, xp)
             x = (x.astype(F32) + attention(a, w, m, self.cfg.run.attention_block, xp).astype(F32)).astype(BF16)
             t0 = self.times.add("attention", t0)
-            h = rmsnorm(x[valid], w.mlp_norm, m.norm_eps, xp)
+            xv = take_rows(x.reshape(-1, H), rows, xp)              # padding is never routed
+            h = rmsnorm(xv, w.mlp_norm, m.norm_eps, xp)
             if m.is_moe(layer):
                 f = self.moe(layer, h, token_ids)
             else:
                 f = mlp(h, w.w1, w.b1, w.w2, w.b2, m.activation, xp)
                 t0 = self.times.add("dense_mlp", t0)
-            x[valid] = (x[valid].astype(F32) + f.astype(F32)).astype(BF16)
+            put_rows(x.reshape(-1, H), rows, (xv.astype(F32) + f.astype(F32)).astype(BF16))
             t0 = time.perf_counter()
         out = rmsnorm(x, self.globals["final_norm"], m.norm_eps, xp)
-        out[~valid] = 0
+        pad = xp.asarray(np.flatnonzero(~valid_host))
+        zero_rows(out.reshape(-1, H), pad)
         logits = None
         if "lm_head" in self.globals:
             logits = matmul_bf16(out, self.globals["lm_head"], xp)
-            logits[~valid] = 0
+            zero_rows(logits.reshape(s * L, -1), pad)
         self.times.add("final", t0)
         return out, logits
 

@@ -41,9 +41,11 @@ def displacements(counts: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Layout:
-    """Row offsets of every (peer, expert) block in a buffer. counts, offsets: [P, E] int64."""
+    """Row offsets of every (peer, expert) block in a buffer. counts, offsets: [P, E] int64;
+    extent: rows the buffer spans (more than the rows moved when blocks are padded)."""
     counts: np.ndarray
     offsets: np.ndarray
+    extent: int
 
     @property
     def rows(self) -> int:
@@ -65,12 +67,32 @@ class Layout:
 
 def peer_major(counts: np.ndarray) -> Layout:
     """Sender's order: all rows for peer 0 (by expert), then peer 1, ..."""
-    return Layout(counts, displacements(counts.reshape(-1)).reshape(counts.shape))
+    return Layout(counts, displacements(counts.reshape(-1)).reshape(counts.shape), int(counts.sum()))
 
 
 def expert_major(counts: np.ndarray) -> Layout:
     """Receiver's order: all rows for expert 0 (by source peer), then expert 1, ..."""
-    return Layout(counts, displacements(counts.T.reshape(-1)).reshape(counts.T.shape).T.copy())
+    return Layout(counts, displacements(counts.T.reshape(-1)).reshape(counts.T.shape).T.copy(),
+                  int(counts.sum()))
+
+
+def expert_slots(counts: np.ndarray, slot_of_expert: np.ndarray, capacity: int) -> Layout:
+    """Receiver's order for grouped GEMMs: local expert slot s owns rows [s*C, s*C + n_s), its
+    sources one after another; the rest of each slot is padding that is computed, never sent.
+
+    counts: [P, E]; slot_of_expert: [E] slot of each hosted expert (-1 elsewhere); C = capacity.
+    """
+    within = np.zeros_like(counts)
+    np.cumsum(counts[:-1], axis=0, out=within[1:])
+    offsets = np.where(slot_of_expert[None, :] >= 0, slot_of_expert[None, :] * capacity + within, 0)
+    slots = int((slot_of_expert >= 0).sum())
+    return Layout(counts, offsets.astype(np.int64), slots * capacity)
+
+
+def slot_capacity(counts: np.ndarray, multiple: int = 8) -> int:
+    """Rows per slot: the busiest hosted expert's, rounded up (tensor-core friendly)."""
+    busiest = int(counts.sum(axis=0).max()) if counts.size else 0
+    return max(multiple, -(-busiest // multiple) * multiple)
 
 
 @dataclass
@@ -161,13 +183,28 @@ def make_transport(kind: str, comm, hidden_size: int, backend: Backend, cuda_awa
 
 
 def mpi_is_cuda_aware() -> bool:
-    """Ask the MPI (MPIX_Query_cuda_support, Open MPI and MPICH extensions); False if it can't say."""
+    """Whether the MPI takes device buffers. Detection is unreliable across MPIs, hence the
+    ``run.cuda_aware_mpi`` override; here: mpi4py's query where it has one, Open MPI's build
+    flag (ompi_info), and the GPU switches of Cray MPICH and MVAPICH2."""
+    import os
+    import subprocess
     from mpi4py import MPI
     query = getattr(MPI, "Query_cuda_support", None)
-    try:
-        return bool(query()) if query is not None else False
-    except Exception:
-        return False
+    if query is not None:
+        try:
+            return bool(query())
+        except Exception:
+            pass
+    if os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1" or os.environ.get("MV2_USE_CUDA") == "1":
+        return True
+    if "Open MPI" in MPI.Get_library_version():
+        try:
+            info = subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True, text=True,
+                                  timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return "mpi_built_with_cuda_support:value:true" in info
+    return False
 
 
 def nccl_available() -> bool:
@@ -217,7 +254,7 @@ class MpiTransport:
         # peer order first, and receive peer order into a landing area to scatter afterwards.
         gather, scatter = send_layout.peer_major_scatter(), recv_layout.peer_major_scatter()
         n_send, n_recv = send_layout.rows, recv_layout.rows
-        src, target = send[:n_send], recv
+        src, target = (send[:n_send] if gather is None else send), recv
         if self.on_gpu:
             self.stream.wait_event(self.backend.record())         # the send rows are written
             with self.stream:
@@ -282,5 +319,6 @@ def _h2d(xp, host_rows, device_rows, stream) -> None:
                                     xp.cuda.runtime.memcpyHostToDevice, stream.ptr)
 
 
-__all__ = ["Exchange", "Handle", "Layout", "peer_major", "expert_major", "displacements",
+__all__ = ["Exchange", "Handle", "Layout", "peer_major", "expert_major", "expert_slots",
+           "slot_capacity", "displacements",
            "make_transport", "TRANSPORTS"]

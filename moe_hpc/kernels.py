@@ -59,6 +59,24 @@ def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     return out
 
 
+def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
+    """All of a rank's experts for one micro-batch: slot s's rows are x[s*C : s*C + counts[s]].
+
+    x: [S*C, H] bf16; counts: [S] host ints; w1: [S, H, F]; b1: [S, F] | None; w2: [S, F, H];
+    hidden: [S*C, F] and out: [S*C, H] bf16 buffers. Padding rows of a slot are left undefined.
+    On the GPU each of the two products is one strided-batched GEMM over the slots.
+    """
+    if not _on_host(x):
+        return _cuda().grouped_expert_mlp(x, counts, w1, b1, w2, kind, hidden, out)
+    S = len(counts)
+    C = x.shape[0] // S if S else 0
+    for s, n in enumerate(np.asarray(counts).tolist()):
+        if n:
+            rows = slice(s * C, s * C + n)
+            expert_mlp(x[rows], w1[s], None if b1 is None else b1[s], w2[s], kind, out=out[rows])
+    return out
+
+
 def combine(rows, positions, weights, experts=None, b2=None, out=None):
     """Weighted sum of each token's k expert outputs, in choice order (split-independent).
 
@@ -81,4 +99,4 @@ def combine(rows, positions, weights, experts=None, b2=None, out=None):
     return out
 
 
-__all__ = ["topk", "matmul_f32out", "expert_mlp", "combine"]
+__all__ = ["topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine"]

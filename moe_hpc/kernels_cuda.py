@@ -37,9 +37,10 @@ def _u16(a):
 
 @functools.lru_cache(maxsize=None)
 def _bias_act_kernel(kind: str, has_bias: bool):
-    bias = "v += bf2f(b1[i % F]);" if has_bias else ""
+    # h is [slots * C, F]; slot i / CF uses bias row b1[slot]
+    bias = "v += bf2f(b1[(i / CF) * F + i % F]);" if has_bias else ""
     return cp.ElementwiseKernel(
-        "raw uint16 b1, int64 F", "uint16 h",
+        "raw uint16 b1, int64 F, int64 CF", "uint16 h",
         f"float v = bf2f(h); {bias} v = {_ACTIVATIONS[kind]}; h = f2bf(v);",
         f"moe_bias_act_{kind}_{int(has_bias)}", preamble=_BF16_HELPERS)
 
@@ -127,14 +128,50 @@ def matmul_f32out(a, b):
     return out
 
 
-def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
-    n = x.shape[0]
-    h = cp.matmul(x, w1, out=hidden)            # bf16 operands, fp32 accumulate (cuBLAS)
+def _bias_act(h, b1, kind: str, rows_per_slot: int) -> None:
+    F = h.shape[1]
     empty = cp.empty(0, dtype=cp.uint16)
-    _bias_act_kernel(kind, b1 is not None)(empty if b1 is None else _u16(b1), w1.shape[1], _u16(h))
-    if n == 0:
+    _bias_act_kernel(kind, b1 is not None)(empty if b1 is None else _u16(b1), F,
+                                           max(rows_per_slot, 1) * F, _u16(h))
+
+
+def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
+    if x.shape[0] == 0:
         return out if out is not None else cp.empty((0, w2.shape[1]), BF16)
+    h = cp.matmul(x, w1, out=hidden)            # bf16 operands, fp32 accumulate (cuBLAS)
+    _bias_act(h, b1, kind, x.shape[0])
     return cp.matmul(h, w2, out=out)
+
+
+def _batched_gemm(a, b, c, slots: int) -> None:
+    """c[s] = a[s] @ b[s] for s < slots; a: [S*C, K], b: [S, K, N], c: [S*C, N], all bf16.
+
+    cuBLAS is column-major, so it computes c^T = b^T a^T with the operands swapped."""
+    from cupy_backends.cuda.libs import cublas
+    C, K, N = a.shape[0] // slots, b.shape[1], b.shape[2]
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    try:
+        cublas.gemmStridedBatchedEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, C, K,
+                                    one.ctypes.data, b.data.ptr, 14, N, K * N,
+                                    a.data.ptr, 14, K, C * K, zero.ctypes.data,
+                                    c.data.ptr, 14, N, C * N, slots,
+                                    cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+    finally:
+        cublas.setPointerMode(handle, mode)
+
+
+def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
+    S = len(counts)
+    if S == 0 or x.shape[0] == 0:
+        return out
+    _batched_gemm(x, w1, hidden, S)
+    _bias_act(hidden, b1, kind, x.shape[0] // S)
+    _batched_gemm(hidden, w2, out, S)
+    return out
 
 
 def combine(rows, positions, weights, experts=None, b2=None, out=None):

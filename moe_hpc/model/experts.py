@@ -1,38 +1,62 @@
-"""The experts a rank hosts, run back to back over the expert-major receive buffer."""
+"""The experts a rank hosts: per MoE block, stacked into [slots, ...] weights so one
+strided-batched GEMM runs them all over the slot-padded receive buffer."""
 from __future__ import annotations
 
 import numpy as np
 
 
 class LocalExperts:
-    """Weights of the (layer, expert) pairs hosted here."""
+    """Weights of the (layer, expert) pairs hosted here.
 
-    def __init__(self, experts: dict, activation: str, hidden_size: int, xp=np):
-        self.experts = experts            # (layer, expert) -> checkpoint.Expert
-        self.activation = activation
-        self.hidden_size = hidden_size
-        self.xp = xp
+    Load with ``add`` (one expert at a time), then ``stack`` once: slot s of block l holds the
+    s-th hosted expert of l in ascending expert order, matching ``exchange.expert_slots``.
+    """
+
+    def __init__(self, num_experts: int, activation: str, xp=np):
+        self.num_experts, self.activation, self.xp = num_experts, activation, xp
+        self.experts: dict = {}            # (layer, expert) -> checkpoint.Expert (views once stacked)
+        self.stacked: dict = {}            # layer -> (w1 [S,H,F], b1 [S,F] | None, w2 [S,F,H])
+        self.slots: dict = {}              # layer -> [E] int slot of each expert, -1 if not here
+
+    def add(self, layer: int, expert: int, weights) -> None:
+        self.experts[(layer, expert)] = weights
+
+    def stack(self) -> None:
+        xp = self.xp
+        for layer in sorted({l for l, _ in self.experts}):
+            hosted = sorted(e for l, e in self.experts if l == layer)
+            ws = [self.experts[(layer, e)] for e in hosted]
+            w1, w2 = xp.stack([w.w1 for w in ws]), xp.stack([w.w2 for w in ws])
+            b1 = None if any(w.b1 is None for w in ws) else xp.stack([w.b1 for w in ws])
+            self.stacked[layer] = (w1, b1, w2)
+            slots = np.full(self.num_experts, -1, dtype=np.int64)
+            slots[hosted] = np.arange(len(hosted))
+            self.slots[layer] = slots
+            for s, (e, w) in enumerate(zip(hosted, ws)):    # keep views, drop the copies
+                w.w1, w.w2 = w1[s], w2[s]
+                w.b1 = None if b1 is None else b1[s]
+
+    def slot_of(self, layer: int) -> np.ndarray:
+        return self.slots.get(layer, np.full(self.num_experts, -1, dtype=np.int64))
 
     def forward(self, layer: int, rows, layout, out, workspace):
-        """rows: [r, H] bf16 received expert-major (``layout``: exchange.Layout) -> ``out``
-        [r, H] bf16, same order, without the output bias b2 (the combine adds it).
-
-        Each expert's rows are one contiguous block, so each expert is two GEMMs in place;
-        ``workspace(name, slot, rows, width)`` lends the [n, F] hidden buffer.
-        """
-        from ..kernels import expert_mlp
+        """rows: [extent, H] bf16 in ``layout`` (exchange.expert_slots) -> ``out`` [extent, H],
+        without the output bias b2 (the combine adds it). ``workspace(name, slot, rows, width)``
+        lends the [extent, F] hidden buffer."""
+        from ..kernels import grouped_expert_mlp
+        slots = self.slot_of(layer)
+        hosted = np.nonzero(slots >= 0)[0]
         per_expert = layout.counts.sum(axis=0)
-        start = 0
-        for e in np.nonzero(per_expert)[0].tolist():
-            n = int(per_expert[e])
-            w = self.experts.get((layer, e))
-            if w is None:
-                raise RuntimeError(f"received tokens for expert {e} of layer {layer}, which this "
-                                   "rank does not host (placement mismatch)")
-            hidden = workspace("expert-hidden", 0, n, w.w1.shape[1])
-            expert_mlp(rows[start:start + n], w.w1, w.b1, w.w2, self.activation, hidden, out[start:start + n])
-            start += n
-        return out
+        stray = np.nonzero((per_expert > 0) & (slots < 0))[0]
+        if stray.size:
+            raise RuntimeError(f"received tokens for expert {int(stray[0])} of layer {layer}, which "
+                               "this rank does not host (placement mismatch)")
+        if hosted.size == 0 or layout.extent == 0:
+            return out
+        w1, b1, w2 = self.stacked[layer]
+        hidden = workspace("expert-hidden", 0, layout.extent, w1.shape[2])
+        return grouped_expert_mlp(rows[:layout.extent], per_expert[hosted], w1, b1, w2,
+                                  self.activation, hidden, out[:layout.extent])
 
 
 __all__ = ["LocalExperts"]

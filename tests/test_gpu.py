@@ -1,0 +1,126 @@
+"""GPU path: CUDA kernels against their NumPy twins, and whole runs on the GPU (every transport)
+against the float64 reference. Skipped, with the reason, where CuPy or a GPU is missing."""
+import h5py
+import numpy as np
+import pytest
+
+from moe_hpc.backend import BF16, cupy_or_none
+from moe_hpc.reference import compare, read_output_hidden, reference_forward
+
+from conftest import TINY, moe_hpc, needs_mpiexec
+
+cp = cupy_or_none()
+pytestmark = pytest.mark.skipif(cp is None, reason="no CuPy or no CUDA GPU on this machine (CPU CI)")
+rng = np.random.default_rng(7)
+
+
+def gpus() -> int:
+    return cp.cuda.runtime.getDeviceCount() if cp is not None else 0
+
+
+def bf(shape, std=1.0):
+    return (rng.standard_normal(shape) * std).astype(BF16)
+
+
+def rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_topk_kernel_matches_numpy():
+    from moe_hpc import kernels
+    p = rng.random((1000, 64)).astype(np.float32)
+    p[:10, :4] = 0.5             # exact ties: the lower index must win on both
+    for k, norm in ((1, True), (2, True), (2, False), (6, True)):
+        e_h, w_h = kernels.topk(p, p, k, norm)
+        e_d, w_d = kernels.topk(cp.asarray(p), cp.asarray(p), k, norm)
+        np.testing.assert_array_equal(cp.asnumpy(e_d), e_h)
+        np.testing.assert_allclose(cp.asnumpy(w_d), w_h, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_expert_mlp_kernel(kind, bias):
+    from moe_hpc import kernels
+    x, w1, w2 = bf((300, 256)), bf((256, 512), 256 ** -0.5), bf((512, 256), 512 ** -0.5)
+    b1 = bf(512, 0.1) if bias else None
+    host = kernels.expert_mlp(x, w1, b1, w2, kind)
+    dev = kernels.expert_mlp(*(None if a is None else cp.asarray(a) for a in (x, w1, b1, w2)), kind)
+    assert rel(cp.asnumpy(dev).astype(np.float32), host.astype(np.float32)) < 1e-2
+
+
+def test_combine_kernel():
+    from moe_hpc import kernels
+    rows, pos = bf((90, 128)), rng.permutation(90)[:60].reshape(30, 2)
+    w = rng.random((30, 2)).astype(np.float32)
+    ex, b2 = rng.integers(0, 8, (30, 2)).astype(np.int32), bf((8, 128), 0.1)
+    host = kernels.combine(rows, pos, w, ex, b2)
+    dev = kernels.combine(cp.asarray(rows), cp.asarray(pos), cp.asarray(w), cp.asarray(ex), cp.asarray(b2))
+    assert rel(cp.asnumpy(dev).astype(np.float32), host.astype(np.float32)) < 4e-3
+
+
+def test_gate_matmul_fp32_output():
+    from moe_hpc import kernels
+    a, b = bf((513, 384)), bf((384, 64), 384 ** -0.5)
+    dev = kernels.matmul_f32out(cp.asarray(a), cp.asarray(b))
+    assert dev.dtype == cp.float32
+    assert rel(cp.asnumpy(dev), kernels.matmul_f32out(a, b)) < 1e-5
+
+
+def _run_gpu(tiny_files, tmp_path, ranks, transport, extra=()):
+    weights, inputs = tiny_files
+    out = tmp_path / f"gpu-{ranks}-{transport}.h5"
+    args = ["run", TINY, "--weights", weights, "--input", inputs, "--output", out,
+            "--set", "run.device=gpu", "--set", f"run.transport={transport}", *extra]
+    r = moe_hpc(*args, ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    ref = reference_forward(weights, inputs)
+    with h5py.File(inputs, "r") as f:
+        lengths = f["lengths"][()]
+    agreement = compare(read_output_hidden(out), ref, lengths)
+    assert agreement.ok(), str(agreement)
+    return agreement
+
+
+def test_gpu_single_process(tiny_files, tmp_path):
+    _run_gpu(tiny_files, tmp_path, None, "auto")
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", [1, 2, 8])
+@pytest.mark.parametrize("transport", ["nccl", "mpi-staged", "mpi"])
+def test_gpu_transports(tiny_files, tmp_path, ranks, transport):
+    if ranks > gpus():
+        pytest.skip(f"{ranks} ranks need {ranks} GPUs (one rank per GPU); this machine has {gpus()}")
+    extra = ("--set", "run.cuda_aware_mpi=yes") if transport == "mpi" else ()
+    if transport == "mpi":
+        from moe_hpc.exchange import mpi_is_cuda_aware
+        if not mpi_is_cuda_aware():
+            pytest.skip("this MPI is not CUDA-aware (device buffers would crash it)")
+    _run_gpu(tiny_files, tmp_path, ranks, transport, extra + ("--set", "run.micro_batch_tokens=16"))
+
+
+@needs_mpiexec
+def test_gpu_dense_ranks(tiny_files, tmp_path):
+    if gpus() < 2:
+        pytest.skip("needs 2 GPUs")
+    _run_gpu(tiny_files, tmp_path, 2, "auto", ("--set", "parallel.dense_ranks=1"))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_expert_mlp_kernel(bias):
+    from moe_hpc import kernels
+    S, C, H, F = 5, 24, 128, 256
+    counts = np.array([24, 0, 7, 13, 1])
+    x, w1, w2 = bf((S * C, H)), bf((S, H, F), H ** -0.5), bf((S, F, H), F ** -0.5)
+    b1 = bf((S, F), 0.1) if bias else None
+    host = kernels.grouped_expert_mlp(x, counts, w1, b1, w2, "gelu", np.empty((S * C, F), BF16),
+                                      np.zeros((S * C, H), BF16))
+    dev = kernels.grouped_expert_mlp(cp.asarray(x), counts, cp.asarray(w1), None if b1 is None else cp.asarray(b1),
+                                     cp.asarray(w2), "gelu", cp.empty((S * C, F), BF16), cp.empty((S * C, H), BF16))
+    dev = cp.asnumpy(dev)
+    for s, n in enumerate(counts):
+        if n:
+            rows = slice(s * C, s * C + n)
+            assert rel(dev[rows].astype(np.float32), host[rows].astype(np.float32)) < 1e-2
