@@ -151,6 +151,7 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
         ex.post(big_send, flat_send, big_recv, flat_recv).wait()
         ex.post(big_recv, flat_recv, big_send, flat_send).wait()
     t_a2a = timer(a2a)
+    phases = _local_phases(engine, layer, m, ids, timer, cp)
     received = int(sum(lay.rows for lay in layouts))
     padded = int(sum(lay.extent for lay in layouts))
     flops = 2 * 2 * received * H * F
@@ -170,7 +171,31 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
         "exchange_gb_s_per_gpu": moved / t_exchange / 1e9, "a2a_gb_s_per_gpu": moved / t_a2a / 1e9,
         "overlap_efficiency": max(t_exchange, t_experts) / t_layer,
         "peak_pool_gib": comm.allreduce(cp.get_default_memory_pool().total_bytes(), op=_max()) / 2**30,
+        "local_phases_ms": phases,
     }
+
+
+def _local_phases(engine: Engine, layer: int, m, ids, timer: Timer, cp) -> dict:
+    """The layer's work that is neither exchange nor expert GEMMs, each step timed alone."""
+    from .dispatcher import plan_dispatch
+    from .kernels import combine, take_rows
+    from .model import route
+    cfg, e = engine.cfg.model, engine
+    w, k, T = e.dense[layer], cfg.top_k, m.shape[0]
+    routing = route(m, w.gate, None, k, cfg.normalize_topk, cp)
+    holders, replicas = e.replicas[layer]
+    ids_dev = cp.asarray(ids)
+    plan_args = (routing.experts, ids_dev, holders, replicas, e.cfg.run.micro_batch_tokens,
+                 -(-T // e.cfg.run.micro_batch_tokens), e.topo.size, cfg.num_experts, cp, cp.asnumpy)
+    plan = plan_dispatch(*plan_args)
+    packed = cp.empty((T * k, cfg.hidden_size), BF16)
+    back = _random(cp, (T * k, cfg.hidden_size), 1.0)
+    f = cp.empty((T, cfg.hidden_size), BF16)
+    return {"gate_topk": timer(lambda: route(m, w.gate, None, k, cfg.normalize_topk, cp)) * 1e3,
+            "plan_and_counts_d2h": timer(lambda: plan_dispatch(*plan_args)) * 1e3,
+            "pack_rows": timer(lambda: take_rows(m, plan.order // k, out=packed)) * 1e3,
+            "weighted_combine": timer(lambda: combine(back, plan.positions, routing.weights, routing.experts,
+                                                      w.expert_b2, out=f)) * 1e3}
 
 
 def model_flops_per_token(m, seq_len: int) -> float:
@@ -242,7 +267,9 @@ def format_table(r: dict) -> str:
             ("exchange alone: ms, GB/s per GPU", f"{L['t_exchange_ms']:.2f}, {L['exchange_gb_s_per_gpu']:.0f}"),
             ("  plain all-to-all: ms, GB/s", f"{L['t_a2a_ms']:.2f}, {L['a2a_gb_s_per_gpu']:.0f}"),
             ("overlap efficiency", f"{L['overlap_efficiency']:.2f}"),
-            ("peak pool GiB per GPU", f"{L['peak_pool_gib']:.1f}")]
+            ("peak pool GiB per GPU", f"{L['peak_pool_gib']:.1f}"),
+            ("local steps ms (gate, plan, pack, combine)",
+             ", ".join(f"{v:.2f}" for v in L["local_phases_ms"].values()))]
     if "model" in r:
         M = r["model"]
         rows += [(f"model ({M['layers']} blocks): tokens/s per GPU", f"{M['tokens_per_s_per_gpu']:.3g}"),

@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint, DenseLayer
 from .config import Config
 from .dispatcher import plan_dispatch, replica_table
 from .exchange import Exchange, expert_slots, peer_major, slot_capacity
-from .kernels import combine as combine_rows
+from .kernels import combine as combine_rows, put_rows, take_rows
 from .model import attention, mlp, rmsnorm, route
 from .model.experts import LocalExperts
 from .placement import Placement
@@ -81,7 +81,7 @@ class MoeBlock:
         def dispatch(i):
             a, b = int(plan.starts[i]), int(plan.starts[i + 1])
             send = ex.buffer("dispatch-send", i % 2, b - a)
-            xp.take(_words(m), plan.order[a:b] // k, axis=0, out=_words(send))
+            take_rows(m, plan.order[a:b] // k, out=send)
             recv_layout = expert_slots(recv_counts[i], slots, slot_capacity(recv_counts[i][:, slots >= 0]))
             recv = ex.buffer("dispatch-recv", i % 2, recv_layout.extent)
             return ex.post(send, peer_major(plan.counts[i]), recv, recv_layout), recv_layout
@@ -123,16 +123,6 @@ class MoeBlock:
 def _words(array):
     """Raw 16-bit view of a bf16 array: gathers and copies need no bf16 support."""
     return array.view(np.uint16)
-
-
-def take_rows(a, rows, xp):
-    """a: [N, W] bf16, rows: [n] int -> [n, W] bf16 copy."""
-    return xp.take(_words(a), rows, axis=0).view(BF16)
-
-
-def put_rows(a, rows, values) -> None:
-    """a[rows] = values for bf16 [N, W] arrays, in place."""
-    _words(a)[rows] = _words(values)
 
 
 def zero_rows(a, rows) -> None:
@@ -198,7 +188,7 @@ class Engine:
         xp, m = self.xp, self.cfg.model
         t0 = time.perf_counter()
         if inputs.ndim == 2:
-            x = take_rows(self.globals["embed"], xp.asarray(inputs.reshape(-1)), xp).reshape(*inputs.shape, -1)
+            x = take_rows(self.globals["embed"], xp.asarray(inputs.reshape(-1))).reshape(*inputs.shape, -1)
         else:
             x = xp.asarray(inputs)
         s, L, H = x.shape
@@ -210,7 +200,7 @@ class Engine:
             a = rmsnorm(x, w.attn_norm, m.norm_eps, xp)
             x = (x.astype(F32) + attention(a, w, m, self.cfg.run.attention_block, xp).astype(F32)).astype(BF16)
             t0 = self.times.add("attention", t0)
-            xv = take_rows(x.reshape(-1, H), rows, xp)              # padding is never routed
+            xv = take_rows(x.reshape(-1, H), rows)              # padding is never routed
             h = rmsnorm(xv, w.mlp_norm, m.norm_eps, xp)
             if m.is_moe(layer):
                 f = self.moe(layer, h, token_ids)

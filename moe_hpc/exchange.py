@@ -29,6 +29,7 @@ import numpy as np
 
 from .backend import BF16, Backend
 from .config import TRANSPORTS
+from .kernels import put_rows, take_rows
 from .errors import ConfigError
 
 
@@ -259,7 +260,7 @@ class MpiTransport:
             self.stream.wait_event(self.backend.record())         # the send rows are written
             with self.stream:
                 if gather is not None:
-                    src = self.xp.take(_words(src), self.xp.asarray(gather), axis=0)
+                    src = take_rows(src, self.xp.asarray(gather))
                 if self.staged:
                     host = self._pinned(send, n_send)
                     _d2h(self.xp, src, host, self.stream)
@@ -295,7 +296,7 @@ class MpiTransport:
                 _h2d(self.xp, target, landing, self.stream)
                 target = landing
             if scatter is not None:
-                _words(recv)[self.xp.asarray(scatter)] = _words(target)
+                put_rows(recv, self.xp.asarray(scatter), target)
         self.backend.current_stream().wait_event(self.backend.record(self.stream))
 
     def close(self) -> None:

@@ -21,6 +21,27 @@ def _cuda():
     return kernels_cuda
 
 
+def take_rows(src, rows, out=None):
+    """src: [N, W], rows: [n] int -> [n, W] (into ``out`` when given). Any 2-byte dtype."""
+    if not _on_host(src):
+        if out is None:
+            out = _cuda().cp.empty((len(rows), src.shape[1]), dtype=src.dtype)
+        _cuda().move_rows(src, out, src_rows=rows)
+        return out
+    picked = src.view(np.uint16)[rows].view(src.dtype)
+    if out is None:
+        return picked
+    out[...] = picked
+    return out
+
+
+def put_rows(dst, rows, values) -> None:
+    """dst[rows] = values, whole rows, in place."""
+    if not _on_host(dst):
+        return _cuda().move_rows(values, dst, dst_rows=rows)
+    dst.view(np.uint16)[rows] = values.view(np.uint16)
+
+
 def topk(score, probs, k: int, normalize: bool):
     """score, probs: [T, E] fp32 -> experts [T, k] int32 (highest score first, ties to the lower
     index), weights [T, k] fp32 (probs of the chosen, renormalised if ``normalize``)."""
@@ -99,4 +120,4 @@ def combine(rows, positions, weights, experts=None, b2=None, out=None):
     return out
 
 
-__all__ = ["topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine"]
+__all__ = ["take_rows", "put_rows", "topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine"]

@@ -64,6 +64,71 @@ def _combine_kernel(k: int, has_b2: bool):
         """, f"moe_combine_{k}_{int(has_b2)}", preamble=_BF16_HELPERS)
 
 
+_COPY_ROWS = cp.RawKernel(r"""
+extern "C" __global__ void moe_copy_rows(const uint4* src, const long long* src_rows,
+                                         uint4* dst, const long long* dst_rows, int row_vecs) {
+    // one block per row; 16-byte vectors; a null index means "row i itself"
+    long long i = blockIdx.x;
+    long long s = src_rows ? src_rows[i] : i, d = dst_rows ? dst_rows[i] : i;
+    const uint4* from = src + s * row_vecs;
+    uint4* to = dst + d * row_vecs;
+    for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) to[v] = from[v];
+}
+""", "moe_copy_rows")
+
+_COMBINE_ROWS = cp.RawKernel(_BF16_HELPERS + r"""
+extern "C" __global__ void moe_combine_rows(const unsigned short* rows, const long long* pos,
+        const float* w, const int* ex, const unsigned short* b2, int K, int H,
+        unsigned short* out) {
+    // one block per token; each thread sums 8 consecutive features of the K chosen rows
+    long long t = blockIdx.x;
+    for (int h = threadIdx.x * 8; h < H; h += blockDim.x * 8) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int j = 0; j < K; ++j) {
+            uint4 v = *(const uint4*)(rows + pos[t * K + j] * H + h);
+            const unsigned short* r = (const unsigned short*)&v;
+            float wj = w[t * K + j];
+            if (b2) {
+                uint4 bv = *(const uint4*)(b2 + (long long)ex[t * K + j] * H + h);
+                const unsigned short* bb = (const unsigned short*)&bv;
+                for (int q = 0; q < 8; ++q) acc[q] += wj * (bf2f(r[q]) + bf2f(bb[q]));
+            } else {
+                for (int q = 0; q < 8; ++q) acc[q] += wj * bf2f(r[q]);
+            }
+        }
+        uint4 o;
+        unsigned short* oo = (unsigned short*)&o;
+        for (int q = 0; q < 8; ++q) oo[q] = f2bf(acc[q]);
+        *(uint4*)(out + t * H + h) = o;
+    }
+}
+""", "moe_combine_rows")
+
+
+def move_rows(src, dst, src_rows=None, dst_rows=None) -> None:
+    """Row copy for any 2-D array: the vector kernel where rows are 16-byte multiples."""
+    if src.shape[1] * src.dtype.itemsize % 16 == 0 and src.flags.c_contiguous and dst.flags.c_contiguous:
+        return copy_rows(src, dst, src_rows, dst_rows,
+                         count=None if src_rows is not None or dst_rows is not None else src.shape[0])
+    words = lambda a: a.view(cp.uint16)
+    picked = words(src) if src_rows is None else words(src)[src_rows]
+    if dst_rows is None:
+        words(dst)[...] = picked
+    else:
+        words(dst)[dst_rows] = picked
+
+
+def copy_rows(src, dst, src_rows=None, dst_rows=None, count=None) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]] for whole rows (16-bit elements, row bytes a multiple
+    of 16); a missing index means the identity. Rows are copied with 16-byte vectors."""
+    n = int(count if count is not None else (src_rows if src_rows is not None else dst_rows).size)
+    if n == 0:
+        return
+    width = src.shape[1] * src.dtype.itemsize
+    idx = lambda r: np.uint64(0) if r is None else cp.ascontiguousarray(r, dtype=cp.int64)
+    _COPY_ROWS((n,), (128,), (src, idx(src_rows), dst, idx(dst_rows), np.int32(width // 16)))
+
+
 _TOPK = cp.RawKernel(r"""
 #define MAXK 8
 extern "C" __global__ void moe_topk(const float* score, const float* probs, int T, int E, int K,
@@ -182,6 +247,12 @@ def combine(rows, positions, weights, experts=None, b2=None, out=None):
     if T == 0:
         return out
     has_b2 = b2 is not None
+    if H % 8 == 0 and rows.flags.c_contiguous and out.flags.c_contiguous:
+        _COMBINE_ROWS((T,), (128,), (_u16(rows), cp.ascontiguousarray(positions, dtype=cp.int64),
+                      cp.ascontiguousarray(weights, dtype=cp.float32),
+                      cp.ascontiguousarray(experts, dtype=cp.int32) if has_b2 else np.uint64(0),
+                      _u16(b2) if has_b2 else np.uint64(0), np.int32(k), np.int32(H), _u16(out)))
+        return out
     _combine_kernel(k, has_b2)(
         _u16(rows), cp.ascontiguousarray(positions, dtype=cp.int64),
         cp.ascontiguousarray(weights, dtype=cp.float32),
