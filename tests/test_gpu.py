@@ -91,8 +91,9 @@ def test_gpu_single_process(tiny_files, tmp_path):
 @pytest.mark.parametrize("ranks", [1, 2, 8])
 @pytest.mark.parametrize("transport", ["nccl", "mpi-staged", "mpi"])
 def test_gpu_transports(tiny_files, tmp_path, ranks, transport):
-    if ranks > gpus():
-        pytest.skip(f"{ranks} ranks need {ranks} GPUs (one rank per GPU); this machine has {gpus()}")
+    if transport == "nccl" and ranks > gpus():
+        # NCCL refuses two ranks on one GPU; the MPI transports can share one for correctness
+        pytest.skip(f"nccl with {ranks} ranks needs {ranks} GPUs; this machine has {gpus()}")
     extra = ("--set", "run.cuda_aware_mpi=yes") if transport == "mpi" else ()
     if transport == "mpi":
         from moe_hpc.exchange import mpi_is_cuda_aware
