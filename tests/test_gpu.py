@@ -10,7 +10,7 @@ from moe_hpc.reference import compare, read_output_hidden, reference_forward
 from conftest import TINY, moe_hpc, needs_mpiexec
 
 cp = cupy_or_none()
-pytestmark = pytest.mark.skipif(cp is None, reason="no CuPy or no CUDA GPU on this machine (CPU CI)")
+needs_gpu = pytest.mark.skipif(cp is None, reason="no CuPy or no CUDA GPU on this machine (CPU CI)")
 rng = np.random.default_rng(7)
 
 
@@ -28,6 +28,7 @@ def rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+@needs_gpu
 def test_topk_kernel_matches_numpy():
     from moe_hpc import kernels
     p = rng.random((1000, 64)).astype(np.float32)
@@ -41,6 +42,7 @@ def test_topk_kernel_matches_numpy():
 
 @pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("bias", [True, False])
+@needs_gpu
 def test_expert_mlp_kernel(kind, bias):
     from moe_hpc import kernels
     x, w1, w2 = bf((300, 256)), bf((256, 512), 256 ** -0.5), bf((512, 256), 512 ** -0.5)
@@ -50,6 +52,7 @@ def test_expert_mlp_kernel(kind, bias):
     assert rel(cp.asnumpy(dev).astype(np.float32), host.astype(np.float32)) < 1e-2
 
 
+@needs_gpu
 def test_combine_kernel():
     from moe_hpc import kernels
     rows, pos = bf((90, 128)), rng.permutation(90)[:60].reshape(30, 2)
@@ -60,6 +63,7 @@ def test_combine_kernel():
     assert rel(cp.asnumpy(dev).astype(np.float32), host.astype(np.float32)) < 4e-3
 
 
+@needs_gpu
 def test_gate_matmul_fp32_output():
     from moe_hpc import kernels
     a, b = bf((513, 384)), bf((384, 64), 384 ** -0.5)
@@ -83,6 +87,7 @@ def _run_gpu(tiny_files, tmp_path, ranks, transport, extra=()):
     return agreement
 
 
+@needs_gpu
 def test_gpu_single_process(tiny_files, tmp_path):
     _run_gpu(tiny_files, tmp_path, None, "auto")
 
@@ -90,6 +95,7 @@ def test_gpu_single_process(tiny_files, tmp_path):
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [1, 2, 8])
 @pytest.mark.parametrize("transport", ["nccl", "mpi-staged", "mpi"])
+@needs_gpu
 def test_gpu_transports(tiny_files, tmp_path, ranks, transport):
     if transport == "nccl" and ranks > gpus():
         # NCCL refuses two ranks on one GPU; the MPI transports can share one for correctness
@@ -103,6 +109,7 @@ def test_gpu_transports(tiny_files, tmp_path, ranks, transport):
 
 
 @needs_mpiexec
+@needs_gpu
 def test_gpu_dense_ranks(tiny_files, tmp_path):
     if gpus() < 2:
         pytest.skip("needs 2 GPUs")
@@ -110,6 +117,7 @@ def test_gpu_dense_ranks(tiny_files, tmp_path):
 
 
 @pytest.mark.parametrize("bias", [True, False])
+@needs_gpu
 def test_grouped_expert_mlp_kernel(bias):
     from moe_hpc import kernels
     S, C, H, F = 5, 24, 128, 256
@@ -125,3 +133,10 @@ def test_grouped_expert_mlp_kernel(bias):
         if n:
             rows = slice(s * C, s * C + n)
             assert rel(dev[rows].astype(np.float32), host[rows].astype(np.float32)) < 1e-2
+
+
+@pytest.mark.skipif(cp is not None, reason="checks the message a machine without a GPU gives")
+def test_bench_without_gpu_says_why():
+    from conftest import moe_hpc as run_cli
+    r = run_cli("bench", "--iters", "1")
+    assert r.returncode == 1 and len(r.error_lines) == 1 and "run.device" in r.error_lines[0], r.stderr
