@@ -35,18 +35,23 @@ def replica_table(placement, layer: int, rank_of_expert_index) -> tuple[np.ndarr
     return holders, np.array([len(r) for r in rows], dtype=np.int64)
 
 
-def destinations(experts, token_ids, holders, replicas, xp=np):
-    """[T, k] experts -> [T*k] destination ranks. A replicated expert's tokens are spread over
-    its replicas by global token index (sequence*L + position): data-dependent only, never
-    split-dependent."""
+def destinations(experts, token_ids, holders, replicas, xp=np, replica=None):
+    """[T, k] experts -> [T*k] destination ranks. By default a replicated expert's tokens are
+    spread over its replicas by global token index (sequence*L + position): data-dependent only,
+    never split-dependent. ``replica`` [T, k] overrides the choice (the load balancer's)."""
     flat = experts.reshape(-1).astype(np.int64)
-    tok = xp.repeat(token_ids, experts.shape[1])
-    return holders[flat, tok % replicas[flat]]
+    if replica is None:
+        pick = xp.repeat(token_ids, experts.shape[1]) % replicas[flat]
+    else:
+        pick = xp.asarray(replica).reshape(-1)
+    return holders[flat, pick]
 
 
 def plan_dispatch(experts, token_ids, holders, replicas, micro_batch_tokens: int,
-                  micro_batches: int, world_size: int, num_experts: int, xp=np, to_host=np.asarray) -> DispatchPlan:
-    """experts: [T, k] int; token_ids: [T] int64; holders, replicas: from ``replica_table``.
+                  micro_batches: int, world_size: int, num_experts: int, xp=np, to_host=np.asarray,
+                  replica=None) -> DispatchPlan:
+    """experts: [T, k] int; token_ids: [T] int64; holders, replicas: from ``replica_table``;
+    replica: [T, k] chosen replica of each choice, or None for the default spread.
 
     One sort and one count for the whole block, so the host learns every micro-batch's counts
     in a single device-to-host copy.
@@ -55,7 +60,7 @@ def plan_dispatch(experts, token_ids, holders, replicas, micro_batch_tokens: int
     P, E = world_size, num_experts
     flat = experts.reshape(-1).astype(np.int64)
     micro_batch = xp.repeat(xp.arange(T, dtype=np.int64) // micro_batch_tokens, k)
-    keys = (micro_batch * P + destinations(experts, token_ids, holders, replicas, xp)) * E + flat
+    keys = (micro_batch * P + destinations(experts, token_ids, holders, replicas, xp, replica)) * E + flat
     order = xp.argsort(keys, kind="stable") if xp is np else xp.argsort(keys)   # CuPy's sort is a stable radix sort
     counts = to_host(xp.bincount(keys, minlength=micro_batches * P * E)).reshape(micro_batches, P, E)
     starts = np.append(displacements(counts.sum(axis=(1, 2))), counts.sum())
