@@ -67,7 +67,7 @@ def _fill_layer(engine: Engine, layer: int, cp) -> None:
         w.gate = _random(cp, (H, m.num_experts), s)
         w.expert_b2 = _random(cp, (m.num_experts, H), 0.02)
         F = m.moe_ffn_hidden_size
-        for l, e in engine.placement.experts_on(engine.topo.expert_index):
+        for l, e in engine.placement.experts_on(engine.topo.expert_slot):
             if l == layer:
                 engine.local_experts.add(l, e, Expert(
                     _random(cp, (H, F), s), _random(cp, F, 0.02), _random(cp, (F, H), F ** -0.5), None))

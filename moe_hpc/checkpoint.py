@@ -132,10 +132,16 @@ class Checkpoint:
             out.w1, out.b1, out.w2, out.b2 = get("w1"), get("b1"), get("w2"), get("b2")
         return out
 
-    def read_expert(self, layer: int, expert: int, dtype) -> Expert:
+    def read_expert(self, layer: int, expert: int, dtype, shard: int = 0, shards: int = 1) -> Expert:
+        """One expert, or its ``shard``-th of ``shards`` tensor-parallel pieces: w1 and b1 by
+        columns, w2 by rows, so act(x @ w1_s + b1_s) @ w2_s summed over shards is the expert."""
         shapes = layer_shapes(self.model, layer)
+        F = self.model.moe_ffn_hidden_size
+        cols = slice(shard * F // shards, (shard + 1) * F // shards)
+        index = {"w1": np.s_[expert, :, cols], "b1": np.s_[expert, cols], "w2": np.s_[expert, cols, :],
+                 "b2": np.s_[expert]}
         get = lambda n: self._read(f"layers/{layer}/experts/{n}", shapes[f"experts/{n}"],
-                                   n.startswith("b"), index=np.s_[expert], dtype=dtype)
+                                   n.startswith("b"), index=index[n], dtype=dtype)
         return Expert(get("w1"), get("b1"), get("w2"), get("b2"))
 
     def read_expert_b2(self, layer: int, dtype):

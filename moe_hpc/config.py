@@ -72,6 +72,8 @@ class ParallelConfig:
     dense_ranks: int = 0            # 0: co-located roles; D > 0: D dense ranks, the rest experts
     placement: str = "auto"         # auto | shared | disjoint
     gpus_per_node: int = 0          # 0: discovered from the shared-memory communicator
+    dp: int = 1                     # data-parallel replicas, each a full expert-parallel group
+    expert_tp: int = 1              # ranks sharing one expert (w1 by columns, w2 by rows)
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,10 @@ def validate(cfg: Config) -> None:
     _require(p.placement in PLACEMENTS, where, "parallel.placement",
              f"must be one of {', '.join(PLACEMENTS)}, got {p.placement!r}")
     _require(p.gpus_per_node >= 0, where, "parallel.gpus_per_node", "must be >= 0")
+    _require(p.dp >= 1, where, "parallel.dp", f"must be >= 1, got {p.dp}")
+    _require(p.expert_tp >= 1, where, "parallel.expert_tp", f"must be >= 1, got {p.expert_tp}")
+    _require(cfg.model.moe_ffn_hidden_size % p.expert_tp == 0, where, "parallel.expert_tp",
+             f"({p.expert_tp}) must divide model.moe_ffn_hidden_size ({cfg.model.moe_ffn_hidden_size})")
     _require(r.micro_batch_tokens >= 1, where, "run.micro_batch_tokens",
              f"must be >= 1, got {r.micro_batch_tokens}")
     _require(r.chunk_sequences >= 1, where, "run.chunk_sequences", f"must be >= 1, got {r.chunk_sequences}")

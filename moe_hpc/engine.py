@@ -54,7 +54,7 @@ class MoeBlock:
     def __call__(self, layer: int, m, token_ids: np.ndarray):
         """m: [T, H] bf16 valid tokens of this rank (T may be 0); token_ids: [T] -> f [T, H] bf16."""
         e, xp, cfg = self.e, self.e.xp, self.e.cfg.model
-        T, k, P, E, H = m.shape[0], cfg.top_k, e.topo.size, cfg.num_experts, cfg.hidden_size
+        T, k, P, E, H = m.shape[0], cfg.top_k, e.topo.exchange.Get_size(), cfg.num_experts, cfg.hidden_size
         t0 = time.perf_counter()
         experts, weights = xp.zeros((0, k), np.int32), xp.zeros((0, k), F32)
         if T:
@@ -106,8 +106,11 @@ class MoeBlock:
             t0 = time.perf_counter()
             rows = handle.wait()
             t0 = e.times.add("exchange_wait", t0)
-            out = e.local_experts.forward(layer, rows, layout, ex.buffer("combine-send", i % 2, layout.extent),
-                                          ex.buffer)
+            out = ex.buffer("combine-send", i % 2, layout.extent)
+            if e.topo.tp is None:
+                e.local_experts.forward(layer, rows, layout, out, ex.buffer)
+            else:
+                e.tensor_parallel_experts(layer, rows, layout, out, i % 2)
             t0 = e.times.add("experts", t0)
             posted = combine(i, out, layout)
             if pending is not None:
@@ -129,9 +132,13 @@ def zero_rows(a, rows) -> None:
     _words(a)[rows] = 0
 
 
-def _max():
+def _mpi():
     from mpi4py import MPI
-    return MPI.MAX
+    return MPI
+
+
+def _max():
+    return _mpi().MAX
 
 
 class Engine:
@@ -149,8 +156,7 @@ class Engine:
                                  cfg.run.cuda_aware_mpi)
         self.expert_tokens = np.zeros((m.num_moe_layers, m.num_experts), dtype=np.int64)
         self.times = PhaseTimes()
-        ranks = topo.roles.expert_ranks
-        self.replicas = {l: tuple(map(backend.asarray, replica_table(placement, l, ranks)))
+        self.replicas = {l: tuple(map(backend.asarray, replica_table(placement, l, topo.slot_leaders)))
                          for l in m.moe_layers}
         self.moe = MoeBlock(self)
 
@@ -173,13 +179,34 @@ class Engine:
                 if self.cfg.run.logits:
                     self.globals["lm_head"] = put(ckpt.read_global("lm_head", dtype))
         if self.topo.is_expert:
-            for layer, e in self.placement.experts_on(self.topo.expert_index):
-                x = ckpt.read_expert(layer, e, dtype)
+            for layer, e in self.placement.experts_on(self.topo.expert_slot):
+                x = ckpt.read_expert(layer, e, dtype, self.topo.tp_rank, self.topo.expert_tp)
                 x.w1, x.w2 = put(x.w1), put(x.w2)
                 x.b1 = None if x.b1 is None else put(x.b1)
                 x.b2 = None      # added at the combine, from the dense ranks' copy
                 self.local_experts.add(layer, e, x)
             self.local_experts.stack()
+
+    def tensor_parallel_experts(self, layer: int, rows, layout, out, slot: int) -> None:
+        """The slot leader received the tokens; every TP partner computes its column/row shard
+        on them, partial outputs are summed in fp32 on the leader and rounded once.
+
+        Blocking collectives on the TP communicator, called by all partners in the same order
+        (the world exchanges meanwhile stay in flight). Host buffers: on the GPU this stages
+        through the host; a CUDA-aware MPI or NCCL all-reduce is the faster road there.
+        """
+        tp, be, ex = self.topo.tp, self.backend, self.exchange
+        MPI = _mpi()
+        work = tp.bcast(layout if tp.Get_rank() == 0 else None, root=0)
+        shared = be.to_host(rows[:work.extent]) if tp.Get_rank() == 0 else np.empty((work.extent, rows.shape[1]), BF16)
+        tp.Bcast([shared.view(np.uint16), MPI.UINT16_T], root=0)
+        partial = self.xp.empty((work.extent, self.cfg.model.hidden_size), dtype=F32)
+        self.local_experts.forward(layer, be.asarray(shared), work, partial, ex.buffer)
+        partial = be.to_host(partial)
+        total = np.empty_like(partial) if tp.Get_rank() == 0 else None
+        tp.Reduce(partial, total, op=MPI.SUM, root=0)
+        if tp.Get_rank() == 0:
+            out[:work.extent] = be.asarray(total.astype(BF16))
 
     # ------------------------------------------------------------------ compute
     def forward_chunk(self, inputs, lengths: np.ndarray, first_seq: int):

@@ -73,10 +73,10 @@ def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     if b1 is not None:
         h += b1.astype(F32, copy=False)
     h = activation(h, kind).astype(BF16)
-    y = np.matmul(h.astype(F32), w2.astype(F32, copy=False)).astype(BF16)
+    y = np.matmul(h.astype(F32), w2.astype(F32, copy=False))
     if out is None:
-        return y
-    out[...] = y
+        return y.astype(BF16)
+    out[...] = y if out.dtype == F32 else y.astype(BF16)    # fp32 out: a TP partial, unrounded
     return out
 
 
@@ -84,7 +84,8 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     """All of a rank's experts for one micro-batch: slot s's rows are x[s*C : s*C + counts[s]].
 
     x: [S*C, H] bf16; counts: [S] host ints; w1: [S, H, F]; b1: [S, F] | None; w2: [S, F, H];
-    hidden: [S*C, F] and out: [S*C, H] bf16 buffers. Padding rows of a slot are left undefined.
+    hidden: [S*C, F] bf16 and out: [S*C, H] bf16 buffers (out fp32 for tensor-parallel partial
+    sums, rounded only after the reduction). Padding rows of a slot are left undefined.
     On the GPU each of the two products is one strided-batched GEMM over the slots.
     """
     if not _on_host(x):

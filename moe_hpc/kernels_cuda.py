@@ -209,11 +209,12 @@ def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
 
 
 def _batched_gemm(a, b, c, slots: int) -> None:
-    """c[s] = a[s] @ b[s] for s < slots; a: [S*C, K], b: [S, K, N], c: [S*C, N], all bf16.
+    """c[s] = a[s] @ b[s] for s < slots; a: [S*C, K], b: [S, K, N] bf16; c: [S*C, N] bf16 or fp32.
 
     cuBLAS is column-major, so it computes c^T = b^T a^T with the operands swapped."""
     from cupy_backends.cuda.libs import cublas
     C, K, N = a.shape[0] // slots, b.shape[1], b.shape[2]
+    ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
@@ -223,7 +224,7 @@ def _batched_gemm(a, b, c, slots: int) -> None:
         cublas.gemmStridedBatchedEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, C, K,
                                     one.ctypes.data, b.data.ptr, 14, N, K * N,
                                     a.data.ptr, 14, K, C * K, zero.ctypes.data,
-                                    c.data.ptr, 14, N, C * N, slots,
+                                    c.data.ptr, ctype, N, C * N, slots,
                                     cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
     finally:
         cublas.setPointerMode(handle, mode)

@@ -21,7 +21,7 @@ from .failure import collective
 from .io import (OutputWriter, check_output_path, create_output, discard_output, finalize_output,
                  open_input)
 from .placement import make_placement
-from .topology import build_topology, role_layout
+from .topology import build_topology, check_layout
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,15 @@ def run_job(comm, job: Job, log=print) -> dict:
     """Run ``job`` on every rank of ``comm``. Returns rank 0's summary (others: {})."""
     t_start = time.perf_counter()
     cfg = job.cfg
-    collective(comm, role_layout, comm.Get_size(), cfg.parallel.dense_ranks, debug=job.debug)
+    p = cfg.parallel
+    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, debug=job.debug)
     topo = build_topology(comm, cfg)
     world, rank = topo.world, topo.rank
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
     try:
         meta = world.bcast(sync(_check_setup, job, rank), root=0)
         backend = sync(make_backend, cfg.run.device, topo.local_rank)
-        placement = sync(make_placement, cfg.model, len(topo.roles.expert_ranks), cfg.parallel.placement)
+        placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
         engine = Engine(cfg, topo, backend, placement)
         sync(_load, engine, job)
         layout = world.bcast(
@@ -91,7 +92,8 @@ def run_job(comm, job: Job, log=print) -> dict:
                  if rank == 0 else None), root=0)
         if rank == 0:
             log(f"moe-hpc: {meta.num_sequences} sequences x {meta.seq_len} positions on {topo.size} rank(s) "
-                f"({len(topo.roles.dense_ranks)} dense, {len(topo.roles.expert_ranks)} expert, "
+                f"({p.dp} x [{len(topo.roles.dense_ranks)} dense, {len(topo.roles.expert_ranks)} expert"
+                f"{f' in TP groups of {p.expert_tp}' if p.expert_tp > 1 else ''}], "
                 f"placement {placement.kind}, device {backend.name})")
         tokens = _stream_chunks(engine, job, meta, layout, sync)
         stats = np.zeros_like(engine.expert_tokens)
@@ -120,13 +122,12 @@ def run_job(comm, job: Job, log=print) -> dict:
 def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, sync) -> int:
     """Read, compute and write every chunk; returns the valid tokens processed (summed)."""
     topo, cfg = engine.topo, job.cfg
-    dense = topo.roles.dense_ranks
-    nchunks = num_chunks(meta.num_sequences, len(dense), cfg.run.chunk_sequences)
+    nchunks = num_chunks(meta.num_sequences, topo.num_dense, cfg.run.chunk_sequences)
     batch = writer = None
     if topo.is_dense:
         batch = sync(open_input, job.input, cfg.model.hidden_size, cfg.model.vocab_size)
         writer = OutputWriter(layout)
-        lo, hi = sequence_range(dense.index(topo.rank), len(dense), meta.num_sequences)
+        lo, hi = sequence_range(topo.dense_index, topo.num_dense, meta.num_sequences)
     else:
         sync(lambda: None)
     tokens = 0

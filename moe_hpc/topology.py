@@ -1,9 +1,12 @@
 """Ranks, nodes and roles: every communicator the run uses, made once, in one value.
 
-Role formula (documented in docs/parallel.md): with ``parallel.dense_ranks = D > 0`` the last D
-world ranks are dense ranks (attention, dense blocks, gating) and ranks 0 .. N-D-1 host experts,
-so "expert GPU g" of a placement is world rank g and lives on node g // gpus_per_node.  With
-D = 0 every rank is both: it runs attention for its share of sequences and hosts experts.
+Role formula (documented in docs/parallel.md): the world is cut into ``parallel.dp`` groups of
+consecutive ranks, each a complete expert-parallel deployment (data-parallel replicas).  Inside
+a group of G ranks, with ``parallel.dense_ranks = D > 0`` the last D ranks are dense ranks
+(attention, dense blocks, gating) and ranks 0 .. G-D-1 host experts, so with dp = 1 "expert GPU
+g" of a placement is world rank g and lives on node g // gpus_per_node.  With D = 0 every rank
+is both.  With ``parallel.expert_tp = t`` consecutive expert ranks form tensor-parallel groups of
+t that share one placement slot: rank j*t (the slot's leader) receives the slot's tokens.
 """
 from __future__ import annotations
 
@@ -29,6 +32,17 @@ class RoleLayout:
         return "dense+expert" if dense and expert else ("dense" if dense else "expert")
 
 
+def check_layout(world_size: int, dp: int, dense_ranks: int, expert_tp: int) -> RoleLayout:
+    """Validate the parallel split of ``world_size`` ranks; -> the role layout of one group."""
+    if world_size % dp:
+        raise ConfigError(f"parallel.dp = {dp} does not divide the {world_size} rank(s)")
+    roles = role_layout(world_size // dp, dense_ranks)
+    if len(roles.expert_ranks) % expert_tp:
+        raise ConfigError(f"parallel.expert_tp = {expert_tp} does not divide the "
+                          f"{len(roles.expert_ranks)} expert rank(s) of each group")
+    return roles
+
+
 def role_layout(world_size: int, dense_ranks: int) -> RoleLayout:
     """Split ``world_size`` ranks into roles by the formula above."""
     if dense_ranks == 0:
@@ -48,18 +62,25 @@ class Topology:
 
     world:    all ranks (a duplicate, so our traffic never matches a user's)
     node:     ranks sharing this node's memory (from ``Split_type(COMM_TYPE_SHARED)``)
-    dense:    dense ranks only (None on expert-only ranks)
-    expert:   expert ranks only (None on dense-only ranks)
-    exchange: all ranks; carries the token dispatch/combine traffic only
+    group:    this rank's data-parallel group (all ranks when dp = 1)
+    dense:    the group's dense ranks (None on expert-only ranks)
+    expert:   the group's expert ranks (None on dense-only ranks)
+    tp:       this expert rank's tensor-parallel group (None when expert_tp = 1 or not expert)
+    exchange: the group again; carries the token dispatch/combine traffic only
+    roles:    role layout in group ranks
     """
     world: object
     node: object
+    group: object
     dense: object | None
     expert: object | None
+    tp: object | None
     exchange: object
     roles: RoleLayout
     node_of_rank: tuple[int, ...]
     gpus_per_node: int
+    dp: int = 1
+    expert_tp: int = 1
 
     @property
     def rank(self) -> int:
@@ -70,12 +91,20 @@ class Topology:
         return self.world.Get_size()
 
     @property
+    def group_rank(self) -> int:
+        return self.group.Get_rank()
+
+    @property
+    def dp_index(self) -> int:
+        return self.rank // self.group.Get_size()
+
+    @property
     def is_dense(self) -> bool:
-        return self.rank in self.roles.dense_ranks
+        return self.group_rank in self.roles.dense_ranks
 
     @property
     def is_expert(self) -> bool:
-        return self.rank in self.roles.expert_ranks
+        return self.group_rank in self.roles.expert_ranks
 
     @property
     def local_rank(self) -> int:
@@ -83,18 +112,45 @@ class Topology:
 
     @property
     def expert_index(self) -> int:
-        """Position of this rank among the expert ranks (the placement's GPU index)."""
-        return self.roles.expert_ranks.index(self.rank)
+        """Position of this rank among its group's expert ranks."""
+        return self.roles.expert_ranks.index(self.group_rank)
+
+    @property
+    def expert_slot(self) -> int:
+        """The placement index ("expert GPU") this rank serves; TP partners share it."""
+        return self.expert_index // self.expert_tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.expert_index % self.expert_tp
+
+    @property
+    def num_expert_slots(self) -> int:
+        return len(self.roles.expert_ranks) // self.expert_tp
+
+    @property
+    def slot_leaders(self) -> tuple[int, ...]:
+        """Exchange rank that receives the tokens of each placement slot."""
+        return self.roles.expert_ranks[::self.expert_tp]
+
+    @property
+    def dense_index(self) -> int:
+        """This dense rank's position among all dense ranks of all groups (sequence owner)."""
+        return self.dp_index * len(self.roles.dense_ranks) + self.roles.dense_ranks.index(self.group_rank)
+
+    @property
+    def num_dense(self) -> int:
+        return self.dp * len(self.roles.dense_ranks)
 
     def describe(self) -> dict:
         return {"world_size": self.size, "nodes": len(set(self.node_of_rank)),
-                "gpus_per_node": self.gpus_per_node,
-                "dense_ranks": list(self.roles.dense_ranks),
-                "expert_ranks": list(self.roles.expert_ranks),
+                "gpus_per_node": self.gpus_per_node, "dp": self.dp, "expert_tp": self.expert_tp,
+                "group_dense_ranks": list(self.roles.dense_ranks),
+                "group_expert_ranks": list(self.roles.expert_ranks),
                 "node_of_rank": list(self.node_of_rank)}
 
     def free(self) -> None:
-        for comm in (self.exchange, self.expert, self.dense, self.node, self.world):
+        for comm in (self.exchange, self.tp, self.expert, self.dense, self.group, self.node, self.world):
             if comm is not None:
                 comm.Free()
 
@@ -115,18 +171,30 @@ def _mpi():
 def build_topology(comm, cfg: Config) -> Topology:
     """Make every communicator once. Collective over ``comm``."""
     MPI = _mpi()
+    p = cfg.parallel
     world = comm.Dup()
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    roles = role_layout(world.Get_size(), cfg.parallel.dense_ranks)
+    roles = check_layout(world.Get_size(), p.dp, p.dense_ranks, p.expert_tp)
     rank = world.Get_rank()
-    dense = world.Split(0 if rank in roles.dense_ranks else MPI.UNDEFINED, key=rank)
-    expert = world.Split(0 if rank in roles.expert_ranks else MPI.UNDEFINED, key=rank)
-    dense = None if dense == MPI.COMM_NULL else dense
-    expert = None if expert == MPI.COMM_NULL else expert
+    group_size = world.Get_size() // p.dp
+    group = world.Split(rank // group_size, key=rank)
+    g = group.Get_rank()
+    split = lambda member, color=0: _none_if_null(group.Split(color if member else MPI.UNDEFINED, key=g))
+    dense = split(g in roles.dense_ranks)
+    expert = split(g in roles.expert_ranks)
+    tp = None
+    if p.expert_tp > 1:
+        index = roles.expert_ranks.index(g) if g in roles.expert_ranks else -1
+        tp = split(index >= 0, index // p.expert_tp)
     node_of_rank = _node_ids(world, node)
-    gpus_per_node = cfg.parallel.gpus_per_node or max(world.allgather(node.Get_size()))
-    return Topology(world=world, node=node, dense=dense, expert=expert, exchange=world.Dup(),
-                    roles=roles, node_of_rank=node_of_rank, gpus_per_node=gpus_per_node)
+    gpus_per_node = p.gpus_per_node or max(world.allgather(node.Get_size()))
+    return Topology(world=world, node=node, group=group, dense=dense, expert=expert, tp=tp,
+                    exchange=group.Dup(), roles=roles, node_of_rank=node_of_rank,
+                    gpus_per_node=gpus_per_node, dp=p.dp, expert_tp=p.expert_tp)
 
 
-__all__ = ["RoleLayout", "Topology", "role_layout", "build_topology"]
+def _none_if_null(comm):
+    return None if comm == _mpi().COMM_NULL else comm
+
+
+__all__ = ["RoleLayout", "Topology", "role_layout", "check_layout", "build_topology"]

@@ -53,6 +53,12 @@ LAYOUTS = [
     (2, ["run.micro_batch_tokens=100000", "run.chunk_sequences=100"]),
     (4, ["parallel.placement=disjoint"]),           # 24 slots on 4 ranks: wrapped
     (3, ["parallel.placement=shared", "model.num_experts=2", "model.top_k=1"]),  # replicas
+    # parallel dimensions beyond EP
+    (4, ["parallel.expert_tp=2"]),                              # 2 TP groups of 2, co-located
+    (3, ["parallel.expert_tp=2", "parallel.dense_ranks=1"]),   # 1 dense + 1 TP group
+    (4, ["parallel.dp=2"]),                                    # EP=2 x DP=2
+    (4, ["parallel.dp=2", "parallel.dense_ranks=1", "run.chunk_sequences=1"]),
+    (4, ["parallel.dp=2", "parallel.expert_tp=2", "run.micro_batch_tokens=5"]),
 ]
 
 

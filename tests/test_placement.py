@@ -64,6 +64,15 @@ def test_inverse_agrees_and_everything_is_hosted(X, kind):
         len(p.replicas(l, e)) for l in m.moe_layers for e in range(m.num_experts))
 
 
+def test_parallel_split_checks():
+    from moe_hpc.topology import check_layout
+    assert check_layout(8, 2, 1, 3).expert_ranks == (0, 1, 2)
+    with pytest.raises(ConfigError, match="parallel.dp"):
+        check_layout(4, 3, 0, 1)
+    with pytest.raises(ConfigError, match="parallel.expert_tp"):
+        check_layout(4, 1, 1, 2)
+
+
 def test_roles():
     assert role_layout(4, 0).colocated
     r = role_layout(4, 1)
