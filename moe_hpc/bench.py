@@ -54,6 +54,13 @@ def _random(cp, shape, std):
     return (cp.random.standard_normal(shape, dtype=cp.float32) * std).astype(BF16)
 
 
+def _finish_fill(engine: Engine, cp) -> None:
+    """Stack the experts and give the dense side every expert's output bias."""
+    m = engine.cfg.model
+    engine.local_experts.stack()
+    engine.expert_b2 = _random(cp, (m.num_moe_layers * m.num_experts, m.hidden_size), 0.02)
+
+
 def _fill_layer(engine: Engine, layer: int, cp) -> None:
     """Random device weights for one block: what this rank's roles hold."""
     m = engine.cfg.model
@@ -65,13 +72,11 @@ def _fill_layer(engine: Engine, layer: int, cp) -> None:
                    wv=_random(cp, (H, m.kv_heads * D), s), wo=_random(cp, (m.num_heads * D, H), 0.02))
     if m.is_moe(layer):
         w.gate = _random(cp, (H, m.num_experts), s)
-        w.expert_b2 = _random(cp, (m.num_experts, H), 0.02)
         F = m.moe_ffn_hidden_size
-        for l, e in engine.placement.experts_on(engine.topo.expert_slot):
-            if l == layer:
-                engine.local_experts.add(l, e, Expert(
+        for f in engine.placement.hosted()[engine.topo.expert_slot]:
+            if f // m.num_experts == layer - m.first_dense_layers:
+                engine.local_experts.add(f, Expert(
                     _random(cp, (H, F), s), _random(cp, F, 0.02), _random(cp, (F, H), F ** -0.5), None))
-        engine.local_experts.stack()
     else:
         Fd = m.dense_ffn_hidden_size
         w.w1, w.b1 = _random(cp, (H, Fd), s), _random(cp, Fd, 0.02)
@@ -108,20 +113,21 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     cfg = engine.cfg.model
     layer = cfg.first_dense_layers
     _fill_layer(engine, layer, cp)
+    _finish_fill(engine, cp)
     T, H, F = args.tokens, cfg.hidden_size, cfg.moe_ffn_hidden_size
     m = _random(cp, (T, H), 1.0)
     ids = engine.topo.rank * T + np.arange(T)
-    t_layer = timer(lambda: engine.moe(layer, m, ids))
+    t_layer = timer(lambda: engine.moe.layer(layer, m, ids))
     recv_counts = engine.moe.last_recv_counts                     # [nmb, P, E] of the last call
     send_counts = engine.moe.last_send_counts
     ex, experts = engine.exchange, engine.local_experts
-    slots = experts.slot_of(layer)
+    slots = np.where(np.arange(engine.tables.num_slots) < experts.num_slots, np.arange(engine.tables.num_slots), -1)
     layouts = [expert_slots(c, slots, slot_capacity(c[:, slots >= 0])) for c in recv_counts]
     rows = [_random(cp, (lay.extent, H), 1.0) for lay in layouts]
     outs = [cp.empty_like(r) for r in rows]
-    t_experts = timer(lambda: [experts.forward(layer, r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
+    t_experts = timer(lambda: [experts.forward(r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
 
-    some = next(iter(experts.experts.values()))      # every expert has the same shapes
+    some = experts.experts[0]                        # every expert has the same shapes
 
     def plain_gemms():
         """One plain cuBLAS product pair per expert over exactly its rows (no padding)."""
@@ -183,10 +189,9 @@ def _local_phases(engine: Engine, layer: int, m, ids, timer: Timer, cp) -> dict:
     cfg, e = engine.cfg.model, engine
     w, k, T = e.dense[layer], cfg.top_k, m.shape[0]
     routing = route(m, w.gate, None, k, cfg.normalize_topk, cp)
-    holders, replicas = e.replicas[layer]
-    ids_dev = cp.asarray(ids)
-    plan_args = (routing.experts, ids_dev, holders, replicas, e.cfg.run.micro_batch_tokens,
-                 -(-T // e.cfg.run.micro_batch_tokens), e.topo.size, cfg.num_experts, cp, cp.asnumpy)
+    flat = routing.experts.astype(np.int64) + (layer - cfg.first_dense_layers) * cfg.num_experts
+    plan_args = (flat, cp.asarray(ids), e.tables, e.cfg.run.micro_batch_tokens,
+                 -(-T // e.cfg.run.micro_batch_tokens), e.topo.exchange.Get_size(), cp, cp.asnumpy)
     plan = plan_dispatch(*plan_args)
     packed = cp.empty((T * k, cfg.hidden_size), BF16)
     back = _random(cp, (T * k, cfg.hidden_size), 1.0)
@@ -194,8 +199,8 @@ def _local_phases(engine: Engine, layer: int, m, ids, timer: Timer, cp) -> dict:
     return {"gate_topk": timer(lambda: route(m, w.gate, None, k, cfg.normalize_topk, cp)) * 1e3,
             "plan_and_counts_d2h": timer(lambda: plan_dispatch(*plan_args)) * 1e3,
             "pack_rows": timer(lambda: take_rows(m, plan.order // k, out=packed)) * 1e3,
-            "weighted_combine": timer(lambda: combine(back, plan.positions, routing.weights, routing.experts,
-                                                      w.expert_b2, out=f)) * 1e3}
+            "weighted_combine": timer(lambda: combine(back, plan.positions, routing.weights, flat,
+                                                      e.expert_b2, out=f)) * 1e3}
 
 
 def model_flops_per_token(m, seq_len: int) -> float:
@@ -212,6 +217,7 @@ def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
     m = engine.cfg.model
     for layer in range(m.num_layers):
         _fill_layer(engine, layer, cp)
+    _finish_fill(engine, cp)
     engine.globals["final_norm"] = cp.ones(m.hidden_size, cp.float32).astype(BF16)
     S, L = args.sequences, args.seq_len
     x = (np.random.default_rng(engine.topo.rank).standard_normal((S, L, m.hidden_size), dtype=np.float32)).astype(BF16)

@@ -82,6 +82,7 @@ class RunConfig:
     micro_batch_tokens: int = 4096  # tokens per dispatch/combine exchange
     chunk_sequences: int = 64       # sequences a dense rank reads, computes and writes at once
     attention_block: int = 512      # query rows per attention block (bounds score memory)
+    pipeline_waves: int = 1         # >1: waves of sequences flow through the blocks one step apart
     device: str = "cpu"             # cpu | gpu | auto
     output_dtype: str = "bfloat16"  # dtype of /hidden in the output file
     logits: bool = False            # also write /logits (needs vocab_size > 0)
@@ -250,6 +251,7 @@ def validate(cfg: Config) -> None:
              f"must be >= 1, got {r.micro_batch_tokens}")
     _require(r.chunk_sequences >= 1, where, "run.chunk_sequences", f"must be >= 1, got {r.chunk_sequences}")
     _require(r.attention_block >= 1, where, "run.attention_block", f"must be >= 1, got {r.attention_block}")
+    _require(r.pipeline_waves >= 1, where, "run.pipeline_waves", f"must be >= 1, got {r.pipeline_waves}")
     _require(r.device in DEVICES, where, "run.device", f"must be one of {', '.join(DEVICES)}, got {r.device!r}")
     _require(r.output_dtype in OUTPUT_DTYPES, where, "run.output_dtype",
              f"must be one of {', '.join(OUTPUT_DTYPES)}, got {r.output_dtype!r}")

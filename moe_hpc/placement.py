@@ -51,6 +51,20 @@ class Placement:
                 for m, row in enumerate(self.ranks)
                 for e, holders in enumerate(row) if expert_rank in holders]
 
+    def flat_id(self, layer: int, expert: int) -> int:
+        """(block index, expert) -> one id over all MoE experts: m * E + e."""
+        return (layer - self.first_moe_layer) * self.num_experts + expert
+
+    def hosted(self) -> list[list[int]]:
+        """For each expert rank (slot), the flat ids it holds, ascending: the inverse map in one
+        pass over the table (experts_on per rank would be quadratic at 3,904 ranks)."""
+        out: list[list[int]] = [[] for _ in range(self.num_expert_ranks)]
+        for m, row in enumerate(self.ranks):
+            for e, holders in enumerate(row):
+                for g in holders:
+                    out[g].append(m * self.num_experts + e)
+        return out
+
     def rank_table(self):
         """[M, E, R] int array of holders, -1 padded (R = most replicas of any expert)."""
         import numpy as np

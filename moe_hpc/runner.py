@@ -107,6 +107,10 @@ def run_job(comm, job: Job, log=print) -> dict:
             sync(finalize_output, job.output, stats, attrs)
             summary = {"output": str(job.output), "sequences": meta.num_sequences, "tokens": tokens,
                        "wall_time_s": wall, "tokens_per_s": tokens / wall if wall else 0.0}
+        idle = world.gather(engine.expert_idle_fraction() if topo.is_expert else None, root=0)
+        if rank == 0:
+            idle = [v for v in idle if v is not None]
+            summary["expert_idle_fraction"] = sum(idle) / len(idle) if idle else 0.0
         else:
             sync(lambda: None)
         engine.close()

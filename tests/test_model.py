@@ -8,7 +8,7 @@ from moe_hpc import reference as ref
 from moe_hpc.backend import BF16
 from moe_hpc.checkpoint import DenseLayer
 from moe_hpc.config import build_config
-from moe_hpc.dispatcher import destinations, plan_dispatch
+from moe_hpc.dispatcher import choose_replica, plan_dispatch, route_tables
 from moe_hpc.exchange import expert_major, peer_major
 from moe_hpc.model import activation, apply_rope, attention, mlp, rmsnorm, rope_tables, route
 from moe_hpc.runner import num_chunks, sequence_range
@@ -106,24 +106,40 @@ def test_router_ties_pick_lower_index():
 
 
 def test_plan_dispatch_groups_by_rank_and_spreads_replicas():
+    from moe_hpc.config import ModelConfig
+    from moe_hpc.placement import make_placement
+    # 1 MoE block of 3 experts on 3 ranks, 4 slots: expert 0 is replicated on ranks 0 and 3
+    model = ModelConfig(num_layers=1, first_dense_layers=0, num_experts=3)
+    placement = make_placement(model, 4, "shared")
+    tables = route_tables(placement, slot_leaders=(0, 1, 2, 3))
+    assert tables.replicas.tolist() == [2, 1, 1] and tables.holders[0].tolist() == [0, 3]
     experts = np.array([[0, 1], [1, 2], [2, 0], [1, 0], [0, 2]])
-    holders = np.array([[0, 2], [1, -1], [1, -1]])      # expert 0 replicated on ranks 0 and 2
-    replicas = np.array([2, 1, 1])
     tokens = np.arange(5) + 10
-    plan = plan_dispatch(experts, tokens, holders, replicas, micro_batch_tokens=2, micro_batches=3,
-                         world_size=3, num_experts=3)
-    dest = destinations(experts, tokens, holders, replicas)
-    assert plan.counts.sum() == 10 and plan.counts.shape == (3, 3, 3)
-    assert plan.counts[:, 0, :].sum() > 0 and plan.counts[:, 2, :].sum() > 0   # both replicas used
+    plan = plan_dispatch(experts, tokens, tables, micro_batch_tokens=2, micro_batches=3, world_size=4)
+    pick = choose_replica(experts, tokens, tables.replicas)
+    dest = tables.holders[experts.reshape(-1), pick]
+    assert plan.counts.sum() == 10 and plan.counts.shape == (3, 4, 1)
+    assert plan.counts[:, 0].sum() > 0 and plan.counts[:, 3].sum() > 0   # both replicas used
     assert plan.starts.tolist() == [0, 4, 8, 10]
     for i in range(3):
         seg = plan.order[plan.starts[i]:plan.starts[i + 1]]
         assert (seg // 2 // 2 == i).all(), "each micro-batch's rows are contiguous"
-        key = dest[seg] * 3 + experts.reshape(-1)[seg]
-        assert (np.diff(key) >= 0).all(), "grouped by destination rank, then expert"
-        # positions point back at each (token, choice) in its micro-batch's send order
-        for r, a in enumerate(seg):
+        assert (np.diff(dest[seg]) >= 0).all(), "grouped by destination rank"
+        for r, a in enumerate(seg):   # positions point back at each (token, choice)
             assert plan.positions.reshape(-1)[a] == r
+
+
+def test_route_tables_slots_follow_hosted_order():
+    from moe_hpc.config import ModelConfig
+    from moe_hpc.placement import make_placement
+    model = ModelConfig(num_layers=3, first_dense_layers=1, num_experts=4)   # 8 flat experts
+    placement = make_placement(model, 3, "shared")
+    tables = route_tables(placement, slot_leaders=(0, 1, 2))
+    hosted = placement.hosted()
+    assert tables.num_slots == max(len(h) for h in hosted)
+    for g, ids in enumerate(hosted):
+        for j, f in enumerate(ids):
+            assert tables.holders[f, 0] == g and tables.slot[f, 0] == j
 
 
 def test_layouts_and_scatter():

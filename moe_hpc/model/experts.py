@@ -1,61 +1,57 @@
-"""The experts a rank hosts: per MoE block, stacked into [slots, ...] weights so one
-strided-batched GEMM runs them all over the slot-padded receive buffer."""
+"""The experts a rank hosts, stacked into [slots, ...] weights so one strided-batched GEMM runs
+them all over the slot-padded receive buffer.
+
+Slot j holds the j-th of this rank's hosted experts in ascending flat id (m*E + e), the order
+every sender uses for its counts, so slots may mix MoE blocks (the cross-layer pipeline).
+"""
 from __future__ import annotations
 
 import numpy as np
 
 
 class LocalExperts:
-    """Weights of the (layer, expert) pairs hosted here.
+    """Load with ``add`` (one expert at a time, in ascending flat id), then ``stack`` once."""
 
-    Load with ``add`` (one expert at a time), then ``stack`` once: slot s of block l holds the
-    s-th hosted expert of l in ascending expert order, matching ``exchange.expert_slots``.
-    """
+    def __init__(self, activation: str, xp=np):
+        self.activation, self.xp = activation, xp
+        self.ids: list[int] = []           # flat id of each slot
+        self.experts: list = []            # checkpoint.Expert per slot (views once stacked)
+        self.stacked = None                # (w1 [S,H,F], b1 [S,F] | None, w2 [S,F,H])
 
-    def __init__(self, num_experts: int, activation: str, xp=np):
-        self.num_experts, self.activation, self.xp = num_experts, activation, xp
-        self.experts: dict = {}            # (layer, expert) -> checkpoint.Expert (views once stacked)
-        self.stacked: dict = {}            # layer -> (w1 [S,H,F], b1 [S,F] | None, w2 [S,F,H])
-        self.slots: dict = {}              # layer -> [E] int slot of each expert, -1 if not here
+    @property
+    def num_slots(self) -> int:
+        return len(self.ids)
 
-    def add(self, layer: int, expert: int, weights) -> None:
-        self.experts[(layer, expert)] = weights
+    def add(self, flat_id: int, weights) -> None:
+        if self.ids and flat_id <= self.ids[-1]:
+            raise ValueError("experts must be added in ascending flat id")
+        self.ids.append(flat_id)
+        self.experts.append(weights)
 
     def stack(self) -> None:
-        xp = self.xp
-        for layer in sorted({l for l, _ in self.experts}):
-            hosted = sorted(e for l, e in self.experts if l == layer)
-            ws = [self.experts[(layer, e)] for e in hosted]
-            w1, w2 = xp.stack([w.w1 for w in ws]), xp.stack([w.w2 for w in ws])
-            b1 = None if any(w.b1 is None for w in ws) else xp.stack([w.b1 for w in ws])
-            self.stacked[layer] = (w1, b1, w2)
-            slots = np.full(self.num_experts, -1, dtype=np.int64)
-            slots[hosted] = np.arange(len(hosted))
-            self.slots[layer] = slots
-            for s, (e, w) in enumerate(zip(hosted, ws)):    # keep views, drop the copies
-                w.w1, w.w2 = w1[s], w2[s]
-                w.b1 = None if b1 is None else b1[s]
+        if not self.experts:
+            return
+        xp, ws = self.xp, self.experts
+        w1, w2 = xp.stack([w.w1 for w in ws]), xp.stack([w.w2 for w in ws])
+        b1 = None if any(w.b1 is None for w in ws) else xp.stack([w.b1 for w in ws])
+        self.stacked = (w1, b1, w2)
+        for s, w in enumerate(ws):                    # keep views, drop the copies
+            w.w1, w.w2 = w1[s], w2[s]
+            w.b1 = None if b1 is None else b1[s]
 
-    def slot_of(self, layer: int) -> np.ndarray:
-        return self.slots.get(layer, np.full(self.num_experts, -1, dtype=np.int64))
-
-    def forward(self, layer: int, rows, layout, out, workspace):
-        """rows: [extent, H] bf16 in ``layout`` (exchange.expert_slots) -> ``out`` [extent, H],
-        without the output bias b2 (the combine adds it). ``workspace(name, slot, rows, width)``
-        lends the [extent, F] hidden buffer."""
+    def forward(self, rows, layout, out, workspace):
+        """rows: [extent, H] bf16 in ``layout`` (exchange.expert_slots, one column per slot) ->
+        ``out`` [extent, H] (bf16, or fp32 for tensor-parallel partials), without the output
+        bias b2 (the combine adds it). ``workspace(name, slot, rows, width)`` lends [extent, F]."""
         from ..kernels import grouped_expert_mlp
-        slots = self.slot_of(layer)
-        hosted = np.nonzero(slots >= 0)[0]
-        per_expert = layout.counts.sum(axis=0)
-        stray = np.nonzero((per_expert > 0) & (slots < 0))[0]
-        if stray.size:
-            raise RuntimeError(f"received tokens for expert {int(stray[0])} of layer {layer}, which "
-                               "this rank does not host (placement mismatch)")
-        if hosted.size == 0 or layout.extent == 0:
+        per_slot = layout.counts.sum(axis=0)
+        if per_slot[self.num_slots:].any():
+            raise RuntimeError("received tokens for a slot this rank does not fill (placement mismatch)")
+        if self.num_slots == 0 or layout.extent == 0:
             return out
-        w1, b1, w2 = self.stacked[layer]
+        w1, b1, w2 = self.stacked
         hidden = workspace("expert-hidden", 0, layout.extent, w1.shape[2])
-        return grouped_expert_mlp(rows[:layout.extent], per_expert[hosted], w1, b1, w2,
+        return grouped_expert_mlp(rows[:layout.extent], per_slot[:self.num_slots], w1, b1, w2,
                                   self.activation, hidden, out[:layout.extent])
 
 

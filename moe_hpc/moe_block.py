@@ -1,0 +1,148 @@
+"""One MoE exchange step: gate, dispatch, experts, combine, double-buffered.
+
+A step carries tokens of one MoE block, or of several at once when the cross-layer pipeline
+has waves at different blocks: experts are named by flat id m*E + e, so each token row knows
+its block. The schedule is one short loop:
+
+    post dispatch(0)
+    for i in micro-batches:
+        post dispatch(i+1)            # travels while i computes
+        rows = wait dispatch(i); out = experts(rows)
+        post combine(i)
+        wait combine(i-1); weighted sum into f
+    wait combine(last)
+
+Every rank runs the same loop with the same micro-batch count (agreed per step), sending
+nothing where it has nothing, so the collectives match on all ranks.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .backend import BF16, F32
+from .dispatcher import plan_dispatch
+from .exchange import expert_slots, peer_major, slot_capacity
+from .kernels import combine as combine_rows
+from .model import route
+
+
+def _mpi():
+    from mpi4py import MPI
+    return MPI
+
+
+class MoeBlock:
+    """Runs exchange steps on the engine's weights, tables and buffers."""
+
+    def __init__(self, engine):
+        self.e = engine
+        self.last_send_counts = self.last_recv_counts = None      # for bench and traces
+        self.steps = self.busy_steps = 0                           # expert-slot occupancy
+
+    def layer(self, layer: int, m, token_ids: np.ndarray):
+        """One block's tokens: m [T, H] bf16, token_ids [T] -> f [T, H] bf16."""
+        return self([(layer, m, token_ids)])[0]
+
+    def _gate(self, parts):
+        """Route every part; -> (m [T, H], flat experts [T, k], weights [T, k], token ids [T])."""
+        e, xp, cfg = self.e, self.e.xp, self.e.cfg.model
+        k, E, first = cfg.top_k, cfg.num_experts, cfg.first_dense_layers
+        rows, experts, weights, ids = [], [], [], []
+        for layer, m, tok in parts:
+            if not m.shape[0]:
+                continue
+            w = e.dense[layer]
+            r = route(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp)
+            e.expert_tokens[layer - first] += e.backend.to_host(xp.bincount(r.experts.reshape(-1), minlength=E))
+            rows.append(m)
+            experts.append(r.experts.astype(np.int64) + (layer - first) * E)
+            weights.append(r.weights)
+            ids.append(np.asarray(tok))
+        if not rows:
+            return (xp.empty((0, cfg.hidden_size), BF16), xp.zeros((0, k), np.int64),
+                    xp.zeros((0, k), F32), np.zeros(0, np.int64))
+        if len(rows) == 1:
+            return rows[0], experts[0], weights[0], ids[0]
+        m = xp.empty((sum(r.shape[0] for r in rows), cfg.hidden_size), BF16)
+        a = 0
+        for r in rows:                    # raw 16-bit copies: no bf16 kernels needed
+            m.view(np.uint16)[a:a + r.shape[0]] = r.view(np.uint16)
+            a += r.shape[0]
+        return m, xp.concatenate(experts), xp.concatenate(weights), np.concatenate(ids)
+
+    def __call__(self, parts):
+        """parts: list of (block index, m [T_i, H] bf16, token_ids [T_i]) -> list of f_i."""
+        e, xp = self.e, self.e.xp
+        k, H = e.cfg.model.top_k, e.cfg.model.hidden_size
+        t0 = time.perf_counter()
+        m, experts, weights, token_ids = self._gate(parts)
+        T = m.shape[0]
+        mbt = e.cfg.run.micro_batch_tokens
+        nmb = e.topo.exchange.allreduce(math.ceil(T / mbt), op=_mpi().MAX)
+        f = xp.empty((T, H), dtype=BF16)
+        if nmb:
+            P = e.topo.exchange.Get_size()
+            plan = plan_dispatch(experts, xp.asarray(token_ids), e.tables, mbt, nmb, P, xp, e.backend.to_host)
+            recv_counts = e.exchange.exchange_counts(plan.counts)
+            self.last_send_counts, self.last_recv_counts = plan.counts, recv_counts
+            e.times.add("gating", t0)
+            self._exchange(m, plan, recv_counts, experts, weights, f, nmb, mbt)
+        out, a = [], 0
+        for _, part, _ in parts:
+            out.append(f[a:a + part.shape[0]])
+            a += part.shape[0]
+        return out
+
+    def _exchange(self, m, plan, recv_counts, experts, weights, f, nmb: int, mbt: int) -> None:
+        e, ex, k = self.e, self.e.exchange, self.e.cfg.model.top_k
+        T = m.shape[0]
+        slots = np.where(np.arange(e.tables.num_slots) < e.local_experts.num_slots,
+                         np.arange(e.tables.num_slots), -1)
+
+        def dispatch(i):
+            from .kernels import take_rows
+            a, b = int(plan.starts[i]), int(plan.starts[i + 1])
+            send = ex.buffer("dispatch-send", i % 2, b - a)
+            take_rows(m, plan.order[a:b] // k, out=send)
+            layout = expert_slots(recv_counts[i], slots, slot_capacity(recv_counts[i][:, slots >= 0]))
+            recv = ex.buffer("dispatch-recv", i % 2, layout.extent)
+            return ex.post(send, peer_major(plan.counts[i]), recv, layout), layout
+
+        def reduce(i, handle):
+            rows = handle.wait()
+            a, b = i * mbt, min(T, (i + 1) * mbt)
+            if b > a:   # the k choices summed in a fixed order: the result is split-independent
+                combine_rows(rows, plan.positions[a:b], weights[a:b], experts[a:b], e.expert_b2, out=f[a:b])
+
+        pending, nxt = None, dispatch(0)
+        for i in range(nmb):
+            handle, layout = nxt
+            if i + 1 < nmb:
+                nxt = dispatch(i + 1)              # travels while micro-batch i computes
+            t0 = time.perf_counter()
+            rows = handle.wait()
+            t0 = e.times.add("exchange_wait", t0)
+            out = ex.buffer("combine-send", i % 2, layout.extent)
+            work = layout
+            if e.topo.tp is None:
+                e.local_experts.forward(rows, layout, out, ex.buffer)
+            else:                                  # partners compute on the leader's rows
+                work = e.tensor_parallel_experts(rows, layout, out)
+            self.steps += 1
+            self.busy_steps += int(work.rows > 0)
+            t0 = e.times.add("experts", t0)
+            back = ex.buffer("combine-recv", i % 2, int(plan.counts[i].sum()))
+            posted = ex.post(out, layout, back, peer_major(plan.counts[i]))
+            if pending is not None:
+                reduce(*pending)
+            pending = (i, posted)
+            e.times.add("exchange_wait", t0)
+        t0 = time.perf_counter()
+        reduce(*pending)
+        e.times.add("exchange_wait", t0)
+
+
+__all__ = ["MoeBlock"]
