@@ -60,7 +60,7 @@ class MoeBlock:
             rows.append(m)
             experts.append(r.experts.astype(np.int64) + (layer - first) * E)
             weights.append(r.weights)
-            ids.append(np.asarray(tok))
+            ids.append(e.backend.to_host(tok))
         if not rows:
             return (xp.empty((0, cfg.hidden_size), BF16), xp.zeros((0, k), np.int64),
                     xp.zeros((0, k), F32), np.zeros(0, np.int64))
@@ -99,14 +99,16 @@ class MoeBlock:
     def _exchange(self, m, plan, recv_counts, experts, weights, f, nmb: int, mbt: int) -> None:
         e, ex, k = self.e, self.e.exchange, self.e.cfg.model.top_k
         T = m.shape[0]
-        slots = np.where(np.arange(e.tables.num_slots) < e.local_experts.num_slots,
-                         np.arange(e.tables.num_slots), -1)
+        active = e.local_experts.active_slots
 
         def dispatch(i):
             from .kernels import take_rows
             a, b = int(plan.starts[i]), int(plan.starts[i + 1])
             send = ex.buffer("dispatch-send", i % 2, b - a)
             take_rows(m, plan.order[a:b] // k, out=send)
+            slots = np.full(e.tables.num_slots, -1, dtype=np.int64)
+            own = active(recv_counts[i], e.local_experts.num_slots)
+            slots[:own.size] = own
             layout = expert_slots(recv_counts[i], slots, slot_capacity(recv_counts[i][:, slots >= 0]))
             recv = ex.buffer("dispatch-recv", i % 2, layout.extent)
             return ex.post(send, peer_major(plan.counts[i]), recv, layout), layout

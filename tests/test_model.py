@@ -159,3 +159,27 @@ def test_sequence_split_covers_everything_once(S, D, C):
     assert ranges[0][0] == 0 and ranges[-1][1] == S
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert num_chunks(S, D, C) == math.ceil(max(b - a for a, b in ranges) / C)
+
+
+def test_local_experts_compute_only_busy_slots():
+    from moe_hpc.checkpoint import Expert
+    from moe_hpc.exchange import expert_slots, slot_capacity
+    from moe_hpc.model.experts import LocalExperts
+    H, F, S = 16, 32, 5
+    local = LocalExperts("silu")
+    weights = [Expert(bf((H, F), 0.2).astype(np.float32), bf(F, 0.1).astype(np.float32),
+                      bf((F, H), 0.2).astype(np.float32), None) for _ in range(S)]
+    for f, w in zip((2, 3, 7, 8, 9), weights):
+        local.add(f, w)
+    local.stack()
+    counts = np.array([[0, 3, 0, 1, 2], [0, 1, 0, 0, 4]])      # [peers, slots]: slots 1, 3, 4 busy
+    active = LocalExperts.active_slots(counts, S)
+    assert active.tolist() == [-1, 0, -1, 1, 2]
+    layout = expert_slots(counts, active, slot_capacity(counts[:, active >= 0]))
+    assert layout.extent == 3 * 8                               # padding only for busy slots
+    rows = bf((layout.extent, H))
+    out = local.forward(rows, layout, np.zeros((layout.extent, H), BF16), lambda n, s, r, w: np.empty((r, w), BF16))
+    for s in (1, 3, 4):
+        n, base = counts[:, s].sum(), layout.offsets[0, s]
+        want = mlp(rows[base:base + n], weights[s].w1, weights[s].b1, weights[s].w2, None, "silu")
+        np.testing.assert_array_equal(out[base:base + n], want)

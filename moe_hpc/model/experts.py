@@ -29,30 +29,63 @@ class LocalExperts:
         self.experts.append(weights)
 
     def stack(self) -> None:
+        """Copy the experts into [S, ...] arrays one at a time, dropping each copy as it goes,
+        so loading never holds twice the expert weights."""
         if not self.experts:
             return
         xp, ws = self.xp, self.experts
-        w1, w2 = xp.stack([w.w1 for w in ws]), xp.stack([w.w2 for w in ws])
-        b1 = None if any(w.b1 is None for w in ws) else xp.stack([w.b1 for w in ws])
-        self.stacked = (w1, b1, w2)
-        for s, w in enumerate(ws):                    # keep views, drop the copies
+        first = ws[0]
+        S = len(ws)
+        w1 = xp.empty((S,) + first.w1.shape, first.w1.dtype)
+        w2 = xp.empty((S,) + first.w2.shape, first.w2.dtype)
+        b1 = None if any(w.b1 is None for w in ws) else xp.empty((S,) + first.b1.shape, first.b1.dtype)
+        for s, w in enumerate(ws):
+            _copy(w1, s, w.w1)
+            _copy(w2, s, w.w2)
             w.w1, w.w2 = w1[s], w2[s]
-            w.b1 = None if b1 is None else b1[s]
+            if b1 is not None:
+                _copy(b1, s, w.b1)
+                w.b1 = b1[s]
+        self.stacked = (w1, b1, w2)
+
+    @staticmethod
+    def active_slots(counts: np.ndarray, num_slots: int) -> np.ndarray:
+        """[slots] position of each slot that received rows among those that did, -1 elsewhere.
+        Only these get buffer space and GEMM work: a step touches one or a few blocks, while a
+        rank may host experts of every block."""
+        busy = counts.sum(axis=0)[:num_slots] > 0
+        return np.where(busy, np.cumsum(busy) - 1, -1)
 
     def forward(self, rows, layout, out, workspace):
-        """rows: [extent, H] bf16 in ``layout`` (exchange.expert_slots, one column per slot) ->
+        """rows: [extent, H] bf16 in ``layout`` (exchange.expert_slots over ``active_slots``) ->
         ``out`` [extent, H] (bf16, or fp32 for tensor-parallel partials), without the output
-        bias b2 (the combine adds it). ``workspace(name, slot, rows, width)`` lends [extent, F]."""
+        bias b2 (the combine adds it). ``workspace(name, slot, rows, width)`` lends [extent, F].
+        Runs of consecutive busy slots are one strided-batched GEMM each."""
         from ..kernels import grouped_expert_mlp
         per_slot = layout.counts.sum(axis=0)
         if per_slot[self.num_slots:].any():
             raise RuntimeError("received tokens for a slot this rank does not fill (placement mismatch)")
-        if self.num_slots == 0 or layout.extent == 0:
+        busy = np.nonzero(per_slot[:self.num_slots] > 0)[0]
+        if busy.size == 0 or layout.extent == 0:
             return out
+        C = layout.extent // busy.size
         w1, b1, w2 = self.stacked
         hidden = workspace("expert-hidden", 0, layout.extent, w1.shape[2])
-        return grouped_expert_mlp(rows[:layout.extent], per_slot[:self.num_slots], w1, b1, w2,
-                                  self.activation, hidden, out[:layout.extent])
+        breaks = np.nonzero(np.diff(busy) != 1)[0] + 1
+        for run in np.split(np.arange(busy.size), breaks):      # positions among busy slots
+            s0, s1 = int(busy[run[0]]), int(busy[run[-1]]) + 1
+            rows_ = slice(int(run[0]) * C, (int(run[-1]) + 1) * C)
+            grouped_expert_mlp(rows[rows_], per_slot[s0:s1], w1[s0:s1], None if b1 is None else b1[s0:s1],
+                               w2[s0:s1], self.activation, hidden[rows_], out[rows_])
+        return out
+
+
+def _copy(stack, s: int, array) -> None:
+    """stack[s] = array; bf16 as raw 16-bit words, so CuPy needs no bf16 copy kernel."""
+    if stack.dtype.itemsize == 2:
+        stack.view(np.uint16)[s] = array.view(np.uint16)
+    else:
+        stack[s] = array
 
 
 __all__ = ["LocalExperts"]
