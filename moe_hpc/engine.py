@@ -73,7 +73,7 @@ class MoeBlock:
         if nmb == 0:
             return f
         recv_counts = e.exchange.exchange_counts(np.stack([p.send_counts for p in plans]))
-        t0 = e.times.add("dispatch_plan", t0)
+        t0 = e.times.add("exchange", t0)
 
         def post_dispatch(i):
             a, _ = bounds[i]
@@ -102,17 +102,17 @@ class MoeBlock:
                 nxt = post_dispatch(i + 1)
             t0 = time.perf_counter()
             rows, ids = current.wait()
-            t0 = e.times.add("exchange_wait", t0)
+            t0 = e.times.add("exchange", t0)
             out = e.local_experts.forward(layer, rows, ids) if rows.shape[0] else rows
             t0 = e.times.add("experts", t0)
             combine = e.exchange.post_combine(i % 2, out, recv_counts[i], plans[i].send_counts)
             if pending is not None:
                 finish_combine(*pending)
             pending = (i, combine)
-            e.times.add("exchange_wait", t0)
+            e.times.add("exchange", t0)
         t0 = time.perf_counter()
         finish_combine(*pending)
-        e.times.add("exchange_wait", t0)
+        e.times.add("exchange", t0)
         return f
 
 
@@ -192,7 +192,7 @@ class Engine:
         if "lm_head" in self.globals:
             logits = matmul_bf16(out, self.globals["lm_head"], xp)
             logits[~valid] = 0
-        self.times.add("final", t0)
+        self.times.add("final_norm", t0)
         return out, logits
 
     def serve_chunk(self) -> None:

@@ -1,0 +1,128 @@
+"""``moe-hpc scaling-report``: a scaling study's run summaries -> a Markdown table and a PNG.
+
+Each point of a study is one ``moe-hpc run --summary <mode>-<anything>.json`` (see
+``jobs/scaling_study.sh``): ``strong`` points share one input, ``weak`` points grow the input
+with the rank count.  For both, against the smallest run of the same mode (n0 ranks, T0
+tokens/s), a run on n ranks with T tokens/s has
+
+    speedup    = T / T0
+    efficiency = (T / n) / (T0 / n0)     (1.0: every added GPU adds its full share)
+
+The plot needs matplotlib (the ``[plot]`` extra): a labelled chart is worth that optional
+dependency, and the table is written without it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+MODES = ("strong", "weak")
+
+
+@dataclass(frozen=True)
+class Point:
+    mode: str
+    nodes: int
+    ranks: int
+    sequences: int
+    tokens: int
+    tokens_per_s: float
+    speedup: float = 1.0
+    efficiency: float = 1.0
+
+
+def load_points(folder: Path) -> list[Point]:
+    """Every ``<mode>-*.json`` summary in ``folder``, sorted by mode then ranks."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: results folder does not exist")
+    points = []
+    for path in sorted(folder.glob("*.json")):
+        mode = path.name.split("-", 1)[0]
+        if mode not in MODES:
+            continue
+        try:
+            s = json.loads(path.read_text())["summary"]
+            points.append(Point(mode, int(s.get("nodes", 1)), int(s["ranks"]), int(s["sequences"]),
+                                int(s["tokens_this_run"]), float(s["tokens_per_s"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: not a moe-hpc run summary ({type(exc).__name__}: {exc})") from None
+    if not points:
+        raise InputError(f"{folder}: no strong-*.json or weak-*.json run summaries")
+    return sorted(points, key=lambda p: (p.mode, p.ranks))
+
+
+def with_efficiency(points: list[Point]) -> list[Point]:
+    """Speedup and efficiency of each point against the smallest run of its mode."""
+    out = []
+    for mode in MODES:
+        series = [p for p in points if p.mode == mode]
+        if not series:
+            continue
+        base = series[0]
+        for p in series:
+            speedup = p.tokens_per_s / base.tokens_per_s if base.tokens_per_s else 0.0
+            out.append(Point(**{**vars(p), "speedup": speedup, "efficiency": speedup * base.ranks / p.ranks}))
+    return out
+
+
+def markdown_table(points: list[Point]) -> str:
+    lines = ["| mode | nodes | GPUs (ranks) | sequences | tokens | tokens/s | speedup | efficiency |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for p in points:
+        lines.append(f"| {p.mode} | {p.nodes} | {p.ranks} | {p.sequences} | {p.tokens} | "
+                     f"{p.tokens_per_s:,.0f} | {p.speedup:.2f} | {p.efficiency:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], path: Path, title: str) -> None:
+    """Two panels against GPUs: tokens/s (log-log, with the ideal line) and efficiency."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for mode, marker in zip(MODES, "os"):
+        series = [p for p in points if p.mode == mode]
+        if not series:
+            continue
+        n = [p.ranks for p in series]
+        line, = ax_t.plot(n, [p.tokens_per_s for p in series], marker=marker, label=f"{mode} scaling")
+        ideal = [series[0].tokens_per_s * r / series[0].ranks for r in n]
+        ax_t.plot(n, ideal, linestyle=":", color=line.get_color(), label=f"{mode}: ideal")
+        ax_e.plot(n, [p.efficiency for p in series], marker=marker, color=line.get_color(), label=mode)
+    ticks = sorted({p.ranks for p in points})
+    for ax in (ax_t, ax_e):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("GPUs (MPI ranks)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("tokens/s")
+    ax_e.axhline(1.0, color="grey", linewidth=0.8)
+    ax_e.set_ylim(0, 1.15)
+    ax_e.set_ylabel("parallel efficiency")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def scaling_report(folder: Path, table: Path | None = None, plot_path: Path | None = None,
+                   title: str = "moe_hpc scaling") -> str:
+    """Read the summaries, write the table (and the plot); returns the table."""
+    points = with_efficiency(load_points(folder))
+    text = markdown_table(points)
+    if table:
+        table.write_text(text + "\n")
+    if plot_path:
+        plot(points, plot_path, title)
+    return text
+
+
+__all__ = ["Point", "load_points", "with_efficiency", "markdown_table", "plot", "scaling_report"]
