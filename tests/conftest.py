@@ -1,16 +1,15 @@
-"""Shared fixtures: tiny weights and inputs made once per session, and an mpiexec runner.
+"""Shared fixtures: tiny weights and inputs made once per session, a long input and its
+uninterrupted outputs (the resume tests' reference), and an mpiexec runner.
 
 MPI tests start real ranks with ``mpiexec`` as a subprocess, always under a timeout, so a hang
-fails the test instead of the CI job.
+fails the test instead of the CI job. Stopping and killing ranks mid-run: interrupting.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
+from interrupting import remove_stale_shm, shm_segments
 from moe_hpc.config import build_config
 from moe_hpc.synth import write_checkpoint, write_inputs
 
@@ -63,56 +63,6 @@ def moe_hpc(*args, ranks: int | None = None, timeout: float = MPI_TIMEOUT, cwd=N
     proc = subprocess.run(moe_hpc_cmd(*args, ranks=ranks), capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=rank_env())
     return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-# ---------------------------------------------------------------- runs that get interrupted
-
-def progress_record(output: Path) -> dict | None:
-    try:
-        return json.loads(output.with_name(output.name + ".progress.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def wait_for_chunks(output: Path, chunks: int, proc=None, timeout: float = 60) -> int:
-    """Poll the progress record until ``chunks`` chunks are recorded; returns how many are."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = progress_record(output)
-        if record and record["chunks_done"] >= chunks:
-            return record["chunks_done"]
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before {chunks} chunks were recorded")
-        time.sleep(0.01)
-    raise AssertionError(f"{output}: fewer than {chunks} chunks recorded after {timeout} s")
-
-
-def rank_pids(tag: str) -> dict[int, int]:
-    """{MPI rank: pid} of the moe-hpc ranks started with MOE_HPC_TEST_TAG=tag (from /proc).
-
-    Ranks are the Python processes with the tag in their environment (not the launchers).
-    """
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0]
-            env = dict(kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0") if b"=" in kv)
-        except OSError:
-            continue
-        if env.get(b"MOE_HPC_TEST_TAG") == tag.encode() and b"python" in Path(argv0.decode()).name.encode():
-            rank = env.get(b"PMI_RANK") or env.get(b"SLURM_PROCID") or b"0"
-            found[int(rank)] = int(entry.name)
-    return found
-
-
-def signal_ranks(pids, signum) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 # ---------------------------------------------------------------- output equality
@@ -179,69 +129,9 @@ def uninterrupted(tiny_files, long_input, tmp_path_factory):
     return get
 
 
-def _shm_segments() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("mpich_*")}
-
-
 @pytest.fixture
 def no_stale_shm():
-    """For tests that kill ranks: remove the MPICH shared-memory segments they leave behind.
-
-    A killed rank never unlinks its node's segment; a later job whose id hashes to the same name
-    would attach to the stale one and fail in MPI_Init. Only segments that appeared during the
-    test and that no process still maps are removed.
-    """
-    before = _shm_segments()
+    """For tests that kill ranks: clean the shared memory the killed ranks leave behind."""
+    before = shm_segments()
     yield
-    new = _shm_segments() - before
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            mapped |= {line.rsplit("/", 1)[-1] for line in maps.read_text().splitlines() if "/dev/shm/mpich_" in line}
-        except OSError:
-            pass
-    for name in new - mapped:
-        (Path("/dev/shm") / name).unlink(missing_ok=True)
-
-
-def signal_pending(pid: int, signum: int) -> bool:
-    """Is ``signum`` pending for process ``pid`` (e.g. queued while it is stopped)?"""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
-    return any(mask & (1 << (signum - 1)) for mask in masks)
-
-
-def stopped(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except OSError:
-        return True        # gone: nothing left to wait for
-
-
-def signal_midway(tag: str, ranks: int, send, signum: int, timeout: float = 30) -> None:
-    """Deliver ``signum`` to every rank mid-run, deterministically on any machine speed.
-
-    Freeze the ranks (SIGSTOP), call ``send()`` (which signals a launcher or the batch script),
-    wait until the launcher has passed the signal on to every rank, then let them go on: they
-    see it at their next chunk boundary, with chunks left to do.
-    """
-    import signal
-    deadline = time.monotonic() + timeout
-    while len(pids := rank_pids(tag)) < ranks:
-        assert time.monotonic() < deadline, f"found ranks {pids}, expected {ranks}"
-        time.sleep(0.05)
-    signal_ranks(pids.values(), signal.SIGSTOP)
-    try:
-        # A signal sent before a rank has really stopped could be handled at once, not queued.
-        while not all(stopped(pid) for pid in pids.values()):
-            assert time.monotonic() < deadline, "the ranks did not stop"
-            time.sleep(0.01)
-        send()
-        while not all(signal_pending(pid, signum) for pid in pids.values()):
-            assert time.monotonic() < deadline, "the launcher did not pass the signal on to every rank"
-            time.sleep(0.02)
-    finally:
-        signal_ranks(pids.values(), signal.SIGCONT)
+    remove_stale_shm(before)

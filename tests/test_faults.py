@@ -7,15 +7,14 @@ is killed; a rank that raises aborts the job (MPI_Abort) in well under a second.
 """
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
 import uuid
 
 
-from conftest import (MPIEXEC, assert_same_output, moe_hpc, moe_hpc_cmd, needs_mpiexec, progress_record,
-                      rank_env, rank_pids, run_args, signal_ranks, stopped, wait_for_chunks)
+from conftest import MPIEXEC, assert_same_output, moe_hpc, moe_hpc_cmd, needs_mpiexec, rank_env, run_args
+from interrupting import kill_rank_midway, progress_record, wait_for_chunks
 
 pytestmark = needs_mpiexec
 
@@ -55,13 +54,7 @@ def test_killed_rank_ends_job_within_bound(tiny_files, long_input, uninterrupted
                             text=True, env=rank_env(MOE_HPC_TEST_TAG=tag))
     try:
         wait_for_chunks(out, 2, proc)
-        pids = rank_pids(tag)
-        signal_ranks(pids.values(), signal.SIGSTOP)       # so the run cannot finish meanwhile
-        while not all(stopped(p) for p in pids.values()):
-            time.sleep(0.01)
-        t0 = time.monotonic()
-        signal_ranks([pids[1]], signal.SIGKILL)
-        signal_ranks([pids[0]], signal.SIGCONT)
+        t0 = kill_rank_midway(tag, 2)
         _, err = proc.communicate(timeout=60)
         elapsed = time.monotonic() - t0
     finally:

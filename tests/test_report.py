@@ -89,11 +89,20 @@ def test_scaling_report_table_and_plot(tmp_path):
     assert weak[2].efficiency == pytest.approx(0.9)
     png = tmp_path / "scaling.png"
     table = scaling_report(tmp_path, tmp_path / "scaling.md", png)
-    assert "| strong | 1 | 4 | 64 | 1000 | 300 | 3.00 | 0.75 |" in table
+    assert "| strong | 1 | 4 | 64 | 1000 | 1 | 300 | 3.00 | 0.75 |" in table
     assert (tmp_path / "scaling.md").read_text().strip() == table
     header = png.read_bytes()[:24]
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (1000, 400)
+
+
+def test_repeats_count_once_with_their_best(tmp_path):
+    for name, ranks, tps in (("strong-n1-r1", 1, 90.0), ("strong-n1-r2", 1, 100.0), ("strong-n2-r1", 2, 150.0),
+                             ("strong-n2-r2", 2, 190.0), ("strong-n2-r3", 2, 170.0)):
+        _summary(tmp_path, f"{name}.json", ranks, tps)
+    points = with_efficiency(load_points(tmp_path))
+    assert [(p.ranks, p.runs, p.tokens_per_s) for p in points] == [(1, 2, 100.0), (2, 3, 190.0)]
+    assert points[1].efficiency == pytest.approx(0.95)
 
 
 def test_scaling_report_errors(tmp_path):
@@ -110,6 +119,6 @@ def test_scaling_report_command(tmp_path):
         _summary(tmp_path, f"strong-n{ranks}.json", ranks, tps)
     r = moe_hpc("scaling-report", tmp_path, "--plot", tmp_path / "plot.png")
     assert r.returncode == 0, r.stderr
-    assert "| strong | 1 | 2 | 64 | 1000 | 150 | 1.50 | 0.75 |" in r.stdout and (tmp_path / "plot.png").exists()
+    assert "| strong | 1 | 2 | 64 | 1000 | 1 | 150 | 1.50 | 0.75 |" in r.stdout and (tmp_path / "plot.png").exists()
     r = moe_hpc("scaling-report", tmp_path / "missing")
     assert r.returncode == 1 and r.error_lines == [f"error: {tmp_path / 'missing'}: results folder does not exist"]

@@ -6,7 +6,8 @@
   stop at a chunk boundary (exit 75), the script requeues the job, and the requeued job resumes
   to an output equal to an uninterrupted run's;
 - a rank killed under srun ends the job (FAILED) within the bound, the recorded chunks kept;
-- jobs/moe_plan.sbatch prints the layout and writes nothing.
+- jobs/moe_plan.sbatch prints the layout and writes nothing;
+- jobs/scaling_study.sh submits its points and a report job that writes the table and plot.
 
 Skipped, with the reason, where Slurm cannot run (not root and not installed); in CI (``CI``
 set) that is a failure instead, since these tests must run there.
@@ -14,7 +15,9 @@ set) that is a failure instead, since these tests must run there.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -22,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, assert_same_output, needs_mpiexec, progress_record, rank_pids,
-                      signal_midway, signal_ranks, stopped, wait_for_chunks)
+from conftest import REPO, assert_same_output, needs_mpiexec
+from interrupting import kill_rank_midway, progress_record, signal_midway, wait_for_chunks
 from slurm_cluster import SlurmUnavailable, start_cluster
 
 pytestmark = needs_mpiexec
@@ -105,14 +108,7 @@ def test_killed_rank_under_srun_ends_job(slurm, tiny_files, long_input, tmp_path
     job = submit(slurm, "moe_infer_cpu.sbatch", log,
                  job_env(tiny_files[0], long_input, out, MOE_HPC_TEST_TAG=tag))
     wait_for_chunks(out, 2)
-    while len(pids := rank_pids(tag)) < 2:
-        time.sleep(0.05)
-    signal_ranks(pids.values(), signal.SIGSTOP)          # so the run cannot finish meanwhile
-    while not all(stopped(p) for p in pids.values()):
-        time.sleep(0.01)
-    t0 = time.monotonic()
-    signal_ranks([pids[1]], signal.SIGKILL)
-    signal_ranks([pids[0]], signal.SIGCONT)
+    t0 = kill_rank_midway(tag, 2)
     info = slurm.wait(job, ended, JOB_TIMEOUT)
     elapsed = time.monotonic() - t0
     text = log.read_text()
@@ -134,3 +130,19 @@ def test_plan_job_prints_layout(slurm, tiny_files, long_input, tmp_path):
     assert "dry run: OK, nothing computed or written" in text and f"{slurm.host}" in text
     assert "1 dense, 1 expert" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.log"]
+
+
+def test_scaling_study_submits_points_and_report(slurm, tmp_path):
+    results = tmp_path / "study"
+    env = {**slurm.env, "RESULTS": str(results), "NODES": "1", "RANKS_PER_NODE": "1 2", "DEVICE": "cpu",
+           "SEQUENCES": "8", "SEQS_PER_RANK": "4", "SEQ_LEN": "16", "VENV": sys.prefix}
+    proc = subprocess.run(["bash", "jobs/scaling_study.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = int(re.search(r"Submitted batch job (\d+)", proc.stdout).group(1))
+    info = slurm.wait(report, ended, JOB_TIMEOUT)
+    assert info["JobState"] == "COMPLETED", (results / "report.log").read_text()
+    rows = (results / "scaling.md").read_text().splitlines()[2:]
+    assert [row.split("|")[1:4] for row in rows] == [
+        [" strong ", " 1 ", " 1 "], [" strong ", " 1 ", " 2 "], [" weak ", " 1 ", " 1 "], [" weak ", " 1 ", " 2 "]]
+    assert (results / "scaling.png").read_bytes()[:4] == b"\x89PNG"
