@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from . import __version__
 from .errors import Interrupted, MoeHpcError, PeerFailed
+from .failure import collective, on_rank0
 from .interrupt import EXIT_INTERRUPTED, StopRequest
 
 # The demo's batching: small micro-batches and chunks, so even 256 tokens exercise the
@@ -87,19 +89,13 @@ def _world():
 def _load_config(args, comm):
     """Every rank reads the config; a bad key is reported once, by rank 0."""
     from .config import load_config
-    from .failure import collective
     return collective(comm, load_config, args.config, args.set, debug=args.debug)
-
-
-def _on_rank0(comm, debug, fn, *args):
-    from .failure import collective
-    collective(comm, lambda: fn(*args) if comm.Get_rank() == 0 else None, debug=debug)
 
 
 def cmd_init_weights(args, comm) -> None:
     from .synth import write_checkpoint
     cfg = _load_config(args, comm)
-    _on_rank0(comm, args.debug, write_checkpoint, args.output, cfg.model, args.seed, args.overwrite)
+    on_rank0(comm, write_checkpoint, args.output, cfg.model, args.seed, args.overwrite, debug=args.debug)
     if comm.Get_rank() == 0:
         print(f"wrote {args.output}")
 
@@ -107,15 +103,14 @@ def cmd_init_weights(args, comm) -> None:
 def cmd_make_inputs(args, comm) -> None:
     from .synth import write_inputs
     cfg = _load_config(args, comm)
-    _on_rank0(comm, args.debug, write_inputs, args.output, cfg.model, args.sequences, args.seq_len,
-              args.seed, args.ragged, args.overwrite)
+    on_rank0(comm, write_inputs, args.output, cfg.model, args.sequences, args.seq_len,
+             args.seed, args.ragged, args.overwrite, debug=args.debug)
     if comm.Get_rank() == 0:
         print(f"wrote {args.output}")
 
 
 def _check_not_singletons(comm) -> None:
     """srun without a PMI plugin starts N independent one-rank jobs: refuse before any write."""
-    import os
     step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
     if comm.Get_size() == 1 and step_tasks > 1:
         raise MoeHpcError(f"srun started {step_tasks} tasks but MPI sees 1 rank in each: srun has "
@@ -150,7 +145,6 @@ def cmd_scaling_report(args, comm) -> None:
 def cmd_demo(args, comm) -> None:
     """Tiny end to end: weights and inputs (kept), a run, and a check against float64."""
     from .config import build_config
-    from .failure import collective
     from .reference import compare, read_output_hidden, reference_forward
     from .runner import Job, run_job
     from .synth import write_checkpoint, write_inputs
@@ -164,7 +158,7 @@ def cmd_demo(args, comm) -> None:
             write_checkpoint(weights, cfg.model, seed=0)
         if not inputs.exists():
             write_inputs(inputs, cfg.model, sequences=8, seq_len=32, seed=1, ragged=True)
-    _on_rank0(comm, args.debug, prepare)
+    on_rank0(comm, prepare, debug=args.debug)
     summary = run_job(comm, Job(cfg, weights, inputs, output, overwrite=True, debug=args.debug))
     if comm.Get_rank() == 0:
         ref = reference_forward(weights, inputs)

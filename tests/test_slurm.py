@@ -6,6 +6,7 @@
   stop at a chunk boundary (exit 75), the script requeues the job, and the requeued job resumes
   to an output equal to an uninterrupted run's;
 - a rank killed under srun ends the job (FAILED) within the bound, the recorded chunks kept;
+- srun without a PMI plugin is refused instead of running the job twice;
 - jobs/moe_plan.sbatch prints the layout and writes nothing;
 - jobs/scaling_study.sh submits its points and a report job that writes the table and plot.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_output, needs_mpiexec
+from conftest import REPO, TINY, assert_same_output, needs_mpiexec
 from interrupting import kill_rank_midway, progress_record, signal_midway, wait_for_chunks
 from slurm_cluster import SlurmUnavailable, start_cluster
 
@@ -117,6 +118,15 @@ def test_killed_rank_under_srun_ends_job(slurm, tiny_files, long_input, tmp_path
     assert elapsed < KILL_BOUND_S, f"the job took {elapsed:.1f} s to end after a rank was killed\n{text}"
     assert "requeueing" not in text
     assert progress_record(out)["chunks_done"] >= 2 and out.with_name("out.h5.tmp").exists()
+
+
+def test_srun_without_pmi_is_refused(slurm, tiny_files, tmp_path):
+    """srun --mpi=none starts two one-rank worlds: each must refuse, not write the output twice."""
+    out = tmp_path / "out.h5"
+    r = slurm.run("srun", "-n", "2", "--mpi=none", Path(sys.prefix) / "bin" / "moe-hpc", "run", TINY,
+                  "--weights", tiny_files[0], "--input", tiny_files[1], "--output", out, check=False, timeout=60)
+    assert r.returncode != 0 and r.stderr.count("error: srun started 2 tasks but MPI sees 1 rank") == 2, r.stderr
+    assert not out.exists() and not out.with_name("out.h5.tmp").exists()
 
 
 def test_plan_job_prints_layout(slurm, tiny_files, long_input, tmp_path):
