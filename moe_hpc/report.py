@@ -41,6 +41,7 @@ class ProgressLog:
         self.done = self.start_done = sum(self.chunk_tokens[:first])
         self.total = sum(self.chunk_tokens)
         self.t0, self.last = clock(), -float("inf")
+        self.drawn = 0                # length of the bar on screen: a shorter one must cover it
 
     def chunk_done(self, chunk: int) -> None:
         self.done += self.chunk_tokens[chunk]
@@ -50,7 +51,9 @@ class ProgressLog:
             return
         self.last = now
         if self.mode == "bar":
-            self.stream.write("\r" + self.bar(chunk, now) + ("\n" if final else ""))
+            text = self.bar(chunk, now)
+            self.stream.write("\r" + text.ljust(self.drawn) + ("\n" if final else ""))
+            self.drawn = len(text)
         else:
             self.stream.write(self.line(chunk, now) + "\n")
         self.stream.flush()

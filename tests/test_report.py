@@ -45,14 +45,16 @@ def test_progress_resumed_counts_only_this_runs_rate():
 
 def test_progress_bar_redraws_in_place():
     clock, out = FakeClock(), io.StringIO()
-    log = ProgressLog([10, 10], first=0, mode="bar", stream=out, clock=clock)
+    log = ProgressLog([100, 10], first=0, mode="bar", stream=out, clock=clock)
     clock.now += 1
     log.chunk_done(0)
-    clock.now += 1
+    clock.now += 11
     log.chunk_done(1)
     text = out.getvalue()
-    assert text.startswith("\r[###############...............]  50.0% chunk 1/2")
-    assert text.endswith("100.0% chunk 2/2 10 tok/s ETA 0:00:00\n") and text.count("\r") == 2
+    assert text.startswith("\r[###########################...]  90.9% chunk 1/2 100 tok/s ETA 0:00:00")
+    assert text.rstrip().endswith("100.0% chunk 2/2 9 tok/s ETA 0:00:00") and text.count("\r") == 2
+    first, second = text.split("\r")[1:]
+    assert len(second.rstrip("\n")) == len(first)    # the shorter redraw covers the old bar
 
 
 def test_off_mode_and_hms():
