@@ -17,6 +17,7 @@
 #   SETS             config overrides for every point, e.g. "--set run.chunk_sequences=16"
 #   DEVICE           gpu (default) or cpu (points then use moe_infer_cpu.sbatch)
 #   RESULTS          folder for inputs, outputs, summaries, table and plot (default scaling-results)
+#   TITLE            the plot's title (default "moe_hpc scaling (CONFIG, DEVICE)")
 #   LAUNCHER         sbatch (default: a job per point) or mpiexec (run here, one point after
 #                    another, ranks = nodes x ranks per node)
 #   SBATCH_ARGS      more sbatch options for every job, e.g. "--partition=gpu --time=00:30:00"
@@ -38,6 +39,7 @@ CONFIG=${CONFIG:-inputs/tiny.toml}
 SETS=${SETS:-}
 DEVICE=${DEVICE:-gpu}
 RESULTS=${RESULTS:-scaling-results}
+TITLE=${TITLE:-"moe_hpc scaling ($CONFIG, $DEVICE)"}
 LAUNCHER=${LAUNCHER:-sbatch}
 SBATCH_ARGS=${SBATCH_ARGS:-}
 REPEATS=${REPEATS:-1}
@@ -90,7 +92,7 @@ for mode in $MODES; do
 done
 
 REPORT=("$MOE" scaling-report "$RESULTS" --table "$RESULTS/scaling.md" --plot "$RESULTS/scaling.png"
-        --title "moe_hpc scaling ($CONFIG, $DEVICE)")
+        --title "$TITLE")
 if [ "$LAUNCHER" = sbatch ]; then
     dep=$(IFS=:; echo "${jobs[*]}")
     sbatch --dependency="afterany:$dep" --job-name=scale-report --output="$RESULTS/report.log" \

@@ -93,6 +93,7 @@ def plot(points: list[Point], path: Path, title: str) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install -e '.[plot]'") from None
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
@@ -113,6 +114,9 @@ def plot(points: list[Point], path: Path, title: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     ax_t.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}")
+    ax_t.yaxis.set_major_formatter(plain)
+    ax_t.yaxis.set_minor_formatter(plain)     # labelled only when the range is under a decade
     ax_t.set_ylabel("tokens/s")
     ax_e.axhline(1.0, color="grey", linewidth=0.8)
     ax_e.set_ylim(0, 1.15)
