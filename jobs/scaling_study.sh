@@ -1,8 +1,8 @@
 #!/bin/bash
 # scaling_study.sh: strong and weak scaling of moe-hpc run over node counts, then a table and a
 # plot (moe-hpc scaling-report). Run it from the repository root on a login node (it submits
-# one moe_infer.sbatch job per point, and a report job after them), or with LAUNCHER=mpiexec on
-# one machine (it runs the points here, one after another).
+# one moe_infer.sbatch job per point, and a report job after them), or with SUBMIT=local on one
+# machine (it runs the points here with mpiexec, one after another).
 #
 # Knobs (environment variables):
 #   NODES            node counts to measure            (default "1 2 4 8")
@@ -18,8 +18,9 @@
 #   DEVICE           gpu (default) or cpu (points then use moe_infer_cpu.sbatch)
 #   RESULTS          folder for inputs, outputs, summaries, table and plot (default scaling-results)
 #   TITLE            the plot's title (default "moe_hpc scaling (CONFIG, DEVICE)")
-#   LAUNCHER         sbatch (default: a job per point) or mpiexec (run here, one point after
-#                    another, ranks = nodes x ranks per node)
+#   SUBMIT           sbatch (default: a job per point) or local (run here with mpiexec, one
+#                    point after another, ranks = nodes x ranks per node)
+#   LAUNCHER         how the point jobs start their ranks: srun (default) or mpiexec
 #   SBATCH_ARGS      more sbatch options for every job, e.g. "--partition=gpu --time=00:30:00"
 #   EXCLUSIVE        1 (default): each point gets whole nodes (--exclusive), so points never
 #                    share a node and disturb each other's timing; 0: leave it to the scheduler
@@ -40,7 +41,7 @@ SETS=${SETS:-}
 DEVICE=${DEVICE:-gpu}
 RESULTS=${RESULTS:-scaling-results}
 TITLE=${TITLE:-"moe_hpc scaling ($CONFIG, $DEVICE)"}
-LAUNCHER=${LAUNCHER:-sbatch}
+SUBMIT=${SUBMIT:-sbatch}
 SBATCH_ARGS=${SBATCH_ARGS:-}
 REPEATS=${REPEATS:-1}
 EXCLUSIVE=${EXCLUSIVE:-1}
@@ -68,7 +69,7 @@ run_point() {   # mode nodes ranks_per_node repeat: submit (sbatch) or run (mpie
     input=$(input_for "$seqs")
     local run_args=(--overwrite --restart --progress off --summary "$point.json")
     echo "== $mode scaling: $nodes node(s), $ranks rank(s), $seqs sequences, run $rep"
-    if [ "$LAUNCHER" = sbatch ]; then
+    if [ "$SUBMIT" = sbatch ]; then
         jobs+=("$(WEIGHTS=$WEIGHTS INPUT=$input OUTPUT=$point.h5 CONFIG=$CONFIG DEVICE=$DEVICE \
                   SETS="$SETS" RUN_ARGS="${run_args[*]}" REQUEUE=0 \
                   sbatch --parsable --nodes="$nodes" --ntasks="$ranks" --ntasks-per-node="$per_node" \
@@ -93,7 +94,7 @@ done
 
 REPORT=("$MOE" scaling-report "$RESULTS" --table "$RESULTS/scaling.md" --plot "$RESULTS/scaling.png"
         --title "$TITLE")
-if [ "$LAUNCHER" = sbatch ]; then
+if [ "$SUBMIT" = sbatch ]; then
     dep=$(IFS=:; echo "${jobs[*]}")
     sbatch --dependency="afterany:$dep" --job-name=scale-report --output="$RESULTS/report.log" \
            --ntasks=1 $SBATCH_ARGS --wrap "$(printf '%q ' "${REPORT[@]}")"
