@@ -159,7 +159,7 @@ def cmd_demo(args, comm) -> None:
         if not inputs.exists():
             write_inputs(inputs, cfg.model, sequences=8, seq_len=32, seed=1, ragged=True)
     on_rank0(comm, prepare, debug=args.debug)
-    summary = run_job(comm, Job(cfg, weights, inputs, output, overwrite=True, debug=args.debug))
+    summary = run_job(comm, Job(cfg, weights, inputs, output, overwrite=True, debug=args.debug, restart=True))
     if comm.Get_rank() == 0:
         ref = reference_forward(weights, inputs)
         import h5py

@@ -36,7 +36,7 @@ from .topology import Topology
 @dataclass
 class PhaseTimes:
     """Wall seconds per phase on this rank: attention, dense_mlp, gating, exchange, experts,
-    final_norm (timed here) and io (timed by the runner); summed over ranks in the summary."""
+    final_norm (timed here) and io (timed by the runner); the summary gives mean and max over ranks."""
     seconds: dict = field(default_factory=lambda: defaultdict(float))
 
     def add(self, phase: str, t0: float) -> float:
