@@ -7,7 +7,6 @@ is the same code on both devices.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -70,7 +69,12 @@ def cupy_or_none():
 
 
 def make_backend(device: str, local_rank: int = 0) -> Backend:
-    """Pick NumPy or CuPy for ``run.device`` (cpu | gpu | auto) and bind this rank's GPU."""
+    """Pick NumPy or CuPy for ``run.device`` (cpu | gpu | auto) and bind this rank's GPU.
+
+    local_rank: this rank's index among the ranks of its node (MPI's shared-memory
+    communicator). Not SLURM_LOCALID: under mpiexec inside an allocation every rank of a node
+    inherits its proxy's SLURM_LOCALID (0), and under srun the two agree.
+    """
     if device == "cpu":
         return Backend("cpu", np)
     cupy = cupy_or_none()
@@ -80,8 +84,7 @@ def make_backend(device: str, local_rank: int = 0) -> Backend:
                               "(install the [gpu] extra, or use run.device = 'cpu')")
         return Backend("cpu", np)
     ngpu = cupy.cuda.runtime.getDeviceCount()
-    local = int(os.environ.get("SLURM_LOCALID", local_rank))
-    cupy.cuda.Device(local % ngpu).use()
+    cupy.cuda.Device(local_rank % ngpu).use()
     return Backend("gpu", cupy)
 
 

@@ -1,19 +1,23 @@
 """``moe-hpc``: the command line. The one place where exceptions become exit codes.
 
 A MoeHpcError prints one ``error: ...`` line (on the rank that found it) and exits 1 on every
-rank; a peer's failure exits 1 quietly; anything else is a bug: it is reported, and with more
-than one rank the job is aborted so no rank is left waiting in a collective.
+rank; a peer's failure exits 1 quietly; a stop signal agreed on at a chunk boundary exits 75 on
+every rank (progress recorded: rerun to resume); anything else is a bug: it is reported, and
+with more than one rank the job is aborted so no rank is left waiting in a collective.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import MoeHpcError, PeerFailed
+from .errors import Interrupted, MoeHpcError, PeerFailed
+from .failure import collective, on_rank0
+from .interrupt import EXIT_INTERRUPTED, StopRequest
 
 # The demo's batching: small micro-batches and chunks, so even 256 tokens exercise the
 # double-buffered exchange and the chunked writes. The model is the built-in tiny default.
@@ -46,12 +50,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--weights", required=True)
     r.add_argument("--input", required=True)
     r.add_argument("--output", required=True)
+    r.add_argument("--restart", action="store_true",
+                   help="discard a partial output (<output>.tmp + .progress.json) instead of resuming it")
+    r.add_argument("--dry-run", action="store_true",
+                   help="check config, files and placement on every rank, print the layout, compute nothing")
+    r.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto",
+                   help="progress on stderr: a bar on a terminal, lines elsewhere (default: auto)")
+    r.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress lines (default 10; 0: every chunk)")
+    r.add_argument("--summary", metavar="PATH", help="also write the JSON summary to PATH")
     _common(r)
 
     b = sub.add_parser("bench", help="time one MoE layer and the shrunk model on GPUs, with ceilings")
     from .bench import add_arguments
     add_arguments(b)
     b.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    s = sub.add_parser("scaling-report", help="table and PNG plot of a scaling study's run summaries")
+    s.add_argument("results", help="folder of *.json run summaries (jobs/scaling_study.sh writes them)")
+    s.add_argument("--table", metavar="PATH", help="write the Markdown table here (default: stdout)")
+    s.add_argument("--plot", metavar="PATH", help="write a PNG of tokens/s and efficiency against GPUs")
+    s.add_argument("--title", default="moe_hpc scaling", help="plot title")
+    s.add_argument("--debug", action="store_true", help="show tracebacks")
 
     d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
     d.add_argument("--dir", default="demo", help="where the demo files go (default: ./demo)")
@@ -74,19 +94,13 @@ def _world():
 def _load_config(args, comm):
     """Every rank reads the config; a bad key is reported once, by rank 0."""
     from .config import load_config
-    from .failure import collective
     return collective(comm, load_config, args.config, args.set, debug=args.debug)
-
-
-def _on_rank0(comm, debug, fn, *args):
-    from .failure import collective
-    collective(comm, lambda: fn(*args) if comm.Get_rank() == 0 else None, debug=debug)
 
 
 def cmd_init_weights(args, comm) -> None:
     from .synth import write_checkpoint
     cfg = _load_config(args, comm)
-    _on_rank0(comm, args.debug, write_checkpoint, args.output, cfg.model, args.seed, args.overwrite)
+    on_rank0(comm, write_checkpoint, args.output, cfg.model, args.seed, args.overwrite, debug=args.debug)
     if comm.Get_rank() == 0:
         print(f"wrote {args.output}")
 
@@ -94,25 +108,48 @@ def cmd_init_weights(args, comm) -> None:
 def cmd_make_inputs(args, comm) -> None:
     from .synth import write_inputs
     cfg = _load_config(args, comm)
-    _on_rank0(comm, args.debug, write_inputs, args.output, cfg.model, args.sequences, args.seq_len,
-              args.seed, args.ragged, args.overwrite)
+    on_rank0(comm, write_inputs, args.output, cfg.model, args.sequences, args.seq_len,
+             args.seed, args.ragged, args.overwrite, debug=args.debug)
     if comm.Get_rank() == 0:
         print(f"wrote {args.output}")
+
+
+def _check_not_singletons(comm) -> None:
+    """srun without a PMI plugin starts N independent one-rank jobs: refuse before any write."""
+    step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if comm.Get_size() == 1 and step_tasks > 1:
+        raise MoeHpcError(f"srun started {step_tasks} tasks but MPI sees 1 rank in each: srun has "
+                          "no PMI for this MPI (use srun --mpi=pmi2, or mpiexec)")
 
 
 def cmd_run(args, comm) -> None:
     from .runner import Job, run_job
     cfg = _load_config(args, comm)
-    job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug)
+    _check_not_singletons(comm)
+    job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
+              restart=args.restart, progress=args.progress, progress_every=args.progress_every,
+              stop=args.stop)
+    if args.dry_run:
+        from .dryrun import dry_run
+        dry_run(comm, job)
+        return
     summary = run_job(comm, job)
     if summary:
-        print(json.dumps({"summary": summary}))
+        text = json.dumps({"summary": summary})
+        print(text, flush=True)
+        if args.summary:
+            Path(args.summary).write_text(text + "\n")
+
+
+def cmd_scaling_report(args, comm) -> None:
+    from .scaling import scaling_report
+    print(scaling_report(Path(args.results), args.table and Path(args.table),
+                         args.plot and Path(args.plot), args.title))
 
 
 def cmd_demo(args, comm) -> None:
     """Tiny end to end: weights and inputs (kept), a run, and a check against float64."""
     from .config import build_config
-    from .failure import collective
     from .reference import compare, read_output_hidden, reference_forward
     from .runner import Job, run_job
     from .synth import write_checkpoint, write_inputs
@@ -126,8 +163,8 @@ def cmd_demo(args, comm) -> None:
             write_checkpoint(weights, cfg.model, seed=0)
         if not inputs.exists():
             write_inputs(inputs, cfg.model, sequences=8, seq_len=32, seed=1, ragged=True)
-    _on_rank0(comm, args.debug, prepare)
-    summary = run_job(comm, Job(cfg, weights, inputs, output, overwrite=True, debug=args.debug))
+    on_rank0(comm, prepare, debug=args.debug)
+    summary = run_job(comm, Job(cfg, weights, inputs, output, overwrite=True, debug=args.debug, restart=True))
     if comm.Get_rank() == 0:
         ref = reference_forward(weights, inputs)
         import h5py
@@ -147,13 +184,16 @@ def cmd_bench(args, comm) -> None:
 
 
 COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "run": cmd_run,
-            "demo": cmd_demo, "bench": cmd_bench}
+            "demo": cmd_demo, "bench": cmd_bench, "scaling-report": cmd_scaling_report}
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    # Before MPI starts: a stop signal from then on is noted, never fatal.
+    args.stop = StopRequest().install() if args.verb == "run" else None
+    comm = None
     try:
-        comm = _world()
+        comm = _world() if args.verb != "scaling-report" else None
     except ImportError as exc:
         print(f"error: mpi4py cannot load an MPI library ({exc}); install the [mpi] extra "
               "or load your cluster's MPI", file=sys.stderr)
@@ -161,6 +201,10 @@ def main(argv=None) -> int:
     try:
         COMMANDS[args.verb](args, comm)
         return 0
+    except Interrupted as exc:
+        if comm.Get_rank() == 0:
+            sys.stderr.write(f"moe-hpc: {exc}\n")
+        return EXIT_INTERRUPTED
     except PeerFailed:
         return 1
     except MoeHpcError as exc:
@@ -174,10 +218,11 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug: say so, and never leave other ranks hanging
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: internal error on rank {comm.Get_rank()}: {type(exc).__name__}: "
+        where = f" on rank {comm.Get_rank()}" if comm is not None else ""
+        sys.stderr.write(f"error: internal error{where}: {type(exc).__name__}: "
                          f"{exc} (rerun with --debug for a traceback)\n")
         sys.stderr.flush()
-        if comm.Get_size() > 1:
+        if comm is not None and comm.Get_size() > 1:
             comm.Abort(1)
         return 1
 

@@ -28,7 +28,9 @@ from .topology import Topology
 
 @dataclass
 class PhaseTimes:
-    """Wall seconds per phase on this rank."""
+    """Wall seconds per phase on this rank: attention, dense_mlp, gating, exchange, experts,
+    final_norm (timed here) and io (timed by the runner); the summary gives mean and max over ranks.
+    On the GPU these are host times of asynchronous work: a phase absorbs waits for earlier ones."""
     seconds: dict = field(default_factory=lambda: defaultdict(float))
 
     def add(self, phase: str, t0: float) -> float:
@@ -202,7 +204,7 @@ class Engine:
         if "lm_head" in self.globals:
             logits = matmul_bf16(out, self.globals["lm_head"], xp)
             zero_rows(logits.reshape(s * L, -1), pad)
-        self.times.add("final", t0)
+        self.times.add("final_norm", t0)
         return out, logits
 
     def serve_chunk(self) -> None:

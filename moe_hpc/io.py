@@ -232,9 +232,11 @@ def check_output_path(output: str | Path, overwrite: bool) -> None:
 def _contiguous(f: h5py.File, name: str, shape, dtype) -> h5py.Dataset:
     """Contiguous dataset whose storage exists now, so its file offset is known up front.
 
-    Fill is skipped: every byte is written by a dense rank (padding as explicit zeros).
+    Fill is skipped: every byte is written by a dense rank (padding as explicit zeros). No
+    modification time is stored, so equal runs write equal bytes (a resumed run included).
     """
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_obj_track_times(False)
     dcpl.set_layout(h5py.h5d.CONTIGUOUS)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
@@ -254,17 +256,43 @@ def create_output(output: str | Path, S: int, L: int, H: int, output_dtype: str,
             hidden = _contiguous(f, "hidden", (S, L, H), stored)
             if output_dtype == "bfloat16":
                 hidden.attrs["dtype"] = "bfloat16"
-            logits_offset = -1
             if vocab_size:
                 logits = _contiguous(f, "logits", (S, L, vocab_size), np.uint16)
                 logits.attrs["dtype"] = "bfloat16"
-                logits_offset = logits.id.get_offset()
-            layout = OutputLayout(str(tmp), hidden.id.get_offset(), np.dtype(stored).itemsize,
-                                  logits_offset, L, H, vocab_size)
+            return _layout_of(f, tmp)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{output}: cannot create the output file ({_short(exc)})") from None
-    return layout
+
+
+def reopen_output(output: str | Path, S: int, L: int, H: int, output_dtype: str,
+                  vocab_size: int = 0) -> OutputLayout:
+    """The layout of an existing ``<output>.tmp`` being resumed, checked against the run."""
+    tmp = tmp_path_for(output)
+    want = {"hidden": ((S, L, H), np.uint16 if output_dtype == "bfloat16" else np.float32)}
+    if vocab_size:
+        want["logits"] = ((S, L, vocab_size), np.uint16)
+    try:
+        with h5py.File(tmp, "r") as f:
+            found = {n: (f[n].shape, f[n].dtype) for n in ("hidden", "logits") if n in f}
+            if found != {n: (shape, np.dtype(dt)) for n, (shape, dt) in want.items()}:
+                raise OutputError(f"{tmp}: datasets {found} do not match this run's {want}; "
+                                  "pass --restart to discard the partial output")
+            return _layout_of(f, tmp)
+    except OSError as exc:
+        raise OutputError(f"{tmp}: cannot reopen the partial output ({_short(exc)})") from None
+
+
+def _layout_of(f: h5py.File, tmp: Path) -> OutputLayout:
+    hidden = f["hidden"]
+    L, H = hidden.shape[1:]
+    logits = f["logits"] if "logits" in f else None
+    offset = hidden.id.get_offset()
+    if offset is None or (logits is not None and logits.id.get_offset() is None):
+        raise OutputError(f"{tmp}: datasets are not contiguous and allocated; pass --restart")
+    return OutputLayout(str(tmp), offset, hidden.dtype.itemsize,
+                        -1 if logits is None else logits.id.get_offset(), L, H,
+                        0 if logits is None else logits.shape[2])
 
 
 class OutputWriter:
@@ -291,6 +319,10 @@ class OutputWriter:
             written = os.pwrite(self.fd, view, offset)
             view, offset = view[written:], offset + written
 
+    def sync(self) -> None:
+        """Make this rank's writes durable (before the chunk is recorded as done)."""
+        os.fdatasync(self.fd)
+
     def close(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
@@ -300,6 +332,8 @@ def finalize_output(output: str | Path, expert_tokens: np.ndarray, attrs: dict) 
     """Rank 0, after every writer closed: stats and provenance, fsync, atomic rename."""
     tmp = tmp_path_for(output)
     with h5py.File(tmp, "r+") as f:
+        if "stats" in f:          # a run killed while finalizing, then resumed
+            del f["stats"]
         f.create_dataset("stats/expert_tokens", data=expert_tokens.astype(np.int64))
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
@@ -311,15 +345,7 @@ def finalize_output(output: str | Path, expert_tokens: np.ndarray, attrs: dict) 
     os.replace(tmp, output)
 
 
-def discard_output(output: str | Path) -> None:
-    """Remove a partial ``<output>.tmp``; never masks the error that led here."""
-    try:
-        tmp_path_for(output).unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 __all__ = ["InputBatch", "open_input", "open_h5", "check_format", "read_float", "write_float",
            "check_float_dataset", "OutputLayout", "OutputWriter", "create_output",
-           "finalize_output", "discard_output", "check_output_path", "tmp_path_for",
+           "reopen_output", "finalize_output", "check_output_path", "tmp_path_for",
            "INPUT_FORMAT", "OUTPUT_FORMAT"]

@@ -1,11 +1,16 @@
-"""One inference job from files to files: set up, stream chunks, write, finalize.
+"""One inference job from files to files: set up, stream chunks, record progress, finalize.
 
 Every step that can fail on some ranks only runs under ``failure.collective``, so a bad file
-seen by one rank stops all ranks together, and the temporary output is removed.
+seen by one rank stops all ranks together.  The output grows in ``<output>.tmp``; after each
+chunk is durable on every writer, rank 0 records it in ``<output>.progress.json``
+(``resume.py``), so a run stopped by a signal, a dead rank or a time limit resumes where it
+stopped.  Only errors that doom the output (bad inputs) remove the partial output.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +22,15 @@ from .backend import make_backend
 from .checkpoint import Checkpoint
 from .config import Config
 from .engine import Engine
-from .failure import collective
-from .io import (OutputWriter, check_output_path, create_output, discard_output, finalize_output,
-                 open_input)
+from .errors import Interrupted, MoeHpcError
+from .failure import collective, on_rank0
+from .interrupt import StopRequest, signal_name
+from .io import OutputWriter, check_output_path, create_output, finalize_output, open_input, reopen_output
 from .placement import make_placement
-from .topology import build_topology, check_layout
+from .report import ProgressLog, expert_load, phase_summary
+from .resume import (Progress, discard_partial, fingerprint, progress_path_for, resume_point,
+                     save_progress)
+from .topology import RoleLayout, build_topology, check_layout
 
 
 @dataclass(frozen=True)
@@ -32,12 +41,17 @@ class Job:
     output: Path
     overwrite: bool = False
     debug: bool = False
+    restart: bool = False             # discard a partial output instead of resuming it
+    progress: str = "auto"            # auto | bar | lines | off (report.ProgressLog)
+    progress_every: float = 10.0      # seconds between progress lines
+    stop: StopRequest | None = None   # signals noted by the CLI; None: never stop early
 
 
 @dataclass(frozen=True)
 class InputMeta:
     num_sequences: int
     seq_len: int
+    chunk_tokens: tuple[int, ...]     # [chunks] valid tokens per chunk, summed over dense ranks
 
 
 def sequence_range(dense_index: int, num_dense: int, num_sequences: int) -> tuple[int, int]:
@@ -51,19 +65,54 @@ def num_chunks(num_sequences: int, num_dense: int, chunk_sequences: int) -> int:
     return math.ceil(largest / chunk_sequences)
 
 
-def _inspect_input(job: Job) -> InputMeta:
-    batch = open_input(job.input, job.cfg.model.hidden_size, job.cfg.model.vocab_size)
+def chunk_slice(lo: int, hi: int, chunk: int, chunk_sequences: int) -> tuple[int, int]:
+    """Sequences [s0, s1) of chunk ``chunk`` for a dense rank owning [lo, hi) (may be empty)."""
+    s0 = min(hi, lo + chunk * chunk_sequences)
+    return s0, min(hi, s0 + chunk_sequences)
+
+
+def chunk_tokens(lengths: np.ndarray, num_dense: int, chunk_sequences: int) -> tuple[int, ...]:
+    """lengths: [S] int64 -> [chunks] valid tokens of each chunk over all dense ranks."""
+    S = len(lengths)
+    totals = [0] * num_chunks(S, num_dense, chunk_sequences)
+    for d in range(num_dense):
+        lo, hi = sequence_range(d, num_dense, S)
+        for c in range(len(totals)):
+            s0, s1 = chunk_slice(lo, hi, c, chunk_sequences)
+            totals[c] += int(lengths[s0:s1].sum())
+    return tuple(totals)
+
+
+def check_setup(job: Job, num_dense: int) -> InputMeta:
+    """Rank 0: the output may be written, the input is readable; its shape and chunk sizes."""
+    check_output_path(job.output, job.overwrite)
+    cfg = job.cfg
+    batch = open_input(job.input, cfg.model.hidden_size, cfg.model.vocab_size)
     try:
-        return InputMeta(batch.num_sequences, batch.seq_len)
+        return InputMeta(batch.num_sequences, batch.seq_len,
+                         chunk_tokens(batch.lengths, num_dense, cfg.run.chunk_sequences))
     finally:
         batch.close()
 
 
-def _check_setup(job: Job, rank: int):
-    if rank != 0:
-        return None
-    check_output_path(job.output, job.overwrite)
-    return _inspect_input(job)
+def _open_output(job: Job, meta: InputMeta, roles: RoleLayout):
+    """Rank 0: resume ``<output>.tmp`` if its record allows, else lay it out afresh.
+
+    Returns (OutputLayout, Progress); a fresh start records 0 chunks done at once, so from here
+    on the partial output is resumable.
+    """
+    cfg = job.cfg
+    fp = fingerprint(cfg, job.weights, job.input, roles)
+    chunks = len(meta.chunk_tokens)
+    progress = resume_point(job.output, fp, chunks, job.restart)
+    shape = (job.output, meta.num_sequences, meta.seq_len, cfg.model.hidden_size, cfg.run.output_dtype,
+             cfg.model.vocab_size if cfg.run.logits else 0)
+    if progress is not None:
+        return reopen_output(*shape), progress
+    layout = create_output(*shape)
+    progress = Progress(fp, chunks, 0, np.zeros((cfg.model.num_moe_layers, cfg.model.num_experts), np.int64))
+    save_progress(job.output, progress)
+    return layout, progress
 
 
 def _load(engine: Engine, job: Job) -> None:
@@ -71,98 +120,177 @@ def _load(engine: Engine, job: Job) -> None:
         engine.load(ckpt)
 
 
-def run_job(comm, job: Job, log=print) -> dict:
-    """Run ``job`` on every rank of ``comm``. Returns rank 0's summary (others: {})."""
+def _log(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def run_job(comm, job: Job, log=_log) -> dict:
+    """Run ``job`` on every rank of ``comm``. Returns rank 0's summary (others: {}).
+
+    Raises Interrupted (all ranks) when a stop signal was agreed on at a chunk boundary.
+    """
     t_start = time.perf_counter()
-    cfg = job.cfg
-    p = cfg.parallel
+    p = job.cfg.parallel
     collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, debug=job.debug)
-    topo = build_topology(comm, cfg)
-    world, rank = topo.world, topo.rank
-    sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
+    topo = build_topology(comm, job.cfg)
+    world, owned = topo.world, False
     try:
-        meta = world.bcast(sync(_check_setup, job, rank), root=0)
-        backend = sync(make_backend, cfg.run.device, topo.local_rank)
-        placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
-        engine = Engine(cfg, topo, backend, placement)
-        sync(_load, engine, job)
-        layout = world.bcast(
-            sync(lambda: create_output(job.output, meta.num_sequences, meta.seq_len, cfg.model.hidden_size,
-                                       cfg.run.output_dtype, cfg.model.vocab_size if cfg.run.logits else 0)
-                 if rank == 0 else None), root=0)
-        if rank == 0:
-            log(f"moe-hpc: {meta.num_sequences} sequences x {meta.seq_len} positions on {topo.size} rank(s) "
-                f"({p.dp} x [{len(topo.roles.dense_ranks)} dense, {len(topo.roles.expert_ranks)} expert"
-                f"{f' in TP groups of {p.expert_tp}' if p.expert_tp > 1 else ''}], "
-                f"placement {placement.kind}, device {backend.name})")
-        tokens = _stream_chunks(engine, job, meta, layout, sync)
-        stats = np.zeros_like(engine.expert_tokens)
-        world.Reduce(engine.expert_tokens, stats, root=0)
-        wall = time.perf_counter() - t_start
-        summary = {}
-        if rank == 0:
-            attrs = {"config": cfg.to_json(), "version": __version__, "ranks": topo.size,
-                     "roles": topo.describe(), "placement": placement.to_json(),
-                     "wall_time_s": wall, "device": backend.name}
-            sync(finalize_output, job.output, stats, attrs)
-            summary = {"output": str(job.output), "sequences": meta.num_sequences, "tokens": tokens,
-                       "wall_time_s": wall, "tokens_per_s": tokens / wall if wall else 0.0}
-        idle = world.gather(engine.expert_idle_fraction() if topo.is_expert else None, root=0)
-        if rank == 0:
-            idle = [v for v in idle if v is not None]
-            summary["expert_idle_fraction"] = sum(idle) / len(idle) if idle else 0.0
-        else:
-            sync(lambda: None)
-        engine.close()
-        return summary
-    except BaseException:
-        if rank == 0:
-            discard_output(job.output)
+        engine, meta = _prepare(topo, job)
+        layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
+                                       root=0)
+        owned = True
+        if topo.rank == 0:
+            _log_start(log, job, meta, engine, progress)
+        t_loop = time.perf_counter()
+        stats = _stream_chunks(engine, job, meta, layout, progress)
+        return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop)
+    except MoeHpcError as exc:
+        if owned and topo.rank == 0 and exc.discards_partial:
+            discard_partial(job.output)
         raise
     finally:
         topo.free()
 
 
-def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, sync) -> int:
-    """Read, compute and write every chunk; returns the valid tokens processed (summed)."""
-    topo, cfg = engine.topo, job.cfg
-    nchunks = num_chunks(meta.num_sequences, topo.num_dense, cfg.run.chunk_sequences)
-    batch = writer = None
-    if topo.is_dense:
-        batch = sync(open_input, job.input, cfg.model.hidden_size, cfg.model.vocab_size)
-        writer = OutputWriter(layout)
-        lo, hi = sequence_range(topo.dense_index, topo.num_dense, meta.num_sequences)
-    else:
-        sync(lambda: None)
-    tokens = 0
-    try:
-        for c in range(nchunks):
-            if not topo.is_dense:
-                sync(lambda: None)
-                engine.serve_chunk()
-                sync(lambda: None)
-                continue
-            s0 = min(hi, lo + c * cfg.run.chunk_sequences)
-            s1 = min(hi, s0 + cfg.run.chunk_sequences)
-            inputs = sync(batch.read_chunk, s0, s1, cfg.model.hidden_size, cfg.model.vocab_size)
-            lengths = batch.lengths[s0:s1]
-            hidden, logits = engine.forward_chunk(inputs, lengths, s0)
-            sync(_write_chunk, writer, engine.backend, s0, hidden, logits)
-            tokens += int(lengths.sum())
-    finally:
-        if writer is not None:
-            writer.close()
-        if batch is not None:
-            batch.close()
-    return topo.world.allreduce(tokens)
+def _prepare(topo, job: Job) -> tuple[Engine, InputMeta]:
+    """Check the output path and input (rank 0), pick the device, place and load the experts."""
+    cfg, world = job.cfg, topo.world
+    sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
+    meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
+    backend = sync(make_backend, cfg.run.device, topo.local_rank)
+    placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
+    engine = Engine(cfg, topo, backend, placement)
+    sync(_load, engine, job)
+    return engine, meta
+
+
+def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress) -> None:
+    topo, p = engine.topo, job.cfg.parallel
+    roles = topo.roles
+    tp = f" in TP groups of {p.expert_tp}" if p.expert_tp > 1 else ""
+    log(f"moe-hpc: {meta.num_sequences} sequences x {meta.seq_len} positions on {topo.size} rank(s) "
+        f"({p.dp} x [{len(roles.dense_ranks)} dense, {len(roles.expert_ranks)} expert{tp}], placement "
+        f"{engine.placement.kind}, device {engine.backend.name}), {progress.chunks_total} chunk(s)")
+    if progress.chunks_done:
+        log(f"moe-hpc: resuming at chunk {progress.chunks_done + 1} of {progress.chunks_total} "
+            f"(recorded in {progress_path_for(job.output)})")
+
+
+def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats: np.ndarray,
+            t_start: float, loop_s: float) -> dict:
+    """Finalize the output (stats, provenance, rename) and return rank 0's summary."""
+    topo, world = engine.topo, engine.topo.world
+    times = world.gather(dict(engine.times.seconds), root=0)
+    idle = world.gather(engine.expert_idle_fraction() if topo.is_expert else None, root=0)
+    engine.close()
+    wall = time.perf_counter() - t_start
+    attrs = {"config": job.cfg.to_json(), "version": __version__, "ranks": topo.size,
+             "roles": topo.describe(), "placement": engine.placement.to_json(),
+             "wall_time_s": wall, "device": engine.backend.name}
+    on_rank0(world, _finalize, job.output, stats, attrs, debug=job.debug)
+    if topo.rank != 0:
+        return {}
+    new_tokens = sum(meta.chunk_tokens[progress.chunks_done:])
+    return {"output": str(job.output), "sequences": meta.num_sequences, "tokens": sum(meta.chunk_tokens),
+            "tokens_this_run": new_tokens, "chunks": progress.chunks_total,
+            "resumed_at_chunk": progress.chunks_done, "ranks": topo.size, "nodes": len(set(topo.node_of_rank)),
+            "dense_ranks": len(topo.roles.dense_ranks), "expert_ranks": len(topo.roles.expert_ranks),
+            "device": engine.backend.name, "wall_time_s": round(wall, 4), "loop_time_s": round(loop_s, 4),
+            "tokens_per_s": round(new_tokens / loop_s, 2) if loop_s > 0 else 0.0,
+            "phases_s": phase_summary(times), "expert_load": expert_load(stats),
+            "expert_idle_fraction": _mean([v for v in idle if v is not None])}
+
+
+def _mean(values: list) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def _finalize(output: Path, stats: np.ndarray, attrs: dict) -> None:
+    finalize_output(output, stats, attrs)
+    progress_path_for(output).unlink(missing_ok=True)   # after the rename: the output is whole
+
+
+def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: Progress) -> np.ndarray:
+    """Chunks ``progress.chunks_done ..`` on every rank: read, compute, write, record.
+
+    Returns (rank 0) expert_tokens [moe_layers, experts] int64 summed over ranks and all chunks,
+    the resumed ones included; zeros elsewhere.
+    """
+    topo, world = engine.topo, engine.topo.world
+    chunks = progress.chunks_total
+    stop = job.stop or StopRequest()
+    reporter = ProgressLog(meta.chunk_tokens, progress.chunks_done, job.progress, job.progress_every) \
+        if topo.rank == 0 else None
+    base, counts = progress.expert_tokens, np.zeros_like(engine.expert_tokens)
+    with _DenseIO(engine, job, meta, layout) as dense_io:
+        for c in range(progress.chunks_done, chunks):
+            signum = stop.agreed(world)      # every rank sees the same answer: all stop here
+            if signum:
+                raise Interrupted(f"stopped by {signal_name(signum)} after chunk {c} of {chunks}; "
+                                  f"progress is in {progress_path_for(job.output)}: rerun the same "
+                                  "command to resume")
+            dense_io.chunk(c)
+            world.Reduce(engine.expert_tokens, counts, root=0)
+            if topo.rank == 0:
+                progress = dataclasses.replace(progress, chunks_done=c + 1,
+                                               expert_tokens=base + counts)
+            on_rank0(world, save_progress, job.output, progress, debug=job.debug)
+            if reporter:
+                reporter.chunk_done(c)
+    return progress.expert_tokens if topo.rank == 0 else counts
+
+
+class _DenseIO:
+    """One rank's part of a chunk: a dense rank reads, computes and writes its sequences; an
+    expert-only rank serves the chunk's MoE blocks. Opens the input and output on enter."""
+
+    def __init__(self, engine: Engine, job: Job, meta: InputMeta, layout):
+        self.engine, self.job = engine, job
+        self.sync = lambda fn, *a: collective(engine.topo.world, fn, *a, debug=job.debug)
+        self.layout, self.meta = layout, meta
+        self.batch = self.writer = None
+
+    def __enter__(self) -> "_DenseIO":
+        topo, m = self.engine.topo, self.job.cfg.model
+        if not topo.is_dense:
+            self.sync(lambda: None)
+            return self
+        self.batch = self.sync(open_input, self.job.input, m.hidden_size, m.vocab_size)
+        self.writer = OutputWriter(self.layout)
+        self.lo, self.hi = sequence_range(topo.dense_index, topo.num_dense, self.meta.num_sequences)
+        return self
+
+    def chunk(self, c: int) -> None:
+        e, m, sync = self.engine, self.job.cfg.model, self.sync
+        if self.batch is None:
+            sync(lambda: None)
+            e.serve_chunk()
+            sync(lambda: None)
+            return
+        s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
+        t0 = time.perf_counter()
+        inputs = sync(self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size)
+        e.times.add("io", t0)
+        hidden, logits = e.forward_chunk(inputs, self.batch.lengths[s0:s1], s0)
+        t0 = time.perf_counter()
+        sync(_write_chunk, self.writer, e.backend, s0, hidden, logits)
+        e.times.add("io", t0)
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.batch is not None:
+            self.batch.close()
 
 
 def _write_chunk(writer: OutputWriter, backend, s0: int, hidden, logits) -> None:
-    if hidden.shape[0] == 0:
-        return
-    writer.write_hidden(s0, backend.to_host(hidden))
-    if logits is not None:
-        writer.write_logits(s0, backend.to_host(logits))
+    """Write and sync this rank's sequences of one chunk (durable before it is recorded)."""
+    if hidden.shape[0]:
+        writer.write_hidden(s0, backend.to_host(hidden))
+        if logits is not None:
+            writer.write_logits(s0, backend.to_host(logits))
+    writer.sync()
 
 
-__all__ = ["Job", "run_job", "sequence_range", "num_chunks"]
+__all__ = ["Job", "InputMeta", "run_job", "check_setup", "sequence_range", "num_chunks", "chunk_slice", "chunk_tokens"]

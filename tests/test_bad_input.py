@@ -10,7 +10,8 @@ through ``--set``), a checkpoint whose model table differs from the run's, or a 
   file, dataset or key (and is not an "internal error");
 - no traceback;
 - a non-zero exit on EVERY rank, within seconds (no rank left waiting in a collective);
-- no file at the output path and no ``<output>.tmp`` left behind.
+- no file at the output path and no ``<output>.tmp`` or ``<output>.progress.json`` left behind
+  (a bad input dooms the partial output, unlike an interruption: see test_resume.py).
 
 And a rerun never destroys a complete output: without ``--overwrite`` it is refused with an
 error naming the output and the file stays byte-identical; with ``--overwrite`` it is replaced.
@@ -35,7 +36,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import MPIEXEC, TINY, Result, needs_mpiexec
+from conftest import MPIEXEC, TINY, Result, needs_mpiexec, rank_env
 
 pytestmark = needs_mpiexec
 
@@ -101,11 +102,9 @@ class Outcome:
 def run_ranks(*args, ranks: int) -> Outcome:
     """``mpiexec -n ranks moe-hpc ARGS`` with per-rank exit reporting and wall time."""
     cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-c", WRAPPER, *map(str, args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=rank_env())
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"moe-hpc hung: no exit within {RUN_TIMEOUT} s (MPI hang?)\ncommand: {cmd}\n"
                     f"stderr so far:\n{exc.stderr}")
@@ -143,6 +142,8 @@ def assert_clean_failure(out: Outcome, ranks: int, needles, output: Path,
     else:
         assert not output.exists(), f"a file appeared at the output path {output}{info}"
     assert not tmp.exists(), f"a leftover {tmp} remains{info}"
+    record = output.with_name(output.name + ".progress.json")
+    assert not record.exists(), f"a leftover {record} remains{info}"
 
 
 # ------------------------------------------------------------------ building bad files

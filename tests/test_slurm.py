@@ -1,0 +1,158 @@
+"""The job scripts under a real Slurm: a one-node cluster on this machine (slurm_cluster.py).
+
+- the CPU variant of jobs/moe_infer.sbatch, launched by srun and by mpiexec, writes the same
+  output, bit for bit, as a direct mpiexec run of the same layout;
+- ``scancel --signal=USR1 --batch`` mid-run: the script's trap passes the signal on, the ranks
+  stop at a chunk boundary (exit 75), the script requeues the job, and the requeued job resumes
+  to an output equal to an uninterrupted run's;
+- a rank killed under srun ends the job (FAILED) within the bound, the recorded chunks kept;
+- srun without a PMI plugin is refused instead of running the job twice;
+- jobs/moe_plan.sbatch prints the layout and writes nothing;
+- jobs/scaling_study.sh submits its points and a report job that writes the table and plot.
+
+Skipped, with the reason, where Slurm cannot run (not root and not installed); in CI (``CI``
+set) that is a failure instead, since these tests must run there.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY, assert_same_output, needs_mpiexec
+from interrupting import kill_rank_midway, progress_record, signal_midway, wait_for_chunks
+from slurm_cluster import SlurmUnavailable, start_cluster
+
+pytestmark = needs_mpiexec
+
+JOB_TIMEOUT = 120
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+KILL_BOUND_S = 15.0     # srun ends the step at once; Slurm SIGKILLs what is left after KillWait (5 s here)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    venv_moe = Path(sys.prefix) / "bin" / "moe-hpc"
+    if not venv_moe.exists():
+        pytest.skip(f"the job scripts need a virtualenv with moe-hpc ({venv_moe} is missing)")
+    try:
+        cluster = start_cluster()
+    except SlurmUnavailable as exc:
+        message = f"Slurm cannot run here: {exc}"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    yield cluster
+    cluster.stop()
+
+
+def job_env(weights, inputs, output, **extra) -> dict:
+    """The knobs of jobs/moe_infer.sbatch for the long test input, one sequence per chunk."""
+    return {"MOE_HPC_ROOT": str(REPO), "VENV": sys.prefix, "WEIGHTS": str(weights), "INPUT": str(inputs),
+            "OUTPUT": str(output), "SETS": "--set run.chunk_sequences=1", "PYTHONUNBUFFERED": "1",
+            "RUN_ARGS": "--progress lines --progress-every 0", **extra}
+
+
+def submit(slurm, script: str, log: Path, env: dict, *sbatch_args) -> int:
+    return slurm.sbatch("--output", log, *sbatch_args, REPO / "jobs" / script, env=env, cwd=REPO)
+
+
+def ended(info: dict) -> bool:
+    return info["JobState"] in ENDED
+
+
+@pytest.mark.parametrize("launcher, launch_line", [("srun", "launch: srun --mpi=pmi2 --kill-on-bad-exit=1 "),
+                                                   ("mpiexec", "/bin/mpiexec -n 2 ")])
+def test_cpu_job_matches_direct_run(slurm, launcher, launch_line, tiny_files, long_input, uninterrupted,
+                                    tmp_path):
+    out, log = tmp_path / "out.h5", tmp_path / "job.log"
+    job = submit(slurm, "moe_infer_cpu.sbatch", log, job_env(tiny_files[0], long_input, out, LAUNCHER=launcher))
+    info = slurm.wait(job, ended, JOB_TIMEOUT)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert launch_line in text and "progress: chunk 20/20 (100.0%)" in text and '"summary"' in text
+    assert_same_output(out, uninterrupted(2), tmp_path)
+
+
+def test_usr1_requeue_resume_matches_uninterrupted(slurm, tiny_files, long_input, uninterrupted, tmp_path):
+    out, log, tag = tmp_path / "out.h5", tmp_path / "job.log", uuid.uuid4().hex
+    job = submit(slurm, "moe_infer_cpu.sbatch", log,
+                 job_env(tiny_files[0], long_input, out, MOE_HPC_TEST_TAG=tag))
+    wait_for_chunks(out, 2)
+    signal_midway(tag, 2, lambda: slurm.run("scancel", "--signal=USR1", "--batch", job), signal.SIGUSR1)
+    # Slurm holds a requeued batch job for about two minutes (BeginTime); start it now instead.
+    info = slurm.wait(job, lambda i: int(i.get("Restarts", 0)) >= 1 and i["JobState"] == "PENDING"
+                      or ended(i), JOB_TIMEOUT)
+    assert info["JobState"] == "PENDING", log.read_text()
+    stopped_at = progress_record(out)["chunks_done"]
+    assert 2 <= stopped_at < 20
+    slurm.wait_steps_gone(job)
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = slurm.wait(job, ended, JOB_TIMEOUT)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    for needle in ("stop signal: ranks finish the current chunk", "stopped by SIGUSR1", "moe-hpc exit status 75",
+                   f"requeueing job {job}", "(restart count 1)", f"resuming at chunk {stopped_at + 1} of 20",
+                   "moe-hpc exit status 0"):
+        assert needle in text, f"{needle!r} not in the job log:\n{text}"
+    assert_same_output(out, uninterrupted(2), tmp_path)
+    assert progress_record(out) is None and not out.with_name("out.h5.tmp").exists()
+
+
+def test_killed_rank_under_srun_ends_job(slurm, tiny_files, long_input, tmp_path, no_stale_shm):
+    out, log, tag = tmp_path / "out.h5", tmp_path / "job.log", uuid.uuid4().hex
+    job = submit(slurm, "moe_infer_cpu.sbatch", log,
+                 job_env(tiny_files[0], long_input, out, MOE_HPC_TEST_TAG=tag))
+    wait_for_chunks(out, 2)
+    t0 = kill_rank_midway(tag, 2)
+    info = slurm.wait(job, ended, JOB_TIMEOUT)
+    elapsed = time.monotonic() - t0
+    text = log.read_text()
+    print(f"killed rank under srun: job {info['JobState']} {elapsed:.2f} s later")
+    assert info["JobState"] == "FAILED", text
+    assert elapsed < KILL_BOUND_S, f"the job took {elapsed:.1f} s to end after a rank was killed\n{text}"
+    assert "requeueing" not in text
+    assert progress_record(out)["chunks_done"] >= 2 and out.with_name("out.h5.tmp").exists()
+
+
+def test_srun_without_pmi_is_refused(slurm, tiny_files, tmp_path):
+    """srun --mpi=none starts two one-rank worlds: each must refuse, not write the output twice."""
+    out = tmp_path / "out.h5"
+    r = slurm.run("srun", "-n", "2", "--mpi=none", Path(sys.prefix) / "bin" / "moe-hpc", "run", TINY,
+                  "--weights", tiny_files[0], "--input", tiny_files[1], "--output", out, check=False, timeout=60)
+    assert r.returncode != 0 and r.stderr.count("error: srun started 2 tasks but MPI sees 1 rank") == 2, r.stderr
+    assert not out.exists() and not out.with_name("out.h5.tmp").exists()
+
+
+def test_plan_job_prints_layout(slurm, tiny_files, long_input, tmp_path):
+    out, log = tmp_path / "out.h5", tmp_path / "plan.log"
+    env = job_env(tiny_files[0], long_input, out, DEVICE="cpu", RUN_ARGS="",
+                  SETS="--set parallel.dense_ranks=1")
+    job = submit(slurm, "moe_plan.sbatch", log, env, "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2")
+    info = slurm.wait(job, ended, JOB_TIMEOUT)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "dry run: OK, nothing computed or written" in text and f"{slurm.host}" in text
+    assert "1 dense, 1 expert" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.log"]
+
+
+def test_scaling_study_submits_points_and_report(slurm, tmp_path):
+    results = tmp_path / "study"
+    env = {**slurm.env, "RESULTS": str(results), "NODES": "1", "RANKS_PER_NODE": "1 2", "DEVICE": "cpu",
+           "SEQUENCES": "8", "SEQS_PER_RANK": "4", "SEQ_LEN": "16", "VENV": sys.prefix}
+    proc = subprocess.run(["bash", "jobs/scaling_study.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = int(re.search(r"Submitted batch job (\d+)", proc.stdout).group(1))
+    info = slurm.wait(report, ended, JOB_TIMEOUT)
+    assert info["JobState"] == "COMPLETED", (results / "report.log").read_text()
+    rows = (results / "scaling.md").read_text().splitlines()[2:]
+    assert [row.split("|")[1:4] for row in rows] == [
+        [" strong ", " 1 ", " 1 "], [" strong ", " 1 ", " 2 "], [" weak ", " 1 ", " 1 "], [" weak ", " 1 ", " 2 "]]
+    assert (results / "scaling.png").read_bytes()[:4] == b"\x89PNG"
