@@ -69,7 +69,7 @@ class ModelConfig:
 class ParallelConfig:
     """How ranks are split into roles and where experts live."""
     dense_ranks: int = 0            # 0: co-located roles; D > 0: D dense ranks, the rest experts
-    placement: str = "auto"         # auto | shared | disjoint
+    placement: str = "auto"         # auto | shared | disjoint | path to a PLACEMENT.h5
     gpus_per_node: int = 0          # 0: discovered from the shared-memory communicator
 
 
@@ -82,6 +82,9 @@ class RunConfig:
     device: str = "cpu"             # cpu | gpu | auto
     output_dtype: str = "bfloat16"  # dtype of /hidden in the output file
     logits: bool = False            # also write /logits (needs vocab_size > 0)
+    balance: bool = False           # move selection biases against load at run time (changes routing)
+    balance_threshold: float = 1.2  # act when a micro-batch's max/mean expert load exceeds this
+    balance_gamma: float = 0.001    # bias step per action: b_e += gamma * sign(mean - load_e)
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,10 @@ def _coerce(table: str, key: str, value: Any, default: Any, where: str) -> Any:
     return value
 
 
-def _build_table(table: str, values: dict[str, Any], where: str):
-    cls = TABLES[table]
+def build_table(table: str, values: dict[str, Any], where: str, cls=None):
+    """One TOML table -> an instance of ``cls`` (default: the run config's class for ``table``),
+    each value checked against the type of its default."""
+    cls = cls or TABLES[table]
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -169,23 +174,27 @@ def build_config(tables: dict[str, Any], overrides: list[str] = (), where: str =
     for text in overrides:
         table, key, value = parse_override(text)
         merged[table][key] = value
-    cfg = Config(**{name: _build_table(name, merged[name], where) for name in TABLES}, source=where)
+    cfg = Config(**{name: build_table(name, merged[name], where) for name in TABLES}, source=where)
     validate(cfg)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read and validate a TOML run config."""
+def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Parse a TOML file; an unreadable or malformed file is a ConfigError naming it."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     try:
-        tables = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return build_config(tables, overrides, where=str(path))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read and validate a TOML run config."""
+    return build_config(read_toml(path), overrides, where=str(path))
 
 
 def model_from_json(text: str, where: str) -> ModelConfig:
@@ -196,7 +205,7 @@ def model_from_json(text: str, where: str) -> ModelConfig:
         raise ConfigError(f"{where}: attribute 'config' is not valid JSON: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: attribute 'config' must be a JSON object")
-    model = _build_table("model", values, where)
+    model = build_table("model", values, where)
     _validate_model(model, where)
     return model
 
@@ -234,8 +243,8 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg.model, where)
     p, r = cfg.parallel, cfg.run
     _require(p.dense_ranks >= 0, where, "parallel.dense_ranks", f"must be >= 0, got {p.dense_ranks}")
-    _require(p.placement in PLACEMENTS, where, "parallel.placement",
-             f"must be one of {', '.join(PLACEMENTS)}, got {p.placement!r}")
+    _require(p.placement in PLACEMENTS or p.placement.endswith(".h5"), where, "parallel.placement",
+             f"must be one of {', '.join(PLACEMENTS)} or a placement file (*.h5), got {p.placement!r}")
     _require(p.gpus_per_node >= 0, where, "parallel.gpus_per_node", "must be >= 0")
     _require(r.micro_batch_tokens >= 1, where, "run.micro_batch_tokens",
              f"must be >= 1, got {r.micro_batch_tokens}")
@@ -246,7 +255,10 @@ def validate(cfg: Config) -> None:
              f"must be one of {', '.join(OUTPUT_DTYPES)}, got {r.output_dtype!r}")
     _require(not r.logits or cfg.model.vocab_size > 0, where, "run.logits",
              "needs model.vocab_size > 0 (there is no lm_head)")
+    _require(r.balance_threshold > 1.0, where, "run.balance_threshold",
+             f"must be > 1 (max/mean load is never below 1), got {r.balance_threshold}")
+    _require(r.balance_gamma > 0.0, where, "run.balance_gamma", f"must be > 0, got {r.balance_gamma}")
 
 
 __all__ = ["Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config",
-           "parse_override", "model_from_json", "validate", "TABLES"]
+           "parse_override", "model_from_json", "validate", "build_table", "read_toml", "TABLES"]

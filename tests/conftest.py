@@ -43,6 +43,15 @@ class Result:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
 
 
+def transform_dataset(name: str, fn):
+    """An h5py edit: replace dataset ``name`` by ``fn(its data)`` (for making bad files)."""
+    def edit(f):
+        data = fn(f[name][()])
+        del f[name]
+        f.create_dataset(name, data=data)
+    return edit
+
+
 def moe_hpc(*args, ranks: int | None = None, timeout: float = MPI_TIMEOUT, cwd=None) -> Result:
     """Run ``moe-hpc ARGS`` as one process, or under ``mpiexec -n ranks``."""
     cmd = [sys.executable, "-m", "moe_hpc.cli", *map(str, args)]
