@@ -14,6 +14,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import MoeHpcError, PeerFailed
+from .place import SEARCH_STEPS
+from .tracegen import TraceShape
 
 # The demo's batching: small micro-batches and chunks, so even 256 tokens exercise the
 # double-buffered exchange and the chunked writes. The model is the built-in tiny default.
@@ -46,7 +48,31 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--weights", required=True)
     r.add_argument("--input", required=True)
     r.add_argument("--output", required=True)
+    r.add_argument("--trace", help="also record a routing trace (HDF5) here")
     _common(r)
+
+    t = sub.add_parser("make-trace", help="write a synthetic routing trace (skew, clusters, drift)")
+    t.add_argument("config")
+    t.add_argument("--cluster", required=True, help="cluster TOML (its GPU count is the world size)")
+    t.add_argument("-o", "--output", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    for name, value in vars(TraceShape()).items():
+        t.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                       help=f"(default {value})")
+    _common(t)
+
+    pl = sub.add_parser("place", help="plan expert placement from a trace; compare formula, greedy, optimised")
+    pl.add_argument("config")
+    pl.add_argument("--cluster", required=True, help="cluster TOML")
+    pl.add_argument("--trace", required=True, help="routing trace (HDF5)")
+    pl.add_argument("-o", "--output", required=True, help="placement file (HDF5) to write")
+    pl.add_argument("--steps", type=int, default=SEARCH_STEPS,
+                    help=f"local search budget in relocation attempts; keeps results reproducible "
+                         f"(default {SEARCH_STEPS})")
+    pl.add_argument("--seconds", type=float, default=120.0,
+                    help="wall-clock safety net for the search (default 120)")
+    pl.add_argument("--json", action="store_true", help="print the report as JSON too")
+    _common(pl)
 
     d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
     d.add_argument("--dir", default="demo", help="where the demo files go (default: ./demo)")
@@ -98,10 +124,34 @@ def cmd_make_inputs(args, comm) -> None:
 def cmd_run(args, comm) -> None:
     from .runner import Job, run_job
     cfg = _load_config(args, comm)
-    job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug)
+    job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
+              Path(args.trace) if args.trace else None)
     summary = run_job(comm, job)
     if summary:
         print(json.dumps({"summary": summary}))
+
+
+def cmd_make_trace(args, comm) -> None:
+    from .planner import make_trace_file
+    cfg = _load_config(args, comm)
+    shape = TraceShape(**{name: getattr(args, name) for name in vars(TraceShape())})
+    _on_rank0(comm, args.debug, make_trace_file, cfg, args.cluster, args.output, shape, args.seed, args.overwrite)
+    if comm.Get_rank() == 0:
+        print(f"wrote {args.output}")
+
+
+def cmd_place(args, comm) -> None:
+    from .failure import collective
+    from .planner import format_report, place_to_file
+    cfg = _load_config(args, comm)
+    report = collective(comm, lambda: place_to_file(cfg, args.cluster, args.trace, args.output, args.steps,
+                                                    args.seconds, args.overwrite) if comm.Get_rank() == 0 else None,
+                        debug=args.debug)
+    if comm.Get_rank() == 0:
+        print(format_report(report))
+        if args.json:
+            print(json.dumps({"place": report}))
+        print(f"wrote {args.output}")
 
 
 def cmd_demo(args, comm) -> None:
@@ -137,7 +187,7 @@ def cmd_demo(args, comm) -> None:
 
 
 COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "run": cmd_run,
-            "demo": cmd_demo}
+            "make-trace": cmd_make_trace, "place": cmd_place, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -29,16 +29,17 @@ def replica_table(placement, layer: int, rank_of_expert_index) -> tuple[np.ndarr
 
 
 def plan_dispatch(experts: np.ndarray, token_ids: np.ndarray, holders: np.ndarray,
-                  replicas: np.ndarray, world_size: int) -> DispatchPlan:
-    """experts: [T, k] chosen experts; token_ids: [T] global token index (sequence*L + pos).
+                  replicas: np.ndarray, world_size: int, replica: np.ndarray | None = None) -> DispatchPlan:
+    """experts: [T, k] chosen experts; token_ids: [T] global token index (sequence*L + pos);
+    replica: [T, k] replica of each choice, or None for the default.
 
-    A replicated expert's tokens are spread over its replicas by token index, which depends
-    on the data only, never on how the run is split.
+    By default a replicated expert's tokens are spread over its replicas by token index, which
+    depends on the data only, never on how the run is split (the balancer picks its own).
     """
     T, k = experts.shape
     flat = experts.reshape(-1)
-    tok = np.repeat(token_ids, k)
-    dest = holders[flat, tok % replicas[flat]]
+    pick = np.repeat(token_ids, k) % replicas[flat] if replica is None else replica.reshape(-1)
+    dest = holders[flat, pick]
     order = np.lexsort((flat, dest))              # by destination, then expert within it
     return DispatchPlan(order, flat[order].astype(np.int32),
                         np.bincount(dest, minlength=world_size).astype(np.int64))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import BF16, F32, Backend, matmul_bf16
+from .balance import with_bias
 from .checkpoint import Checkpoint, DenseLayer
 from .config import Config
 from .dispatcher import plan_dispatch, replica_table
@@ -56,19 +57,26 @@ class MoeBlock:
         T, k, P = m.shape[0], cfg.top_k, e.topo.size
         t0 = time.perf_counter()
         experts = np.zeros((0, k), np.int64)
-        weights = None
-        if T:
-            w = e.dense[layer]
-            routing = route(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp)
-            experts, weights = e.backend.to_host(routing.experts), routing.weights
-            e.expert_tokens[layer - cfg.first_dense_layers] += np.bincount(
-                experts.reshape(-1), minlength=cfg.num_experts)
-        t0 = e.times.add("gating", t0)
+        weights = replica = None
         mbt = e.cfg.run.micro_batch_tokens
         nmb = e.topo.exchange.allreduce(math.ceil(T / mbt), op=_max())
         bounds = [(min(T, i * mbt), min(T, (i + 1) * mbt)) for i in range(nmb)]
+        if e.balancer is not None:   # routes micro-batch by micro-batch, moving the bias between them
+            gate = lambda x, b: route(x, e.dense[layer].gate, with_bias(e.dense[layer].gate_bias, b, xp),
+                                      k, cfg.normalize_topk, xp)
+            experts, weights, replica = e.balancer.route(layer, m, token_ids, bounds, gate)
+        elif T:
+            w = e.dense[layer]
+            routing = route(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp)
+            experts, weights = e.backend.to_host(routing.experts), routing.weights
+        e.expert_tokens[layer - cfg.first_dense_layers] += np.bincount(
+            experts.reshape(-1), minlength=cfg.num_experts)
+        if e.trace is not None:
+            e.trace.record(layer, experts)
+        t0 = e.times.add("gating", t0)
         holders, replicas = e.replicas[layer]
-        plans = [plan_dispatch(experts[a:b], token_ids[a:b], holders, replicas, P) for a, b in bounds]
+        plans = [plan_dispatch(experts[a:b], token_ids[a:b], holders, replicas, P,
+                               None if replica is None else replica[a:b]) for a, b in bounds]
         f = xp.empty((T, cfg.hidden_size), dtype=BF16)
         if nmb == 0:
             return f
@@ -123,7 +131,9 @@ def _max():
 
 class Engine:
     """One rank's share of the model: dense weights if it owns sequences, experts if it hosts
-    any, and the exchange that joins them."""
+    any, and the exchange that joins them. The runner may attach a balancer and a trace recorder."""
+    balancer = None     # balance.Balancer when run.balance is on
+    trace = None        # trace.TraceRecorder under ``moe-hpc run --trace``
 
     def __init__(self, cfg: Config, topo: Topology, backend: Backend, placement: Placement):
         self.cfg, self.topo, self.backend, self.xp = cfg, topo, backend, backend.xp

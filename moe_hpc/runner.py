@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__
 from .backend import make_backend
+from .balance import REPORT_WINDOW, Balancer
 from .checkpoint import Checkpoint
 from .config import Config
 from .engine import Engine
@@ -22,6 +23,7 @@ from .io import (OutputWriter, check_output_path, create_output, discard_output,
                  open_input)
 from .placement import make_placement
 from .topology import build_topology, role_layout
+from .trace import TraceRecorder, write_trace
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Job:
     output: Path
     overwrite: bool = False
     debug: bool = False
+    trace: Path | None = None       # also record a routing trace here (``--trace``)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,26 @@ def _check_setup(job: Job, rank: int):
     if rank != 0:
         return None
     check_output_path(job.output, job.overwrite)
+    if job.trace is not None:
+        check_output_path(job.trace, job.overwrite)
     return _inspect_input(job)
+
+
+def _attach(engine: Engine, job: Job, placement, log) -> None:
+    """The optional passengers of a run: the load balancer and the trace recorder."""
+    run = job.cfg.run
+    if run.balance:
+        engine.balancer = Balancer(placement, job.cfg.model.top_k, run.balance_threshold, run.balance_gamma,
+                                   engine.topo.world, engine.backend.to_host, engine.xp, log)
+    if job.trace is not None:
+        engine.trace = TraceRecorder(job.cfg.model)
+
+
+def _finish(job: Job, stats: np.ndarray, attrs: dict, trace) -> None:
+    """Rank 0: the trace first, then the output, so the output appears only when all is done."""
+    if trace is not None:
+        write_trace(job.trace, trace)
+    finalize_output(job.output, stats, attrs)
 
 
 def _load(engine: Engine, job: Job) -> None:
@@ -84,6 +106,7 @@ def run_job(comm, job: Job, log=print) -> dict:
         backend = sync(make_backend, cfg.run.device, topo.local_rank)
         placement = sync(make_placement, cfg.model, len(topo.roles.expert_ranks), cfg.parallel.placement)
         engine = Engine(cfg, topo, backend, placement)
+        _attach(engine, job, placement, log)
         sync(_load, engine, job)
         layout = world.bcast(
             sync(lambda: create_output(job.output, meta.num_sequences, meta.seq_len, cfg.model.hidden_size,
@@ -96,15 +119,23 @@ def run_job(comm, job: Job, log=print) -> dict:
         tokens = _stream_chunks(engine, job, meta, layout, sync)
         stats = np.zeros_like(engine.expert_tokens)
         world.Reduce(engine.expert_tokens, stats, root=0)
+        trace = engine.trace.gather(world, topo.roles.dense_ranks) if engine.trace else None
         wall = time.perf_counter() - t_start
         summary = {}
         if rank == 0:
             attrs = {"config": cfg.to_json(), "version": __version__, "ranks": topo.size,
                      "roles": topo.describe(), "placement": placement.to_json(),
                      "wall_time_s": wall, "device": backend.name}
-            sync(finalize_output, job.output, stats, attrs)
+            if engine.balancer is not None:
+                attrs["balance"] = engine.balancer.report()
+                for b in attrs["balance"]["blocks"]:
+                    log(f"balance: block {b['block']}: max/mean expert load {b['before']:.2f} (first micro-batch) "
+                        f"-> {b['after']:.2f} (last {REPORT_WINDOW}), {b['updates']} bias update(s)")
+            sync(_finish, job, stats, attrs, trace)
             summary = {"output": str(job.output), "sequences": meta.num_sequences, "tokens": tokens,
                        "wall_time_s": wall, "tokens_per_s": tokens / wall if wall else 0.0}
+            if engine.balancer is not None:
+                summary["balance"] = attrs["balance"]
         else:
             sync(lambda: None)
         engine.close()
