@@ -63,7 +63,7 @@ def format_report(report: dict) -> str:
              "", "| placement | max link load (ms) | busiest link (tokens/layer) | max/mean GPU load "
              "| inter-node GB |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, m in report["metrics"].items():
-        lines.append(f"| {name} | {m['max_link_ms']:.2f} | {m['max_link_tokens']:.0f} | "
+        lines.append(f"| {name} | {m['max_link_ms']:.4g} | {m['max_link_tokens']:.0f} | "
                      f"{m['gpu_max_over_mean']:.2f} | {m['inter_node_gb']:.1f} |")
     g = report["optimised_gain"]
     lines += ["", f"optimised max link load: {g['vs_formula']:.1%} below formula, "
