@@ -18,6 +18,8 @@ from . import __version__
 from .errors import Interrupted, MoeHpcError, PeerFailed
 from .failure import collective, on_rank0
 from .interrupt import EXIT_INTERRUPTED, StopRequest
+from .place import SEARCH_STEPS
+from .tracegen import TraceShape
 
 # The demo's batching: small micro-batches and chunks, so even 256 tokens exercise the
 # double-buffered exchange and the chunked writes. The model is the built-in tiny default.
@@ -59,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
                    help="seconds between progress lines (default 10; 0: every chunk)")
     r.add_argument("--summary", metavar="PATH", help="also write the JSON summary to PATH")
+    r.add_argument("--trace", help="also record a routing trace (HDF5) here")
     _common(r)
 
     b = sub.add_parser("bench", help="time one MoE layer and the shrunk model on GPUs, with ceilings")
@@ -72,6 +75,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="PATH", help="write a PNG of tokens/s and efficiency against GPUs")
     s.add_argument("--title", default="moe_hpc scaling", help="plot title")
     s.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    t = sub.add_parser("make-trace", help="write a synthetic routing trace (skew, clusters, drift)")
+    t.add_argument("config")
+    t.add_argument("--cluster", required=True, help="cluster TOML (its GPU count is the world size)")
+    t.add_argument("-o", "--output", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    for name, value in vars(TraceShape()).items():
+        t.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                       help=f"(default {value})")
+    _common(t)
+
+    pl = sub.add_parser("place", help="plan expert placement from a trace; compare formula, greedy, optimised")
+    pl.add_argument("config")
+    pl.add_argument("--cluster", required=True, help="cluster TOML")
+    pl.add_argument("--trace", required=True, help="routing trace (HDF5)")
+    pl.add_argument("-o", "--output", required=True, help="placement file (HDF5) to write")
+    pl.add_argument("--steps", type=int, default=SEARCH_STEPS,
+                    help=f"local search budget in relocation attempts; keeps results reproducible "
+                         f"(default {SEARCH_STEPS})")
+    pl.add_argument("--seconds", type=float, default=120.0,
+                    help="wall-clock safety net for the search (default 120)")
+    pl.add_argument("--json", action="store_true", help="print the report as JSON too")
+    _common(pl)
 
     d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
     d.add_argument("--dir", default="demo", help="where the demo files go (default: ./demo)")
@@ -128,7 +154,7 @@ def cmd_run(args, comm) -> None:
     _check_not_singletons(comm)
     job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
               restart=args.restart, progress=args.progress, progress_every=args.progress_every,
-              stop=args.stop)
+              stop=args.stop, trace=Path(args.trace) if args.trace else None)
     if args.dry_run:
         from .dryrun import dry_run
         dry_run(comm, job)
@@ -145,6 +171,29 @@ def cmd_scaling_report(args, comm) -> None:
     from .scaling import scaling_report
     print(scaling_report(Path(args.results), args.table and Path(args.table),
                          args.plot and Path(args.plot), args.title))
+
+
+def cmd_make_trace(args, comm) -> None:
+    from .planner import make_trace_file
+    cfg = _load_config(args, comm)
+    shape = TraceShape(**{name: getattr(args, name) for name in vars(TraceShape())})
+    on_rank0(comm, make_trace_file, cfg, args.cluster, args.output, shape, args.seed, args.overwrite, debug=args.debug)
+    if comm.Get_rank() == 0:
+        print(f"wrote {args.output}")
+
+
+def cmd_place(args, comm) -> None:
+    from .failure import collective
+    from .planner import format_report, place_to_file
+    cfg = _load_config(args, comm)
+    report = collective(comm, lambda: place_to_file(cfg, args.cluster, args.trace, args.output, args.steps,
+                                                    args.seconds, args.overwrite) if comm.Get_rank() == 0 else None,
+                        debug=args.debug)
+    if comm.Get_rank() == 0:
+        print(format_report(report))
+        if args.json:
+            print(json.dumps({"place": report}))
+        print(f"wrote {args.output}")
 
 
 def cmd_demo(args, comm) -> None:
@@ -184,7 +233,8 @@ def cmd_bench(args, comm) -> None:
 
 
 COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "run": cmd_run,
-            "demo": cmd_demo, "bench": cmd_bench, "scaling-report": cmd_scaling_report}
+            "demo": cmd_demo, "bench": cmd_bench, "scaling-report": cmd_scaling_report,
+            "make-trace": cmd_make_trace, "place": cmd_place}
 
 
 def main(argv=None) -> int:

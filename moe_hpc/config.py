@@ -70,7 +70,7 @@ class ModelConfig:
 class ParallelConfig:
     """How ranks are split into roles and where experts live."""
     dense_ranks: int = 0            # 0: co-located roles; D > 0: D dense ranks, the rest experts
-    placement: str = "auto"         # auto | shared | disjoint
+    placement: str = "auto"         # auto | shared | disjoint | path to a PLACEMENT.h5
     gpus_per_node: int = 0          # 0: discovered from the shared-memory communicator
     dp: int = 1                     # data-parallel replicas, each a full expert-parallel group
     expert_tp: int = 1              # ranks sharing one expert (w1 by columns, w2 by rows)
@@ -88,6 +88,9 @@ class RunConfig:
     logits: bool = False            # also write /logits (needs vocab_size > 0)
     transport: str = "auto"         # auto | mpi | mpi-staged | nccl (GPU); the CPU uses mpi
     cuda_aware_mpi: str = "auto"    # auto | yes | no: whether MPI takes device buffers
+    balance: bool = False           # move selection biases against load at run time (changes routing)
+    balance_threshold: float = 1.2  # act when a micro-batch's max/mean expert load exceeds this
+    balance_gamma: float = 0.001    # bias step per action: b_e += gamma * sign(mean - load_e)
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,10 @@ def _coerce(table: str, key: str, value: Any, default: Any, where: str) -> Any:
     return value
 
 
-def _build_table(table: str, values: dict[str, Any], where: str):
-    cls = TABLES[table]
+def build_table(table: str, values: dict[str, Any], where: str, cls=None):
+    """One TOML table -> an instance of ``cls`` (default: the run config's class for ``table``),
+    each value checked against the type of its default."""
+    cls = cls or TABLES[table]
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -175,23 +180,27 @@ def build_config(tables: dict[str, Any], overrides: list[str] = (), where: str =
     for text in overrides:
         table, key, value = parse_override(text)
         merged[table][key] = value
-    cfg = Config(**{name: _build_table(name, merged[name], where) for name in TABLES}, source=where)
+    cfg = Config(**{name: build_table(name, merged[name], where) for name in TABLES}, source=where)
     validate(cfg)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read and validate a TOML run config."""
+def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Parse a TOML file; an unreadable or malformed file is a ConfigError naming it."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     try:
-        tables = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return build_config(tables, overrides, where=str(path))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read and validate a TOML run config."""
+    return build_config(read_toml(path), overrides, where=str(path))
 
 
 def model_from_json(text: str, where: str) -> ModelConfig:
@@ -202,7 +211,7 @@ def model_from_json(text: str, where: str) -> ModelConfig:
         raise ConfigError(f"{where}: attribute 'config' is not valid JSON: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: attribute 'config' must be a JSON object")
-    model = _build_table("model", values, where)
+    model = build_table("model", values, where)
     _validate_model(model, where)
     return model
 
@@ -240,8 +249,8 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg.model, where)
     p, r = cfg.parallel, cfg.run
     _require(p.dense_ranks >= 0, where, "parallel.dense_ranks", f"must be >= 0, got {p.dense_ranks}")
-    _require(p.placement in PLACEMENTS, where, "parallel.placement",
-             f"must be one of {', '.join(PLACEMENTS)}, got {p.placement!r}")
+    _require(p.placement in PLACEMENTS or p.placement.endswith(".h5"), where, "parallel.placement",
+             f"must be one of {', '.join(PLACEMENTS)} or a placement file (*.h5), got {p.placement!r}")
     _require(p.gpus_per_node >= 0, where, "parallel.gpus_per_node", "must be >= 0")
     _require(p.dp >= 1, where, "parallel.dp", f"must be >= 1, got {p.dp}")
     _require(p.expert_tp >= 1, where, "parallel.expert_tp", f"must be >= 1, got {p.expert_tp}")
@@ -261,7 +270,10 @@ def validate(cfg: Config) -> None:
              f"must be auto, yes or no, got {r.cuda_aware_mpi!r}")
     _require(not r.logits or cfg.model.vocab_size > 0, where, "run.logits",
              "needs model.vocab_size > 0 (there is no lm_head)")
+    _require(r.balance_threshold > 1.0, where, "run.balance_threshold",
+             f"must be > 1 (max/mean load is never below 1), got {r.balance_threshold}")
+    _require(r.balance_gamma > 0.0, where, "run.balance_gamma", f"must be > 0, got {r.balance_gamma}")
 
 
 __all__ = ["Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config",
-           "parse_override", "model_from_json", "validate", "TABLES"]
+           "parse_override", "model_from_json", "validate", "build_table", "read_toml", "TABLES"]

@@ -27,22 +27,19 @@ class RouteTables:
 
 
 def route_tables(placement, slot_leaders) -> RouteTables:
-    """Placement + the exchange rank of each placement slot -> RouteTables (NumPy)."""
+    """Placement + the exchange rank of each placement slot -> RouteTables (NumPy). Replica r of
+    an expert is ``placement.replicas(...)[r]``, the numbering a load balancer uses too."""
     hosted = placement.hosted()
-    flat = placement.num_moe_layers * placement.num_experts
-    holders_of = [[] for _ in range(flat)]
-    slot_of = [[] for _ in range(flat)]
-    for g, ids in enumerate(hosted):
-        for j, f in enumerate(ids):
-            holders_of[f].append(slot_leaders[g])
-            slot_of[f].append(j)
-    most = max((len(h) for h in holders_of), default=1)
-    holders = np.full((flat, most), -1, dtype=np.int64)
-    slots = np.zeros((flat, most), dtype=np.int64)
-    for f in range(flat):
-        holders[f, :len(holders_of[f])] = holders_of[f]
-        slots[f, :len(slot_of[f])] = slot_of[f]
-    replicas = np.array([len(h) for h in holders_of], dtype=np.int64)
+    slot_in = [{f: j for j, f in enumerate(ids)} for ids in hosted]
+    E = placement.num_experts
+    rows = [placement.ranks[m][e] for m in range(placement.num_moe_layers) for e in range(E)]
+    most = max((len(h) for h in rows), default=1)
+    holders = np.full((len(rows), most), -1, dtype=np.int64)
+    slots = np.zeros((len(rows), most), dtype=np.int64)
+    for f, gs in enumerate(rows):
+        holders[f, :len(gs)] = [slot_leaders[g] for g in gs]
+        slots[f, :len(gs)] = [slot_in[g][f] for g in gs]
+    replicas = np.array([len(h) for h in rows], dtype=np.int64)
     return RouteTables(holders, replicas, slots, max(1, max((len(h) for h in hosted), default=1)))
 
 

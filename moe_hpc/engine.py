@@ -55,7 +55,9 @@ def _mpi():
 
 class Engine:
     """One rank's share of the model: dense weights if it owns sequences, experts if it hosts
-    any, and the exchange that joins them."""
+    any, and the exchange that joins them. The runner may attach a balancer and a trace recorder."""
+    balancer = None     # balance.Balancer when run.balance is on
+    trace = None        # trace.TraceRecorder under ``moe-hpc run --trace``
 
     def __init__(self, cfg: Config, topo: Topology, backend: Backend, placement: Placement):
         self.cfg, self.topo, self.backend, self.xp = cfg, topo, backend, backend.xp
@@ -209,10 +211,12 @@ class Engine:
 
     def serve_chunk(self) -> None:
         """An expert-only rank's part of one chunk: every exchange step, no tokens of its own."""
-        m = self.cfg.model
+        m, xp = self.cfg.model, self.xp
+        empty, no_ids = xp.empty((0, m.hidden_size), BF16), np.zeros(0, np.int64)
         for step in self.schedule():
-            if any(m.is_moe(layer) for _, layer in step):
-                self.moe([])
+            parts = [(layer, empty, no_ids) for _, layer in step if m.is_moe(layer)]
+            if parts:
+                self.moe(parts)
 
     def expert_idle_fraction(self) -> float:
         """Share of exchange micro-batches in which this rank's expert slots got no token."""

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from .backend import BF16, F32
+from .balance import with_bias
 from .dispatcher import plan_dispatch
 from .exchange import expert_slots, peer_major, slot_capacity
 from .kernels import combine as combine_rows
@@ -46,46 +47,78 @@ class MoeBlock:
         """One block's tokens: m [T, H] bf16, token_ids [T] -> f [T, H] bf16."""
         return self([(layer, m, token_ids)])[0]
 
-    def _gate(self, parts):
-        """Route every part; -> (m [T, H], flat experts [T, k], weights [T, k], token ids [T])."""
+    def _route_part(self, layer: int, m, tok):
+        """One part's routing -> (flat experts [T, k] device, weights [T, k], replica [T, k] host
+        or None). With run-time balancing on, the balancer routes micro-batch by micro-batch (a
+        collective: every rank calls it for every part, empty or not)."""
         e, xp, cfg = self.e, self.e.xp, self.e.cfg.model
-        k, E, first = cfg.top_k, cfg.num_experts, cfg.first_dense_layers
-        rows, experts, weights, ids = [], [], [], []
-        for layer, m, tok in parts:
-            if not m.shape[0]:
-                continue
+        k, first = cfg.top_k, cfg.first_dense_layers
+        T = m.shape[0]
+        replica = None
+        if e.balancer is not None:
+            mbt = e.cfg.run.micro_batch_tokens
+            nmb = e.topo.world.allreduce(math.ceil(T / mbt), op=_mpi().MAX)
+            bounds = [(min(T, i * mbt), min(T, (i + 1) * mbt)) for i in range(nmb)]
+            w = e.dense.get(layer)
+            gate = lambda x, bias: route(x, w.gate, with_bias(w.gate_bias, bias, xp), k, cfg.normalize_topk, xp)
+            experts, weights, replica = e.balancer.route(layer, m, e.backend.to_host(tok), bounds, gate)
+            experts = xp.asarray(experts)
+            weights = xp.zeros((0, k), F32) if weights is None else weights
+        elif T:
             w = e.dense[layer]
             r = route(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp)
-            e.expert_tokens[layer - first] += e.backend.to_host(xp.bincount(r.experts.reshape(-1), minlength=E))
+            experts, weights = r.experts, r.weights
+        else:
+            experts, weights = xp.zeros((0, k), np.int64), xp.zeros((0, k), F32)
+        host = e.backend.to_host(experts).astype(np.int64)
+        e.expert_tokens[layer - first] += np.bincount(host.reshape(-1), minlength=cfg.num_experts)
+        if e.trace is not None:
+            e.trace.record(layer, host)
+        return experts.astype(np.int64) + (layer - first) * cfg.num_experts, weights, replica
+
+    def _gate(self, parts):
+        """Route every part; -> (m [T, H], flat experts [T, k], weights [T, k], token ids [T],
+        replica [T, k] or None)."""
+        e, xp, cfg = self.e, self.e.xp, self.e.cfg.model
+        k = cfg.top_k
+        rows, experts, weights, ids, replicas = [], [], [], [], []
+        for layer, m, tok in parts:
+            ex, w, rep = self._route_part(layer, m, tok)
+            if rep is not None:
+                replicas.append(rep)
+            if not m.shape[0]:
+                continue
             rows.append(m)
-            experts.append(r.experts.astype(np.int64) + (layer - first) * E)
-            weights.append(r.weights)
+            experts.append(ex)
+            weights.append(w)
             ids.append(e.backend.to_host(tok))
+        replica = np.concatenate(replicas) if replicas else None
         if not rows:
             return (xp.empty((0, cfg.hidden_size), BF16), xp.zeros((0, k), np.int64),
-                    xp.zeros((0, k), F32), np.zeros(0, np.int64))
+                    xp.zeros((0, k), F32), np.zeros(0, np.int64), replica)
         if len(rows) == 1:
-            return rows[0], experts[0], weights[0], ids[0]
+            return rows[0], experts[0], weights[0], ids[0], replica
         m = xp.empty((sum(r.shape[0] for r in rows), cfg.hidden_size), BF16)
         a = 0
         for r in rows:                    # raw 16-bit copies: no bf16 kernels needed
             m.view(np.uint16)[a:a + r.shape[0]] = r.view(np.uint16)
             a += r.shape[0]
-        return m, xp.concatenate(experts), xp.concatenate(weights), np.concatenate(ids)
+        return m, xp.concatenate(experts), xp.concatenate(weights), np.concatenate(ids), replica
 
     def __call__(self, parts):
         """parts: list of (block index, m [T_i, H] bf16, token_ids [T_i]) -> list of f_i."""
         e, xp = self.e, self.e.xp
         k, H = e.cfg.model.top_k, e.cfg.model.hidden_size
         t0 = time.perf_counter()
-        m, experts, weights, token_ids = self._gate(parts)
+        m, experts, weights, token_ids, replica = self._gate(parts)
         T = m.shape[0]
         mbt = e.cfg.run.micro_batch_tokens
         nmb = e.topo.exchange.allreduce(math.ceil(T / mbt), op=_mpi().MAX)
         f = xp.empty((T, H), dtype=BF16)
         if nmb:
             P = e.topo.exchange.Get_size()
-            plan = plan_dispatch(experts, xp.asarray(token_ids), e.tables, mbt, nmb, P, xp, e.backend.to_host)
+            plan = plan_dispatch(experts, xp.asarray(token_ids), e.tables, mbt, nmb, P, xp, e.backend.to_host,
+                                 None if replica is None else xp.asarray(replica))
             recv_counts = e.exchange.exchange_counts(plan.counts)
             self.last_send_counts, self.last_recv_counts = plan.counts, recv_counts
             e.times.add("gating", t0)

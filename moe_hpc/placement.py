@@ -8,6 +8,8 @@ Seed formulas:
 - disjoint (one GPU per expert per layer): g = m * E + e, node = g // gpus_per_node; with more
   expert ranks than m*E slots the extra ranks hold replicas g + r * (M * E); with fewer, slots
   wrap modulo the rank count (several experts per rank, only when forced).
+- a file (``parallel.placement = "PLACEMENT.h5"``, from ``moe-hpc place``): any table of this
+  shape, read and checked by ``placement_file.py``.
 - shared (every rank hosts the same expert index in every MoE layer): with X >= E ranks,
   rank g hosts expert g mod E (ranks past E are replicas); with X < E, rank g hosts every
   expert e with e mod X == g.
@@ -109,9 +111,12 @@ def shared_placement(model: ModelConfig, num_expert_ranks: int) -> Placement:
 
 
 def make_placement(model: ModelConfig, num_expert_ranks: int, kind: str = "auto") -> Placement:
-    """Entry point: ``parallel.placement`` (auto | shared | disjoint) -> Placement."""
+    """Entry point: ``parallel.placement`` (auto | shared | disjoint | a placement file) -> Placement."""
     if num_expert_ranks < 1:
         raise ConfigError("placement needs at least one expert rank")
+    if kind.endswith(".h5"):    # computed by ``moe-hpc place``; read into the same value
+        from .placement_file import load_placement
+        return load_placement(kind, model, num_expert_ranks)
     if model.num_moe_layers == 0:
         return Placement((), num_expert_ranks, model.first_dense_layers, kind)
     if kind == "auto":

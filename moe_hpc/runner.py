@@ -19,6 +19,7 @@ import numpy as np
 
 from . import __version__
 from .backend import make_backend
+from .balance import REPORT_WINDOW, Balancer
 from .checkpoint import Checkpoint
 from .config import Config
 from .engine import Engine
@@ -31,6 +32,7 @@ from .report import ProgressLog, expert_load, phase_summary
 from .resume import (Progress, discard_partial, fingerprint, progress_path_for, resume_point,
                      save_progress)
 from .topology import RoleLayout, build_topology, check_layout
+from .trace import TraceRecorder, write_trace
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Job:
     progress: str = "auto"            # auto | bar | lines | off (report.ProgressLog)
     progress_every: float = 10.0      # seconds between progress lines
     stop: StopRequest | None = None   # signals noted by the CLI; None: never stop early
+    trace: Path | None = None         # also record a routing trace here (``--trace``)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ def chunk_tokens(lengths: np.ndarray, num_dense: int, chunk_sequences: int) -> t
 def check_setup(job: Job, num_dense: int) -> InputMeta:
     """Rank 0: the output may be written, the input is readable; its shape and chunk sizes."""
     check_output_path(job.output, job.overwrite)
+    if job.trace is not None:
+        check_output_path(job.trace, job.overwrite)
     cfg = job.cfg
     batch = open_input(job.input, cfg.model.hidden_size, cfg.model.vocab_size)
     try:
@@ -115,6 +120,16 @@ def _open_output(job: Job, meta: InputMeta, roles: RoleLayout):
     return layout, progress
 
 
+def _attach(engine: Engine, job: Job, placement, log) -> None:
+    """The optional passengers of a run: the load balancer and the trace recorder."""
+    run = job.cfg.run
+    if run.balance:
+        engine.balancer = Balancer(placement, job.cfg.model.top_k, run.balance_threshold, run.balance_gamma,
+                                   engine.topo.world, engine.backend.to_host, engine.xp, log)
+    if job.trace is not None:
+        engine.trace = TraceRecorder(job.cfg.model)
+
+
 def _load(engine: Engine, job: Job) -> None:
     with Checkpoint(job.weights, job.cfg.model) as ckpt:
         engine.load(ckpt)
@@ -137,6 +152,7 @@ def run_job(comm, job: Job, log=_log) -> dict:
     world, owned = topo.world, False
     try:
         engine, meta = _prepare(topo, job)
+        _attach(engine, job, engine.placement, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
         owned = True
@@ -144,7 +160,7 @@ def run_job(comm, job: Job, log=_log) -> dict:
             _log_start(log, job, meta, engine, progress)
         t_loop = time.perf_counter()
         stats = _stream_chunks(engine, job, meta, layout, progress)
-        return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop)
+        return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, log)
     except MoeHpcError as exc:
         if owned and topo.rank == 0 and exc.discards_partial:
             discard_partial(job.output)
@@ -178,17 +194,24 @@ def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progres
 
 
 def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats: np.ndarray,
-            t_start: float, loop_s: float) -> dict:
+            t_start: float, loop_s: float, log=_log) -> dict:
     """Finalize the output (stats, provenance, rename) and return rank 0's summary."""
     topo, world = engine.topo, engine.topo.world
     times = world.gather(dict(engine.times.seconds), root=0)
     idle = world.gather(engine.expert_idle_fraction() if topo.is_expert else None, root=0)
+    trace = engine.trace.gather(world, topo.dense_world_ranks) if engine.trace else None
     engine.close()
     wall = time.perf_counter() - t_start
     attrs = {"config": job.cfg.to_json(), "version": __version__, "ranks": topo.size,
              "roles": topo.describe(), "placement": engine.placement.to_json(),
              "wall_time_s": wall, "device": engine.backend.name}
-    on_rank0(world, _finalize, job.output, stats, attrs, debug=job.debug)
+    if engine.balancer is not None:
+        attrs["balance"] = engine.balancer.report()
+        if topo.rank == 0:
+            for b in attrs["balance"]["blocks"]:
+                log(f"balance: block {b['block']}: max/mean expert load {b['before']:.2f} (first micro-batch) "
+                    f"-> {b['after']:.2f} (last {REPORT_WINDOW}), {b['updates']} bias update(s)")
+    on_rank0(world, _finalize, job.output, stats, attrs, trace, job.trace, debug=job.debug)
     if topo.rank != 0:
         return {}
     new_tokens = sum(meta.chunk_tokens[progress.chunks_done:])
@@ -199,14 +222,18 @@ def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats
             "device": engine.backend.name, "wall_time_s": round(wall, 4), "loop_time_s": round(loop_s, 4),
             "tokens_per_s": round(new_tokens / loop_s, 2) if loop_s > 0 else 0.0,
             "phases_s": phase_summary(times), "expert_load": expert_load(stats),
-            "expert_idle_fraction": _mean([v for v in idle if v is not None])}
+            "expert_idle_fraction": _mean([v for v in idle if v is not None]),
+            **({"balance": attrs["balance"]} if "balance" in attrs else {})}
 
 
 def _mean(values: list) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
-def _finalize(output: Path, stats: np.ndarray, attrs: dict) -> None:
+def _finalize(output: Path, stats: np.ndarray, attrs: dict, trace=None, trace_path=None) -> None:
+    """Rank 0: the trace first, then the output, so the output appears only when all is done."""
+    if trace is not None:
+        write_trace(trace_path, trace)
     finalize_output(output, stats, attrs)
     progress_path_for(output).unlink(missing_ok=True)   # after the rename: the output is whole
 

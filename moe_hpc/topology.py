@@ -139,6 +139,12 @@ class Topology:
         return self.dp_index * len(self.roles.dense_ranks) + self.roles.dense_ranks.index(self.group_rank)
 
     @property
+    def dense_world_ranks(self) -> tuple[int, ...]:
+        """World ranks of every dense rank of every group, in sequence-ownership order."""
+        G = self.group.Get_size()
+        return tuple(g * G + d for g in range(self.dp) for d in self.roles.dense_ranks)
+
+    @property
     def num_dense(self) -> int:
         return self.dp * len(self.roles.dense_ranks)
 

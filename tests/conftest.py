@@ -58,6 +58,15 @@ def moe_hpc_cmd(*args, ranks: int | None = None) -> list[str]:
     return cmd if ranks is None else [MPIEXEC, "-n", str(ranks), *cmd]
 
 
+def transform_dataset(name: str, fn):
+    """An h5py edit: replace dataset ``name`` by ``fn(its data)`` (for making bad files)."""
+    def edit(f):
+        data = fn(f[name][()])
+        del f[name]
+        f.create_dataset(name, data=data)
+    return edit
+
+
 def moe_hpc(*args, ranks: int | None = None, timeout: float = MPI_TIMEOUT, cwd=None) -> Result:
     """Run ``moe-hpc ARGS`` as one process, or under ``mpiexec -n ranks``."""
     proc = subprocess.run(moe_hpc_cmd(*args, ranks=ranks), capture_output=True, text=True,

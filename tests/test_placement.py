@@ -1,4 +1,5 @@
 """Placement and roles: the seed formulas, replicas, several experts per rank, and inverses."""
+import numpy as np
 import pytest
 
 from moe_hpc.config import ModelConfig, load_config
@@ -6,7 +7,7 @@ from moe_hpc.errors import ConfigError
 from moe_hpc.placement import gpu_to_node, make_placement
 from moe_hpc.topology import role_layout
 
-from conftest import REPO
+from conftest import REPO, transform_dataset
 
 SEED61 = load_config(REPO / "inputs" / "seed61.toml").model
 
@@ -79,3 +80,43 @@ def test_roles():
     assert r.dense_ranks == (3,) and r.expert_ranks == (0, 1, 2) and r.role_of(3) == "dense"
     with pytest.raises(ConfigError, match="parallel.dense_ranks"):
         role_layout(2, 2)
+
+
+# ------------------------------------------------------------------ placement files
+
+def _saved(tmp_path, p, model, edit=None):
+    import h5py
+    from moe_hpc.placement_file import save_placement
+    path = tmp_path / "p.h5"
+    save_placement(path, p, model, {"note": "test"})
+    if edit:
+        with h5py.File(path, "r+") as f:
+            edit(f)
+    return path
+
+
+def test_placement_file_roundtrip_gives_the_same_value(tmp_path):
+    m = ModelConfig()
+    p = make_placement(m, 5, "shared")
+    back = make_placement(m, 5, str(_saved(tmp_path, p, m)))
+    assert back.ranks == p.ranks and back.num_expert_ranks == 5 and back.kind.startswith("shared")
+    assert not (tmp_path / "p.h5.tmp").exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda f: f.attrs.__setitem__("num_expert_ranks", 4), "planned for 4 expert GPUs"),
+    (transform_dataset("ranks", lambda t: t[:2]), "/ranks: shape"),
+    (transform_dataset("ranks", lambda t: t + 9), "/ranks: GPU ids"),
+    (transform_dataset("ranks", lambda t: np.concatenate([t, t], axis=2)), "same GPU twice"),
+    (transform_dataset("ranks", lambda t: np.where(np.arange(t.shape[2]) == 0, -1, t)), "has no GPU"),
+    (transform_dataset("ranks", lambda t: t.astype(np.float32)), "not an integer type"),
+    (lambda f: f.attrs.__setitem__("format", "moe_hpc.trace/1"), "format"),
+    (lambda f: f.attrs.__setitem__("first_moe_layer", 2), "first_moe_layer"),
+])
+def test_bad_placement_file_names_it(tmp_path, edit, needle):
+    from moe_hpc.errors import InputError
+    m = ModelConfig()
+    path = _saved(tmp_path, make_placement(m, 5, "shared"), m, edit)
+    with pytest.raises(InputError) as err:
+        make_placement(m, 5, str(path))
+    assert str(path) in str(err.value) and needle in str(err.value)
