@@ -177,18 +177,22 @@ def build_config(tables: dict[str, Any], overrides: list[str] = (), where: str =
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read and validate a TOML run config."""
+def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A TOML file's tables; a missing or malformed file is a ConfigError naming it."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     try:
-        tables = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return build_config(tables, overrides, where=str(path))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read and validate a TOML run config."""
+    return build_config(read_toml(path), overrides, where=str(path))
 
 
 def model_from_json(text: str, where: str) -> ModelConfig:
@@ -255,5 +259,5 @@ def validate(cfg: Config) -> None:
              "needs model.vocab_size > 0 (there is no lm_head)")
 
 
-__all__ = ["Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config",
+__all__ = ["Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config", "read_toml",
            "parse_override", "model_from_json", "validate", "TABLES"]
