@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the report as JSON too")
     _common(pl)
 
+    pn = sub.add_parser("plan", help="plan a deployment: layout, memory, time, DAGs (no GPU, no MPI run)")
+    from .plan_report import add_arguments as add_plan_arguments
+    add_plan_arguments(pn)
+
     d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
     d.add_argument("--dir", default="demo", help="where the demo files go (default: ./demo)")
     _common(d)
@@ -232,9 +236,17 @@ def cmd_bench(args, comm) -> None:
     run_bench(comm, args)
 
 
+def cmd_plan(args, comm) -> None:
+    """Pure planning on one process (no MPI traffic): docs/plan.md."""
+    from .plan_report import run_plan
+    if comm.Get_rank() == 0:
+        run_plan(args)
+
+
 COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "run": cmd_run,
             "demo": cmd_demo, "bench": cmd_bench, "scaling-report": cmd_scaling_report,
-            "make-trace": cmd_make_trace, "place": cmd_place}
+            "make-trace": cmd_make_trace, "place": cmd_place,
+            "plan": cmd_plan}
 
 
 def main(argv=None) -> int:

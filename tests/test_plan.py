@@ -1,0 +1,161 @@
+"""The planner: the layout is the runner's own (same functions), memory and FLOPs by hand for the
+tiny model, refusal when memory does not fit, bad cluster files, and the calibration target."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import moe_hpc.plan as plan_mod
+from moe_hpc.bench import model_flops_per_token
+from moe_hpc.config import ModelConfig, build_config, load_config
+from moe_hpc.errors import ConfigError, InputError
+from moe_hpc.placement import gpu_to_node, make_placement
+from moe_hpc.plan import (Workload, dense_weight_bytes, expert_weight_bytes, flops_per_token, make_layout,
+                          model_flops, plan_memory, rank_rows, slot_rows, token_buffer_bytes, workload_of)
+from moe_hpc.plan_calibrate import fit, load_measured, measured_layer, predict_layer
+from moe_hpc.plan_cluster import build_cluster, load_cluster
+from moe_hpc.plan_report import build, experts_text, run_plan
+from moe_hpc.plan_time import kernel, Rates
+from moe_hpc.topology import role_layout
+
+from conftest import REPO, moe_hpc
+
+SEED61 = REPO / "inputs" / "seed61.toml"
+C128, C3904 = REPO / "inputs" / "cluster_seed128.toml", REPO / "inputs" / "cluster_seed3904.toml"
+FITS = ["run.chunk_sequences=1"]          # the seed config's 16-sequence chunks do not fit 64 GiB
+
+
+def plan_args(cluster, tmp_path, *extra_set, measured=(), fmt="table"):
+    return SimpleNamespace(config=str(SEED61), cluster=str(cluster), placement=None, format=fmt, dot=None,
+                           table=str(tmp_path / "ranks.tsv"), measured=list(measured), validate=[],
+                           set=list(extra_set))
+
+
+@pytest.mark.parametrize("cluster, X, D", [(C128, 64, 0), (C3904, 3712, 192)])
+def test_layout_calls_the_runners_functions(cluster, X, D, monkeypatch):
+    calls = []
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            calls.append(fn.__name__)
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(plan_mod, "make_placement", spy(make_placement))
+    monkeypatch.setattr(plan_mod, "role_layout", spy(role_layout))
+    cfg, cl = load_config(SEED61, FITS), load_cluster(cluster)
+    layout = make_layout(cfg, cl)
+    assert calls == ["role_layout", "make_placement"]
+    group = cl.world_size // cl.deployment.data_parallel
+    assert layout.roles == role_layout(group, D)
+    assert layout.placement == make_placement(cfg.model, X, "auto")
+    rows = rank_rows(layout)
+    assert len(rows) == cl.world_size
+    for row in rows[::97] + rows[-3:]:
+        local = row.rank % group
+        assert row.node == gpu_to_node(row.rank, 8)
+        assert row.role == layout.roles.role_of(local)
+        g = row.expert_rank
+        assert list(row.experts) == (layout.placement.experts_on(g) if g >= 0 else [])
+
+
+def test_seed_table_pins_in_the_plan():
+    layout = make_layout(load_config(SEED61, FITS), load_cluster(C3904))
+    rows = rank_rows(layout)
+    assert (rows[63].node, rows[63].experts) == (7, ((3, 63),))
+    assert (rows[3648].node, rows[3648].experts) == (456, ((60, 0),))
+    assert {r.role for r in rows[3712:]} == {"dense"} and (rows[3712].node, rows[-1].node) == (464, 487)
+    dp = rank_rows(make_layout(load_config(SEED61, FITS), load_cluster(C128)))
+    assert experts_text(dp[64].experts) == "L3-60:e0" and (dp[64].replica, dp[64].node) == (1, 8)
+
+
+def test_tiny_memory_and_flops_by_hand():
+    m = ModelConfig()          # H 64, 4 blocks (1 dense), 4 heads x 16, Fd 256, F 128, E 8, top-2
+    # per block: wq, wk, wv, wo 4 x 64 x 64 + 2 norms of 64 = 16512; dense MLP 64x256 + 256 + 256x64 + 64
+    # = 33088; each MoE block: gate 512 + b2 [8, 64] 512 (bf16) + gate_bias 8 fp32; final_norm 64
+    assert dense_weight_bytes(m) == 2 * (4 * 16512 + 33088 + 3 * 1024 + 64) + 3 * 8 * 4 == 204640
+    assert expert_weight_bytes(m, 1) == 2 * (64 * 128 + 128 + 128 * 64) == 33024
+    assert expert_weight_bytes(m, 3, tp=2) == 3 * 16512
+    f = flops_per_token(m, 16)
+    assert (f["projections"], f["attention_core"], f["dense_mlp"], f["gate"], f["experts"]) == \
+        (2 * 64 * 16 * 16, 2 * 2 * 4 * 16 * 8, 2 * 2 * 64 * 256, 2 * 64 * 8, 2 * 2 * 2 * 64 * 128)
+    assert model_flops(m, 16) == 4 * (32768 + 2048) + 65536 + 3 * (1024 + 65536) == 404480
+    seed = load_config(SEED61).model
+    assert model_flops(seed, 4096) == pytest.approx(model_flops_per_token(seed, 4096))   # bench's formula
+    w = Workload(sequences=1, seq_len=16, micro_batch_tokens=8)
+    assert (w.tokens, w.micro_batches, w.mb_tokens) == (16, 2, 8)
+    # two slots x (dispatch-send + combine-recv 16 rows, dispatch-recv + combine-send 24 rows) x H bf16
+    # + the [24, F] hidden buffer
+    assert token_buffer_bytes(m, w, 16, 24) == 2 * 2 * (16 + 24) * 64 * 2 + 24 * 128 * 2 == 26624
+    assert slot_rows(10, 2, 0.12) == 16 and slot_rows(0, 2, 0.12) == 0
+
+
+def test_memory_of_a_small_deployment_by_hand():
+    cfg = build_config({"run": {"chunk_sequences": 2}}, where="<tiny>")
+    cl = build_cluster({"cluster": {"nodes": 1, "gpus_per_node": 4}, "deployment": {"dense_gpus": 1, "seq_len": 16},
+                        "gpu": {"reserved_gib": 0}, "network": {"transport_buffer_gib": 0}}, "<c>")
+    layout = make_layout(cfg, cl)
+    w = workload_of(cfg, cl, slot_padding=0.0)
+    mem = plan_memory(cfg, cl, layout, w)
+    assert [g.role for g in mem] == ["expert", "expert", "expert", "dense"]
+    # 3 expert ranks < 24 slots: shared placement, rank 0 hosts experts 0, 3, 6 of 3 blocks
+    assert mem[0].experts == 9 and mem[0].memory.expert_weights == 9 * 33024
+    # the dense rank routes 32 tokens x 2 rows; rank 0 gets 3 of 8 experts' rows: 24 (3 slots of 8)
+    assert mem[3].memory.token_buffers == 2 * 64 * 64 * 2
+    assert mem[0].memory.token_buffers == 2 * 24 * 64 * 2 + 24 * 128 * 2
+    assert mem[3].memory.dense_weights == 204640 and mem[0].memory.dense_weights == 0
+
+
+def test_refusal_names_the_fix(tmp_path):
+    out = []
+    with pytest.raises(ConfigError, match="does not fit: a dense GPU needs .* GiB of 64 GiB"):
+        run_plan(plan_args(C3904, tmp_path), out=out.append)
+    assert "--set run.chunk_sequences=3 fits" in out[0] and "DOES NOT FIT" in out[0]
+    r = build(plan_args(C3904, tmp_path, "run.chunk_sequences=3"))
+    assert r["fits"] and r["time"]["step_s"] > 0
+
+
+def test_both_seed_plans_print_quickly(tmp_path):
+    for cluster in (C128, C3904):
+        r = run_plan(plan_args(cluster, tmp_path, *FITS, fmt="json"), out=lambda s: json.loads(s))
+        assert r["planner_seconds"] < 5 and all(not d["problems"] for d in r["dags"])
+        assert sum(r["time"]["shares"].values()) == pytest.approx(1.0)
+        assert (tmp_path / "ranks.tsv").read_text().count("\n") == r["gpus"] + 1
+
+
+@pytest.mark.parametrize("tables, message", [
+    ({"cluster": {"nodes": 2}}, "f.toml: cluster.gpus_per_node is required"),
+    ({"cluster": {"nodes": 2, "gpus_per_node": 8}, "gpu": {"mfu": 1.5}}, r"f.toml: gpu.mfu must be in \(0, 1\]"),
+    ({"cluster": {"nodes": 2, "gpus_per_node": 8}, "network": {"speed": 1}}, "f.toml: unknown key network.speed"),
+    ({"cluster": {"nodes": "2", "gpus_per_node": 8}}, "f.toml: cluster.nodes must be an integer"),
+    ({"cluster": {"nodes": 2, "gpus_per_node": 8}, "links": {}}, r"f.toml: unknown table \[links\]"),
+    ({"cluster": {"nodes": 2, "gpus_per_node": 8}, "deployment": {"data_parallel": 3}},
+     "f.toml: deployment.data_parallel"),
+])
+def test_bad_cluster_tables(tables, message):
+    with pytest.raises(ConfigError, match=message):
+        build_cluster(tables, "f.toml")
+
+
+def test_bad_cluster_file_is_one_error_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cluster]\nnodes = 2\ngpus_per_node = 8\n[gpu]\nmemory_tb_s = -1\n")
+    r = moe_hpc("plan", SEED61, "--cluster", bad, "--table", tmp_path / "t.tsv")
+    assert r.returncode == 1 and r.error_lines == [f"error: {bad}: gpu.memory_tb_s must be > 0, got -1.0"]
+    assert "Traceback" not in r.stderr
+
+
+def test_roofline_step():
+    r = Rates(gemm=1e12, attention=1e12, memory=1e9, copy=1e9, launch=1e-5, sync=1e-3)
+    assert kernel(r, 2e12, 1e9, 3, syncs=1) == pytest.approx({"compute": 2.0, "communication": 0.0,
+                                                                "synchronisation": 1e-3, "overhead": 3e-5})
+
+
+def test_calibrated_layer_within_25_percent():
+    cl = load_cluster(C128)
+    meas = load_measured(REPO / "benchmarks" / "results" / "bench_h200_1_mb1.json", cl, SEED61)
+    gpu = fit(cl, [meas])
+    got, want = predict_layer(cl, meas, gpu)["t_layer_ms"], measured_layer(meas)["t_layer_ms"]
+    assert abs(got / want - 1) < 0.25
+    assert 0.3 < gpu.mfu <= 1 and 0.3 < gpu.memory_util <= 1
+    with pytest.raises(InputError, match="planner models the nccl transport only"):
+        load_measured(REPO / "benchmarks" / "results" / "bench_h100_2ranks_1gpu_staged_cma.json", cl, SEED61)
