@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--transport", default="auto")
+    p.add_argument("--expert-tp", type=int, default=1,
+                   help="tensor parallelism inside experts (the TP row: e.g. 2 ranks, seed16.toml)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replica groups (the DP row)")
     p.add_argument("--model-layers", type=int, default=0,
                    help="also time the whole model shrunk to this many blocks (0: skip)")
     p.add_argument("--sequences", type=int, default=4, help="sequences per GPU for the whole model")
@@ -72,7 +75,7 @@ def _fill_layer(engine: Engine, layer: int, cp) -> None:
                    wv=_random(cp, (H, m.kv_heads * D), s), wo=_random(cp, (m.num_heads * D, H), 0.02))
     if m.is_moe(layer):
         w.gate = _random(cp, (H, m.num_experts), s)
-        F = m.moe_ffn_hidden_size
+        F = m.moe_ffn_hidden_size // engine.topo.expert_tp     # this rank's column block
         for f in engine.placement.hosted()[engine.topo.expert_slot]:
             if f // m.num_experts == layer - m.first_dense_layers:
                 engine.local_experts.add(f, Expert(
@@ -145,7 +148,7 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
             ex.post(sb, sl, rb, rl).wait()
             ex.post(ob, rl, sb, sl).wait()
     t_exchange = timer(exchange_alone)
-    me = engine.topo.rank
+    me = engine.topo.exchange.Get_rank()
     moved = int(sum(s.rows - s.per_peer[me] for s in sends)) * H * 2 * 2        # both directions
     per_peer = sum(s.per_peer for s in sends)
     flat_send = peer_major(per_peer[:, None])
@@ -234,14 +237,15 @@ def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
 
 def run_bench(comm, args, log=print) -> dict:
     overrides = ["run.device=gpu", f"run.transport={args.transport}",
+                 f"parallel.expert_tp={args.expert_tp}", f"parallel.dp={args.dp}",
                  f"run.micro_batch_tokens={math.ceil(args.tokens / args.micro_batches)}", "parallel.placement=shared"]
     cfg = load_config(args.config, overrides)
     topo = build_topology(comm, cfg)
     backend = make_backend("gpu", topo.local_rank)
     cp = backend.xp
     timer = Timer(cp, topo.world, args.warmup, args.iters)
-    engine = Engine(cfg, topo, backend, make_placement(cfg.model, topo.size, "shared"))
-    result = {"ranks": topo.size, "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+    engine = Engine(cfg, topo, backend, make_placement(cfg.model, topo.num_expert_slots, "shared"))
+    result = {"ranks": topo.size, "expert_tp": args.expert_tp, "dp": args.dp, "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
               "transport": engine.exchange.transport_name, "config": args.config,
               "layer": bench_layer(engine, args, timer, cp)}
     engine.close()
@@ -250,7 +254,7 @@ def run_bench(comm, args, log=print) -> dict:
         shrunk = load_config(args.config, overrides + [f"model.num_layers={args.model_layers}",
                                                        f"model.first_dense_layers={min(m.first_dense_layers, args.model_layers - 1)}"])
         cp.get_default_memory_pool().free_all_blocks()
-        engine = Engine(shrunk, topo, backend, make_placement(shrunk.model, topo.size, "shared"))
+        engine = Engine(shrunk, topo, backend, make_placement(shrunk.model, topo.num_expert_slots, "shared"))
         result["model"] = bench_model(engine, args, timer, cp)
         engine.close()
     if topo.rank == 0:
@@ -264,6 +268,7 @@ def run_bench(comm, args, log=print) -> dict:
 def format_table(r: dict) -> str:
     L = r["layer"]
     rows = [("ranks / device / transport", f"{r['ranks']} x {r['device']} / {r['transport']}"),
+            ("expert TP / DP", f"{r['expert_tp']} / {r['dp']}"),
             ("layer: ms (tokens/GPU)", f"{L['t_layer_ms']:.2f} ({L['tokens_per_gpu']})"),
             ("layer: tokens/s per GPU", f"{L['tokens_per_s_per_gpu']:.3g}"),
             ("experts: ms, TFLOP/s", f"{L['t_experts_ms']:.2f}, {L['expert_tflops']:.0f}"),
