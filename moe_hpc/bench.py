@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import BF16, F32, make_backend
+from .backend import BF16, make_backend
 from .checkpoint import DenseLayer, Expert
 from .config import load_config
 from .engine import Engine

@@ -10,7 +10,7 @@ import functools
 import cupy as cp
 import numpy as np
 
-from .backend import BF16, F32
+from .backend import BF16
 
 _BF16_HELPERS = r"""
 __device__ __forceinline__ float bf2f(unsigned short u) {

@@ -108,7 +108,7 @@ class MoeBlock:
     def __call__(self, parts):
         """parts: list of (block index, m [T_i, H] bf16, token_ids [T_i]) -> list of f_i."""
         e, xp = self.e, self.e.xp
-        k, H = e.cfg.model.top_k, e.cfg.model.hidden_size
+        H = e.cfg.model.hidden_size
         t0 = time.perf_counter()
         m, experts, weights, token_ids, replica = self._gate(parts)
         T = m.shape[0]

@@ -6,10 +6,8 @@ blocking, no exchange.  It also reports each token's top-k margin, which the acc
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np

@@ -17,7 +17,6 @@ ones for scales no machine here has.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from moe_hpc.config import ModelConfig, build_config, load_config, parse_override
+from moe_hpc.config import build_config, load_config, parse_override
 from moe_hpc.errors import ConfigError
 
 from conftest import REPO, TINY

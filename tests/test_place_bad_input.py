@@ -1,7 +1,5 @@
 """Bad placement, trace and cluster inputs fail by the same contract as test_bad_input.py:
 one ``error:`` line naming the file or key, every rank non-zero, no output and no ``.tmp``."""
-import h5py
-import numpy as np
 import pytest
 
 from moe_hpc.config import build_config
