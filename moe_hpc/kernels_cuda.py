@@ -5,6 +5,7 @@ Imported only when a CuPy array reaches ``kernels``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import cupy as cp
@@ -169,27 +170,35 @@ def topk(score, probs, k: int, normalize: bool):
     return experts, weights
 
 
-def matmul_f32out(a, b):
-    """bf16 x bf16 -> fp32 through cublasGemmEx (row-major: C^T = B^T A^T)."""
+@contextlib.contextmanager
+def _cublas_on_current_stream():
+    """(cublas module, handle, alpha = 1, beta = 0): the handle on the current stream, scalars
+    read from host memory; the handle's pointer mode is restored afterwards."""
     from cupy_backends.cuda.libs import cublas
-    a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
-    m, kdim = a.shape
-    n = b.shape[1]
-    out = cp.empty((m, n), dtype=cp.float32)
-    if m == 0:
-        return out
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     try:
-        cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, n, m, kdim,
-                      one.ctypes.data, b.data.ptr, 14, n, a.data.ptr, 14, kdim,   # 14: CUDA_R_16BF
-                      zero.ctypes.data, out.data.ptr, 0, n,                      # 0: CUDA_R_32F
-                      cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+        yield cublas, handle, one.ctypes.data, zero.ctypes.data
     finally:
         cublas.setPointerMode(handle, mode)
+
+
+def matmul_f32out(a, b):
+    """bf16 x bf16 -> fp32 through cublasGemmEx (row-major: C^T = B^T A^T)."""
+    a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
+    m, kdim = a.shape
+    n = b.shape[1]
+    out = cp.empty((m, n), dtype=cp.float32)
+    if m == 0:
+        return out
+    with _cublas_on_current_stream() as (cublas, handle, one, zero):
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, n, m, kdim,
+                      one, b.data.ptr, 14, n, a.data.ptr, 14, kdim,   # 14: CUDA_R_16BF
+                      zero, out.data.ptr, 0, n,                      # 0: CUDA_R_32F
+                      cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
     return out
 
 
@@ -212,22 +221,14 @@ def _batched_gemm(a, b, c, slots: int) -> None:
     """c[s] = a[s] @ b[s] for s < slots; a: [S*C, K], b: [S, K, N] bf16; c: [S*C, N] bf16 or fp32.
 
     cuBLAS is column-major, so it computes c^T = b^T a^T with the operands swapped."""
-    from cupy_backends.cuda.libs import cublas
     C, K, N = a.shape[0] // slots, b.shape[1], b.shape[2]
     ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
-    handle = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:
+    with _cublas_on_current_stream() as (cublas, handle, one, zero):
         cublas.gemmStridedBatchedEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, C, K,
-                                    one.ctypes.data, b.data.ptr, 14, N, K * N,
-                                    a.data.ptr, 14, K, C * K, zero.ctypes.data,
+                                    one, b.data.ptr, 14, N, K * N,
+                                    a.data.ptr, 14, K, C * K, zero,
                                     c.data.ptr, ctype, N, C * N, slots,
                                     cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
-    finally:
-        cublas.setPointerMode(handle, mode)
 
 
 def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
