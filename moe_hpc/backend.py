@@ -54,9 +54,6 @@ class Backend:
         event.record(stream or self.current_stream())
         return event
 
-    def memory_in_use(self) -> int:
-        """Device bytes held by the memory pool (0 on the CPU)."""
-        return 0 if self.xp is np else self.xp.get_default_memory_pool().total_bytes()
 
 
 def cupy_or_none():
@@ -88,6 +85,11 @@ def make_backend(device: str, local_rank: int = 0) -> Backend:
     return Backend("gpu", cupy)
 
 
+def words(array):
+    """The raw 16-bit words of a bf16 (or uint16) array: copies, MPI and NCCL need no bf16 type."""
+    return array.view(np.uint16)
+
+
 def to_bf16(array, xp=np):
     """Round any floating array to bf16 (round-to-nearest-even)."""
     return xp.asarray(array).astype(BF16)
@@ -110,4 +112,4 @@ def matmul_f32(a, b, xp=np):
     return xp.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False))
 
 
-__all__ = ["Backend", "BF16", "F32", "make_backend", "to_bf16", "matmul_bf16", "matmul_f32"]
+__all__ = ["Backend", "BF16", "F32", "words", "make_backend", "to_bf16", "matmul_bf16", "matmul_f32"]

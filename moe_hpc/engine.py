@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import BF16, F32, Backend, matmul_bf16
+from .backend import BF16, F32, Backend, matmul_bf16, words
 from .checkpoint import Checkpoint, DenseLayer
 from .config import Config
 from .dispatcher import RouteTables, route_tables
@@ -39,13 +39,8 @@ class PhaseTimes:
         return now
 
 
-def _words(array):
-    """Raw 16-bit view of a bf16 array: copies need no bf16 support."""
-    return array.view(np.uint16)
-
-
 def zero_rows(a, rows) -> None:
-    _words(a)[rows] = 0
+    words(a)[rows] = 0
 
 
 def _mpi():
@@ -184,7 +179,7 @@ class Engine:
         t0 = time.perf_counter()
         xw = x[a:b]
         y = attention(rmsnorm(xw, w.attn_norm, m.norm_eps, xp), w, m, self.cfg.run.attention_block, xp)
-        _words(xw)[...] = _words((xw.astype(F32) + y.astype(F32)).astype(BF16))
+        words(xw)[...] = words((xw.astype(F32) + y.astype(F32)).astype(BF16))
         self.times.add("attention", t0)
         return rmsnorm(take_rows(xw.reshape(-1, m.hidden_size), rows), w.mlp_norm, m.norm_eps, xp)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import BF16, Backend
+from .backend import BF16, Backend, words
 from .config import TRANSPORTS
 from .kernels import put_rows, take_rows
 from .errors import ConfigError
@@ -71,12 +71,6 @@ def peer_major(counts: np.ndarray) -> Layout:
     return Layout(counts, displacements(counts.reshape(-1)).reshape(counts.shape), int(counts.sum()))
 
 
-def expert_major(counts: np.ndarray) -> Layout:
-    """Receiver's order: all rows for expert 0 (by source peer), then expert 1, ..."""
-    return Layout(counts, displacements(counts.T.reshape(-1)).reshape(counts.T.shape).T.copy(),
-                  int(counts.sum()))
-
-
 def expert_slots(counts: np.ndarray, slot_of_expert: np.ndarray, capacity: int) -> Layout:
     """Receiver's order for grouped GEMMs: local expert slot s owns rows [s*C, s*C + n_s), its
     sources one after another; the rest of each slot is padding that is computed, never sent.
@@ -117,11 +111,9 @@ class Exchange:
     def __init__(self, comm, hidden_size: int, backend: Backend, transport: str = "auto",
                  cuda_aware: str = "auto"):
         self.comm, self.backend, self.xp = comm, backend, backend.xp
-        self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.hidden_size = hidden_size
         self.transport = make_transport(transport, comm, hidden_size, backend, cuda_aware)
         self._buffers: dict = {}
-        self.bytes_sent = 0
 
     @property
     def transport_name(self) -> str:
@@ -138,9 +130,6 @@ class Exchange:
             self._buffers[key] = buf
         return buf[:rows]
 
-    def buffer_bytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers.values())
-
     def exchange_counts(self, counts: np.ndarray) -> np.ndarray:
         """counts: [micro_batches, P, E] rows this rank sends -> [micro_batches, P, E] rows it
         receives (from each source), in one Alltoall for the whole block."""
@@ -153,7 +142,6 @@ class Exchange:
     def post(self, send, send_layout: Layout, recv, recv_layout: Layout) -> Handle:
         """Start moving ``send`` rows (in ``send_layout``) into ``recv`` (in ``recv_layout``).
         On the GPU the send rows must have been written on the current stream."""
-        self.bytes_sent += (send_layout.rows - int(send_layout.per_peer[self.rank])) * self.hidden_size * 2
         return Handle(self.transport, self.transport.start(send, send_layout, recv, recv_layout), recv)
 
     def close(self) -> None:
@@ -274,7 +262,7 @@ class MpiTransport:
             if scatter is not None:
                 target = np.empty_like(recv[:n_recv])
         sc, rc = send_layout.per_peer.astype(np.int32), recv_layout.per_peer.astype(np.int32)
-        spec = lambda buf, counts: [_words(buf), (counts, displacements(counts)), self.row_type]
+        spec = lambda buf, counts: [words(buf), (counts, displacements(counts)), self.row_type]
         request = self.comm.Ialltoallv(spec(src, sc), spec(target, rc))
         self.in_flight.append(request)
         # keep the gathered copy alive until the transfer is done
@@ -303,11 +291,6 @@ class MpiTransport:
         self.row_type.Free()
 
 
-def _words(buf):
-    """The raw 16-bit words of a bf16 (or uint16) buffer, as MPI sees them."""
-    return buf.view(np.uint16) if buf.dtype != np.uint16 else buf
-
-
 def _d2h(xp, device_rows, host_rows, stream) -> None:
     if device_rows.shape[0]:
         xp.cuda.runtime.memcpyAsync(host_rows.ctypes.data, device_rows.data.ptr, device_rows.nbytes,
@@ -320,6 +303,6 @@ def _h2d(xp, host_rows, device_rows, stream) -> None:
                                     xp.cuda.runtime.memcpyHostToDevice, stream.ptr)
 
 
-__all__ = ["Exchange", "Handle", "Layout", "peer_major", "expert_major", "expert_slots",
+__all__ = ["Exchange", "Handle", "Layout", "peer_major", "expert_slots",
            "slot_capacity", "displacements",
            "make_transport", "TRANSPORTS"]

@@ -9,7 +9,7 @@ from moe_hpc.backend import BF16
 from moe_hpc.checkpoint import DenseLayer
 from moe_hpc.config import build_config
 from moe_hpc.dispatcher import choose_replica, plan_dispatch, route_tables
-from moe_hpc.exchange import expert_major, peer_major
+from moe_hpc.exchange import expert_slots, peer_major
 from moe_hpc.model import activation, apply_rope, attention, mlp, rmsnorm, rope_tables, route
 from moe_hpc.runner import num_chunks, sequence_range
 
@@ -143,13 +143,13 @@ def test_route_tables_slots_follow_hosted_order():
 
 
 def test_layouts_and_scatter():
-    counts = np.array([[2, 0, 1], [0, 3, 1]])     # [peer, expert]
-    pm, em = peer_major(counts), expert_major(counts)
+    counts = np.array([[2, 0, 1], [0, 3, 1]])     # [peer, slot]
+    pm, em = peer_major(counts), expert_slots(counts, np.arange(3), capacity=4)
     assert pm.offsets.tolist() == [[0, 2, 2], [3, 3, 6]]
-    assert em.offsets.tolist() == [[0, 2, 5], [2, 2, 6]]
+    assert em.offsets.tolist() == [[0, 4, 8], [2, 4, 9]] and em.extent == 12
     scatter = em.peer_major_scatter()
-    # rows arriving peer-major: peer 0 (e0 x2, e2 x1), peer 1 (e1 x3, e2 x1)
-    assert scatter.tolist() == [0, 1, 5, 2, 3, 4, 6]
+    # rows arriving peer-major: peer 0 (slot 0 x2, slot 2 x1), peer 1 (slot 1 x3, slot 2 x1)
+    assert scatter.tolist() == [0, 1, 8, 4, 5, 6, 9]
     assert pm.peer_major_scatter() is None
 
 
