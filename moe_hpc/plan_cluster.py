@@ -15,10 +15,10 @@ defaults (launch_us, sync_us, copy_util) are what the planner fits from the H200
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import _coerce, read_toml
+from .config import _coerce, build_table, read_toml
 from .errors import ConfigError
 
 
@@ -81,15 +81,11 @@ NON_NEGATIVE = ("reserved_gib", "attention_mfu", "launch_us", "sync_us", "intra_
 
 
 def _table(name: str, values: dict, where: str):
-    """One table -> its dataclass; unknown keys and wrong types name the key."""
+    """One table -> its dataclass (the run config's reader: unknown keys and wrong types name
+    the key), then the planner's range checks."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: [{name}] must be a table")
-    cls = TABLES[name]
-    known = {f.name: f.default for f in fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {name}.{key} (known: {', '.join(known)})")
-    obj = cls(**{k: _coerce(name, k, v, known[k], where) for k, v in values.items()})
+    obj = build_table(name, values, where, TABLES[name])
     for key, value in vars(obj).items():
         _check_range(name, key, value, where)
     return obj
