@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moe_hpc.config import build_config
-from moe_hpc.synth import write_checkpoint, write_inputs
+from moe_hpc.config.run_config import build_config
+from moe_hpc.tools.synth import write_checkpoint, write_inputs
 
 SETS = ["model.num_experts=2", "model.top_k=1"]
 

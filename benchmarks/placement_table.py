@@ -17,12 +17,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_hpc.cluster import load_cluster  # noqa: E402
-from moe_hpc.config import load_config  # noqa: E402
-from moe_hpc.planner import evaluate, make_trace_file, place  # noqa: E402
-from moe_hpc.place import plan_placements  # noqa: E402
-from moe_hpc.topology import role_layout  # noqa: E402
-from moe_hpc.tracegen import TraceShape, synthetic_trace  # noqa: E402
+from moe_hpc.config.cluster import load_cluster  # noqa: E402
+from moe_hpc.config.run_config import load_config  # noqa: E402
+from moe_hpc.placement.search import evaluate, place
+from moe_hpc.tools.tracegen import make_trace_file
+from moe_hpc.placement.search import plan_placements  # noqa: E402
+from moe_hpc.config.roles import role_layout  # noqa: E402
+from moe_hpc.tools.tracegen import TraceShape, synthetic_trace  # noqa: E402
 
 SCALES = [(64, 0), (512, 0), (3904, 192)]
 

@@ -15,11 +15,11 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import Interrupted, MoeHpcError, PeerFailed
-from .failure import collective, on_rank0
-from .interrupt import EXIT_INTERRUPTED, StopRequest
-from .place import SEARCH_STEPS
-from .tracegen import TraceShape
+from .comm.failure import collective, on_rank0
+from .config.errors import Interrupted, MoeHpcError, PeerFailed
+from .placement.greedy import SEARCH_STEPS
+from .runtime.signals import EXIT_INTERRUPTED, StopRequest
+from .tools.tracegen import TraceShape
 
 # The demo's batching: small micro-batches and chunks, so even 256 tokens exercise the
 # double-buffered exchange and the chunked writes. The model is the built-in tiny default.
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(r)
 
     b = sub.add_parser("bench", help="time one MoE layer and the shrunk model on GPUs, with ceilings")
-    from .bench import add_arguments
+    from .tools.bench import add_arguments
     add_arguments(b)
     b.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(pl)
 
     pn = sub.add_parser("plan", help="plan a deployment: layout, memory, time, DAGs (no GPU, no MPI run)")
-    from .plan_report import add_arguments as add_plan_arguments
+    from .planner.report import add_arguments as add_plan_arguments
     add_plan_arguments(pn)
 
     d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
@@ -123,12 +123,12 @@ def _world():
 
 def _load_config(args, comm):
     """Every rank reads the config; a bad key is reported once, by rank 0."""
-    from .config import load_config
+    from .config.run_config import load_config
     return collective(comm, load_config, args.config, args.set, debug=args.debug)
 
 
 def cmd_init_weights(args, comm) -> None:
-    from .synth import write_checkpoint
+    from .tools.synth import write_checkpoint
     cfg = _load_config(args, comm)
     on_rank0(comm, write_checkpoint, args.output, cfg.model, args.seed, args.overwrite, debug=args.debug)
     if comm.Get_rank() == 0:
@@ -136,7 +136,7 @@ def cmd_init_weights(args, comm) -> None:
 
 
 def cmd_make_inputs(args, comm) -> None:
-    from .synth import write_inputs
+    from .tools.synth import write_inputs
     cfg = _load_config(args, comm)
     on_rank0(comm, write_inputs, args.output, cfg.model, args.sequences, args.seq_len,
              args.seed, args.ragged, args.overwrite, debug=args.debug)
@@ -153,14 +153,15 @@ def _check_not_singletons(comm) -> None:
 
 
 def cmd_run(args, comm) -> None:
-    from .runner import Job, run_job
+    from .runtime.job import Job
+    from .runtime.runner import run_job
     cfg = _load_config(args, comm)
     _check_not_singletons(comm)
     job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
               restart=args.restart, progress=args.progress, progress_every=args.progress_every,
               stop=args.stop, trace=Path(args.trace) if args.trace else None)
     if args.dry_run:
-        from .dryrun import dry_run
+        from .runtime.dryrun import dry_run
         dry_run(comm, job)
         return
     summary = run_job(comm, job)
@@ -172,13 +173,13 @@ def cmd_run(args, comm) -> None:
 
 
 def cmd_scaling_report(args, comm) -> None:
-    from .scaling import scaling_report
+    from .tools.scaling import scaling_report
     print(scaling_report(Path(args.results), args.table and Path(args.table),
                          args.plot and Path(args.plot), args.title))
 
 
 def cmd_make_trace(args, comm) -> None:
-    from .planner import make_trace_file
+    from .tools.tracegen import make_trace_file
     cfg = _load_config(args, comm)
     shape = TraceShape(**{name: getattr(args, name) for name in vars(TraceShape())})
     on_rank0(comm, make_trace_file, cfg, args.cluster, args.output, shape, args.seed, args.overwrite, debug=args.debug)
@@ -187,8 +188,8 @@ def cmd_make_trace(args, comm) -> None:
 
 
 def cmd_place(args, comm) -> None:
-    from .failure import collective
-    from .planner import format_report, place_to_file
+    from .comm.failure import collective
+    from .placement.search import format_report, place_to_file
     cfg = _load_config(args, comm)
     report = collective(comm, lambda: place_to_file(cfg, args.cluster, args.trace, args.output, args.steps,
                                                     args.seconds, args.overwrite) if comm.Get_rank() == 0 else None,
@@ -202,10 +203,11 @@ def cmd_place(args, comm) -> None:
 
 def cmd_demo(args, comm) -> None:
     """Tiny end to end: weights and inputs (kept), a run, and a check against float64."""
-    from .config import build_config
-    from .reference import compare, read_output_hidden, reference_forward
-    from .runner import Job, run_job
-    from .synth import write_checkpoint, write_inputs
+    from .config.run_config import build_config
+    from .model.reference import compare, read_output_hidden, reference_forward
+    from .runtime.job import Job
+    from .runtime.runner import run_job
+    from .tools.synth import write_checkpoint, write_inputs
     folder = Path(args.dir)
     cfg = collective(comm, build_config, {}, DEMO_SETTINGS + args.set, where="<built-in tiny default>")
     weights, inputs, output = folder / "tiny_weights.h5", folder / "tiny_inputs.h5", folder / "tiny_output.h5"
@@ -232,13 +234,13 @@ def cmd_demo(args, comm) -> None:
 
 
 def cmd_bench(args, comm) -> None:
-    from .bench import run_bench
+    from .tools.bench import run_bench
     run_bench(comm, args)
 
 
 def cmd_plan(args, comm) -> None:
     """Pure planning on one process (no MPI traffic): docs/plan.md."""
-    from .plan_report import run_plan
+    from .planner.report import run_plan
     if comm.Get_rank() == 0:
         run_plan(args)
 

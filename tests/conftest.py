@@ -1,94 +1,20 @@
-"""Shared fixtures: tiny weights and inputs made once per session, a long input and its
-uninterrupted outputs (the resume tests' reference), and an mpiexec runner.
+"""Shared fixtures: tiny weights and inputs made once per session, the float64 reference and
+the single-process output every layout is held to, a long input and its uninterrupted outputs
+(the resume tests' reference), and shared-memory cleanup for tests that kill ranks.
 
-MPI tests start real ranks with ``mpiexec`` as a subprocess, always under a timeout, so a hang
-fails the test instead of the CI job. Stopping and killing ranks mid-run: interrupting.py.
+Helpers that are not fixtures (the one launcher, the bad-input contract, interrupting ranks)
+live in helpers.py.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
 import h5py
-import numpy as np
 import pytest
 
-from interrupting import remove_stale_shm, shm_segments
-from moe_hpc.config import build_config
-from moe_hpc.synth import write_checkpoint, write_inputs
+from moe_hpc.config.run_config import build_config
+from moe_hpc.model.reference import read_output_hidden, reference_forward
+from moe_hpc.tools.synth import write_checkpoint, write_inputs
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "inputs" / "tiny.toml"
-MPI_TIMEOUT = 120
-
-
-def find_mpiexec() -> str | None:
-    """The mpiexec beside this Python (the [mpi] extra's MPICH) first, then PATH."""
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else shutil.which("mpiexec")
-
-
-MPIEXEC = find_mpiexec()
-needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (install the [mpi] extra)")
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
-
-
-def rank_env(**extra) -> dict:
-    """The environment of test ranks: one BLAS thread each (ranks share 2 cores in CI)."""
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1", **extra)
-
-
-def moe_hpc_cmd(*args, ranks: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "moe_hpc.cli", *map(str, args)]
-    return cmd if ranks is None else [MPIEXEC, "-n", str(ranks), *cmd]
-
-
-def transform_dataset(name: str, fn):
-    """An h5py edit: replace dataset ``name`` by ``fn(its data)`` (for making bad files)."""
-    def edit(f):
-        data = fn(f[name][()])
-        del f[name]
-        f.create_dataset(name, data=data)
-    return edit
-
-
-def moe_hpc(*args, ranks: int | None = None, timeout: float = MPI_TIMEOUT, cwd=None) -> Result:
-    """Run ``moe-hpc ARGS`` as one process, or under ``mpiexec -n ranks``."""
-    proc = subprocess.run(moe_hpc_cmd(*args, ranks=ranks), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=rank_env())
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-# ---------------------------------------------------------------- output equality
-
-def assert_same_output(a: Path, b: Path, scratch: Path, timing_attr: str = "wall_time_s") -> None:
-    """Bit for bit: the two files' bytes are equal once the wall-time attribute (which a resumed
-    run cannot share) is set to 0 in copies of both; then every dataset is equal too."""
-    copies = []
-    for i, path in enumerate((a, b)):
-        copy = scratch / f"same-output-{i}.h5"
-        shutil.copy(path, copy)
-        with h5py.File(copy, "r+") as f:
-            f.attrs.modify(timing_attr, 0.0)          # in place: same size, same place
-        copies.append(np.fromfile(copy, np.uint8))
-    assert copies[0].size == copies[1].size, f"{a} has {copies[0].size} bytes, {b} {copies[1].size}"
-    differ = np.flatnonzero(copies[0] != copies[1])
-    assert differ.size == 0, f"{a} and {b} differ at byte(s) {differ[:20]}"
+from helpers import TINY, moe_hpc, remove_stale_shm, run_args, shm_segments
 
 
 @pytest.fixture(scope="session")
@@ -106,10 +32,26 @@ def tiny_files(tmp_path_factory, tiny_cfg):
     return weights, inputs
 
 
+@pytest.fixture(scope="session")
+def reference(tiny_files):
+    """(float64 reference of the tiny files, their lengths)."""
+    weights, inputs = tiny_files
+    with h5py.File(inputs, "r") as f:
+        lengths = f["lengths"][()]
+    return reference_forward(weights, inputs), lengths
+
+
+@pytest.fixture(scope="session")
+def baseline(tiny_files, tmp_path_factory):
+    """The single-process output (no mpiexec at all), the split every other run is held to."""
+    weights, inputs = tiny_files
+    out = tmp_path_factory.mktemp("base") / "out.h5"
+    r = moe_hpc("run", TINY, "--weights", weights, "--input", inputs, "--output", out)
+    assert r.returncode == 0, r.stderr
+    return read_output_hidden(out)
+
+
 # ---------------------------------------------------------------- a run long enough to interrupt
-
-CHUNKED = ["--set", "run.chunk_sequences=1"]      # many chunks, so a signal lands mid-run
-
 
 @pytest.fixture(scope="session")
 def long_input(tmp_path_factory, tiny_cfg):
@@ -117,10 +59,6 @@ def long_input(tmp_path_factory, tiny_cfg):
     path = tmp_path_factory.mktemp("long") / "inputs.h5"
     write_inputs(path, tiny_cfg.model, sequences=40, seq_len=32, seed=7, ragged=True)
     return path
-
-
-def run_args(weights, inputs, output, *extra):
-    return ["run", TINY, "--weights", weights, "--input", inputs, "--output", output, *CHUNKED, *extra]
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,7 @@ checked per rank rather than through mpiexec's combined exit code.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,114 +32,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import MPIEXEC, TINY, Result, needs_mpiexec, rank_env
+from helpers import FAST_ENOUGH, TINY, Outcome, assert_clean_failure, edited, needs_mpiexec, run_ranks
 
 pytestmark = needs_mpiexec
 
 BF16 = ml_dtypes.bfloat16
-RUN_TIMEOUT = 60          # subprocess limit: a hang fails the test instead of the job
-FAST_ENOUGH = 30.0        # a clean failure must be far quicker than the limit
-EXIT_TAG = "[bad-input-test] rank-exit"
-
-# Runs ``moe_hpc.cli.main`` like ``python -m moe_hpc.cli`` does, then reports this rank's exit
-# status on stderr (a rank that is aborted or killed reports nothing, which the tests catch).
-WRAPPER = f"""
-import os
-import sys
-from moe_hpc.cli import main
-rc = main(sys.argv[1:])
-try:
-    from mpi4py import MPI
-    rank = MPI.COMM_WORLD.Get_rank()
-except Exception:
-    rank = "?"
-sys.stderr.flush()
-os.write(2, ("{EXIT_TAG} rank=%s rc=%s\\n" % (rank, rc)).encode())   # one write: never split
-sys.exit(rc)
-"""
-
-
-EXIT_RE = re.compile(re.escape(EXIT_TAG) + r" rank=(\S+) rc=(-?\d+)\n?")
-ERROR_START = re.compile(r"error: ")   # anywhere: merged lines glue it to other text
-
-
-def error_messages(stderr: str) -> list[str]:
-    """Every ``error:`` message in ``stderr``, also when ranks' lines got merged.
-
-    Under mpiexec the ranks share one stderr pipe, and ``print`` writes a message and its
-    newline separately, so two ranks' lines can end up on one line ("error: Aerror: B").
-    Counting lines that start with ``error:`` would then miss one; this counts each start.
-    """
-    found = []
-    for line in stderr.splitlines():
-        starts = [m.start() for m in ERROR_START.finditer(line)]
-        for a, b in zip(starts, starts[1:] + [len(line)]):
-            found.append(line[a:b].rstrip())
-    return found
-
-
-@dataclass
-class Outcome:
-    result: Result
-    wall_s: float
-    rank_codes: dict          # world rank -> exit status reported by that rank
-    stderr: str               # stderr without the wrapper's exit reports
-
-    @property
-    def error_lines(self) -> list[str]:
-        return error_messages(self.stderr)
-
-    def describe(self) -> str:
-        return (f"\n--- returncode {self.result.returncode}, {self.wall_s:.1f} s, "
-                f"per-rank exit {self.rank_codes}\n--- stderr:\n{self.result.stderr}"
-                f"--- stdout:\n{self.result.stdout}")
-
-
-def run_ranks(*args, ranks: int) -> Outcome:
-    """``mpiexec -n ranks moe-hpc ARGS`` with per-rank exit reporting and wall time."""
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-c", WRAPPER, *map(str, args)]
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=rank_env())
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"moe-hpc hung: no exit within {RUN_TIMEOUT} s (MPI hang?)\ncommand: {cmd}\n"
-                    f"stderr so far:\n{exc.stderr}")
-    wall = time.monotonic() - t0
-    codes = {rank: int(rc) for rank, rc in EXIT_RE.findall(proc.stderr)}
-    stderr = EXIT_RE.sub("", proc.stderr)
-    return Outcome(Result(proc.returncode, proc.stdout, proc.stderr), wall, codes, stderr)
 
 
 def run_cmd(case: "Case", ranks: int) -> Outcome:
     return run_ranks("run", case.config, "--weights", case.weights, "--input", case.input,
                      "--output", case.output, *case.extra, ranks=ranks)
-
-
-def assert_clean_failure(out: Outcome, ranks: int, needles, output: Path,
-                         output_is_dir: bool = False) -> None:
-    """The whole bad-input contract for one finished run."""
-    info = out.describe()
-    assert out.wall_s < FAST_ENOUGH, f"failure took {out.wall_s:.1f} s (hang?){info}"
-    assert out.result.returncode != 0, f"the run succeeded on bad input{info}"
-    assert "Traceback" not in out.stderr, f"a traceback was printed{info}"
-    assert len(out.rank_codes) == ranks, \
-        f"only ranks {sorted(out.rank_codes)} of {ranks} exited normally (abort/kill?){info}"
-    assert all(rc != 0 for rc in out.rank_codes.values()), \
-        f"some rank exited 0 on bad input{info}"
-    assert len(out.error_lines) == 1, \
-        f"expected exactly one 'error:' line over all ranks, got {len(out.error_lines)}{info}"
-    line = out.error_lines[0]
-    assert "internal error" not in line, f"bad input reported as an internal error (a bug){info}"
-    for needle in needles:
-        assert str(needle) in line, f"the error line does not name {str(needle)!r}{info}"
-    tmp = output.with_name(output.name + ".tmp")
-    if output_is_dir:
-        assert output.is_dir() and not any(output.iterdir()), f"output directory was altered{info}"
-    else:
-        assert not output.exists(), f"a file appeared at the output path {output}{info}"
-    assert not tmp.exists(), f"a leftover {tmp} remains{info}"
-    record = output.with_name(output.name + ".progress.json")
-    assert not record.exists(), f"a leftover {record} remains{info}"
 
 
 # ------------------------------------------------------------------ building bad files
@@ -161,14 +59,6 @@ class Case:
 
 def bf16_bits(value) -> np.uint16:
     return np.array(value, dtype=np.float32).astype(BF16).view(np.uint16)
-
-
-def edited(src: Path, dst: Path, edit) -> Path:
-    """Copy ``src`` to ``dst`` and apply ``edit(h5py.File)`` to the copy."""
-    shutil.copy(src, dst)
-    with h5py.File(dst, "r+") as f:
-        edit(f)
-    return dst
 
 
 def truncated(src: Path, dst: Path) -> Path:

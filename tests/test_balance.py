@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from moe_hpc.balance import Balancer, choose_replicas, max_over_mean, waterfill, with_bias
-from moe_hpc.config import ModelConfig
-from moe_hpc.placement import make_placement
+from moe_hpc.config.run_config import ModelConfig
+from moe_hpc.moe.balance import Balancer, choose_replicas, max_over_mean, waterfill, with_bias
+from moe_hpc.placement.file import make_placement
 
 
 class OneRank:

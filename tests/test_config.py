@@ -1,12 +1,12 @@
 """Config: defaults, presets, --set overrides, and errors that name the key."""
-import dataclasses
+import json
 
 import pytest
 
-from moe_hpc.config import build_config, load_config, parse_override
-from moe_hpc.errors import ConfigError
+from moe_hpc.config.errors import ConfigError
+from moe_hpc.config.run_config import build_config, load_config, parse_override
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
 
 def test_tiny_preset_is_the_builtin_default():
@@ -76,6 +76,12 @@ def test_unknown_table_and_bad_toml(tmp_path):
 
 
 def test_config_roundtrips_through_json():
-    cfg = build_config({}, ["model.num_experts=16"])
-    assert cfg.to_dict()["model"]["num_experts"] == 16
-    assert dataclasses.asdict(cfg.model) == cfg.to_dict()["model"]
+    """What a run stores as provenance (``Config.to_json``) rebuilds the same config: every
+    table, every key, non-default values included."""
+    cfg = build_config({}, ["model.num_experts=16", "model.activation=silu", "parallel.dense_ranks=1",
+                            "parallel.placement=shared", "run.micro_batch_tokens=64", "run.balance=true",
+                            "run.balance_gamma=0.5"])
+    back = build_config(json.loads(cfg.to_json()), where=cfg.source)
+    assert back == cfg
+    assert back.model.num_experts == 16 and back.run.balance_gamma == 0.5 and back.parallel.placement == "shared"
+    assert set(json.loads(cfg.to_json())) == {"model", "parallel", "run"}

@@ -4,13 +4,14 @@ import dataclasses
 
 import pytest
 
-import moe_hpc.dag as dag_mod
-from moe_hpc.config import build_config, load_config
-from moe_hpc.dag import Edge, all_dags, layer_dag, to_dot, verify, write_dags
-from moe_hpc.plan import make_layout, workload_of
-from moe_hpc.plan_cluster import build_cluster, load_cluster
+import moe_hpc.planner.dag as dag_mod
+from moe_hpc.config.cluster import build_cluster, load_cluster
+from moe_hpc.config.run_config import build_config, load_config
+from moe_hpc.planner.dag import Edge, all_dags, layer_dag, to_dot, verify, write_dags
+from moe_hpc.planner.deployment import make_layout
+from moe_hpc.planner.workload import workload_of
 
-from conftest import REPO
+from helpers import REPO
 
 SEED61 = REPO / "inputs" / "seed61.toml"
 

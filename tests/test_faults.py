@@ -8,13 +8,11 @@ is killed; a rank that raises aborts the job (MPI_Abort) in well under a second.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 
-
-from conftest import MPIEXEC, assert_same_output, moe_hpc, moe_hpc_cmd, needs_mpiexec, rank_env, run_args
-from interrupting import kill_rank_midway, progress_record, wait_for_chunks
+from helpers import (assert_same_output, kill_rank_midway, moe_hpc, moe_hpc_cmd, needs_mpiexec,
+                     progress_record, rank_env, run_args, wait_for_chunks)
 
 pytestmark = needs_mpiexec
 
@@ -24,7 +22,7 @@ FAULT_BOUND_S = 10.0      # the documented bound; a hang would instead hit the s
 RAISING = """
 import sys
 from mpi4py import MPI
-from moe_hpc import engine
+from moe_hpc.runtime import engine
 from moe_hpc.cli import main
 calls = []
 real = engine.Engine.forward_chunk
@@ -69,12 +67,9 @@ def test_killed_rank_ends_job_within_bound(tiny_files, long_input, uninterrupted
 def test_raising_rank_ends_job_within_bound(tiny_files, long_input, uninterrupted, tmp_path, no_stale_shm):
     out = tmp_path / "out.h5"
     args = run_args(tiny_files[0], long_input, out)
-    cmd = [MPIEXEC, "-n", "2", sys.executable, "-c", RAISING, *map(str, args)]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=rank_env())
-    elapsed = time.monotonic() - t0
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "internal error on rank 1" in errors[0] and "planted fault" in errors[0], proc.stderr
-    assert elapsed < FAULT_BOUND_S + 5, f"the job took {elapsed:.1f} s (start-up included)"
+    r = moe_hpc(*args, ranks=2, program=RAISING, timeout=60)
+    assert r.returncode != 0
+    errors = r.error_lines
+    assert len(errors) == 1 and "internal error on rank 1" in errors[0] and "planted fault" in errors[0], r.stderr
+    assert r.wall_s < FAULT_BOUND_S + 5, f"the job took {r.wall_s:.1f} s (start-up included)"
     _resume_matches(args, 2, out, uninterrupted(2), tmp_path)

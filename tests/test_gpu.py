@@ -4,10 +4,11 @@ import h5py
 import numpy as np
 import pytest
 
-from moe_hpc.backend import BF16, cupy_or_none
-from moe_hpc.reference import compare, read_output_hidden, reference_forward
+from moe_hpc.device.backend import cupy_or_none
+from moe_hpc.device.dtypes import BF16
+from moe_hpc.model.reference import compare, read_output_hidden, reference_forward
 
-from conftest import TINY, moe_hpc, needs_mpiexec
+from helpers import TINY, moe_hpc, needs_mpiexec
 
 cp = cupy_or_none()
 needs_gpu = pytest.mark.skipif(cp is None, reason="no CuPy or no CUDA GPU on this machine (CPU CI)")
@@ -30,7 +31,7 @@ def rel(a, b):
 
 @needs_gpu
 def test_topk_kernel_matches_numpy():
-    from moe_hpc import kernels
+    from moe_hpc.device import kernels
     p = rng.random((1000, 64)).astype(np.float32)
     p[:10, :4] = 0.5             # exact ties: the lower index must win on both
     for k, norm in ((1, True), (2, True), (2, False), (6, True)):
@@ -44,7 +45,7 @@ def test_topk_kernel_matches_numpy():
 @pytest.mark.parametrize("bias", [True, False])
 @needs_gpu
 def test_expert_mlp_kernel(kind, bias):
-    from moe_hpc import kernels
+    from moe_hpc.device import kernels
     x, w1, w2 = bf((300, 256)), bf((256, 512), 256 ** -0.5), bf((512, 256), 512 ** -0.5)
     b1 = bf(512, 0.1) if bias else None
     host = kernels.expert_mlp(x, w1, b1, w2, kind)
@@ -54,7 +55,7 @@ def test_expert_mlp_kernel(kind, bias):
 
 @needs_gpu
 def test_combine_kernel():
-    from moe_hpc import kernels
+    from moe_hpc.device import kernels
     rows, pos = bf((90, 128)), rng.permutation(90)[:60].reshape(30, 2)
     w = rng.random((30, 2)).astype(np.float32)
     ex, b2 = rng.integers(0, 8, (30, 2)).astype(np.int32), bf((8, 128), 0.1)
@@ -65,7 +66,7 @@ def test_combine_kernel():
 
 @needs_gpu
 def test_gate_matmul_fp32_output():
-    from moe_hpc import kernels
+    from moe_hpc.device import kernels
     a, b = bf((513, 384)), bf((384, 64), 384 ** -0.5)
     dev = kernels.matmul_f32out(cp.asarray(a), cp.asarray(b))
     assert dev.dtype == cp.float32
@@ -102,7 +103,7 @@ def test_gpu_transports(tiny_files, tmp_path, ranks, transport):
         pytest.skip(f"nccl with {ranks} ranks needs {ranks} GPUs; this machine has {gpus()}")
     extra = ("--set", "run.cuda_aware_mpi=yes") if transport == "mpi" else ()
     if transport == "mpi":
-        from moe_hpc.exchange import mpi_is_cuda_aware
+        from moe_hpc.comm.transports import mpi_is_cuda_aware
         if not mpi_is_cuda_aware():
             pytest.skip("this MPI is not CUDA-aware (device buffers would crash it)")
     _run_gpu(tiny_files, tmp_path, ranks, transport, extra + ("--set", "run.micro_batch_tokens=16"))
@@ -119,7 +120,7 @@ def test_gpu_dense_ranks(tiny_files, tmp_path):
 @pytest.mark.parametrize("bias", [True, False])
 @needs_gpu
 def test_grouped_expert_mlp_kernel(bias):
-    from moe_hpc import kernels
+    from moe_hpc.device import kernels
     S, C, H, F = 5, 24, 128, 256
     counts = np.array([24, 0, 7, 13, 1])
     x, w1, w2 = bf((S * C, H)), bf((S, H, F), H ** -0.5), bf((S, F, H), F ** -0.5)
@@ -137,6 +138,6 @@ def test_grouped_expert_mlp_kernel(bias):
 
 @pytest.mark.skipif(cp is not None, reason="checks the message a machine without a GPU gives")
 def test_bench_without_gpu_says_why():
-    from conftest import moe_hpc as run_cli
+    from helpers import moe_hpc as run_cli
     r = run_cli("bench", "--iters", "1")
     assert r.returncode == 1 and len(r.error_lines) == 1 and "run.device" in r.error_lines[0], r.stderr

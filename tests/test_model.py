@@ -4,14 +4,17 @@ import math
 import numpy as np
 import pytest
 
-from moe_hpc import reference as ref
-from moe_hpc.backend import BF16
-from moe_hpc.checkpoint import DenseLayer
-from moe_hpc.config import build_config
-from moe_hpc.dispatcher import choose_replica, plan_dispatch, route_tables
-from moe_hpc.exchange import expert_slots, peer_major
-from moe_hpc.model import activation, apply_rope, attention, mlp, rmsnorm, rope_tables, route
-from moe_hpc.runner import num_chunks, sequence_range
+from moe_hpc.comm.exchange import expert_slots, peer_major
+from moe_hpc.config.run_config import build_config
+from moe_hpc.device.dtypes import BF16
+from moe_hpc.device.kernels import activation
+from moe_hpc.files.checkpoint import DenseLayer
+from moe_hpc.model import reference as ref
+from moe_hpc.model.attention import attention
+from moe_hpc.model.layers import apply_rope, mlp, rmsnorm, rope_tables
+from moe_hpc.model.router import route
+from moe_hpc.moe.dispatch import choose_replica, plan_dispatch, route_tables
+from moe_hpc.runtime.job import num_chunks, sequence_range
 
 rng = np.random.default_rng(0)
 
@@ -44,8 +47,11 @@ def test_rope_matches_spec_formula():
     got = apply_rope(x, cos, sin)
     want = ref._rope(x.astype(np.float64), 10000.0)
     assert rel(got, want) < 4e-3
-    # position 0 is the identity; the rotation keeps each pair's norm
+    # position 0 is the identity; the rotation keeps each (i, i + D/2) pair's norm
     np.testing.assert_array_equal(got[0], x[0])
+    half = x.shape[-1] // 2
+    pair_norm = lambda a: np.hypot(a[..., :half].astype(np.float64), a[..., half:].astype(np.float64))
+    np.testing.assert_allclose(pair_norm(got), pair_norm(x), rtol=8e-3, atol=1e-6)   # bf16: 2^-8 per value
 
 
 def _attn_weights(H, nh, nkv, D):
@@ -106,8 +112,9 @@ def test_router_ties_pick_lower_index():
 
 
 def test_plan_dispatch_groups_by_rank_and_spreads_replicas():
-    from moe_hpc.config import ModelConfig
-    from moe_hpc.placement import make_placement
+    from moe_hpc.config.run_config import ModelConfig
+    from moe_hpc.placement.file import make_placement
+
     # 1 MoE block of 3 experts on 3 ranks, 4 slots: expert 0 is replicated on ranks 0 and 3
     model = ModelConfig(num_layers=1, first_dense_layers=0, num_experts=3)
     placement = make_placement(model, 4, "shared")
@@ -130,8 +137,8 @@ def test_plan_dispatch_groups_by_rank_and_spreads_replicas():
 
 
 def test_route_tables_slots_follow_hosted_order():
-    from moe_hpc.config import ModelConfig
-    from moe_hpc.placement import make_placement
+    from moe_hpc.config.run_config import ModelConfig
+    from moe_hpc.placement.file import make_placement
     model = ModelConfig(num_layers=3, first_dense_layers=1, num_experts=4)   # 8 flat experts
     placement = make_placement(model, 3, "shared")
     tables = route_tables(placement, slot_leaders=(0, 1, 2))
@@ -162,8 +169,8 @@ def test_sequence_split_covers_everything_once(S, D, C):
 
 
 def test_local_experts_compute_only_busy_slots():
-    from moe_hpc.checkpoint import Expert
-    from moe_hpc.exchange import expert_slots, slot_capacity
+    from moe_hpc.comm.exchange import expert_slots, slot_capacity
+    from moe_hpc.files.checkpoint import Expert
     from moe_hpc.model.experts import LocalExperts
     H, F, S = 16, 32, 5
     local = LocalExperts("silu")

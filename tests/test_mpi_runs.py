@@ -6,39 +6,13 @@ import h5py
 import numpy as np
 import pytest
 
-from moe_hpc.config import build_config
-from moe_hpc.reference import TIE_MARGIN, compare, read_output_hidden, reference_forward
-from moe_hpc.synth import write_checkpoint, write_inputs
+from moe_hpc.config.run_config import build_config
+from moe_hpc.model.reference import compare, read_output_hidden, reference_forward
+from moe_hpc.tools.synth import write_checkpoint, write_inputs
 
-from conftest import TINY, moe_hpc, needs_mpiexec
+from helpers import TINY, moe_hpc, needs_mpiexec, split_difference
 
 pytestmark = needs_mpiexec
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_files):
-    weights, inputs = tiny_files
-    with h5py.File(inputs, "r") as f:
-        lengths = f["lengths"][()]
-    return reference_forward(weights, inputs), lengths
-
-
-@pytest.fixture(scope="module")
-def baseline(tiny_files, tmp_path_factory):
-    """The single-process output (no mpiexec at all), the split every other run is held to."""
-    weights, inputs = tiny_files
-    out = tmp_path_factory.mktemp("base") / "out.h5"
-    r = moe_hpc("run", TINY, "--weights", weights, "--input", inputs, "--output", out)
-    assert r.returncode == 0, r.stderr
-    return read_output_hidden(out)
-
-
-def split_difference(a, b, ref, lengths):
-    """Worst per-token relative difference between two outputs over tie-clear tokens."""
-    L = a.shape[1]
-    clear = (np.arange(L)[None, :] < lengths[:, None]) & (ref.margin >= TIE_MARGIN)
-    diff = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
-    return float(diff[clear].max())
 
 
 LAYOUTS = [

@@ -2,14 +2,12 @@
 one ``error:`` line naming the file or key, every rank non-zero, no output and no ``.tmp``."""
 import pytest
 
-from moe_hpc.config import build_config
-from moe_hpc.placement import make_placement
-from moe_hpc.placement_file import save_placement
-from moe_hpc.trace import write_trace
-from moe_hpc.tracegen import TraceShape, synthetic_trace
+from moe_hpc.config.run_config import build_config
+from moe_hpc.placement.file import make_placement, save_placement
+from moe_hpc.placement.traces import write_trace
+from moe_hpc.tools.tracegen import TraceShape, synthetic_trace
 
-from conftest import TINY, needs_mpiexec, transform_dataset
-from test_bad_input import assert_clean_failure, edited, run_ranks
+from helpers import TINY, assert_clean_failure, edited, needs_mpiexec, run_ranks, transform_dataset
 
 pytestmark = needs_mpiexec
 MODEL = build_config({}).model
@@ -53,7 +51,9 @@ PLACE_CASES = [
     pytest.param(_bad_cluster("[cluster\n"), ("not valid TOML",), id="cluster-not-toml"),
     pytest.param(_bad_cluster("[cluster]\nnodes = 3\ngpus_per_node = 2\n"), ("world_size",),
                  id="cluster-size-differs-from-trace"),
-    pytest.param(_bad_cluster(GOOD_CLUSTER + "gpu_memory_gb = 0.0001\n"), ("cluster.gpu_memory_gb",),
+    pytest.param(_bad_cluster(GOOD_CLUSTER + "[intra_node]\nbandwidth_gb_per_s = 450.0\n"),
+                 ("[intra_node]", "network.intra_node_gb_s"), id="cluster-retired-form"),
+    pytest.param(_bad_cluster(GOOD_CLUSTER + "[gpu]\nmemory_gib = 0.0001\n"), ("gpu.memory_gib",),
                  id="cluster-memory-too-small"),
     pytest.param(_bad_trace(lambda f: f.__delitem__("source_expert")), ("/source_expert",),
                  id="trace-missing-dataset"),

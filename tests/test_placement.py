@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 
-from moe_hpc.config import ModelConfig, load_config
-from moe_hpc.errors import ConfigError
-from moe_hpc.placement import gpu_to_node, make_placement
-from moe_hpc.topology import role_layout
+from moe_hpc.config.errors import ConfigError
+from moe_hpc.config.roles import role_layout
+from moe_hpc.config.run_config import ModelConfig, load_config
+from moe_hpc.placement.file import make_placement
+from moe_hpc.placement.table import gpu_to_node
 
-from conftest import REPO, transform_dataset
+from helpers import REPO, transform_dataset
 
 SEED61 = load_config(REPO / "inputs" / "seed61.toml").model
 
@@ -66,7 +67,7 @@ def test_inverse_agrees_and_everything_is_hosted(X, kind):
 
 
 def test_parallel_split_checks():
-    from moe_hpc.topology import check_layout
+    from moe_hpc.config.roles import check_layout
     assert check_layout(8, 2, 1, 3).expert_ranks == (0, 1, 2)
     with pytest.raises(ConfigError, match="parallel.dp"):
         check_layout(4, 3, 0, 1)
@@ -86,7 +87,8 @@ def test_roles():
 
 def _saved(tmp_path, p, model, edit=None):
     import h5py
-    from moe_hpc.placement_file import save_placement
+
+    from moe_hpc.placement.file import save_placement
     path = tmp_path / "p.h5"
     save_placement(path, p, model, {"note": "test"})
     if edit:
@@ -114,7 +116,7 @@ def test_placement_file_roundtrip_gives_the_same_value(tmp_path):
     (lambda f: f.attrs.__setitem__("first_moe_layer", 2), "first_moe_layer"),
 ])
 def test_bad_placement_file_names_it(tmp_path, edit, needle):
-    from moe_hpc.errors import InputError
+    from moe_hpc.config.errors import InputError
     m = ModelConfig()
     path = _saved(tmp_path, make_placement(m, 5, "shared"), m, edit)
     with pytest.raises(InputError) as err:

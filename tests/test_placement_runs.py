@@ -7,13 +7,12 @@ import h5py
 import numpy as np
 import pytest
 
-from moe_hpc.config import build_config
-from moe_hpc.reference import compare, read_output_hidden
-from moe_hpc.synth import write_inputs
-from moe_hpc.trace import read_trace
+from moe_hpc.config.run_config import build_config
+from moe_hpc.model.reference import compare, read_output_hidden
+from moe_hpc.placement.traces import read_trace
+from moe_hpc.tools.synth import write_inputs
 
-from conftest import TINY, moe_hpc, needs_mpiexec
-from test_mpi_runs import baseline, reference, split_difference  # noqa: F401  (fixtures)
+from helpers import TINY, moe_hpc, needs_mpiexec, split_difference
 
 pytestmark = needs_mpiexec
 DEDICATED = ["--set", "parallel.dense_ranks=1"]

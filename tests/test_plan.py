@@ -5,20 +5,26 @@ from types import SimpleNamespace
 
 import pytest
 
-import moe_hpc.plan as plan_mod
-from moe_hpc.bench import model_flops_per_token
-from moe_hpc.config import ModelConfig, build_config, load_config
-from moe_hpc.errors import ConfigError, InputError
-from moe_hpc.placement import gpu_to_node, make_placement
-from moe_hpc.plan import (Workload, dense_weight_bytes, expert_weight_bytes, flops_per_token, make_layout,
-                          model_flops, plan_memory, rank_rows, slot_rows, token_buffer_bytes, workload_of)
-from moe_hpc.plan_calibrate import fit, load_measured, measured_layer, predict_layer
-from moe_hpc.plan_cluster import build_cluster, load_cluster
-from moe_hpc.plan_report import build, experts_text, run_plan
-from moe_hpc.plan_time import kernel, Rates
-from moe_hpc.topology import role_layout
+import moe_hpc.planner.deployment as plan_mod
+from moe_hpc.comm.exchange import slot_rows
+from moe_hpc.config.cluster import build_cluster, load_cluster
+from moe_hpc.config.errors import ConfigError, InputError
+from moe_hpc.config.roles import role_layout
+from moe_hpc.config.run_config import ModelConfig, build_config, load_config
+from moe_hpc.model.flops import flops_per_token, model_flops
+from moe_hpc.placement.file import make_placement
+from moe_hpc.placement.search import place
+from moe_hpc.placement.table import gpu_to_node
+from moe_hpc.placement.traces import read_trace
+from moe_hpc.planner.calibrate import fit, load_measured, measured_layer, predict_layer
+from moe_hpc.planner.deployment import make_layout, rank_rows
+from moe_hpc.planner.memory import dense_weight_bytes, expert_weight_bytes, plan_memory, token_buffer_bytes
+from moe_hpc.planner.report import build, experts_text, run_plan
+from moe_hpc.planner.time_model import Rates, kernel
+from moe_hpc.planner.workload import Workload, workload_of
+from moe_hpc.tools.tracegen import TraceShape, make_trace_file
 
-from conftest import REPO, moe_hpc
+from helpers import REPO, moe_hpc
 
 SEED61 = REPO / "inputs" / "seed61.toml"
 C128, C3904 = REPO / "inputs" / "cluster_seed128.toml", REPO / "inputs" / "cluster_seed3904.toml"
@@ -45,11 +51,11 @@ def test_layout_calls_the_runners_functions(cluster, X, D, monkeypatch):
     cfg, cl = load_config(SEED61, FITS), load_cluster(cluster)
     layout = make_layout(cfg, cl)
     assert calls == ["role_layout", "make_placement"]
-    group = cl.world_size // cl.deployment.data_parallel
+    group = cl.num_gpus // cl.deployment.data_parallel
     assert layout.roles == role_layout(group, D)
     assert layout.placement == make_placement(cfg.model, X, "auto")
     rows = rank_rows(layout)
-    assert len(rows) == cl.world_size
+    assert len(rows) == cl.num_gpus
     for row in rows[::97] + rows[-3:]:
         local = row.rank % group
         assert row.node == gpu_to_node(row.rank, 8)
@@ -79,8 +85,6 @@ def test_tiny_memory_and_flops_by_hand():
     assert (f["projections"], f["attention_core"], f["dense_mlp"], f["gate"], f["experts"]) == \
         (2 * 64 * 16 * 16, 2 * 2 * 4 * 16 * 8, 2 * 2 * 64 * 256, 2 * 64 * 8, 2 * 2 * 2 * 64 * 128)
     assert model_flops(m, 16) == 4 * (32768 + 2048) + 65536 + 3 * (1024 + 65536) == 404480
-    seed = load_config(SEED61).model
-    assert model_flops(seed, 4096) == pytest.approx(model_flops_per_token(seed, 4096))   # bench's formula
     w = Workload(sequences=1, seq_len=16, micro_batch_tokens=8)
     assert (w.tokens, w.micro_batches, w.mb_tokens) == (16, 2, 8)
     # two slots x (dispatch-send + combine-recv 16 rows, dispatch-recv + combine-send 24 rows) x H bf16
@@ -117,7 +121,8 @@ def test_refusal_names_the_fix(tmp_path):
 def test_both_seed_plans_print_quickly(tmp_path):
     for cluster in (C128, C3904):
         r = run_plan(plan_args(cluster, tmp_path, *FITS, fmt="json"), out=lambda s: json.loads(s))
-        assert r["planner_seconds"] < 5 and all(not d["problems"] for d in r["dags"])
+        # "in seconds" on a loaded 2-core CI machine: about 1 s measured; the bound only catches a blow-up
+        assert r["planner_seconds"] < 60 and all(not d["problems"] for d in r["dags"])
         assert sum(r["time"]["shares"].values()) == pytest.approx(1.0)
         assert (tmp_path / "ranks.tsv").read_text().count("\n") == r["gpus"] + 1
 
@@ -150,12 +155,41 @@ def test_roofline_step():
                                                                 "synchronisation": 1e-3, "overhead": 3e-5})
 
 
-def test_calibrated_layer_within_25_percent():
+HELD_OUT = [("bench_h200_1_mb2.json", SEED61),                  # other micro-batch count
+            ("bench_h100_1_nccl_mb4.json", SEED61),             # other GPU, four micro-batches
+            ("bench_h200_seed16.json", REPO / "inputs" / "seed16.toml")]   # other model
+
+
+@pytest.mark.parametrize("name, config", HELD_OUT, ids=[n for n, _ in HELD_OUT])
+def test_calibrated_layer_within_25_percent_on_a_bench_it_was_not_fitted_on(name, config):
     cl = load_cluster(C128)
-    meas = load_measured(REPO / "benchmarks" / "results" / "bench_h200_1_mb1.json", cl, SEED61)
-    gpu = fit(cl, [meas])
-    got, want = predict_layer(cl, meas, gpu)["t_layer_ms"], measured_layer(meas)["t_layer_ms"]
-    assert abs(got / want - 1) < 0.25
+    results = REPO / "benchmarks" / "results"
+    gpu = fit(cl, [load_measured(results / "bench_h200_1_mb1.json", cl, SEED61)])
     assert 0.3 < gpu.mfu <= 1 and 0.3 < gpu.memory_util <= 1
+    held_out = load_measured(results / name, cl, config)
+    got, want = predict_layer(cl, held_out, gpu)["t_layer_ms"], measured_layer(held_out)["t_layer_ms"]
+    assert abs(got / want - 1) < 0.25, (got, want)
+
+
+def test_calibration_refuses_a_transport_it_does_not_model():
+    cl = load_cluster(C128)
     with pytest.raises(InputError, match="planner models the nccl transport only"):
         load_measured(REPO / "benchmarks" / "results" / "bench_h100_2ranks_1gpu_staged_cma.json", cl, SEED61)
+
+
+CLUSTER_FILES = sorted((REPO / "inputs").glob("cluster*.toml"))
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_every_cluster_file_serves_make_trace_place_and_plan(path, tmp_path):
+    """One schema: each file in inputs/ is read by make-trace, place and plan alike."""
+    cluster = load_cluster(path)
+    cfg = load_config(SEED61, FITS + [f"parallel.dense_ranks={max(cluster.deployment.dense_gpus, 0)}"])
+    trace_path = tmp_path / "trace.h5"
+    make_trace_file(cfg, path, trace_path, TraceShape(tokens_per_source=16, windows=1), seed=0, overwrite=False)
+    trace = read_trace(trace_path, cfg.model)
+    assert trace.world_size == cluster.num_gpus
+    placements, report = place(cfg, path, trace_path, steps=20, seconds=30.0)
+    assert set(placements) == {"formula", "greedy", "optimised"} and report["gpus"] == cluster.num_gpus
+    plan = build(plan_args(path, tmp_path))
+    assert plan["gpus"] == cluster.num_gpus and all(not d["problems"] for d in plan["dags"])

@@ -6,21 +6,22 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from moe_hpc.cluster import build_cluster, load_cluster
-from moe_hpc.config import ModelConfig, load_config
-from moe_hpc.errors import ConfigError
-from moe_hpc.linkload import layer_links, node_volumes, placement_metrics, row_bytes
-from moe_hpc.optimise import (construct, empty_state, local_search, make_copies, node_capacity,
-                              state_of)
-from moe_hpc.place import (balanced_packing, coactivation_groups, greedy_placement,
-                           plan_placements, replicate_experts, slot_budget)
-from moe_hpc.placement import Placement, make_placement
-from moe_hpc.planner import evaluate
-from moe_hpc.topology import role_layout
-from moe_hpc.trace import Trace
-from moe_hpc.tracegen import TraceShape, synthetic_trace
+from moe_hpc.config.cluster import build_cluster, load_cluster
+from moe_hpc.config.errors import ConfigError
+from moe_hpc.config.roles import role_layout
+from moe_hpc.config.run_config import ModelConfig, load_config
+from moe_hpc.placement.file import make_placement
+from moe_hpc.placement.greedy import (balanced_packing, coactivation_groups, greedy_placement,
+                                      replicate_experts, slot_budget)
+from moe_hpc.placement.links import layer_links, node_volumes, placement_metrics, row_bytes
+from moe_hpc.placement.optimise import (construct, empty_state, local_search, make_copies, node_capacity,
+                                        state_of)
+from moe_hpc.placement.search import evaluate, plan_placements
+from moe_hpc.placement.table import Placement
+from moe_hpc.placement.traces import Trace
+from moe_hpc.tools.tracegen import TraceShape, synthetic_trace
 
-from conftest import REPO
+from helpers import REPO
 
 SEED61 = load_config(REPO / "inputs" / "seed61.toml").model
 
@@ -40,7 +41,7 @@ def test_link_model_by_hand():
 
 
 def test_metrics_sum_busiest_link_over_layers():
-    cluster = build_cluster({"cluster": {"nodes": 2, "gpus_per_node": 1}, "inter_node": {"rails": 1}})
+    cluster = build_cluster({"cluster": {"nodes": 2, "gpus_per_node": 1}, "network": {"rails_per_node": 1}})
     model = ModelConfig(num_layers=2, first_dense_layers=0, num_experts=2, top_k=1, hidden_size=8)
     # both layers: source GPU 0 sends 30 tokens to expert 0 and 10 to expert 1
     trace = Trace(model, 2, np.array([0]), np.array([[[30, 10]], [[30, 10]]]), np.zeros((2, 2, 2), np.int64),
@@ -81,8 +82,8 @@ def test_slot_budget_is_the_formulas_and_checks_memory():
     cluster = load_cluster(REPO / "inputs" / "cluster3904.toml")
     assert slot_budget(make_placement(SEED61, 3712, "disjoint"), cluster, SEED61) == 1
     assert slot_budget(make_placement(SEED61, 512), cluster, SEED61) == 58
-    tiny_gpu = build_cluster({"cluster": {"gpu_memory_gb": 0.1}})
-    with pytest.raises(ConfigError, match="cluster.gpu_memory_gb"):
+    tiny_gpu = build_cluster({"cluster": {"nodes": 64, "gpus_per_node": 8}, "gpu": {"memory_gib": 0.1}})
+    with pytest.raises(ConfigError, match="gpu.memory_gib"):
         slot_budget(make_placement(SEED61, 512), tiny_gpu, SEED61)
 
 
@@ -140,7 +141,7 @@ def test_optimiser_beats_formula_by_30pct_and_is_no_worse_than_greedy(gpus, dens
         check_valid(p, slots, X)
     if gpus == 3904:
         assert slots == 1, "one expert per GPU: the GPUs suffice"
-        assert wall < 60, f"3,904-GPU planning and evaluation took {wall:.1f} s"
+        assert wall < 180, f"3,904-GPU planning and evaluation took {wall:.1f} s"   # ~2 s measured; generous for a loaded CI
     if gpus == 512:
         assert report["metrics"]["optimised"]["gpu_max_over_mean"] < 1.2   # replicas even it out
         assert any(len(h) > 8 for row in placements["optimised"].ranks for h in row)

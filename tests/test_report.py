@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from moe_hpc.errors import InputError
-from moe_hpc.report import ProgressLog, expert_load, hms, phase_summary
-from moe_hpc.scaling import load_points, scaling_report, with_efficiency
+from moe_hpc.config.errors import InputError
+from moe_hpc.runtime.progress import ProgressLog, expert_load, hms, phase_summary
+from moe_hpc.tools.scaling import load_points, scaling_report, with_efficiency
 
 
 class FakeClock:
@@ -116,7 +116,7 @@ def test_scaling_report_errors(tmp_path):
 
 
 def test_scaling_report_command(tmp_path):
-    from conftest import moe_hpc
+    from helpers import moe_hpc
     for ranks, tps in ((1, 100.0), (2, 150.0)):
         _summary(tmp_path, f"strong-n{ranks}.json", ranks, tps)
     r = moe_hpc("scaling-report", tmp_path, "--plot", tmp_path / "plot.png")

@@ -14,13 +14,14 @@ import h5py
 import numpy as np
 import pytest
 
-from moe_hpc.config import build_config
-from moe_hpc.errors import ResumeError
-from moe_hpc.resume import check_partial, fingerprint, Progress, save_progress
-from moe_hpc.topology import role_layout
+from moe_hpc.config.errors import ResumeError
+from moe_hpc.config.roles import role_layout
+from moe_hpc.config.run_config import build_config
+from moe_hpc.runtime.resume import Progress, check_partial, fingerprint, save_progress
 
-from conftest import assert_same_output, moe_hpc, moe_hpc_cmd, needs_mpiexec, rank_env, run_args
-from interrupting import progress_record, signal_midway, wait_for_chunks
+from helpers import (assert_same_output, moe_hpc, moe_hpc_cmd, needs_mpiexec, progress_record, rank_env,
+                     run_args, signal_midway, wait_for_chunks)
+
 
 def interrupt(args, ranks: int, output, signum) -> subprocess.CompletedProcess:
     """Start ``moe-hpc ARGS`` under mpiexec, signal mpiexec after 2 chunks; returns the result."""

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, assert_same_output, needs_mpiexec
-from interrupting import kill_rank_midway, progress_record, signal_midway, wait_for_chunks
+from helpers import (REPO, TINY, assert_same_output, kill_rank_midway, needs_mpiexec, progress_record,
+                     signal_midway, wait_for_chunks)
 from slurm_cluster import SlurmUnavailable, start_cluster
 
 pytestmark = needs_mpiexec

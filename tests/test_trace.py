@@ -3,13 +3,14 @@ import h5py
 import numpy as np
 import pytest
 
-from moe_hpc.cluster import build_cluster, expert_slots, load_cluster
-from moe_hpc.config import ModelConfig
-from moe_hpc.errors import ConfigError, InputError
-from moe_hpc.trace import TraceRecorder, pair_counts, read_trace, write_trace
-from moe_hpc.tracegen import TraceShape, check_shape, sample_distinct, synthetic_trace
+from moe_hpc.config.cluster import GIB, build_cluster, load_cluster
+from moe_hpc.config.errors import ConfigError, InputError
+from moe_hpc.config.run_config import ModelConfig
+from moe_hpc.placement.greedy import expert_slots
+from moe_hpc.placement.traces import TraceRecorder, pair_counts, read_trace, write_trace
+from moe_hpc.tools.tracegen import TraceShape, check_shape, sample_distinct, synthetic_trace
 
-from conftest import REPO, transform_dataset
+from helpers import REPO, transform_dataset
 
 MODEL = ModelConfig(num_layers=5, first_dense_layers=1, num_experts=16, top_k=2)
 
@@ -132,15 +133,22 @@ def test_cluster_files():
     assert c.num_gpus == 3904 and c.gpus_per_node == 8
     assert c.node_bytes_per_s == 8 * 50e9 and c.gpu_bytes_per_s == 450e9
     seed61 = ModelConfig(hidden_size=7168, moe_ffn_hidden_size=2048, num_experts=64)
-    assert expert_slots(c, seed61) == int(40e9 // (2 * (2 * 7168 * 2048 + 2048 + 7168)))
+    assert expert_slots(c, seed61) == int(74.5 * GIB * 0.5 // (2 * (2 * 7168 * 2048 + 2048 + 7168)))
+    seed = load_cluster(REPO / "inputs" / "cluster_seed3904.toml")          # one rail per GPU by default
+    assert seed.node_bytes_per_s == 8 * 50e9 and seed.gpu_bytes_per_s == 300e9
 
 
 @pytest.mark.parametrize("text, needle", [
     ("[cluster]\nnodez = 2\n", "cluster.nodez"),
     ("[cluster]\nnodes = 0\n", "cluster.nodes"),
     ("[cluster]\nnodes = 2.5\n", "cluster.nodes"),
-    ("[inter_node]\nbandwidth_gb_per_s = -1\n", "inter_node.bandwidth_gb_per_s"),
-    ("[cluster]\nexpert_memory_fraction = 2\n", "cluster.expert_memory_fraction"),
+    ("[cluster]\nnodes = 2\ngpus_per_node = 2\n[network]\ninter_node_gb_s = -1\n", "network.inter_node_gb_s"),
+    ("[cluster]\nnodes = 2\ngpus_per_node = 2\n[gpu]\nexpert_memory_fraction = 2\n", "gpu.expert_memory_fraction"),
+    ("[cluster]\nnodes = 2\n", "cluster.gpus_per_node is required"),
+    # the retired placement-only form: one error naming the key to use instead
+    ("[intra_node]\nbandwidth_gb_per_s = 450.0\n", "use network.intra_node_gb_s"),
+    ("[inter_node]\nrails = 8\n", "use network.inter_node_gb_s (per rail), network.rails_per_node"),
+    ("[cluster]\nnodes = 2\ngpus_per_node = 2\ngpu_memory_gb = 80.0\n", "use gpu.memory_gib"),
     ("[fabric]\nkind = 1\n", "fabric"),
     ("[cluster\n", "not valid TOML"),
 ])
@@ -155,5 +163,5 @@ def test_bad_cluster_file_names_file_and_key(tmp_path, text, needle):
 
 
 def test_cluster_defaults():
-    c = build_cluster({})
-    assert c.machine.nodes == 1 and c.inter.rails == 8
+    c = build_cluster({"cluster": {"nodes": 1, "gpus_per_node": 4}})
+    assert c.nodes == 1 and c.rails == 4 and c.node_bytes_per_s == 4 * c.network.inter_node_gb_s * 1e9

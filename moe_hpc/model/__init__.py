@@ -1,6 +1,5 @@
-"""Model math on the ``xp`` seam: layers (norms, RoPE, MLPs), attention, router."""
-from .attention import attention
-from .layers import activation, apply_rope, mlp, rmsnorm, rope_tables
-from .router import Routing, route
+"""The math of the model on the ``xp`` seam: norms, RoPE, attention, the router, the experts a
+rank hosts, FLOP counts, and the float64 reference every parallel layout is checked against.
 
-__all__ = ["attention", "activation", "apply_rope", "mlp", "rmsnorm", "rope_tables", "Routing", "route"]
+May import: device, config. Not comm or files (siblings).
+"""

@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from ..backend import BF16, F32, matmul_bf16
+from ..device.backend import matmul_bf16
+from ..device.dtypes import BF16, F32
 from .layers import apply_rope, rope_tables
 
 

@@ -61,7 +61,7 @@ class LocalExperts:
         ``out`` [extent, H] (bf16, or fp32 for tensor-parallel partials), without the output
         bias b2 (the combine adds it). ``workspace(name, slot, rows, width)`` lends [extent, F].
         Runs of consecutive busy slots are one strided-batched GEMM each."""
-        from ..kernels import grouped_expert_mlp
+        from ..device.kernels import grouped_expert_mlp
         per_slot = layout.counts.sum(axis=0)
         if per_slot[self.num_slots:].any():
             raise RuntimeError("received tokens for a slot this rank does not fill (placement mismatch)")

@@ -1,14 +1,14 @@
-"""Norms, activations, RoPE and the MLPs, written once against ``xp`` (NumPy or CuPy).
+"""Norms, RoPE and the MLPs, written once against ``xp`` (NumPy or CuPy).
 
 Shapes in comments; every function keeps the SPEC precision rule: bf16 in and out, fp32 inside.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from ..backend import BF16, F32, matmul_bf16
+from ..device.backend import matmul_bf16
+from ..device.dtypes import BF16, F32
+from ..device.kernels import activation, expert_mlp
 
 
 def rmsnorm(x, weight, eps: float, xp=np):
@@ -18,41 +18,9 @@ def rmsnorm(x, weight, eps: float, xp=np):
     return (x32 * inv * weight.astype(F32, copy=False)).astype(BF16)
 
 
-def _erf(x, xp):
-    if xp is np:
-        return _erf_numpy(x)
-    import cupyx.scipy.special
-    return cupyx.scipy.special.erf(x)
-
-
-def _erf_numpy(x):
-    """erf for NumPy, which has none: the Chebyshev-fitted erfc of Numerical Recipes,
-    fractional error under 1.2e-7, far below bf16's resolution."""
-    z = np.abs(x).astype(np.float64)
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = (-1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806
-            + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223
-            + t * 0.17087277)))))))))
-    y = 1.0 - t * np.exp(-z * z + poly)
-    return (np.sign(x) * y).astype(np.float32)
-
-
-def activation(h32, kind: str, xp=np):
-    """Elementwise activation of an fp32 array (exact-erf gelu, tanh gelu or silu)."""
-    if kind == "gelu":
-        return 0.5 * h32 * (1.0 + _erf(h32 * F32.type(1 / math.sqrt(2.0)), xp))
-    if kind == "gelu_tanh":
-        c = F32.type(math.sqrt(2.0 / math.pi))
-        return 0.5 * h32 * (1.0 + xp.tanh(c * (h32 + F32.type(0.044715) * h32 * h32 * h32)))
-    if kind == "silu":
-        return h32 / (1.0 + xp.exp(-h32))
-    raise ValueError(f"unknown activation {kind!r}")
-
-
 def mlp(x, w1, b1, w2, b2, kind: str, xp=np):
     """act(x @ w1 + b1) @ w2 + b2 (the dense block). x: [T, H] bf16, w1: [H, F], w2: [F, H]
     -> [T, H] bf16. The same fused expert kernel as the MoE experts, then the output bias."""
-    from ..kernels import expert_mlp
     y = expert_mlp(x, w1, b1, w2, kind)
     if b2 is None:
         return y
@@ -79,4 +47,4 @@ def apply_rope(x, cos, sin, xp=np):
     return out.astype(BF16)
 
 
-__all__ = ["rmsnorm", "activation", "mlp", "rope_tables", "apply_rope", "matmul_bf16"]
+__all__ = ["rmsnorm", "mlp", "rope_tables", "apply_rope", "matmul_bf16", "activation"]

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import F32
+from ..device.dtypes import F32
+from ..device.kernels import matmul_f32out, topk
 
 
 @dataclass
@@ -21,7 +22,6 @@ class Routing:
 
 def route(m, gate, bias, top_k: int, normalize: bool, xp=np) -> Routing:
     """m: [T, H] bf16, gate: [H, E], bias: [E] fp32 | None -> Routing. All gate math in fp32."""
-    from ..kernels import matmul_f32out, topk
     logits = matmul_f32out(m, gate)
     logits -= logits.max(axis=-1, keepdims=True)
     p = xp.exp(logits)

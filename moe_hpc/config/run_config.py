@@ -1,0 +1,279 @@
+"""Run configuration: the `[model]`, `[parallel]` and `[run]` tables of a TOML file.
+
+Every key has a default and a check; an error names the key (``model.hidden_size``) and the
+file it came from.  ``--set table.key=value`` overrides are applied before validation, so they
+are checked exactly like keys written in the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+PLACEMENTS = ("auto", "shared", "disjoint")
+DEVICES = ("cpu", "gpu", "auto")
+OUTPUT_DTYPES = ("bfloat16", "float32")
+TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The SPEC model table. Defaults are the tiny preset's shape family."""
+    hidden_size: int = 64
+    num_layers: int = 4
+    first_dense_layers: int = 1
+    num_heads: int = 4
+    num_kv_heads: int = 0           # 0 or absent: same as num_heads (plain MHA)
+    head_dim: int = 16
+    dense_ffn_hidden_size: int = 256
+    moe_ffn_hidden_size: int = 128
+    num_experts: int = 8
+    top_k: int = 2
+    activation: str = "gelu"
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    normalize_topk: bool = True
+    vocab_size: int = 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def moe_layers(self) -> range:
+        """Block indices that hold an MoE MLP."""
+        return range(self.first_dense_layers, self.num_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.first_dense_layers
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks are split into roles and where experts live."""
+    dense_ranks: int = 0            # 0: co-located roles; D > 0: D dense ranks, the rest experts
+    placement: str = "auto"         # auto | shared | disjoint | path to a PLACEMENT.h5
+    gpus_per_node: int = 0          # 0: discovered from the shared-memory communicator
+    dp: int = 1                     # data-parallel replicas, each a full expert-parallel group
+    expert_tp: int = 1              # ranks sharing one expert (w1 by columns, w2 by rows)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Batching, device and output settings. None of them changes the result beyond bf16."""
+    micro_batch_tokens: int = 4096  # tokens per dispatch/combine exchange
+    chunk_sequences: int = 64       # sequences a dense rank reads, computes and writes at once
+    attention_block: int = 512      # query rows per attention block (bounds score memory)
+    pipeline_waves: int = 1         # >1: waves of sequences flow through the blocks one step apart
+    device: str = "cpu"             # cpu | gpu | auto
+    output_dtype: str = "bfloat16"  # dtype of /hidden in the output file
+    logits: bool = False            # also write /logits (needs vocab_size > 0)
+    transport: str = "auto"         # auto | mpi | mpi-staged | nccl (GPU); the CPU uses mpi
+    cuda_aware_mpi: str = "auto"    # auto | yes | no: whether MPI takes device buffers
+    balance: bool = False           # move selection biases against load at run time (changes routing)
+    balance_threshold: float = 1.2  # act when a micro-batch's max/mean expert load exceeds this
+    balance_gamma: float = 0.001    # bias step per action: b_e += gamma * sign(mean - load_e)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in TABLES}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def with_model(self, model: ModelConfig) -> "Config":
+        return dataclasses.replace(self, model=model)
+
+
+TABLES = {"model": ModelConfig, "parallel": ParallelConfig, "run": RunConfig}
+
+
+def coerce(table: str, key: str, value: Any, default: Any, where: str) -> Any:
+    """Check one value against the type of its default; ints are accepted for floats."""
+    name = f"{table}.{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {name} must be a string, got {value!r}")
+    return value
+
+
+def build_table(table: str, values: dict[str, Any], where: str, cls=None):
+    """One TOML table -> an instance of ``cls`` (default: the run config's class for ``table``),
+    each value checked against the type of its default."""
+    cls = cls or TABLES[table]
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {table}.{key} (known: {', '.join(known)})")
+        kwargs[key] = coerce(table, key, value, known[key].default, where)
+    if table == "model" and not kwargs.get("num_kv_heads"):
+        kwargs["num_kv_heads"] = kwargs.get("num_heads", known["num_heads"].default)   # SPEC default
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"run.micro_batch_tokens=64"`` -> ("run", "micro_batch_tokens", 64).
+
+    The value is read as a TOML value; anything that is not valid TOML is taken as a string,
+    so ``--set run.device=gpu`` needs no quotes.
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected table.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or parts[0] not in TABLES or not parts[1]:
+        raise ConfigError(f"--set {text!r}: the key must be one of "
+                          f"{', '.join(t + '.<key>' for t in TABLES)}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts[0], parts[1], value
+
+
+def build_config(tables: dict[str, Any], overrides: list[str] = (), where: str = "<config>") -> Config:
+    """Make a validated Config from parsed TOML tables plus ``--set`` overrides."""
+    unknown = set(tables) - set(TABLES)
+    if unknown:
+        raise ConfigError(f"{where}: unknown table [{sorted(unknown)[0]}] (known: model, parallel, run)")
+    for name in TABLES:
+        if not isinstance(tables.get(name, {}), dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+    merged = {name: dict(tables.get(name, {})) for name in TABLES}
+    for text in overrides:
+        table, key, value = parse_override(text)
+        merged[table][key] = value
+    cfg = Config(**{name: build_table(name, merged[name], where) for name in TABLES}, source=where)
+    validate(cfg)
+    return cfg
+
+
+def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Parse a TOML file; an unreadable or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read and validate a TOML run config."""
+    return build_config(read_toml(path), overrides, where=str(path))
+
+
+def model_from_json(text: str, where: str) -> ModelConfig:
+    """The checkpoint's `config` attribute (JSON of the model table) -> ModelConfig."""
+    try:
+        values = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: attribute 'config' is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: attribute 'config' must be a JSON object")
+    model = build_table("model", values, where)
+    _validate_model(model, where)
+    return model
+
+
+def _require(cond: bool, where: str, key: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {key} {why}")
+
+
+def _validate_model(m: ModelConfig, where: str) -> None:
+    for key in ("hidden_size", "num_layers", "num_heads", "head_dim", "num_experts", "top_k",
+                "moe_ffn_hidden_size"):
+        _require(getattr(m, key) >= 1, where, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    _require(0 <= m.first_dense_layers <= m.num_layers, where, "model.first_dense_layers",
+             f"must be in [0, num_layers={m.num_layers}], got {m.first_dense_layers}")
+    if m.first_dense_layers > 0:
+        _require(m.dense_ffn_hidden_size >= 1, where, "model.dense_ffn_hidden_size",
+                 "must be >= 1 when there are dense blocks")
+    _require(m.num_kv_heads >= 0, where, "model.num_kv_heads", "must be >= 0")
+    _require(m.num_heads % m.kv_heads == 0, where, "model.num_kv_heads",
+             f"({m.kv_heads}) must divide num_heads ({m.num_heads})")
+    _require(m.head_dim % 2 == 0, where, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
+    _require(m.top_k <= m.num_experts, where, "model.top_k",
+             f"({m.top_k}) must be <= num_experts ({m.num_experts})")
+    _require(m.activation in ACTIVATIONS, where, "model.activation",
+             f"must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
+    _require(m.norm_eps > 0, where, "model.norm_eps", "must be > 0")
+    _require(m.rope_theta > 0, where, "model.rope_theta", "must be > 0")
+    _require(m.vocab_size >= 0, where, "model.vocab_size", "must be >= 0")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first bad key."""
+    where = cfg.source
+    _validate_model(cfg.model, where)
+    p, r = cfg.parallel, cfg.run
+    _require(p.dense_ranks >= 0, where, "parallel.dense_ranks", f"must be >= 0, got {p.dense_ranks}")
+    _require(p.placement in PLACEMENTS or p.placement.endswith(".h5"), where, "parallel.placement",
+             f"must be one of {', '.join(PLACEMENTS)} or a placement file (*.h5), got {p.placement!r}")
+    _require(p.gpus_per_node >= 0, where, "parallel.gpus_per_node", "must be >= 0")
+    _require(p.dp >= 1, where, "parallel.dp", f"must be >= 1, got {p.dp}")
+    _require(p.expert_tp >= 1, where, "parallel.expert_tp", f"must be >= 1, got {p.expert_tp}")
+    _require(cfg.model.moe_ffn_hidden_size % p.expert_tp == 0, where, "parallel.expert_tp",
+             f"({p.expert_tp}) must divide model.moe_ffn_hidden_size ({cfg.model.moe_ffn_hidden_size})")
+    _require(r.micro_batch_tokens >= 1, where, "run.micro_batch_tokens",
+             f"must be >= 1, got {r.micro_batch_tokens}")
+    _require(r.chunk_sequences >= 1, where, "run.chunk_sequences", f"must be >= 1, got {r.chunk_sequences}")
+    _require(r.attention_block >= 1, where, "run.attention_block", f"must be >= 1, got {r.attention_block}")
+    _require(r.pipeline_waves >= 1, where, "run.pipeline_waves", f"must be >= 1, got {r.pipeline_waves}")
+    _require(r.device in DEVICES, where, "run.device", f"must be one of {', '.join(DEVICES)}, got {r.device!r}")
+    _require(r.output_dtype in OUTPUT_DTYPES, where, "run.output_dtype",
+             f"must be one of {', '.join(OUTPUT_DTYPES)}, got {r.output_dtype!r}")
+    _require(r.transport in TRANSPORTS, where, "run.transport",
+             f"must be one of {', '.join(TRANSPORTS)}, got {r.transport!r}")
+    _require(r.cuda_aware_mpi in ("auto", "yes", "no"), where, "run.cuda_aware_mpi",
+             f"must be auto, yes or no, got {r.cuda_aware_mpi!r}")
+    _require(not r.logits or cfg.model.vocab_size > 0, where, "run.logits",
+             "needs model.vocab_size > 0 (there is no lm_head)")
+    _require(r.balance_threshold > 1.0, where, "run.balance_threshold",
+             f"must be > 1 (max/mean load is never below 1), got {r.balance_threshold}")
+    _require(r.balance_gamma > 0.0, where, "run.balance_gamma", f"must be > 0, got {r.balance_gamma}")
+
+
+__all__ = ["Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config",
+           "parse_override", "model_from_json", "validate", "build_table", "read_toml", "TABLES"]

@@ -1,0 +1,194 @@
+"""The float64 reference: SPEC's formulas, read literally, on one process.
+
+It is the oracle for every parallel layout, so it shares no code with the engine: no bf16, no
+blocking, no exchange.  It also reports each token's top-k margin, which the acceptance rule
+(``compare``) needs to tell tokens near a routing tie from the rest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from ..config.run_config import ModelConfig, model_from_json
+
+TIE_MARGIN = 0.02
+
+
+def _f64(dset) -> np.ndarray:
+    raw = np.asarray(dset[()])
+    tag = dset.attrs.get("dtype")
+    tag = tag.decode() if isinstance(tag, bytes) else tag
+    if raw.dtype == np.uint16 and tag == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return raw.astype(np.float64)
+
+
+def _rmsnorm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _act(h, kind):
+    if kind == "gelu":
+        erf = np.vectorize(math.erf)
+        return 0.5 * h * (1.0 + erf(h / math.sqrt(2.0)))
+    if kind == "gelu_tanh":
+        return 0.5 * h * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    return h / (1.0 + np.exp(-h))
+
+
+def _rope(x, theta):
+    """x: [L, heads, D]."""
+    L, _, D = x.shape
+    half = D // 2
+    f = theta ** (-2.0 * np.arange(half) / D)
+    ang = np.arange(L)[:, None] * f[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    return np.concatenate([x[..., :half] * c - x[..., half:] * s,
+                           x[..., half:] * c + x[..., :half] * s], axis=-1)
+
+
+def _attention(a, g, m: ModelConfig):
+    L = a.shape[0]
+    nh, nkv, D = m.num_heads, m.kv_heads, m.head_dim
+    q = _rope((a @ g["wq"]).reshape(L, nh, D), m.rope_theta)
+    k = _rope((a @ g["wk"]).reshape(L, nkv, D), m.rope_theta)
+    v = (a @ g["wv"]).reshape(L, nkv, D)
+    mask = np.triu(np.full((L, L), -np.inf), 1)
+    heads = []
+    for h in range(nh):
+        kv = h // (nh // nkv)
+        s = q[:, h] @ k[:, kv].T / math.sqrt(D) + mask
+        p = np.exp(s - s.max(-1, keepdims=True))
+        heads.append((p / p.sum(-1, keepdims=True)) @ v[:, kv])
+    return np.concatenate(heads, axis=-1) @ g["wo"]
+
+
+def _opt(g, name, like):
+    return g[name] if name in g else np.zeros(like)
+
+
+@dataclass
+class Reference:
+    """hidden: [S, L, H] float64 (padding 0); margin: [S, L] smallest top-k margin over MoE
+    layers, (p_k - p_k+1) / p_k, inf where there is no MoE layer or the position is padding;
+    logits: [S, L, V] or None."""
+    hidden: np.ndarray
+    margin: np.ndarray
+    logits: np.ndarray | None = None
+
+
+def reference_forward(weights_path, input_path, with_logits: bool = False) -> Reference:
+    """Run the float64 reference over the whole input file."""
+    with h5py.File(weights_path, "r") as wf, h5py.File(input_path, "r") as inf:
+        m = model_from_json(wf.attrs["config"], str(weights_path))
+        layers = [{k: _f64(v) for k, v in _flatten(wf[f"layers/{l}"]).items()} for l in range(m.num_layers)]
+        final_norm = _f64(wf["final_norm"])
+        if "hidden" in inf:
+            x_all = _f64(inf["hidden"])
+        else:
+            x_all = _f64(wf["embed"])[np.asarray(inf["tokens"][()])]
+        S, L = x_all.shape[:2]
+        lengths = np.asarray(inf["lengths"][()]) if "lengths" in inf else np.full(S, L)
+        lm_head = _f64(wf["lm_head"]) if with_logits else None
+    hidden = np.zeros_like(x_all)
+    margin = np.full((S, L), np.inf)
+    logits = None if lm_head is None else np.zeros((S, L, lm_head.shape[1]))
+    for s in range(S):
+        n = int(lengths[s])
+        if n == 0:
+            continue
+        x = x_all[s, :n]
+        for l, g in enumerate(layers):
+            x = x + _attention(_rmsnorm(x, g["attn_norm"], m.norm_eps), g, m)
+            h = _rmsnorm(x, g["mlp_norm"], m.norm_eps)
+            if m.is_moe(l):
+                f, mg = _moe(h, g, m)
+                margin[s, :n] = np.minimum(margin[s, :n], mg)
+            else:
+                f = _act(h @ g["w1"] + _opt(g, "b1", g["w1"].shape[1]), m.activation) @ g["w2"] \
+                    + _opt(g, "b2", m.hidden_size)
+            x = x + f
+        hidden[s, :n] = _rmsnorm(x, final_norm, m.norm_eps)
+        if logits is not None:
+            logits[s, :n] = hidden[s, :n] @ lm_head
+    return Reference(hidden, margin, logits)
+
+
+def _moe(h, g, m: ModelConfig):
+    z = h @ g["gate"]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    score = p + g.get("gate_bias", 0.0)
+    order = np.argsort(-score, axis=-1, kind="stable")
+    chosen = order[:, :m.top_k]
+    w = np.take_along_axis(p, chosen, -1)
+    if m.normalize_topk:
+        w = w / w.sum(-1, keepdims=True)
+    # margin on the selection scores: how close the k-th pick came to losing to the next one
+    sk = np.take_along_axis(score, order[:, m.top_k - 1:m.top_k], -1)[:, 0]
+    nxt = (np.take_along_axis(score, order[:, m.top_k:m.top_k + 1], -1)[:, 0]
+           if m.top_k < m.num_experts else np.zeros_like(sk))
+    margin = np.where(m.top_k < m.num_experts, (sk - nxt) / sk, np.inf)
+    F = m.moe_ffn_hidden_size
+    f = np.zeros_like(h)
+    for j in range(m.top_k):
+        for e in np.unique(chosen[:, j]):
+            rows = chosen[:, j] == e
+            b1 = g["experts/b1"][e] if "experts/b1" in g else np.zeros(F)
+            b2 = g["experts/b2"][e] if "experts/b2" in g else np.zeros(m.hidden_size)
+            y = _act(h[rows] @ g["experts/w1"][e] + b1, m.activation) @ g["experts/w2"][e] + b2
+            f[rows] += w[rows, j:j + 1] * y
+    return f, margin
+
+
+def _flatten(group, prefix=""):
+    out = {}
+    for key, item in group.items():
+        if isinstance(item, h5py.Group):
+            out.update(_flatten(item, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = item
+    return out
+
+
+@dataclass
+class Agreement:
+    median: float            # median per-token relative error over valid tokens
+    clear_worst: float       # worst error among tokens clear of ties
+    clear_over: float        # fraction of clear tokens above the clear tolerance
+    tokens: int
+    clear_tokens: int
+
+    def ok(self, median_tol=2e-2, clear_tol=5e-2, clear_fraction=0.05) -> bool:
+        return self.median < median_tol and self.clear_over <= clear_fraction
+
+    def __str__(self) -> str:
+        return (f"median rel err {self.median:.2e} over {self.tokens} tokens; "
+                f"{self.clear_over:.1%} of {self.clear_tokens} tie-clear tokens over 5e-2 "
+                f"(worst {self.clear_worst:.2e})")
+
+
+def compare(out: np.ndarray, ref: Reference, lengths: np.ndarray, clear_tol: float = 5e-2) -> Agreement:
+    """SPEC's acceptance rule: per-token relative error of the H-vector, valid positions only."""
+    out = np.asarray(out, dtype=np.float64)
+    S, L, _ = out.shape
+    valid = np.arange(L)[None, :] < np.asarray(lengths)[:, None]
+    err = np.linalg.norm(out - ref.hidden, axis=-1) / np.maximum(np.linalg.norm(ref.hidden, axis=-1), 1e-30)
+    clear = valid & (ref.margin >= TIE_MARGIN)
+    e_valid, e_clear = err[valid], err[clear]
+    return Agreement(float(np.median(e_valid)) if e_valid.size else 0.0,
+                     float(e_clear.max()) if e_clear.size else 0.0,
+                     float((e_clear > clear_tol).mean()) if e_clear.size else 0.0,
+                     int(valid.sum()), int(clear.sum()))
+
+
+def read_output_hidden(path) -> np.ndarray:
+    """An output file's /hidden as float64 (bf16 or float32 storage)."""
+    with h5py.File(path, "r") as f:
+        return _f64(f["hidden"])
+
+
+__all__ = ["Reference", "reference_forward", "compare", "Agreement", "read_output_hidden", "TIE_MARGIN"]

@@ -1,0 +1,140 @@
+"""Deployment planner: memory per GPU, by what holds it, following the runner's code.
+
+Units: bytes (GIB = 2^30 for reporting); "per GPU" everywhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..comm.exchange import slot_rows
+from ..config.cluster import GIB, Cluster
+from ..config.run_config import Config, ModelConfig
+from ..device.dtypes import BF16_BYTES, F32_BYTES
+from ..files.checkpoint import global_shapes, layer_shapes
+from .deployment import Deployment
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes one GPU holds, by what holds them."""
+    dense_weights: int = 0
+    expert_weights: int = 0
+    activations: int = 0
+    token_buffers: int = 0
+    transport: int = 0
+    reserved: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.dense_weights + self.expert_weights + self.activations + self.token_buffers
+                + self.transport + self.reserved)
+
+
+def _nbytes(shape: tuple[int, ...], itemsize: int = BF16_BYTES) -> int:
+    return math.prod(shape) * itemsize
+
+
+def dense_weight_bytes(m: ModelConfig, logits: bool = False) -> int:
+    """What a dense rank loads (engine.load): every block's non-expert weights plus the experts'
+    output biases (added at the combine), final_norm, embed, and lm_head when logits are on."""
+    total = 0
+    for layer in range(m.num_layers):
+        for name, shape in layer_shapes(m, layer).items():
+            if name == "gate_bias":
+                total += _nbytes(shape, F32_BYTES)
+            elif not name.startswith("experts/") or name == "experts/b2":
+                total += _nbytes(shape)
+    glob = global_shapes(m)
+    return total + sum(_nbytes(s) for n, s in glob.items() if n != "lm_head" or logits)
+
+
+def expert_weight_bytes(m: ModelConfig, experts: int, tp: int = 1) -> int:
+    """``experts`` hosted experts (w1, b1, w2 slices of the checkpoint's [E, ...] datasets; b2
+    stays on the dense ranks), split ``tp`` ways along F with ``parallel.expert_tp``."""
+    shapes = layer_shapes(m, m.first_dense_layers)
+    one = sum(_nbytes(shapes[f"experts/{n}"][1:]) for n in ("w1", "b1", "w2"))
+    return experts * math.ceil(one / tp)
+
+
+def activation_bytes(m: ModelConfig, w: Workload, attention_block: int) -> int:
+    """Peak activations of a dense rank for one chunk (T tokens), following the runner's code.
+
+    Resident: x [T, H] bf16.  Attention (the peak): a [T, H]; q, k, v in bf16 and fp32
+    ([T, (nh + 2 kv) D]); out and its transpose [T, nh D] bf16; the projected result [T, H];
+    per query tile three fp32 score tiles [S, nh, b, b] (scores, masked, exp) and two fp32
+    accumulators [S, nh, b, D].  Then the residual add's two fp32 [T, H] temporaries, the MoE
+    block's [T, H] copies, or the dense MLP's [T, Fd] hidden (bf16 + fp32 accumulation).
+    """
+    T, S, H, D = w.tokens, w.sequences, m.hidden_size, m.head_dim
+    nh, kv, b = m.num_heads, m.kv_heads, min(attention_block, w.seq_len)
+    qkv = T * (nh + 2 * kv) * D * (BF16_BYTES + F32_BYTES)
+    attention = 2 * T * H * BF16_BYTES + qkv + 2 * T * nh * D * BF16_BYTES
+    tiles = 3 * S * nh * b * b * F32_BYTES + 2 * S * nh * b * D * F32_BYTES
+    residual = 2 * T * H * F32_BYTES
+    moe = 3 * T * H * BF16_BYTES + T * m.top_k * 8 * 4          # xv, h, f + plan index arrays
+    dense_mlp = T * m.dense_ffn_hidden_size * (BF16_BYTES + F32_BYTES) if m.first_dense_layers else 0
+    return T * H * BF16_BYTES + max(attention + tiles, residual, moe, dense_mlp)
+
+
+def token_buffer_bytes(m: ModelConfig, w: Workload, send_rows: int, recv_extent: int, tp: int = 1) -> int:
+    """The Exchange's buffers (moe/block.py): two slots per direction (one when a single
+    micro-batch), [rows, H] bf16 each, plus one [extent, F] hidden buffer for the expert GEMMs.
+
+    send_rows: rows a dense rank routes per micro-batch (T_mb * k); recv_extent: slot-padded
+    rows an expert rank receives per micro-batch (0 for a rank of the other role).
+    """
+    slots = min(2, w.micro_batches)
+    H, F = m.hidden_size, m.moe_ffn_hidden_size
+    rows = slots * 2 * (send_rows + recv_extent)        # dispatch-send/combine-recv, dispatch-recv/combine-send
+    return rows * H * BF16_BYTES + recv_extent * math.ceil(F / tp) * BF16_BYTES
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """Memory of one local rank of a replica (every replica holds the same)."""
+    local: int
+    role: str
+    experts: int
+    memory: Memory
+
+
+def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload, expert_tp: int = 1) -> list[GpuMemory]:
+    """[group_size] per-rank memory of one replica."""
+    m = cfg.model
+    dense_w = dense_weight_bytes(m, cfg.run.logits)
+    act = activation_bytes(m, w, cfg.run.attention_block)
+    send = w.mb_tokens * m.top_k
+    share, count = layout.routing
+    recv_rows = share.max(axis=0, initial=0) * len(layout.roles.dense_ranks) * send
+    per_layer = count.max(axis=0, initial=0)
+    fixed = dict(transport=int(cluster.network.transport_buffer_gib * GIB),
+                 reserved=int(cluster.gpu.reserved_gib * GIB))
+    cache: dict[tuple, GpuMemory] = {}      # ranks alike in role and load share one computation
+    out = []
+    for local in range(layout.group_size):
+        g = layout.expert_index.get(local, -1)
+        dense = local in layout.dense_set
+        key = (dense, len(layout.placement.hosted()[g]) if g >= 0 else 0, int(per_layer[g]) if g >= 0 else 0,
+               float(recv_rows[g]) if g >= 0 else 0.0)
+        if key not in cache:
+            _, hosted, most, rows = key
+            extent = slot_rows(rows, most, w.slot_padding)
+            mem = Memory(dense_weights=dense_w if dense else 0,
+                         expert_weights=expert_weight_bytes(m, hosted, expert_tp),
+                         activations=act if dense else 0,
+                         token_buffers=token_buffer_bytes(m, w, send if dense else 0, extent, expert_tp),
+                         **fixed)
+            role = "dense+expert" if dense and g >= 0 else ("dense" if dense else "expert")
+            cache[key] = (role, hosted, mem)
+        out.append(GpuMemory(local, *cache[key]))
+    return out
+
+
+def fits(memory: list[GpuMemory], cluster: Cluster) -> bool:
+    return max(g.memory.total for g in memory) <= cluster.gpu.memory_gib * GIB
+
+
+__all__ = ["Memory", "GpuMemory", "plan_memory", "fits", "dense_weight_bytes", "expert_weight_bytes",
+           "activation_bytes", "token_buffer_bytes", "GIB"]

@@ -1,0 +1,199 @@
+"""One rank's share of the model and its forward pass over a chunk of sequences.
+
+Blocks run in order for each wave of sequences. With ``run.pipeline_waves = p > 1`` a chunk's
+sequences are cut into p waves that enter the stack one step apart: at step s wave w is at
+block s - w, so one MoE exchange step (``moe/block.py``) carries tokens of up to p blocks and, with
+the per-layer-disjoint placement, up to p blocks' expert ranks compute at once instead of one.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..comm.exchange import Exchange
+from ..comm.topology import Topology
+from ..comm.transports import make_transport
+from ..config.run_config import Config
+from ..device.backend import Backend, matmul_bf16, words
+from ..device.dtypes import BF16, F32
+from ..device.kernels import put_rows, take_rows
+from ..files.checkpoint import Checkpoint, DenseLayer
+from ..model.attention import attention
+from ..model.experts import LocalExperts
+from ..model.layers import mlp, rmsnorm
+from ..moe.block import MoeBlock
+from ..moe.dispatch import RouteTables, route_tables
+from ..moe.gate import Router
+from ..placement.table import Placement
+
+
+@dataclass
+class PhaseTimes:
+    """Wall seconds per phase on this rank: attention, dense_mlp, gating, exchange, experts,
+    final_norm (timed here) and io (timed by the runner); the summary gives mean and max over ranks.
+    On the GPU these are host times of asynchronous work: a phase absorbs waits for earlier ones."""
+    seconds: dict = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, phase: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - t0
+        return now
+
+
+def zero_rows(a, rows) -> None:
+    words(a)[rows] = 0
+
+
+class Engine:
+    """One rank's share of the model: dense weights if it owns sequences, experts if it hosts
+    any, and the MoE block that joins them (its router is where the runner attaches a balancer
+    and a trace recorder)."""
+
+    def __init__(self, cfg: Config, topo: Topology, backend: Backend, placement: Placement):
+        self.cfg, self.topo, self.backend, self.xp = cfg, topo, backend, backend.xp
+        self.placement = placement
+        m = cfg.model
+        self.dense: dict[int, DenseLayer] = {}
+        self.globals: dict[str, np.ndarray] = {}
+        self.local_experts = LocalExperts(m.activation, self.xp)
+        transport = make_transport(cfg.run.transport, topo.exchange, m.hidden_size, backend, cfg.run.cuda_aware_mpi)
+        self.exchange = Exchange(topo.exchange, m.hidden_size, backend, transport)
+        self.times = PhaseTimes()
+        t = route_tables(placement, topo.slot_leaders) if m.num_moe_layers else RouteTables(
+            np.zeros((0, 1), np.int64), np.zeros(0, np.int64), np.zeros((0, 1), np.int64), 1)
+        tables = RouteTables(backend.asarray(t.holders), backend.asarray(t.replicas),
+                             backend.asarray(t.slot), t.num_slots)
+        self.router = Router(m, cfg.run.micro_batch_tokens, self.dense, backend, topo.world)
+        self.moe = MoeBlock(m, cfg.run.micro_batch_tokens, self.router, self.exchange, topo.exchange, tables,
+                            self.local_experts, backend, self.times, topo.tp)
+
+    # ------------------------------------------------------------------ weights
+    def load(self, ckpt: Checkpoint) -> None:
+        """Read what this rank's roles need (collective-safe: raises InputError on bad data)."""
+        dtype = self.backend.weight_dtype
+        put = self.backend.asarray
+        m = self.cfg.model
+        if self.topo.is_dense:
+            b2s = []
+            for layer in range(m.num_layers):
+                d = ckpt.read_dense_layer(layer, dtype)
+                self.dense[layer] = DenseLayer(**{k: None if v is None else put(v) for k, v in vars(d).items()})
+                if m.is_moe(layer):   # the experts' output biases are added at the combine
+                    b2 = ckpt.read_expert_b2(layer, dtype)
+                    b2s.append(np.zeros((m.num_experts, m.hidden_size), dtype) if b2 is None else b2)
+            if b2s:
+                self.moe.expert_b2 = put(np.concatenate(b2s))
+            self.globals["final_norm"] = put(ckpt.read_global("final_norm", dtype))
+            if m.vocab_size:
+                self.globals["embed"] = put(ckpt.read_global("embed", BF16))
+                if self.cfg.run.logits:
+                    self.globals["lm_head"] = put(ckpt.read_global("lm_head", dtype))
+        if self.topo.is_expert and m.num_moe_layers:
+            for f in self.placement.hosted()[self.topo.expert_slot]:
+                layer, e = divmod(f, m.num_experts)
+                x = ckpt.read_expert(layer + m.first_dense_layers, e, dtype, self.topo.tp_rank, self.topo.expert_tp)
+                x.w1, x.w2 = put(x.w1), put(x.w2)
+                x.b1 = None if x.b1 is None else put(x.b1)
+                x.b2 = None      # added at the combine, from the dense ranks' copy
+                self.local_experts.add(f, x)
+            self.local_experts.stack()
+
+    # ------------------------------------------------------------------ compute
+    def waves(self, num_sequences: int) -> list[tuple[int, int]]:
+        """Sequence ranges of the pipeline's waves (some may be empty)."""
+        p = self.cfg.run.pipeline_waves
+        return [(w * num_sequences // p, (w + 1) * num_sequences // p) for w in range(p)]
+
+    def schedule(self):
+        """Steps of the wavefront: for each step, the (wave, block) pairs active in it. The
+        same on every rank, so all ranks agree on which steps exchange tokens."""
+        p, L = self.cfg.run.pipeline_waves, self.cfg.model.num_layers
+        return [[(w, s - w) for w in range(p) if 0 <= s - w < L] for s in range(L + p - 1)]
+
+    def forward_chunk(self, inputs, lengths: np.ndarray, first_seq: int):
+        """inputs: [s, L, H] bf16 hidden or [s, L] int tokens; -> (hidden [s, L, H] bf16 with
+        padding zeroed, logits [s, L, V] bf16 or None). Dense ranks only."""
+        xp, m = self.xp, self.cfg.model
+        if inputs.ndim == 2:
+            x = take_rows(self.globals["embed"], xp.asarray(inputs.reshape(-1))).reshape(*inputs.shape, -1)
+        else:
+            x = xp.asarray(inputs)
+        s, L, H = x.shape
+        valid = np.arange(L)[None, :] < lengths[:, None]
+        token_ids = (first_seq + np.arange(s))[:, None] * L + np.arange(L)[None, :]
+        waves = [(a, b, xp.asarray(np.flatnonzero(valid[a:b])), token_ids[a:b][valid[a:b]])
+                 for a, b in self.waves(s)]
+        for step in self.schedule():
+            parts, pending = [], []
+            for w, layer in step:
+                a, b, rows, ids = waves[w]
+                h = self._attend(x, a, b, rows, layer)
+                if m.is_moe(layer):
+                    parts.append((layer, h, ids))
+                    pending.append(w)
+                elif b > a:
+                    d = self.dense[layer]
+                    t0 = time.perf_counter()
+                    self._residual(x, a, b, rows, mlp(h, d.w1, d.b1, d.w2, d.b2, m.activation, xp))
+                    self.times.add("dense_mlp", t0)
+            if parts:
+                for w, f in zip(pending, self.moe(parts)):
+                    a, b, rows, _ = waves[w]
+                    self._residual(x, a, b, rows, f)
+        return self._final(x, valid)
+
+    def _attend(self, x, a: int, b: int, rows, layer: int):
+        """Attention with residual for sequences [a, b) at ``layer``, then the normed MLP input
+        of their valid positions [T_w, H] (padding is never routed)."""
+        m, xp, w = self.cfg.model, self.xp, self.dense[layer]
+        if b == a:
+            return xp.empty((0, m.hidden_size), BF16)
+        t0 = time.perf_counter()
+        xw = x[a:b]
+        y = attention(rmsnorm(xw, w.attn_norm, m.norm_eps, xp), w, m, self.cfg.run.attention_block, xp)
+        words(xw)[...] = words((xw.astype(F32) + y.astype(F32)).astype(BF16))
+        self.times.add("attention", t0)
+        return rmsnorm(take_rows(xw.reshape(-1, m.hidden_size), rows), w.mlp_norm, m.norm_eps, xp)
+
+    def _residual(self, x, a: int, b: int, rows, f) -> None:
+        """x[a:b] at the valid positions += f."""
+        if b == a:
+            return
+        flat = x[a:b].reshape(-1, self.cfg.model.hidden_size)
+        put_rows(flat, rows, (take_rows(flat, rows).astype(F32) + f.astype(F32)).astype(BF16))
+
+    def _final(self, x, valid: np.ndarray):
+        xp, H = self.xp, self.cfg.model.hidden_size
+        t0 = time.perf_counter()
+        s, L = valid.shape
+        out = rmsnorm(x, self.globals["final_norm"], self.cfg.model.norm_eps, xp)
+        pad = xp.asarray(np.flatnonzero(~valid.reshape(-1)))
+        zero_rows(out.reshape(-1, H), pad)
+        logits = None
+        if "lm_head" in self.globals:
+            logits = matmul_bf16(out, self.globals["lm_head"], xp)
+            zero_rows(logits.reshape(s * L, -1), pad)
+        self.times.add("final_norm", t0)
+        return out, logits
+
+    def serve_chunk(self) -> None:
+        """An expert-only rank's part of one chunk: every exchange step, no tokens of its own."""
+        m, xp = self.cfg.model, self.xp
+        empty, no_ids = xp.empty((0, m.hidden_size), BF16), np.zeros(0, np.int64)
+        for step in self.schedule():
+            parts = [(layer, empty, no_ids) for _, layer in step if m.is_moe(layer)]
+            if parts:
+                self.moe(parts)
+
+    def expert_idle_fraction(self) -> float:
+        """Share of exchange micro-batches in which this rank's expert slots got no token."""
+        return 1.0 - self.moe.busy_steps / self.moe.steps if self.moe.steps else 0.0
+
+    def close(self) -> None:
+        self.exchange.close()
+
+
+__all__ = ["Engine", "PhaseTimes"]

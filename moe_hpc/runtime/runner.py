@@ -1,0 +1,257 @@
+"""One inference job from files to files: set up, stream chunks, record progress, finalize.
+
+Every step that can fail on some ranks only runs under ``comm.failure.collective``, so a bad file
+seen by one rank stops all ranks together.  The output grows in ``<output>.tmp``; after each
+chunk is durable on every writer, rank 0 records it in ``<output>.progress.json``
+(``resume.py``), so a run stopped by a signal, a dead rank or a time limit resumes where it
+stopped.  Only errors that doom the output (bad inputs) remove the partial output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..comm.failure import collective, on_rank0
+from ..comm.topology import build_topology
+from ..config.errors import Interrupted, MoeHpcError
+from ..config.roles import RoleLayout, check_layout
+from ..device.backend import make_backend
+from ..files.batches import OutputWriter, create_output, finalize_output, open_input, reopen_output
+from ..files.checkpoint import Checkpoint
+from ..moe.balance import REPORT_WINDOW, Balancer
+from ..placement.file import make_placement
+from ..placement.traces import TraceRecorder, write_trace
+from .engine import Engine
+from .job import InputMeta, Job, check_setup, chunk_slice, sequence_range
+from .progress import ProgressLog, expert_load, phase_summary
+from .resume import Progress, discard_partial, fingerprint, progress_path_for, resume_point, save_progress
+from .signals import StopRequest, signal_name
+
+
+def _open_output(job: Job, meta: InputMeta, roles: RoleLayout):
+    """Rank 0: resume ``<output>.tmp`` if its record allows, else lay it out afresh.
+
+    Returns (OutputLayout, Progress); a fresh start records 0 chunks done at once, so from here
+    on the partial output is resumable.
+    """
+    cfg = job.cfg
+    fp = fingerprint(cfg, job.weights, job.input, roles)
+    chunks = len(meta.chunk_tokens)
+    progress = resume_point(job.output, fp, chunks, job.restart)
+    shape = (job.output, meta.num_sequences, meta.seq_len, cfg.model.hidden_size, cfg.run.output_dtype,
+             cfg.model.vocab_size if cfg.run.logits else 0)
+    if progress is not None:
+        return reopen_output(*shape), progress
+    layout = create_output(*shape)
+    progress = Progress(fp, chunks, 0, np.zeros((cfg.model.num_moe_layers, cfg.model.num_experts), np.int64))
+    save_progress(job.output, progress)
+    return layout, progress
+
+
+def _attach(engine: Engine, job: Job, placement, log) -> None:
+    """The optional passengers of a run: the load balancer and the trace recorder."""
+    run = job.cfg.run
+    if run.balance:
+        engine.router.balancer = Balancer(placement, job.cfg.model.top_k, run.balance_threshold, run.balance_gamma,
+                                   engine.topo.world, engine.backend.to_host, engine.xp, log)
+    if job.trace is not None:
+        engine.router.trace = TraceRecorder(job.cfg.model)
+
+
+def _load(engine: Engine, job: Job) -> None:
+    with Checkpoint(job.weights, job.cfg.model) as ckpt:
+        engine.load(ckpt)
+
+
+def _log(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def run_job(comm, job: Job, log=_log) -> dict:
+    """Run ``job`` on every rank of ``comm``. Returns rank 0's summary (others: {}).
+
+    Raises Interrupted (all ranks) when a stop signal was agreed on at a chunk boundary.
+    """
+    t_start = time.perf_counter()
+    p = job.cfg.parallel
+    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, debug=job.debug)
+    topo = build_topology(comm, job.cfg)
+    world, owned = topo.world, False
+    try:
+        engine, meta = _prepare(topo, job)
+        _attach(engine, job, engine.placement, log if topo.rank == 0 else (lambda text: None))
+        layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
+                                       root=0)
+        owned = True
+        if topo.rank == 0:
+            _log_start(log, job, meta, engine, progress)
+        t_loop = time.perf_counter()
+        stats = _stream_chunks(engine, job, meta, layout, progress)
+        return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, log)
+    except MoeHpcError as exc:
+        if owned and topo.rank == 0 and exc.discards_partial:
+            discard_partial(job.output)
+        raise
+    finally:
+        topo.free()
+
+
+def _prepare(topo, job: Job) -> tuple[Engine, InputMeta]:
+    """Check the output path and input (rank 0), pick the device, place and load the experts."""
+    cfg, world = job.cfg, topo.world
+    sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
+    meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
+    backend = sync(make_backend, cfg.run.device, topo.local_rank)
+    placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
+    engine = Engine(cfg, topo, backend, placement)
+    sync(_load, engine, job)
+    return engine, meta
+
+
+def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress) -> None:
+    topo, p = engine.topo, job.cfg.parallel
+    roles = topo.roles
+    tp = f" in TP groups of {p.expert_tp}" if p.expert_tp > 1 else ""
+    log(f"moe-hpc: {meta.num_sequences} sequences x {meta.seq_len} positions on {topo.size} rank(s) "
+        f"({p.dp} x [{len(roles.dense_ranks)} dense, {len(roles.expert_ranks)} expert{tp}], placement "
+        f"{engine.placement.kind}, device {engine.backend.name}), {progress.chunks_total} chunk(s)")
+    if progress.chunks_done:
+        log(f"moe-hpc: resuming at chunk {progress.chunks_done + 1} of {progress.chunks_total} "
+            f"(recorded in {progress_path_for(job.output)})")
+
+
+def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats: np.ndarray,
+            t_start: float, loop_s: float, log=_log) -> dict:
+    """Finalize the output (stats, provenance, rename) and return rank 0's summary."""
+    topo, world = engine.topo, engine.topo.world
+    times = world.gather(dict(engine.times.seconds), root=0)
+    idle = world.gather(engine.expert_idle_fraction() if topo.is_expert else None, root=0)
+    router = engine.router
+    trace = router.trace.gather(world, topo.dense_world_ranks) if router.trace else None
+    engine.close()
+    wall = time.perf_counter() - t_start
+    attrs = {"config": job.cfg.to_json(), "version": __version__, "ranks": topo.size,
+             "roles": topo.describe(), "placement": engine.placement.to_json(),
+             "wall_time_s": wall, "device": engine.backend.name}
+    if router.balancer is not None:
+        attrs["balance"] = router.balancer.report()
+        if topo.rank == 0:
+            for b in attrs["balance"]["blocks"]:
+                log(f"balance: block {b['block']}: max/mean expert load {b['before']:.2f} (first micro-batch) "
+                    f"-> {b['after']:.2f} (last {REPORT_WINDOW}), {b['updates']} bias update(s)")
+    on_rank0(world, _finalize, job.output, stats, attrs, trace, job.trace, debug=job.debug)
+    if topo.rank != 0:
+        return {}
+    new_tokens = sum(meta.chunk_tokens[progress.chunks_done:])
+    return {"output": str(job.output), "sequences": meta.num_sequences, "tokens": sum(meta.chunk_tokens),
+            "tokens_this_run": new_tokens, "chunks": progress.chunks_total,
+            "resumed_at_chunk": progress.chunks_done, "ranks": topo.size, "nodes": len(set(topo.node_of_rank)),
+            "dense_ranks": len(topo.roles.dense_ranks), "expert_ranks": len(topo.roles.expert_ranks),
+            "device": engine.backend.name, "wall_time_s": round(wall, 4), "loop_time_s": round(loop_s, 4),
+            "tokens_per_s": round(new_tokens / loop_s, 2) if loop_s > 0 else 0.0,
+            "phases_s": phase_summary(times), "expert_load": expert_load(stats),
+            "expert_idle_fraction": _mean([v for v in idle if v is not None]),
+            **({"balance": attrs["balance"]} if "balance" in attrs else {})}
+
+
+def _mean(values: list) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def _finalize(output: Path, stats: np.ndarray, attrs: dict, trace=None, trace_path=None) -> None:
+    """Rank 0: the trace first, then the output, so the output appears only when all is done."""
+    if trace is not None:
+        write_trace(trace_path, trace)
+    finalize_output(output, stats, attrs)
+    progress_path_for(output).unlink(missing_ok=True)   # after the rename: the output is whole
+
+
+def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: Progress) -> np.ndarray:
+    """Chunks ``progress.chunks_done ..`` on every rank: read, compute, write, record.
+
+    Returns (rank 0) expert_tokens [moe_layers, experts] int64 summed over ranks and all chunks,
+    the resumed ones included; zeros elsewhere.
+    """
+    topo, world = engine.topo, engine.topo.world
+    chunks = progress.chunks_total
+    stop = job.stop or StopRequest()
+    reporter = ProgressLog(meta.chunk_tokens, progress.chunks_done, job.progress, job.progress_every) \
+        if topo.rank == 0 else None
+    base, counts = progress.expert_tokens, np.zeros_like(engine.router.expert_tokens)
+    with _DenseIO(engine, job, meta, layout) as dense_io:
+        for c in range(progress.chunks_done, chunks):
+            signum = stop.agreed(world)      # every rank sees the same answer: all stop here
+            if signum:
+                raise Interrupted(f"stopped by {signal_name(signum)} after chunk {c} of {chunks}; "
+                                  f"progress is in {progress_path_for(job.output)}: rerun the same "
+                                  "command to resume")
+            dense_io.chunk(c)
+            world.Reduce(engine.router.expert_tokens, counts, root=0)
+            if topo.rank == 0:
+                progress = dataclasses.replace(progress, chunks_done=c + 1,
+                                               expert_tokens=base + counts)
+            on_rank0(world, save_progress, job.output, progress, debug=job.debug)
+            if reporter:
+                reporter.chunk_done(c)
+    return progress.expert_tokens if topo.rank == 0 else counts
+
+
+class _DenseIO:
+    """One rank's part of a chunk: a dense rank reads, computes and writes its sequences; an
+    expert-only rank serves the chunk's MoE blocks. Opens the input and output on enter."""
+
+    def __init__(self, engine: Engine, job: Job, meta: InputMeta, layout):
+        self.engine, self.job = engine, job
+        self.sync = lambda fn, *a: collective(engine.topo.world, fn, *a, debug=job.debug)
+        self.layout, self.meta = layout, meta
+        self.batch = self.writer = None
+
+    def __enter__(self) -> "_DenseIO":
+        topo, m = self.engine.topo, self.job.cfg.model
+        if not topo.is_dense:
+            self.sync(lambda: None)
+            return self
+        self.batch = self.sync(open_input, self.job.input, m.hidden_size, m.vocab_size)
+        self.writer = OutputWriter(self.layout)
+        self.lo, self.hi = sequence_range(topo.dense_index, topo.num_dense, self.meta.num_sequences)
+        return self
+
+    def chunk(self, c: int) -> None:
+        e, m, sync = self.engine, self.job.cfg.model, self.sync
+        if self.batch is None:
+            sync(lambda: None)
+            e.serve_chunk()
+            sync(lambda: None)
+            return
+        s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
+        t0 = time.perf_counter()
+        inputs = sync(self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size)
+        e.times.add("io", t0)
+        hidden, logits = e.forward_chunk(inputs, self.batch.lengths[s0:s1], s0)
+        t0 = time.perf_counter()
+        sync(_write_chunk, self.writer, e.backend, s0, hidden, logits)
+        e.times.add("io", t0)
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.batch is not None:
+            self.batch.close()
+
+
+def _write_chunk(writer: OutputWriter, backend, s0: int, hidden, logits) -> None:
+    """Write and sync this rank's sequences of one chunk (durable before it is recorded)."""
+    if hidden.shape[0]:
+        writer.write_hidden(s0, backend.to_host(hidden))
+        if logits is not None:
+            writer.write_logits(s0, backend.to_host(logits))
+    writer.sync()
+
+
+__all__ = ["run_job"]

@@ -1,0 +1,286 @@
+"""``moe-hpc bench``: one MoE layer and a depth-shrunk whole model on the GPU, beside the
+ceilings they are judged against, all measured in the same run.
+
+Run one rank per GPU, e.g. ``mpiexec -n 2 moe-hpc bench --json bench.json``.  Figures per rank
+are reduced to the slowest rank (max), which is what a synchronous layer costs.
+
+Layer figures:
+  t_layer     gate + dispatch + experts + combine, double-buffered (what the engine runs)
+  t_experts   the engine's expert step on the same token counts, alone (two strided-batched
+              GEMMs over slot-padded rows + the fused bias/activation kernel)
+  t_cublas    one plain cuBLAS product pair per expert over exactly its rows, no activation:
+              the GEMM ceiling for the same shapes (TFLOP/s counted on real rows for both)
+  t_exchange  dispatch + combine of the same rows, alone (block-wise, as the engine sends)
+  t_a2a       one plain all-to-all of the same bytes through the same transport: its ceiling
+  overlap     max(t_exchange, t_experts) / t_layer (1.0: the shorter one is fully hidden)
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from ..comm.exchange import expert_slots, peer_major, slot_capacity
+from ..comm.topology import build_topology
+from ..config.run_config import load_config
+from ..device.backend import make_backend
+from ..device.datasheet import HOPPER_BF16_TFLOPS, datasheet_for
+from ..device.dtypes import BF16
+from ..files.checkpoint import DenseLayer, Expert
+from ..model.flops import model_flops
+from ..placement.file import make_placement
+from ..runtime.engine import Engine
+
+SEED_MFU_TARGET = 0.60
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "inputs" / "seed61.toml"),
+                   help="model preset (default: inputs/seed61.toml)")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per GPU for the layer")
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--transport", default="auto")
+    p.add_argument("--expert-tp", type=int, default=1,
+                   help="tensor parallelism inside experts (the TP row: e.g. 2 ranks, seed16.toml)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replica groups (the DP row)")
+    p.add_argument("--model-layers", type=int, default=0,
+                   help="also time the whole model shrunk to this many blocks (0: skip)")
+    p.add_argument("--sequences", type=int, default=4, help="sequences per GPU for the whole model")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--json", help="write every figure here (rank 0)")
+
+
+def _random(cp, shape, std):
+    return (cp.random.standard_normal(shape, dtype=cp.float32) * std).astype(BF16)
+
+
+def _finish_fill(engine: Engine, cp) -> None:
+    """Stack the experts and give the dense side every expert's output bias."""
+    m = engine.cfg.model
+    engine.local_experts.stack()
+    engine.moe.expert_b2 = _random(cp, (m.num_moe_layers * m.num_experts, m.hidden_size), 0.02)
+
+
+def _fill_layer(engine: Engine, layer: int, cp) -> None:
+    """Random device weights for one block: what this rank's roles hold."""
+    m = engine.cfg.model
+    H, D = m.hidden_size, m.head_dim
+    s = H ** -0.5
+    ones = cp.ones(H, cp.float32).astype(BF16)
+    w = DenseLayer(attn_norm=ones, mlp_norm=ones,
+                   wq=_random(cp, (H, m.num_heads * D), s), wk=_random(cp, (H, m.kv_heads * D), s),
+                   wv=_random(cp, (H, m.kv_heads * D), s), wo=_random(cp, (m.num_heads * D, H), 0.02))
+    if m.is_moe(layer):
+        w.gate = _random(cp, (H, m.num_experts), s)
+        F = m.moe_ffn_hidden_size // engine.topo.expert_tp     # this rank's column block
+        for f in engine.placement.hosted()[engine.topo.expert_slot]:
+            if f // m.num_experts == layer - m.first_dense_layers:
+                engine.local_experts.add(f, Expert(
+                    _random(cp, (H, F), s), _random(cp, F, 0.02), _random(cp, (F, H), F ** -0.5), None))
+    else:
+        Fd = m.dense_ffn_hidden_size
+        w.w1, w.b1 = _random(cp, (H, Fd), s), _random(cp, Fd, 0.02)
+        w.w2, w.b2 = _random(cp, (Fd, H), Fd ** -0.5), _random(cp, H, 0.02)
+    engine.dense[layer] = w
+
+
+class Timer:
+    """Median wall time of a GPU region over iterations (events, after warm-up), slowest rank."""
+
+    def __init__(self, cp, comm, warmup: int, iters: int):
+        self.cp, self.comm, self.warmup, self.iters = cp, comm, warmup, iters
+
+    def __call__(self, fn) -> float:
+        cp, times = self.cp, []
+        for i in range(self.warmup + self.iters):
+            self.comm.Barrier()
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            if i >= self.warmup:
+                times.append(cp.cuda.get_elapsed_time(start, end) * 1e-3)
+        return self.comm.allreduce(statistics.median(times), op=_max())
+
+
+def _max():
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
+    cfg = engine.cfg.model
+    layer = cfg.first_dense_layers
+    _fill_layer(engine, layer, cp)
+    _finish_fill(engine, cp)
+    T, H, F = args.tokens, cfg.hidden_size, cfg.moe_ffn_hidden_size
+    m = _random(cp, (T, H), 1.0)
+    ids = engine.topo.rank * T + np.arange(T)
+    t_layer = timer(lambda: engine.moe.layer(layer, m, ids))
+    recv_counts = engine.moe.last_recv_counts                     # [nmb, P, E] of the last call
+    send_counts = engine.moe.last_send_counts
+    ex, experts = engine.exchange, engine.local_experts
+    slots = np.where(np.arange(engine.moe.tables.num_slots) < experts.num_slots, np.arange(engine.moe.tables.num_slots), -1)
+    layouts = [expert_slots(c, slots, slot_capacity(c[:, slots >= 0])) for c in recv_counts]
+    rows = [_random(cp, (lay.extent, H), 1.0) for lay in layouts]
+    outs = [cp.empty_like(r) for r in rows]
+    t_experts = timer(lambda: [experts.forward(r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
+
+    some = experts.experts[0]                        # every expert has the same shapes
+
+    def plain_gemms():
+        """One plain cuBLAS product pair per expert over exactly its rows (no padding)."""
+        for lay, r in zip(layouts, rows):
+            C = lay.extent // max(1, int((slots >= 0).sum()))
+            for s, n in enumerate(lay.counts.sum(axis=0)[slots >= 0].tolist()):
+                if n:
+                    cp.matmul(cp.matmul(r[s * C:s * C + n], some.w1), some.w2)
+    t_cublas = timer(plain_gemms)
+    sends = [peer_major(c) for c in send_counts]
+    send_bufs = [_random(cp, (s.rows, H), 1.0) for s in sends]
+
+    def exchange_alone():
+        for sl, sb, rl, rb, ob in zip(sends, send_bufs, layouts, rows, outs):
+            ex.post(sb, sl, rb, rl).wait()
+            ex.post(ob, rl, sb, sl).wait()
+    t_exchange = timer(exchange_alone)
+    me = engine.topo.exchange.Get_rank()
+    moved = int(sum(s.rows - s.per_peer[me] for s in sends)) * H * 2 * 2        # both directions
+    per_peer = sum(s.per_peer for s in sends)
+    flat_send = peer_major(per_peer[:, None])
+    flat_recv = peer_major(sum(r.per_peer for r in layouts)[:, None])
+    big_send = _random(cp, (flat_send.rows, H), 1.0)
+    big_recv = cp.empty((flat_recv.rows, H), BF16)
+
+    def a2a():
+        ex.post(big_send, flat_send, big_recv, flat_recv).wait()
+        ex.post(big_recv, flat_recv, big_send, flat_send).wait()
+    t_a2a = timer(a2a)
+    phases = _local_phases(engine, layer, m, ids, timer, cp)
+    received = int(sum(lay.rows for lay in layouts))
+    padded = int(sum(lay.extent for lay in layouts))
+    flops = 2 * 2 * received * H * F
+    big_m = 16384
+    a, b = _random(cp, (big_m, H), 1.0), _random(cp, (H, F), H ** -0.5)
+    t_big = timer(lambda: cp.matmul(a, b))
+    comm = engine.topo.world
+    return {
+        "tokens_per_gpu": T, "micro_batches": len(layouts), "rows_received_max": comm.allreduce(received, op=_max()),
+        "slot_padding": padded / max(received, 1) - 1,
+        "t_layer_ms": t_layer * 1e3, "t_experts_ms": t_experts * 1e3, "t_cublas_ms": t_cublas * 1e3,
+        "t_exchange_ms": t_exchange * 1e3, "t_a2a_ms": t_a2a * 1e3,
+        "tokens_per_s_per_gpu": T / t_layer,
+        "expert_tflops": flops / t_experts / 1e12, "cublas_same_shapes_tflops": flops / t_cublas / 1e12,
+        "gemm_vs_cublas": t_cublas / t_experts,
+        "cublas_16384x7168x2048_tflops": 2 * big_m * H * F / t_big / 1e12,
+        "exchange_gb_s_per_gpu": moved / t_exchange / 1e9, "a2a_gb_s_per_gpu": moved / t_a2a / 1e9,
+        "overlap_efficiency": max(t_exchange, t_experts) / t_layer,
+        "peak_pool_gib": comm.allreduce(cp.get_default_memory_pool().total_bytes(), op=_max()) / 2**30,
+        "local_phases_ms": phases,
+    }
+
+
+def _local_phases(engine: Engine, layer: int, m, ids, timer: Timer, cp) -> dict:
+    """The layer's work that is neither exchange nor expert GEMMs, each step timed alone."""
+    from ..device.kernels import combine, take_rows
+    from ..model.router import route
+    from ..moe.dispatch import plan_dispatch
+    cfg, e = engine.cfg.model, engine
+    w, k, T = e.dense[layer], cfg.top_k, m.shape[0]
+    routing = route(m, w.gate, None, k, cfg.normalize_topk, cp)
+    flat = routing.experts.astype(np.int64) + (layer - cfg.first_dense_layers) * cfg.num_experts
+    plan_args = (flat, cp.asarray(ids), e.moe.tables, e.cfg.run.micro_batch_tokens,
+                 -(-T // e.cfg.run.micro_batch_tokens), e.topo.exchange.Get_size(), cp, cp.asnumpy)
+    plan = plan_dispatch(*plan_args)
+    packed = cp.empty((T * k, cfg.hidden_size), BF16)
+    back = _random(cp, (T * k, cfg.hidden_size), 1.0)
+    f = cp.empty((T, cfg.hidden_size), BF16)
+    return {"gate_topk": timer(lambda: route(m, w.gate, None, k, cfg.normalize_topk, cp)) * 1e3,
+            "plan_and_counts_d2h": timer(lambda: plan_dispatch(*plan_args)) * 1e3,
+            "pack_rows": timer(lambda: take_rows(m, plan.order // k, out=packed)) * 1e3,
+            "weighted_combine": timer(lambda: combine(back, plan.positions, routing.weights, flat,
+                                                      e.moe.expert_b2, out=f)) * 1e3}
+
+
+def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
+    m = engine.cfg.model
+    for layer in range(m.num_layers):
+        _fill_layer(engine, layer, cp)
+    _finish_fill(engine, cp)
+    engine.globals["final_norm"] = cp.ones(m.hidden_size, cp.float32).astype(BF16)
+    S, L = args.sequences, args.seq_len
+    x = (np.random.default_rng(engine.topo.rank).standard_normal((S, L, m.hidden_size), dtype=np.float32)).astype(BF16)
+    lengths = np.full(S, L)
+    first = engine.topo.rank * S
+    t = timer(lambda: engine.forward_chunk(x, lengths, first))
+    tps = S * L / t
+    flops = model_flops(m, L) * tps
+    peak = datasheet_for(engine.backend.device_name())
+    return {"layers": m.num_layers, "moe_layers": m.num_moe_layers, "sequences_per_gpu": S, "seq_len": L,
+            "t_forward_s": t, "tokens_per_s_per_gpu": tps, "model_tflops_per_gpu": flops / 1e12,
+            "mfu_vs_datasheet": flops / ((peak or (HOPPER_BF16_TFLOPS, 0))[0] * 1e12), "seed_mfu_target": SEED_MFU_TARGET,
+            "phase_s_rank0": dict(engine.times.seconds)}
+
+
+def run_bench(comm, args, log=print) -> dict:
+    overrides = ["run.device=gpu", f"run.transport={args.transport}",
+                 f"parallel.expert_tp={args.expert_tp}", f"parallel.dp={args.dp}",
+                 f"run.micro_batch_tokens={math.ceil(args.tokens / args.micro_batches)}", "parallel.placement=shared"]
+    cfg = load_config(args.config, overrides)
+    topo = build_topology(comm, cfg)
+    backend = make_backend("gpu", topo.local_rank)
+    cp = backend.xp
+    timer = Timer(cp, topo.world, args.warmup, args.iters)
+    engine = Engine(cfg, topo, backend, make_placement(cfg.model, topo.num_expert_slots, "shared"))
+    result = {"ranks": topo.size, "expert_tp": args.expert_tp, "dp": args.dp, "device": backend.device_name(),
+              "transport": engine.exchange.transport_name, "config": args.config,
+              "layer": bench_layer(engine, args, timer, cp)}
+    engine.close()
+    if args.model_layers:
+        m = cfg.model
+        shrunk = load_config(args.config, overrides + [f"model.num_layers={args.model_layers}",
+                                                       f"model.first_dense_layers={min(m.first_dense_layers, args.model_layers - 1)}"])
+        cp.get_default_memory_pool().free_all_blocks()
+        engine = Engine(shrunk, topo, backend, make_placement(shrunk.model, topo.num_expert_slots, "shared"))
+        result["model"] = bench_model(engine, args, timer, cp)
+        engine.close()
+    if topo.rank == 0:
+        log(format_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    topo.free()
+    return result
+
+
+def format_table(r: dict) -> str:
+    L = r["layer"]
+    rows = [("ranks / device / transport", f"{r['ranks']} x {r['device']} / {r['transport']}"),
+            ("expert TP / DP", f"{r['expert_tp']} / {r['dp']}"),
+            ("layer: ms (tokens/GPU)", f"{L['t_layer_ms']:.2f} ({L['tokens_per_gpu']})"),
+            ("layer: tokens/s per GPU", f"{L['tokens_per_s_per_gpu']:.3g}"),
+            ("experts: ms, TFLOP/s", f"{L['t_experts_ms']:.2f}, {L['expert_tflops']:.0f}"),
+            ("  cuBLAS same shapes: ms, TFLOP/s", f"{L['t_cublas_ms']:.2f}, {L['cublas_same_shapes_tflops']:.0f}"
+                                                  f" (ours {L['gemm_vs_cublas']:.0%})"),
+            ("  cuBLAS 16384x7168x2048 TFLOP/s", f"{L['cublas_16384x7168x2048_tflops']:.0f}"),
+            ("exchange alone: ms, GB/s per GPU", f"{L['t_exchange_ms']:.2f}, {L['exchange_gb_s_per_gpu']:.0f}"),
+            ("  plain all-to-all: ms, GB/s", f"{L['t_a2a_ms']:.2f}, {L['a2a_gb_s_per_gpu']:.0f}"),
+            ("overlap efficiency", f"{L['overlap_efficiency']:.2f}"),
+            ("peak pool GiB per GPU", f"{L['peak_pool_gib']:.1f}"),
+            ("local steps ms (gate, plan, pack, combine)",
+             ", ".join(f"{v:.2f}" for v in L["local_phases_ms"].values()))]
+    if "model" in r:
+        M = r["model"]
+        rows += [(f"model ({M['layers']} blocks): tokens/s per GPU", f"{M['tokens_per_s_per_gpu']:.3g}"),
+                 ("model: TFLOP/s per GPU, MFU", f"{M['model_tflops_per_gpu']:.0f}, {M['mfu_vs_datasheet']:.1%} "
+                                                 f"(seed target {M['seed_mfu_target']:.0%})")]
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+__all__ = ["run_bench", "add_arguments", "format_table"]
