@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .comm.failure import collective, on_rank0
 from .config.errors import Interrupted, MoeHpcError, PeerFailed
+from .files.atomic import write_text_atomic
 from .placement.greedy import SEARCH_STEPS
 from .runtime.signals import EXIT_INTERRUPTED, StopRequest
 from .tools.tracegen import TraceShape
@@ -169,7 +170,7 @@ def cmd_run(args, comm) -> None:
         text = json.dumps({"summary": summary})
         print(text, flush=True)
         if args.summary:
-            Path(args.summary).write_text(text + "\n")
+            write_text_atomic(args.summary, text + "\n")
 
 
 def cmd_scaling_report(args, comm) -> None:

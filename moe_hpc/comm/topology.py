@@ -1,6 +1,6 @@
 """Ranks, nodes and communicators: every communicator the run uses, made once, in one value.
 
-Who does what (the role formula) is ``placement/roles.py``, a pure function the planner shares;
+Who does what (the role formula) is ``config/roles.py``, a pure function the planner shares;
 this module turns it into MPI communicators.  With ``parallel.expert_tp = t`` consecutive expert
 ranks form tensor-parallel groups of t that share one placement slot: rank j*t (the slot's
 leader) receives the slot's tokens.

@@ -2,5 +2,5 @@
 the dispatch plan, run-time balancing, tensor parallelism inside experts, and the
 double-buffered block that composes them with the exchange and the experts.
 
-May import: placement, comm, model, files, device, config. Not planner (sibling).
+May import: placement, comm, model, files, device, config.
 """

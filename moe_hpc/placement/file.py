@@ -73,7 +73,7 @@ def load_placement(path: str | Path, model: ModelConfig, num_expert_ranks: int) 
         planned = _int_attr(f, "num_expert_ranks", where)
         if planned != num_expert_ranks:
             raise InputError(f"{where}: planned for {planned} expert GPUs, but this run has "
-                             f"{num_expert_ranks} (world size minus parallel.dense_ranks)")
+                             f"{num_expert_ranks} (placement slots: each data-parallel group's expert ranks over parallel.expert_tp)")
         first = _int_attr(f, "first_moe_layer", where)
         if first != model.first_dense_layers:
             raise InputError(f"{where}: first_moe_layer = {first}, but model.first_dense_layers = "

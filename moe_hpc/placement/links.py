@@ -49,8 +49,9 @@ class Metrics:
 
 
 def row_bytes(hidden_size: int) -> int:
-    """One dispatched row: H bf16 values plus its int32 expert id."""
-    return 2 * hidden_size + 4
+    """One dispatched row: H bf16 values (the slot a row belongs to travels in the counts,
+    not with the row)."""
+    return 2 * hidden_size
 
 
 def layer_links(holders: np.ndarray, counts: np.ndarray, sources: np.ndarray,

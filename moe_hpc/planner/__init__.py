@@ -2,5 +2,6 @@
 GPU, the time model and its calibration against bench runs, the DAGs and their verifier, and
 the report.
 
-May import: placement, comm, model, files, device, config. Not moe (sibling).
+May import: moe, placement, comm, model, files, device, config (it needs no moe today).
+Not runtime (sibling).
 """

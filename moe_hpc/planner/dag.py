@@ -20,6 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files.atomic import atomic_path, write_text_atomic
 from .deployment import Deployment
 from .workload import Workload
 
@@ -350,11 +351,11 @@ def write_dags(dags: list[Dag], layout: Deployment, folder: Path, stem: str) -> 
     written = []
     for dag, level in zip(dags, ("deployment", "layer", "expert")):
         path = folder / f"{stem}_{level}.dot"
-        path.write_text(to_dot(dag, layout))
+        write_text_atomic(path, to_dot(dag, layout))
         written.append(path)
         if dot:
-            subprocess.run([dot, "-Tsvg", str(path), "-o", str(path.with_suffix(".svg"))], check=True,
-                           capture_output=True, timeout=120)
+            with atomic_path(path.with_suffix(".svg"), durable=False) as svg:
+                subprocess.run([dot, "-Tsvg", str(path), "-o", str(svg)], check=True, capture_output=True, timeout=120)
             written.append(path.with_suffix(".svg"))
     return written, dot is not None
 

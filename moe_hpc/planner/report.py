@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config.cluster import load_cluster
 from ..config.errors import ConfigError
 from ..config.run_config import load_config
+from ..files.atomic import write_text_atomic
 from ..model.flops import model_flops
 from .calibrate import calibrated_cluster, compare, fit, load_measured
 from .dag import all_dags, ranges, verify, write_dags
@@ -45,7 +46,7 @@ def write_rank_table(rows: list[RankRow], path: Path) -> None:
     lines = ["rank\tnode\tlocal_gpu\treplica\trole\texpert_rank\tn_experts\texperts"]
     lines += [f"{r.rank}\t{r.node}\t{r.local_gpu}\t{r.replica}\t{r.role}\t{r.expert_rank}\t{len(r.experts)}\t"
               f"{experts_text(r.experts)}" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def rank_groups(rows: list[RankRow]) -> list[dict]:

@@ -29,6 +29,7 @@ from ..config.run_config import load_config
 from ..device.backend import make_backend
 from ..device.datasheet import HOPPER_BF16_TFLOPS, datasheet_for
 from ..device.dtypes import BF16
+from ..files.atomic import write_text_atomic
 from ..files.checkpoint import DenseLayer, Expert
 from ..model.flops import model_flops
 from ..placement.file import make_placement
@@ -253,7 +254,7 @@ def run_bench(comm, args, log=print) -> dict:
     if topo.rank == 0:
         log(format_table(result))
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+            write_text_atomic(args.json, json.dumps(result, indent=2))
     topo.free()
     return result
 

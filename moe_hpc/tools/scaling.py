@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.errors import InputError
+from ..files.atomic import atomic_path, write_text_atomic
 
 MODES = ("strong", "weak")
 
@@ -123,7 +124,8 @@ def plot(points: list[Point], path: Path, title: str) -> None:
     ax_e.set_ylabel("parallel efficiency")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path, durable=False) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
 
 
@@ -133,7 +135,7 @@ def scaling_report(folder: Path, table: Path | None = None, plot_path: Path | No
     points = with_efficiency(load_points(folder))
     text = markdown_table(points)
     if table:
-        table.write_text(text + "\n")
+        write_text_atomic(table, text + "\n")
     if plot_path:
         plot(points, plot_path, title)
     return text
