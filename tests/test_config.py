@@ -52,6 +52,7 @@ def test_override_beats_file(tmp_path):
     ({}, ["run.bogus=1"], "run.bogus"),
     ({}, ["model.head_dim=15"], "model.head_dim"),
     ({}, ["model.first_dense_layers=9"], "model.first_dense_layers"),
+    ({}, ["run.expert_gemm_carveout=-1"], "run.expert_gemm_carveout"),
 ])
 def test_bad_values_name_the_key(tables, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

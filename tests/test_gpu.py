@@ -94,7 +94,7 @@ def test_gpu_single_process(tiny_files, tmp_path):
 
 
 @needs_mpiexec
-@pytest.mark.parametrize("ranks", [1, 2, 8])
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 @pytest.mark.parametrize("transport", ["nccl", "mpi-staged", "mpi"])
 @needs_gpu
 def test_gpu_transports(tiny_files, tmp_path, ranks, transport):
@@ -107,6 +107,57 @@ def test_gpu_transports(tiny_files, tmp_path, ranks, transport):
         if not mpi_is_cuda_aware():
             pytest.skip("this MPI is not CUDA-aware (device buffers would crash it)")
     _run_gpu(tiny_files, tmp_path, ranks, transport, extra + ("--set", "run.micro_batch_tokens=16"))
+
+
+PARALLEL = [(2, ["parallel.expert_tp=2"]), (4, ["parallel.expert_tp=2"]), (2, ["parallel.dp=2"]),
+            (4, ["parallel.dp=2"]), (4, ["parallel.dp=2", "parallel.expert_tp=2"]),
+            (4, ["parallel.dense_ranks=1", "parallel.placement=disjoint"]),
+            (4, ["run.pipeline_waves=2", "run.chunk_sequences=6"])]
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks, sets", PARALLEL, ids=[f"n{n}-{'-'.join(s)}" for n, s in PARALLEL])
+@needs_gpu
+def test_gpu_nccl_parallel_layouts(tiny_files, tmp_path, ranks, sets):
+    """TP inside experts (NCCL broadcast and fp32 reduce), DP groups, dense ranks, the pipeline:
+    one rank per GPU over NCCL, each against the float64 reference."""
+    if ranks > gpus():
+        pytest.skip(f"nccl with {ranks} ranks needs {ranks} GPUs; this machine has {gpus()}")
+    extra = [a for s in sets for a in ("--set", s)]
+    _run_gpu(tiny_files, tmp_path, ranks, "nccl", tuple(extra) + ("--set", "run.micro_batch_tokens=16"))
+
+
+@needs_gpu
+def test_dispatch_plan_kernel_matches_numpy():
+    """The counting-sort plan: same order (stable), positions and counts as the NumPy sort."""
+    from moe_hpc.device import kernels
+    for T, k, P, S, R, mbt in ((1000, 2, 4, 16, 1, 256), (4097, 2, 3, 5, 2, 1000), (7, 1, 2, 1, 1, 3), (0, 2, 2, 2, 1, 4)):
+        F = P * S
+        holders = rng.integers(0, P, (F, R))
+        slot = rng.integers(0, S, (F, R))
+        replicas = rng.integers(1, R + 1, F)
+        experts = rng.integers(0, F, (T, k))
+        ids = rng.integers(0, 10 ** 6, T)
+        nmb = max(1, -(-T // mbt))
+        for replica in (None, rng.integers(0, 1, (T, k))):
+            host = kernels.dispatch_plan(experts, ids, holders, replicas, slot, mbt, nmb, P, S, replica)
+            dev = kernels.dispatch_plan(*(cp.asarray(a) for a in (experts, ids, holders, replicas, slot)), mbt, nmb, P, S,
+                                        None if replica is None else cp.asarray(replica))
+            for h, d in zip(host, dev):
+                np.testing.assert_array_equal(cp.asnumpy(d), h)
+
+
+@needs_gpu
+def test_permute_blocks_kernel_matches_numpy():
+    from moe_hpc.device import kernels
+    src = bf((300, 64))
+    table = np.array([[0, 100, 250, 7], [60, 0, 290, 7], [30, 50, 10, 0]], dtype=np.int64)   # disjoint targets
+    host = np.zeros((300, 64), BF16)
+    kernels.permute_blocks(src, host, table, 4)
+    dev = cp.zeros((300, 64), BF16)
+    kernels.permute_blocks(cp.asarray(src), dev, cp.asarray(table), 4)
+    np.testing.assert_array_equal(cp.asnumpy(dev).view(np.uint16), host.view(np.uint16))
+    assert (host[60:90].view(np.uint16) == src[0:30].view(np.uint16)).all()
 
 
 @needs_mpiexec
@@ -141,3 +192,23 @@ def test_bench_without_gpu_says_why():
     from helpers import moe_hpc as run_cli
     r = run_cli("bench", "--iters", "1")
     assert r.returncode == 1 and len(r.error_lines) == 1 and "run.device" in r.error_lines[0], r.stderr
+
+
+@needs_gpu
+def test_gate_topk_and_count_kernels_match_numpy():
+    """The fused softmax + top-k (choice by p + bias, weights from p) and the device counter."""
+    from moe_hpc.device import kernels
+    logits = (rng.standard_normal((3000, 64)) * 3).astype(np.float32)
+    bias = (rng.standard_normal(64) * 0.01).astype(np.float32)
+    for b in (None, bias):
+        for k, norm in ((2, True), (6, False)):
+            e_h, w_h = kernels.gate_topk(logits, b, k, norm)
+            e_d, w_d = kernels.gate_topk(cp.asarray(logits), None if b is None else cp.asarray(b), k, norm)
+            np.testing.assert_array_equal(cp.asnumpy(e_d), e_h)
+            np.testing.assert_allclose(cp.asnumpy(w_d), w_h, rtol=1e-5, atol=1e-7)
+    ids = rng.integers(0, 64, (3000, 2)).astype(np.int32)
+    host, dev = np.zeros(64, np.int64), cp.zeros(64, cp.int64)
+    kernels.count_into(host, ids)
+    kernels.count_into(dev, cp.asarray(ids))
+    np.testing.assert_array_equal(cp.asnumpy(dev), host)
+    assert host.sum() == ids.size

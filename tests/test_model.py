@@ -190,3 +190,24 @@ def test_local_experts_compute_only_busy_slots():
         n, base = counts[:, s].sum(), layout.offsets[0, s]
         want = mlp(rows[base:base + n], weights[s].w1, weights[s].b1, weights[s].w2, None, "silu")
         np.testing.assert_array_equal(out[base:base + n], want)
+
+
+def test_permute_blocks_and_peer_major_tables():
+    """The exchange's block tables: moving peer-major rows into a slot layout and back is the
+    identity, and a peer-major layout says so."""
+    from moe_hpc.comm.exchange import expert_slots, peer_major
+    from moe_hpc.device.kernels import permute_blocks
+    counts = np.array([[2, 0, 1], [1, 3, 0]])          # 2 peers x 3 slots
+    pm, slots = peer_major(counts), expert_slots(counts, np.arange(3), capacity=4)
+    assert pm.is_peer_major and not slots.is_peer_major
+    rows = np.arange(7 * 4, dtype=np.uint16).reshape(7, 4).view(BF16)
+    landed = np.zeros((slots.extent, 4), BF16)
+    table = slots.blocks_from_peer_major()
+    permute_blocks(rows, landed, table, table.shape[1])
+    # slot 0 holds peer 0's 2 rows then peer 1's 1 row; slot 1 peer 1's 3 rows; slot 2 peer 0's 1
+    expect = {0: 0, 1: 1, 2: 3, 4: 4, 5: 5, 6: 6, 8: 2}
+    for dst, src in expect.items():
+        assert (landed[dst].view(np.uint16) == rows[src].view(np.uint16)).all()
+    back = np.zeros_like(rows)
+    permute_blocks(landed, back, table[[1, 0, 2]], table.shape[1])
+    np.testing.assert_array_equal(back.view(np.uint16), rows.view(np.uint16))

@@ -145,6 +145,7 @@ def test_cluster_files():
     ("[cluster]\nnodes = 2\ngpus_per_node = 2\n[network]\ninter_node_gb_s = -1\n", "network.inter_node_gb_s"),
     ("[cluster]\nnodes = 2\ngpus_per_node = 2\n[gpu]\nexpert_memory_fraction = 2\n", "gpu.expert_memory_fraction"),
     ("[cluster]\nnodes = 2\n", "cluster.gpus_per_node is required"),
+    ("[cluster]\nnodes = 2\ngpus_per_node = 2\n[gpu]\noverlap_loss = 1.5\n", "gpu.overlap_loss"),
     # the retired placement-only form: one error naming the key to use instead
     ("[intra_node]\nbandwidth_gb_per_s = 450.0\n", "use network.intra_node_gb_s"),
     ("[inter_node]\nrails = 8\n", "use network.inter_node_gb_s (per rail), network.rails_per_node"),

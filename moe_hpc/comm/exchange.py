@@ -14,6 +14,7 @@ next is packed and the previous is combined) and returns handles: ``post`` start
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -38,13 +39,27 @@ class RowLayout:
     offsets: np.ndarray
     extent: int
 
-    @property
+    @cached_property
     def rows(self) -> int:
         return int(self.counts.sum())
 
-    @property
+    @cached_property
     def per_peer(self) -> np.ndarray:
         return self.counts.sum(axis=1)
+
+    @cached_property
+    def is_peer_major(self) -> bool:
+        """Whether the rows already lie peer by peer (then slot), as one message per peer needs."""
+        c = self.counts.reshape(-1)
+        return bool((self.offsets.reshape(-1)[c > 0] == displacements(c)[c > 0]).all())
+
+    def blocks_from_peer_major(self) -> np.ndarray:
+        """[3, n] int64 (source row, destination row, rows) of each non-empty (peer, slot) block,
+        moving rows that lie peer-major into this layout; swap the first two rows of the table
+        for the way back. What ``kernels.permute_blocks`` takes."""
+        c = self.counts.reshape(-1)
+        nz = c > 0
+        return np.stack([displacements(c)[nz], self.offsets.reshape(-1)[nz], c[nz]]).astype(np.int64)
 
     def peer_major_scatter(self) -> np.ndarray | None:
         """Row index in this layout of each row received peer-major (peer, then expert), or None
@@ -129,10 +144,19 @@ class Exchange:
         self.comm.Alltoall(send, recv)
         return recv.transpose(1, 0, 2).copy()
 
-    def post(self, send, send_layout: RowLayout, recv, recv_layout: RowLayout) -> Handle:
-        """Start moving ``send`` rows (in ``send_layout``) into ``recv`` (in ``recv_layout``).
+    def prepare(self, pairs: list[tuple[RowLayout, RowLayout]]) -> list:
+        """Everything a step's transfers need that the host can know up front, done once:
+        pairs: one (peer-major layout, slot layout) per micro-batch -> one route per pair for
+        ``post`` (the transport's, e.g. its block tables on the device in one copy; None where
+        a transport has nothing to prepare). Called while the device is idle (right after the
+        counts came back), so nothing in the micro-batch loop waits for the host."""
+        return self.transport.prepare(pairs)
+
+    def post(self, send, send_layout: RowLayout, recv, recv_layout: RowLayout, route=None) -> Handle:
+        """Start moving ``send`` rows (in ``send_layout``) into ``recv`` (in ``recv_layout``);
+        ``route``: what ``prepare`` returned for this micro-batch, if it was called.
         On the GPU the send rows must have been written on the current stream."""
-        return Handle(self.transport, self.transport.start(send, send_layout, recv, recv_layout), recv)
+        return Handle(self.transport, self.transport.start(send, send_layout, recv, recv_layout, route), recv)
 
     def close(self) -> None:
         self.transport.close()

@@ -92,7 +92,7 @@ class MpiTransport:
         self.hidden_size = hidden_size
         self.in_flight: list = []
         self._host: dict = {}
-        self.stream = backend.new_stream() if self.on_gpu else None
+        self.stream = backend.new_stream(high_priority=True) if self.on_gpu else None
 
     def _pinned(self, device_buffer, rows: int) -> np.ndarray:
         """Pinned host twin of one device buffer (keyed by its address, so the two slots of each
@@ -111,7 +111,10 @@ class MpiTransport:
             if self.in_flight:
                 self.MPI.Request.Testall(self.in_flight)
 
-    def start(self, send, send_layout: RowLayout, recv, recv_layout: RowLayout) -> dict:
+    def prepare(self, pairs) -> list:
+        return [None] * len(pairs)          # MPI moves peer-major blocks; nothing to precompute
+
+    def start(self, send, send_layout: RowLayout, recv, recv_layout: RowLayout, route=None) -> dict:
         # MPI moves one contiguous block per peer: gather an expert-major send buffer into
         # peer order first, and receive peer order into a landing area to scatter afterwards.
         gather, scatter = send_layout.peer_major_scatter(), recv_layout.peer_major_scatter()

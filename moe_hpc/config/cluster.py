@@ -45,6 +45,8 @@ class GpuSpec:
     copy_util: float = 0.40           # a transport's copy within one GPU, fraction of memory_tb_s
     launch_us: float = 17.0           # host cost of one GPU operation issued from Python
     sync_us: float = 300.0            # one host round trip (device-to-host copy that waits)
+    overlap_loss: float = 1.0         # share of the shorter of transfers and expert GEMMs overlap fails to hide
+                                      # (measured ~1 on 4 x H200 with NCCL: docs/performance.md)
 
     @property
     def attention_fraction(self) -> float:
@@ -101,7 +103,7 @@ class Cluster:
 
 TABLES = {"gpu": GpuSpec, "network": NetworkSpec, "deployment": DeploymentSpec}
 FRACTIONS = ("mfu", "memory_util", "copy_util", "expert_memory_fraction")
-NON_NEGATIVE = ("reserved_gib", "attention_mfu", "launch_us", "sync_us", "intra_node_latency_us",
+NON_NEGATIVE = ("reserved_gib", "attention_mfu", "launch_us", "sync_us", "overlap_loss", "intra_node_latency_us",
                 "inter_node_latency_us", "transport_buffer_gib", "rails_per_node")
 
 # The placement-only form of earlier versions: what each of its keys is called now.
@@ -141,6 +143,8 @@ def _check_range(table: str, key: str, value, where: str) -> None:
         bad = "must be in (0, 1]"
     elif key == "attention_mfu" and not 0 <= value <= 1:
         bad = "must be in [0, 1] (0: same as mfu)"
+    elif key == "overlap_loss" and not 0 <= value <= 1:
+        bad = "must be in [0, 1] (0: perfect overlap, 1: none)"
     elif key in NON_NEGATIVE and value < 0:
         bad = "must be >= 0"
     elif key == "dense_gpus" and value < -1:

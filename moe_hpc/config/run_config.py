@@ -80,6 +80,7 @@ class ParallelConfig:
 class RunConfig:
     """Batching, device and output settings. None of them changes the result beyond bf16."""
     micro_batch_tokens: int = 4096  # tokens per dispatch/combine exchange
+    expert_gemm_carveout: int = 24  # GPU, > 1 rank: SMs the expert GEMMs leave to the exchange (0: none)
     chunk_sequences: int = 64       # sequences a dense rank reads, computes and writes at once
     attention_block: int = 512      # query rows per attention block (bounds score memory)
     pipeline_waves: int = 1         # >1: waves of sequences flow through the blocks one step apart
@@ -258,6 +259,8 @@ def validate(cfg: Config) -> None:
              f"({p.expert_tp}) must divide model.moe_ffn_hidden_size ({cfg.model.moe_ffn_hidden_size})")
     _require(r.micro_batch_tokens >= 1, where, "run.micro_batch_tokens",
              f"must be >= 1, got {r.micro_batch_tokens}")
+    _require(r.expert_gemm_carveout >= 0, where, "run.expert_gemm_carveout",
+             f"must be >= 0, got {r.expert_gemm_carveout}")
     _require(r.chunk_sequences >= 1, where, "run.chunk_sequences", f"must be >= 1, got {r.chunk_sequences}")
     _require(r.attention_block >= 1, where, "run.attention_block", f"must be >= 1, got {r.attention_block}")
     _require(r.pipeline_waves >= 1, where, "run.pipeline_waves", f"must be >= 1, got {r.pipeline_waves}")

@@ -40,7 +40,14 @@ class Backend:
         return self.xp.cuda.runtime.getDeviceProperties(self.xp.cuda.Device().id)["name"].decode()
 
     # Streams and events exist on the GPU only; the CPU code paths never call these.
-    def new_stream(self):
+    def new_stream(self, high_priority: bool = False):
+        """A stream that never waits on the legacy default stream. Communication streams take the
+        device's highest priority: the block scheduler then starts their (few, short) kernels
+        between the CTAs of a running GEMM instead of after it, which is what lets a transfer
+        overlap the expert GEMMs at all."""
+        # CUDA clamps a priority outside the device's range to the nearest end: -1000 is "highest"
+        if high_priority:
+            return self.xp.cuda.Stream(non_blocking=True, priority=-1000)
         return self.xp.cuda.Stream(non_blocking=True)
 
     def current_stream(self):

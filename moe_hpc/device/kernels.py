@@ -55,6 +55,39 @@ def topk(score, probs, k: int, normalize: bool):
     return experts, weights.astype(F32)
 
 
+def gate_topk(logits, bias, k: int, normalize: bool):
+    """The gate after its GEMM. logits: [T, E] fp32; bias: [E] fp32 | None -> experts [T, k]
+    int32 (highest p + bias first, ties to the lower index), weights [T, k] fp32: the softmax
+    probabilities p of the chosen, renormalised if ``normalize``. The bias chooses, never weighs."""
+    if not _on_host(logits):
+        return _cuda().gate_topk(logits, bias, k, normalize)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return topk(p if bias is None else p + np.asarray(bias, dtype=F32), p, k, normalize)
+
+
+def choice_counts(choices, n: int) -> np.ndarray:
+    """choices: integer ids in [0, n) of any shape (e.g. [T, k] experts), on the host -> [n] int64
+    counts: the routing count the trace recorder and the balancer keep."""
+    return np.bincount(np.asarray(choices).reshape(-1), minlength=n).astype(np.int64)
+
+
+def count_into(counts, ids) -> None:
+    """counts: [n] int64, ids: integer ids in [0, n) of any shape: counts[id] += 1 for each, in
+    place, where the arrays live (nothing comes back to the host)."""
+    if not _on_host(counts):
+        return _cuda().count_into(counts, ids)
+    counts += choice_counts(ids, counts.shape[0]).astype(counts.dtype, copy=False)
+
+
+def set_expert_gemm_carveout(sms: int, xp=np) -> bool:
+    """GPU: make the expert GEMMs leave ``sms`` SMs to other streams (the exchange's), so the two
+    overlap; the CPU has nothing to leave. Returns whether it took effect (or was not needed)."""
+    if xp is np:
+        return True
+    return _cuda().set_expert_gemm_carveout(sms)
+
+
 def matmul_f32out(a, b):
     """[T, H] bf16 @ [H, N] -> [T, N] fp32 (the gate: fp32 logits, no bf16 rounding)."""
     if not _on_host(a):
@@ -122,6 +155,46 @@ def combine(rows, positions, weights, experts=None, b2=None, out=None):
     return out
 
 
+def dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_tokens: int,
+                  micro_batches: int, world_size: int, num_slots: int, replica=None):
+    """Group a step's (token, choice) pairs by (micro-batch, destination rank, slot there).
+
+    experts: [T, k] int64 flat expert ids; token_ids: [T] int64; holders, slot: [F, R] int64
+    (rank and slot of each replica of each flat expert); replicas: [F]; replica: [T, k] or None
+    (default: replica token_id mod replicas). -> order [T*k] (flat indices in key order,
+    stable), positions [T, k] (row of each pair in its micro-batch's send order), counts
+    [micro_batches * world_size * num_slots] int64 (on the same device as the inputs).
+    """
+    if not _on_host(experts):
+        return _cuda().dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_tokens,
+                                     micro_batches, world_size, num_slots, replica)
+    T, k = experts.shape
+    flat = experts.reshape(-1).astype(np.int64)
+    pick = (np.repeat(token_ids, k) % replicas[flat]) if replica is None else np.asarray(replica).reshape(-1)
+    micro_batch = np.repeat(np.arange(T, dtype=np.int64) // micro_batch_tokens, k)
+    keys = (micro_batch * world_size + holders[flat, pick]) * num_slots + slot[flat, pick]
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=micro_batches * world_size * num_slots).astype(np.int64)
+    key_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank_in_order = np.empty_like(order)
+    rank_in_order[order] = np.arange(order.size)
+    per_batch = world_size * num_slots
+    positions = rank_in_order - key_start[micro_batch * per_batch]
+    return order, positions.reshape(T, k), counts
+
+
+def permute_blocks(src, dst, table, blocks: int) -> None:
+    """For each b < blocks copy rows [s_b, s_b + n_b) of ``src`` to rows [d_b, d_b + n_b) of
+    ``dst``; ``table`` is [3, blocks] int64 (s, d, n) on the arrays' device. Any 2-byte dtype."""
+    if not _on_host(src):
+        return _cuda().permute_blocks(src, dst, table, blocks)
+    s, d, n = (np.asarray(row[:blocks]) for row in table)
+    words_src, words_dst = src.view(np.uint16), dst.view(np.uint16)
+    for a, b, c in zip(s.tolist(), d.tolist(), n.tolist()):
+        if c:
+            words_dst[b:b + c] = words_src[a:a + c]
+
+
 def _erf(x, xp):
     if xp is np:
         return _erf_numpy(x)
@@ -154,4 +227,5 @@ def activation(h32, kind: str, xp=np):
 
 
 __all__ = ["take_rows", "put_rows", "topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine",
+           "dispatch_plan", "permute_blocks", "gate_topk", "count_into", "choice_counts", "set_expert_gemm_carveout",
            "activation"]

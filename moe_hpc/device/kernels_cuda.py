@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from pathlib import Path
 
 import cupy as cp
 import numpy as np
@@ -130,6 +131,139 @@ def copy_rows(src, dst, src_rows=None, dst_rows=None, count=None) -> None:
     _COPY_ROWS((n,), (128,), (src, idx(src_rows), dst, idx(dst_rows), np.int32(width // 16)))
 
 
+# ---------------------------------------------------------------- dispatch plan: a stable counting sort
+# Keys are (micro-batch, destination rank, slot there): few distinct values, so a counting sort
+# in three launches replaces a radix sort plus a dozen elementwise kernels. TILE entries per
+# block; ranks inside a tile come from comparing keys in shared memory (stable, no atomics on
+# positions), so the order is the same on every run.
+_PLAN_TILE = 512
+
+_PLAN_MODULE = cp.RawModule(code=r"""
+extern "C" __global__ void moe_plan_keys(const long long* experts, const long long* token_ids,
+        const long long* replica, const long long* holders, const long long* replicas,
+        const long long* slot, int R, long long N, int K, long long mbt, int P, int S, int NK,
+        int* keys, int* block_hist) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    long long t = i / K, f = experts[i];
+    long long r = replica ? replica[i] : token_ids[t] % replicas[f];
+    int key = (int)(((t / mbt) * P + holders[f * R + r]) * S + slot[f * R + r]);
+    keys[i] = key;
+    atomicAdd(&block_hist[(long long)blockIdx.x * NK + key], 1);
+}
+
+extern "C" __global__ void moe_plan_scan(int* block_hist, int B, int NK, long long* key_start,
+                                         long long* counts) {
+    // one block: per key, blocks' offsets within the key; then keys' starts (exclusive scan)
+    __shared__ long long carry;
+    __shared__ long long part[1024];
+    for (int key = threadIdx.x; key < NK; key += blockDim.x) {
+        int run = 0;
+        for (int b = 0; b < B; ++b) { int v = block_hist[b * NK + key]; block_hist[b * NK + key] = run; run += v; }
+        counts[key] = run;
+    }
+    if (threadIdx.x == 0) carry = 0;
+    __syncthreads();
+    for (int base = 0; base < NK; base += blockDim.x) {
+        int key = base + threadIdx.x;
+        long long v = key < NK ? counts[key] : 0;
+        part[threadIdx.x] = v;
+        __syncthreads();
+        for (int d = 1; d < blockDim.x; d <<= 1) {           // inclusive Hillis-Steele scan
+            long long add = threadIdx.x >= d ? part[threadIdx.x - d] : 0;
+            __syncthreads();
+            part[threadIdx.x] += add;
+            __syncthreads();
+        }
+        if (key < NK) key_start[key] = carry + part[threadIdx.x] - v;
+        __syncthreads();
+        if (threadIdx.x == blockDim.x - 1) carry += part[threadIdx.x];
+        __syncthreads();
+    }
+    for (int key = threadIdx.x; key < NK; key += blockDim.x) {
+        long long s = key_start[key];
+        for (int b = 0; b < B; ++b) block_hist[b * NK + key] += (int)s;
+    }
+}
+
+extern "C" __global__ void moe_plan_scatter(const int* keys, const int* block_hist,
+        const long long* key_start, long long N, int NK, int PS, long long* order,
+        long long* positions) {
+    __shared__ int tile[512];
+    long long lo = (long long)blockIdx.x * blockDim.x, i = lo + threadIdx.x;
+    int key = i < N ? keys[i] : -1;
+    tile[threadIdx.x] = key;
+    __syncthreads();
+    if (i >= N) return;
+    int rank = 0;
+    for (int j = 0; j < threadIdx.x; ++j) rank += tile[j] == key;
+    long long pos = block_hist[(long long)blockIdx.x * NK + key] + rank;
+    order[pos] = i;
+    positions[i] = pos - key_start[(key / PS) * PS];       // within its micro-batch
+}
+""")
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_kernel(name: str):
+    return _PLAN_MODULE.get_function(name)
+
+
+def dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_tokens: int,
+                  micro_batches: int, world_size: int, num_slots: int, replica=None):
+    """See ``kernels.dispatch_plan``; all inputs on the device. Keys fit int32 (asserted)."""
+    N, K = experts.shape[0] * experts.shape[1], experts.shape[1]
+    P, S = world_size, num_slots
+    NK = micro_batches * P * S
+    if NK >= 2 ** 31:
+        raise ValueError("dispatch plan: too many (micro-batch, rank, slot) keys for int32")
+    B = max(1, -(-N // _PLAN_TILE))
+    keys = cp.empty(max(N, 1), cp.int32)
+    hist = cp.zeros(B * NK, cp.int32)
+    order, positions = cp.empty(N, cp.int64), cp.empty(N, cp.int64)
+    key_start, counts = cp.empty(NK, cp.int64), cp.empty(NK, cp.int64)
+    i64 = lambda a: cp.ascontiguousarray(a, dtype=cp.int64)
+    if N:
+        _plan_kernel("moe_plan_keys")(
+            (B,), (_PLAN_TILE,), (i64(experts), i64(token_ids), np.uint64(0) if replica is None else i64(replica),
+                                  i64(holders), i64(replicas), i64(slot), np.int32(holders.shape[1]), np.int64(N),
+                                  np.int32(K), np.int64(micro_batch_tokens), np.int32(P), np.int32(S), np.int32(NK),
+                                  keys, hist))
+    _plan_kernel("moe_plan_scan")((1,), (1024,), (hist, np.int32(B), np.int32(NK), key_start, counts))
+    if N:
+        _plan_kernel("moe_plan_scatter")(
+            (B,), (_PLAN_TILE,), (keys, hist, key_start, np.int64(N), np.int32(NK), np.int32(P * S), order, positions))
+    return order, positions.reshape(experts.shape), counts
+
+
+# ---------------------------------------------------------------- block permutes for the exchange
+_PERMUTE_BLOCKS = cp.RawKernel(r"""
+extern "C" __global__ void moe_permute_blocks(const uint4* src, uint4* dst, const long long* table,
+                                              int blocks, int row_vecs) {
+    // table: [3, blocks] = source row offset, destination row offset, rows of each block.
+    // grid.x walks the blocks, grid.y splits a block's rows, threads walk a row's 16-byte vectors.
+    for (int b = blockIdx.x; b < blocks; b += gridDim.x) {
+        long long s = table[b], d = table[blocks + b], n = table[2 * blocks + b];
+        for (long long r = blockIdx.y; r < n; r += gridDim.y) {
+            const uint4* from = src + (s + r) * row_vecs;
+            uint4* to = dst + (d + r) * row_vecs;
+            for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) to[v] = from[v];
+        }
+    }
+}
+""", "moe_permute_blocks")
+
+
+def permute_blocks(src, dst, table, blocks: int) -> None:
+    """Copy contiguous row blocks: for each b < blocks, rows [s_b, s_b + n_b) of ``src`` to rows
+    [d_b, d_b + n_b) of ``dst``; ``table`` is [3, blocks] int64 on the device (s, d, n).
+    Row bytes must be a multiple of 16 (H a multiple of 8 for bf16)."""
+    if blocks == 0:
+        return
+    width = src.shape[1] * src.dtype.itemsize
+    _PERMUTE_BLOCKS((min(blocks, 1024), 16), (128,), (src, dst, table, np.int32(blocks), np.int32(width // 16)))
+
+
 _TOPK = cp.RawKernel(r"""
 #define MAXK 8
 extern "C" __global__ void moe_topk(const float* score, const float* probs, int T, int E, int K,
@@ -155,6 +289,67 @@ extern "C" __global__ void moe_topk(const float* score, const float* probs, int 
     }
 }
 """, "moe_topk")
+
+
+_GATE_TOPK = cp.RawKernel(r"""
+#define MAXK 8
+extern "C" __global__ void moe_gate_topk(const float* logits, const float* bias, int T, int E, int K,
+                                         int normalize, int* experts, float* weights) {
+    // one thread per token: softmax in fp32, choice by p + bias, weights from p (SPEC)
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* l = logits + (long long)t * E;
+    float mx = l[0];
+    for (int e = 1; e < E; ++e) mx = fmaxf(mx, l[e]);
+    float z = 0.0f;
+    for (int e = 0; e < E; ++e) z += expf(l[e] - mx);
+    int best[MAXK]; float top[MAXK];
+    for (int j = 0; j < K; ++j) { best[j] = -1; top[j] = 0.0f; }
+    for (int e = 0; e < E; ++e) {
+        float v = expf(l[e] - mx) / z + (bias ? bias[e] : 0.0f);
+        if (best[K - 1] >= 0 && !(v > top[K - 1])) continue;   // ties keep the lower index
+        int j = K - 1;
+        while (j > 0 && (best[j - 1] < 0 || v > top[j - 1])) { top[j] = top[j - 1]; best[j] = best[j - 1]; --j; }
+        top[j] = v; best[j] = e;
+    }
+    float sum = 0.0f, p[MAXK];
+    for (int j = 0; j < K; ++j) { p[j] = expf(l[best[j]] - mx) / z; sum += p[j]; }
+    for (int j = 0; j < K; ++j) {
+        experts[(long long)t * K + j] = best[j];
+        weights[(long long)t * K + j] = normalize ? p[j] / sum : p[j];
+    }
+}
+""", "moe_gate_topk")
+
+
+def gate_topk(logits, bias, k: int, normalize: bool):
+    """See ``kernels.gate_topk``: one launch instead of a softmax's five plus the top-k."""
+    if k > 8:
+        raise ValueError("the GPU top-k kernel handles top_k <= 8")
+    T, E = logits.shape
+    experts = cp.empty((T, k), dtype=cp.int32)
+    weights = cp.empty((T, k), dtype=cp.float32)
+    if T:
+        _GATE_TOPK(((T + 127) // 128,), (128,), (cp.ascontiguousarray(logits, dtype=cp.float32),
+                   np.uint64(0) if bias is None else cp.ascontiguousarray(bias, dtype=cp.float32), np.int32(T),
+                   np.int32(E), np.int32(k), np.int32(normalize), experts, weights))
+    return experts, weights
+
+
+_COUNT = cp.RawKernel(r"""
+extern "C" __global__ void moe_count(const int* ids, long long n, unsigned long long* counts) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) atomicAdd(&counts[ids[i]], 1ULL);
+}
+""", "moe_count")
+
+
+def count_into(counts, ids) -> None:
+    """counts[ids[i]] += 1 for every i, on the device, without reading anything back (CuPy's
+    bincount sizes its output from ids.max(), a device-to-host round trip)."""
+    ids = cp.ascontiguousarray(ids.reshape(-1), dtype=cp.int32)
+    if ids.size:
+        _COUNT(((ids.size + 255) // 256,), (256,), (ids, np.int64(ids.size), counts.view(cp.uint64)))
 
 
 def topk(score, probs, k: int, normalize: bool):
@@ -217,13 +412,79 @@ def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     return cp.matmul(h, w2, out=out)
 
 
+# ---------------------------------------------------------------- SMs left to communication
+# cuBLAS's Hopper GEMMs fill every SM for their whole run, so a transfer's kernels launched on
+# another stream wait for a GEMM to end before they get an SM: the exchange then runs between
+# the expert GEMMs instead of beside them. cublasSetSmCountTarget (cuBLAS >= 11.x, not wrapped
+# by CuPy) makes the expert GEMMs leave ``expert_gemm_carveout`` SMs free for the transport.
+_SM_TARGET = {"carveout": 0, "set": None}
+
+
+def _cublas_library():
+    import ctypes
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        name = line.rsplit(" ", 1)[-1]
+        if "/libcublas.so" in name:
+            return ctypes.CDLL(name)
+    return None
+
+
+_SETTER: list = []
+
+
+def _sm_count_setter():
+    """cuBLAS's cublasSetSmCountTarget, found in the process once cuBLAS is loaded (CuPy loads
+    it with the first handle), or None where this cuBLAS has none."""
+    if _SETTER:
+        return _SETTER[0]
+    import ctypes
+    cp.cuda.device.get_cublas_handle()              # loads libcublas if nothing has yet
+    lib = _cublas_library()
+    setter = getattr(lib, "cublasSetSmCountTarget", None) if lib is not None else None
+    if setter is not None:
+        setter.argtypes, setter.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+    _SETTER.append(setter)
+    return setter
+
+
+def set_expert_gemm_carveout(sms: int) -> bool:
+    """Leave ``sms`` SMs to other streams while the expert GEMMs run (0: all SMs to the GEMMs).
+    Returns whether this cuBLAS can do it."""
+    _SM_TARGET["carveout"] = max(0, int(sms))
+    return _sm_count_setter() is not None or sms == 0
+
+
+@contextlib.contextmanager
+def _sm_target(handle):
+    setter, carve = _sm_count_setter(), _SM_TARGET["carveout"]
+    if setter is None or carve == 0:
+        yield
+        return
+    total = _sm_count(cp.cuda.Device().id)
+    setter(ctypes_handle(handle), max(total - carve, 3 * total // 4))     # never more than a quarter
+    try:
+        yield
+    finally:
+        setter(ctypes_handle(handle), 0)             # 0: cuBLAS's own choice again
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
+
+
+def ctypes_handle(handle):
+    import ctypes
+    return ctypes.c_void_p(handle)
+
+
 def _batched_gemm(a, b, c, slots: int) -> None:
     """c[s] = a[s] @ b[s] for s < slots; a: [S*C, K], b: [S, K, N] bf16; c: [S*C, N] bf16 or fp32.
 
     cuBLAS is column-major, so it computes c^T = b^T a^T with the operands swapped."""
     C, K, N = a.shape[0] // slots, b.shape[1], b.shape[2]
     ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
-    with _cublas_on_current_stream() as (cublas, handle, one, zero):
+    with _cublas_on_current_stream() as (cublas, handle, one, zero), _sm_target(handle):
         cublas.gemmStridedBatchedEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, C, K,
                                     one, b.data.ptr, 14, N, K * N,
                                     a.data.ptr, 14, K, C * K, zero,

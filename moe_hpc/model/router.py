@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..device.dtypes import F32
-from ..device.kernels import matmul_f32out, topk
+from ..device.kernels import gate_topk, matmul_f32out
 
 
 @dataclass
@@ -21,13 +21,10 @@ class Routing:
 
 
 def route(m, gate, bias, top_k: int, normalize: bool, xp=np) -> Routing:
-    """m: [T, H] bf16, gate: [H, E], bias: [E] fp32 | None -> Routing. All gate math in fp32."""
+    """m: [T, H] bf16, gate: [H, E], bias: [E] fp32 | None -> Routing. All gate math in fp32:
+    the logits straight from the GEMM's fp32 accumulator, then softmax and top-k in one kernel."""
     logits = matmul_f32out(m, gate)
-    logits -= logits.max(axis=-1, keepdims=True)
-    p = xp.exp(logits)
-    p /= p.sum(axis=-1, keepdims=True)
-    score = p if bias is None else p + xp.asarray(bias, dtype=F32)
-    return Routing(*topk(score, p, top_k, normalize))
+    return Routing(*gate_topk(logits, None if bias is None else xp.asarray(bias, dtype=F32), top_k, normalize))
 
 
 __all__ = ["Routing", "route"]

@@ -18,8 +18,7 @@ from collections import deque
 
 import numpy as np
 
-from ..placement.table import Placement
-from ..placement.traces import choice_counts
+from ..device.kernels import choice_counts
 
 GOLDEN = 0.6180339887498949     # token index -> well-spread fraction in [0, 1)
 REPORT_WINDOW = 4               # "after" = the last few micro-batches together: less noise than one
@@ -68,9 +67,10 @@ def max_over_mean(counts: np.ndarray) -> float:
 
 
 class Balancer:
-    """Biases, replica loads and the record of one run's balancing, identical on every rank."""
+    """Biases, replica loads and the record of one run's balancing, identical on every rank.
+    placement: the run's Placement value (placement/table.py); comm: every rank of the run."""
 
-    def __init__(self, placement: Placement, top_k: int, threshold: float, gamma: float, comm,
+    def __init__(self, placement, top_k: int, threshold: float, gamma: float, comm,
                  to_host=np.asarray, xp=np, log=None):
         M, E = placement.num_moe_layers, placement.num_experts
         self.first, self.k, self.threshold, self.gamma = placement.first_moe_layer, top_k, threshold, gamma

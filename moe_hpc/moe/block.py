@@ -47,15 +47,17 @@ class MoeBlock:
     tables:   dispatch.RouteTables on the device (where each flat expert lives)
     experts:  model.experts.LocalExperts of this rank (empty on dense-only ranks)
     tp:       this expert rank's tensor-parallel communicator, or None
+    tp_group: ``comm.groups`` collectives over ``tp`` (device ones on GPUs)
     times:    the engine's PhaseTimes (gating, exchange, experts)
     expert_b2: [M*E, H] every expert's output bias, added at the combine (dense ranks; set at load)
     """
 
     def __init__(self, model, micro_batch_tokens: int, router, exchange, comm, tables, experts,
-                 backend, times, tp=None):
+                 backend, times, tp=None, tp_group=None):
         self.model, self.micro_batch_tokens = model, micro_batch_tokens
         self.router, self.exchange, self.comm, self.tables = router, exchange, comm, tables
-        self.experts, self.backend, self.xp, self.times, self.tp = experts, backend, backend.xp, times, tp
+        self.experts, self.backend, self.xp, self.times = experts, backend, backend.xp, times
+        self.tp, self.tp_group = tp, tp_group
         self.expert_b2 = None
         self.last_send_counts = self.last_recv_counts = None      # for bench and traces
         self.steps = self.busy_steps = 0                           # expert-slot occupancy
@@ -74,7 +76,7 @@ class MoeBlock:
         nmb = self.comm.allreduce(math.ceil(T / mbt), op=_mpi().MAX)
         f = xp.empty((T, self.model.hidden_size), dtype=BF16)
         if nmb:
-            plan = plan_dispatch(experts, xp.asarray(token_ids), self.tables, mbt, nmb, self.comm.Get_size(), xp,
+            plan = plan_dispatch(experts, token_ids, self.tables, mbt, nmb, self.comm.Get_size(), xp,
                                  self.backend.to_host, None if replica is None else xp.asarray(replica))
             recv_counts = self.exchange.exchange_counts(plan.counts)
             self.last_send_counts, self.last_recv_counts = plan.counts, recv_counts
@@ -86,21 +88,28 @@ class MoeBlock:
             a += part.shape[0]
         return out
 
+    def _slot_layout(self, counts):
+        """counts: [P, slots] rows this rank receives -> their slot-major layout over the slots
+        that received any (only those get buffer space and GEMM work)."""
+        slots = np.full(self.tables.num_slots, -1, dtype=np.int64)
+        own = self.experts.active_slots(counts, self.experts.num_slots)
+        slots[:own.size] = own
+        return expert_slots(counts, slots, slot_capacity(counts[:, slots >= 0]))
+
     def _exchange(self, m, plan, recv_counts, experts, weights, f, nmb: int, mbt: int) -> None:
         ex, k, times = self.exchange, self.model.top_k, self.times
         T = m.shape[0]
-        active = self.experts.active_slots
+        peers = [peer_major(plan.counts[i]) for i in range(nmb)]          # what this rank sends
+        slotted = [self._slot_layout(recv_counts[i]) for i in range(nmb)]  # what its experts read
+        routes = ex.prepare(list(zip(peers, slotted)))
+        rows_of = (plan.order // k).astype(np.int64)                         # token row of each send row
 
         def dispatch(i):
             a, b = int(plan.starts[i]), int(plan.starts[i + 1])
             send = ex.buffer("dispatch-send", i % 2, b - a)
-            take_rows(m, plan.order[a:b] // k, out=send)
-            slots = np.full(self.tables.num_slots, -1, dtype=np.int64)
-            own = active(recv_counts[i], self.experts.num_slots)
-            slots[:own.size] = own
-            layout = expert_slots(recv_counts[i], slots, slot_capacity(recv_counts[i][:, slots >= 0]))
-            recv = ex.buffer("dispatch-recv", i % 2, layout.extent)
-            return ex.post(send, peer_major(plan.counts[i]), recv, layout), layout
+            take_rows(m, rows_of[a:b], out=send)
+            recv = ex.buffer("dispatch-recv", i % 2, slotted[i].extent)
+            return ex.post(send, peers[i], recv, slotted[i], routes[i]), slotted[i]
 
         def reduce(i, handle):
             rows = handle.wait()
@@ -108,12 +117,12 @@ class MoeBlock:
             if b > a:   # the k choices summed in a fixed order: the result is split-independent
                 combine_rows(rows, plan.positions[a:b], weights[a:b], experts[a:b], self.expert_b2, out=f[a:b])
 
+        t0 = time.perf_counter()
         pending, nxt = None, dispatch(0)
         for i in range(nmb):
             handle, layout = nxt
             if i + 1 < nmb:
                 nxt = dispatch(i + 1)              # travels while micro-batch i computes
-            t0 = time.perf_counter()
             rows = handle.wait()
             t0 = times.add("exchange", t0)
             out = ex.buffer("combine-send", i % 2, layout.extent)
@@ -121,17 +130,17 @@ class MoeBlock:
             if self.tp is None:
                 self.experts.forward(rows, layout, out, ex.buffer)
             else:                                  # partners compute on the leader's rows
-                work = tensor_parallel_experts(self.tp, self.backend, self.experts, rows, layout, out, ex.buffer)
+                work = tensor_parallel_experts(self.tp, self.tp_group, self.backend, self.experts, rows, layout, out,
+                                               ex.buffer)
             self.steps += 1
             self.busy_steps += int(work.rows > 0)
             t0 = times.add("experts", t0)
-            back = ex.buffer("combine-recv", i % 2, int(plan.counts[i].sum()))
-            posted = ex.post(out, layout, back, peer_major(plan.counts[i]))
+            back = ex.buffer("combine-recv", i % 2, peers[i].rows)
+            posted = ex.post(out, layout, back, peers[i], routes[i])
             if pending is not None:
                 reduce(*pending)
             pending = (i, posted)
-            times.add("exchange", t0)
-        t0 = time.perf_counter()
+            t0 = times.add("exchange", t0)
         reduce(*pending)
         times.add("exchange", t0)
 

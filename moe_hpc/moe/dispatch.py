@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..comm.exchange import displacements
+from ..device.kernels import dispatch_plan
 
 
 @dataclass
@@ -70,21 +71,16 @@ def plan_dispatch(experts, token_ids, tables: RouteTables, micro_batch_tokens: i
                   replica=None) -> DispatchPlan:
     """experts: [T, k] flat expert ids; token_ids: [T] int64; tables on the same device.
 
-    One sort and one count for the whole step, so the host learns every micro-batch's counts
-    in a single device-to-host copy.
+    One counting sort for the whole step (``kernels.dispatch_plan``: three launches on the GPU),
+    so the host learns every micro-batch's counts in a single small device-to-host copy, the
+    layer's only one before its micro-batches start.
     """
-    T, k = experts.shape
     P, S = world_size, tables.num_slots
-    flat = experts.reshape(-1).astype(np.int64)
-    pick = choose_replica(experts, token_ids, tables.replicas, xp, replica)
-    micro_batch = xp.repeat(xp.arange(T, dtype=np.int64) // micro_batch_tokens, k)
-    keys = (micro_batch * P + tables.holders[flat, pick]) * S + tables.slot[flat, pick]
-    order = xp.argsort(keys, kind="stable") if xp is np else xp.argsort(keys)   # CuPy: a stable radix sort
-    counts = to_host(xp.bincount(keys, minlength=micro_batches * P * S)).reshape(micro_batches, P, S)
+    order, positions, counts = dispatch_plan(xp.asarray(experts, dtype=np.int64), token_ids, tables.holders,
+                                             tables.replicas, tables.slot, micro_batch_tokens, micro_batches,
+                                             P, S, replica)
+    counts = to_host(counts).reshape(micro_batches, P, S)
     starts = np.append(displacements(counts.sum(axis=(1, 2))), counts.sum())
-    rank_in_order = xp.empty_like(order)
-    rank_in_order[order] = xp.arange(order.size, dtype=order.dtype)
-    positions = (rank_in_order - xp.asarray(starts)[micro_batch]).reshape(T, k)
     return DispatchPlan(order, positions, counts, starts)
 
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from ..config.run_config import ModelConfig
 from ..device.dtypes import BF16, F32
+from ..device.kernels import count_into
 from ..model.router import route
-from ..placement.traces import choice_counts
 from .balance import with_bias
 
 
@@ -33,7 +33,13 @@ class Router:
     def __init__(self, model: ModelConfig, micro_batch_tokens: int, gates, backend, world):
         self.model, self.micro_batch_tokens = model, micro_batch_tokens
         self.gates, self.backend, self.xp, self.world = gates, backend, backend.xp, world
-        self.expert_tokens = np.zeros((model.num_moe_layers, model.num_experts), dtype=np.int64)
+        # counted where the choices are (the device): reading them here would stall every step
+        self._tokens = self.xp.zeros((model.num_moe_layers, model.num_experts), dtype=np.int64)
+
+    @property
+    def expert_tokens(self) -> np.ndarray:
+        """[M, E] int64 host: tokens this rank routed to each expert so far (one small copy)."""
+        return self.backend.to_host(self._tokens)
 
     def _route_part(self, layer: int, m, tok):
         """One part's routing -> (flat experts [T, k] device, weights [T, k], replica [T, k] host
@@ -58,15 +64,15 @@ class Router:
             experts, weights = r.experts, r.weights
         else:
             experts, weights = xp.zeros((0, k), np.int64), xp.zeros((0, k), F32)
-        host = self.backend.to_host(experts).astype(np.int64)
-        self.expert_tokens[layer - first] += choice_counts(host, cfg.num_experts)
+        count_into(self._tokens[layer - first], experts)
         if self.trace is not None:
-            self.trace.record(layer, host)
+            self.trace.record(layer, self.backend.to_host(experts).astype(np.int64))
         return experts.astype(np.int64) + (layer - first) * cfg.num_experts, weights, replica
 
     def __call__(self, parts):
         """parts: list of (block index, m [T_i, H] bf16, token_ids [T_i]) -> (m [T, H] all parts'
-        rows, flat experts [T, k], weights [T, k], token ids [T], replica [T, k] or None)."""
+        rows, flat experts [T, k], weights [T, k], token ids [T] (on the device), replica [T, k]
+        host or None)."""
         xp, cfg = self.xp, self.model
         k = cfg.top_k
         rows, experts, weights, ids, replicas = [], [], [], [], []
@@ -79,11 +85,11 @@ class Router:
             rows.append(m)
             experts.append(ex)
             weights.append(w)
-            ids.append(self.backend.to_host(tok))
+            ids.append(xp.asarray(tok))
         replica = np.concatenate(replicas) if replicas else None
         if not rows:
             return (xp.empty((0, cfg.hidden_size), BF16), xp.zeros((0, k), np.int64),
-                    xp.zeros((0, k), F32), np.zeros(0, np.int64), replica)
+                    xp.zeros((0, k), F32), xp.zeros(0, np.int64), replica)
         if len(rows) == 1:
             return rows[0], experts[0], weights[0], ids[0], replica
         m = xp.empty((sum(r.shape[0] for r in rows), cfg.hidden_size), BF16)
@@ -91,7 +97,7 @@ class Router:
         for r in rows:                    # raw 16-bit copies: no bf16 kernels needed
             m.view(np.uint16)[a:a + r.shape[0]] = r.view(np.uint16)
             a += r.shape[0]
-        return m, xp.concatenate(experts), xp.concatenate(weights), np.concatenate(ids), replica
+        return m, xp.concatenate(experts), xp.concatenate(weights), xp.concatenate(ids), replica
 
 
 __all__ = ["Router"]

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..config.errors import ConfigError, InputError
 from ..config.run_config import ModelConfig, model_from_json
+from ..device.kernels import choice_counts
 from ..files.atomic import atomic_path
 from ..files.h5 import check_format, open_h5
 
@@ -46,12 +47,6 @@ class Trace:
     def expert_tokens(self) -> np.ndarray:
         """[M, E] tokens per expert."""
         return self.source_expert.sum(axis=1)
-
-
-def choice_counts(choices: np.ndarray, n: int) -> np.ndarray:
-    """choices: integer ids in [0, n) of any shape (e.g. [T, k] experts) -> [n] int64 counts:
-    the routing count the runner, the trace recorder and the balancer all keep."""
-    return np.bincount(np.asarray(choices).reshape(-1), minlength=n).astype(np.int64)
 
 
 def pair_counts(experts: np.ndarray, num_experts: int) -> np.ndarray:
@@ -179,5 +174,5 @@ class TraceRecorder:
         return Trace(self.model, size, ranks, rows[ranks].transpose(1, 0, 2).copy(), coact, summed)
 
 
-__all__ = ["Trace", "TraceRecorder", "choice_counts", "pair_counts", "read_trace", "write_trace", "check_trace_model",
+__all__ = ["Trace", "TraceRecorder", "pair_counts", "read_trace", "write_trace", "check_trace_model",
            "TRACE_FORMAT"]

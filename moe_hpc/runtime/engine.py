@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..comm.exchange import Exchange
+from ..comm.groups import make_group
 from ..comm.topology import Topology
 from ..comm.transports import make_transport
 from ..config.run_config import Config
 from ..device.backend import Backend, matmul_bf16, words
 from ..device.dtypes import BF16, F32
-from ..device.kernels import put_rows, take_rows
+from ..device.kernels import put_rows, set_expert_gemm_carveout, take_rows
 from ..files.checkpoint import Checkpoint, DenseLayer
 from ..model.attention import attention
 from ..model.experts import LocalExperts
@@ -59,6 +60,7 @@ class Engine:
         self.dense: dict[int, DenseLayer] = {}
         self.globals: dict[str, np.ndarray] = {}
         self.local_experts = LocalExperts(m.activation, self.xp)
+        set_expert_gemm_carveout(cfg.run.expert_gemm_carveout if topo.exchange.Get_size() > 1 else 0, self.xp)
         transport = make_transport(cfg.run.transport, topo.exchange, m.hidden_size, backend, cfg.run.cuda_aware_mpi)
         self.exchange = Exchange(topo.exchange, m.hidden_size, backend, transport)
         self.times = PhaseTimes()
@@ -67,8 +69,9 @@ class Engine:
         tables = RouteTables(backend.asarray(t.holders), backend.asarray(t.replicas),
                              backend.asarray(t.slot), t.num_slots)
         self.router = Router(m, cfg.run.micro_batch_tokens, self.dense, backend, topo.world)
+        self.tp_group = None if topo.tp is None else make_group(topo.tp, backend)
         self.moe = MoeBlock(m, cfg.run.micro_batch_tokens, self.router, self.exchange, topo.exchange, tables,
-                            self.local_experts, backend, self.times, topo.tp)
+                            self.local_experts, backend, self.times, topo.tp, self.tp_group)
 
     # ------------------------------------------------------------------ weights
     def load(self, ckpt: Checkpoint) -> None:
@@ -124,7 +127,7 @@ class Engine:
         s, L, H = x.shape
         valid = np.arange(L)[None, :] < lengths[:, None]
         token_ids = (first_seq + np.arange(s))[:, None] * L + np.arange(L)[None, :]
-        waves = [(a, b, xp.asarray(np.flatnonzero(valid[a:b])), token_ids[a:b][valid[a:b]])
+        waves = [(a, b, xp.asarray(np.flatnonzero(valid[a:b])), xp.asarray(token_ids[a:b][valid[a:b]]))
                  for a, b in self.waves(s)]
         for step in self.schedule():
             parts, pending = [], []
@@ -182,7 +185,7 @@ class Engine:
     def serve_chunk(self) -> None:
         """An expert-only rank's part of one chunk: every exchange step, no tokens of its own."""
         m, xp = self.cfg.model, self.xp
-        empty, no_ids = xp.empty((0, m.hidden_size), BF16), np.zeros(0, np.int64)
+        empty, no_ids = xp.empty((0, m.hidden_size), BF16), xp.zeros(0, np.int64)
         for step in self.schedule():
             parts = [(layer, empty, no_ids) for _, layer in step if m.is_moe(layer)]
             if parts:
@@ -194,6 +197,8 @@ class Engine:
 
     def close(self) -> None:
         self.exchange.close()
+        if self.tp_group is not None:
+            self.tp_group.close()
 
 
 __all__ = ["Engine", "PhaseTimes"]

@@ -13,12 +13,19 @@ Layer figures:
   t_exchange  dispatch + combine of the same rows, alone (block-wise, as the engine sends)
   t_a2a       one plain all-to-all of the same bytes through the same transport: its ceiling
   overlap     max(t_exchange, t_experts) / t_layer (1.0: the shorter one is fully hidden)
+  t_plain     the same layer written the plain way (tools/plain_ep.py: sort, counts to the host,
+              one all-to-all of rows, per-expert GEMMs, all-to-all back, no overlap); the
+              speedup is t_plain / t_layer
+
+With ``--expert-tp t`` the experts alone include the TP group's broadcast and fp32 reduction, and
+expert FLOPs count the work each GPU did: its F / t columns of the leader's rows.
 """
 from __future__ import annotations
 
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +39,10 @@ from ..device.dtypes import BF16
 from ..files.atomic import write_text_atomic
 from ..files.checkpoint import DenseLayer, Expert
 from ..model.flops import model_flops
+from ..moe.expert_tp import tensor_parallel_experts
 from ..placement.file import make_placement
 from ..runtime.engine import Engine
+from .plain_ep import PlainEpLayer
 
 SEED_MFU_TARGET = 0.60
 
@@ -49,10 +58,14 @@ def add_arguments(p) -> None:
     p.add_argument("--expert-tp", type=int, default=1,
                    help="tensor parallelism inside experts (the TP row: e.g. 2 ranks, seed16.toml)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replica groups (the DP row)")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="any run-config override, e.g. run.expert_gemm_carveout=16 (repeatable)")
     p.add_argument("--model-layers", type=int, default=0,
                    help="also time the whole model shrunk to this many blocks (0: skip)")
     p.add_argument("--sequences", type=int, default=4, help="sequences per GPU for the whole model")
     p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--timeline", action="store_true",
+                   help="also record one layer call's GPU timeline (CUDA events on both streams; rank 0's in the JSON)")
     p.add_argument("--json", help="write every figure here (rank 0)")
 
 
@@ -122,16 +135,20 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     _finish_fill(engine, cp)
     T, H, F = args.tokens, cfg.hidden_size, cfg.moe_ffn_hidden_size
     m = _random(cp, (T, H), 1.0)
-    ids = engine.topo.rank * T + np.arange(T)
+    ids = cp.asarray(engine.topo.rank * T + np.arange(T))
     t_layer = timer(lambda: engine.moe.layer(layer, m, ids))
     recv_counts = engine.moe.last_recv_counts                     # [nmb, P, E] of the last call
     send_counts = engine.moe.last_send_counts
-    ex, experts = engine.exchange, engine.local_experts
-    slots = np.where(np.arange(engine.moe.tables.num_slots) < experts.num_slots, np.arange(engine.moe.tables.num_slots), -1)
+    ex, experts, moe = engine.exchange, engine.local_experts, engine.moe
+    slots = np.where(np.arange(moe.tables.num_slots) < experts.num_slots, np.arange(moe.tables.num_slots), -1)
     layouts = [expert_slots(c, slots, slot_capacity(c[:, slots >= 0])) for c in recv_counts]
     rows = [_random(cp, (lay.extent, H), 1.0) for lay in layouts]
     outs = [cp.empty_like(r) for r in rows]
-    t_experts = timer(lambda: [experts.forward(r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
+    if moe.tp is None:
+        t_experts = timer(lambda: [experts.forward(r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
+    else:       # partners compute on the leader's rows: time the whole TP step on every member
+        t_experts = timer(lambda: [tensor_parallel_experts(moe.tp, moe.tp_group, engine.backend, experts, r, lay, o,
+                                                           ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
 
     some = experts.experts[0]                        # every expert has the same shapes
 
@@ -145,11 +162,12 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     t_cublas = timer(plain_gemms)
     sends = [peer_major(c) for c in send_counts]
     send_bufs = [_random(cp, (s.rows, H), 1.0) for s in sends]
+    routes = ex.prepare(list(zip(sends, layouts)))       # as the layer does, once per step
 
     def exchange_alone():
-        for sl, sb, rl, rb, ob in zip(sends, send_bufs, layouts, rows, outs):
-            ex.post(sb, sl, rb, rl).wait()
-            ex.post(ob, rl, sb, sl).wait()
+        for sl, sb, rl, rb, ob, route in zip(sends, send_bufs, layouts, rows, outs, routes):
+            ex.post(sb, sl, rb, rl, route).wait()
+            ex.post(ob, rl, sb, sl, route).wait()
     t_exchange = timer(exchange_alone)
     me = engine.topo.exchange.Get_rank()
     moved = int(sum(s.rows - s.per_peer[me] for s in sends)) * H * 2 * 2        # both directions
@@ -164,9 +182,19 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
         ex.post(big_recv, flat_recv, big_send, flat_send).wait()
     t_a2a = timer(a2a)
     phases = _local_phases(engine, layer, m, ids, timer, cp)
+    timeline = layer_timeline(engine, layer, m, ids, cp) if getattr(args, "timeline", False) else None
+    t_plain = None                              # the plain layer has no tensor parallelism
+    if moe.tp is None:
+        plain = PlainEpLayer(engine.topo.exchange, cp, moe.tables, experts, engine.dense[layer].gate, cfg.top_k,
+                             cfg.normalize_topk, (layer - cfg.first_dense_layers) * cfg.num_experts)
+        t_plain = timer(lambda: plain(m))
+        plain.close()
     received = int(sum(lay.rows for lay in layouts))
     padded = int(sum(lay.extent for lay in layouts))
-    flops = 2 * 2 * received * H * F
+    tp = engine.topo.expert_tp
+    if moe.tp is not None:                      # every TP member computes on its leader's rows
+        received, padded = moe.tp.bcast((received, padded), root=0)
+    flops = 2 * 2 * received * H * (F // tp)    # this GPU's share: F / tp columns
     big_m = 16384
     a, b = _random(cp, (big_m, H), 1.0), _random(cp, (H, F), H ** -0.5)
     t_big = timer(lambda: cp.matmul(a, b))
@@ -175,7 +203,8 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
         "tokens_per_gpu": T, "micro_batches": len(layouts), "rows_received_max": comm.allreduce(received, op=_max()),
         "slot_padding": padded / max(received, 1) - 1,
         "t_layer_ms": t_layer * 1e3, "t_experts_ms": t_experts * 1e3, "t_cublas_ms": t_cublas * 1e3,
-        "t_exchange_ms": t_exchange * 1e3, "t_a2a_ms": t_a2a * 1e3,
+        "t_exchange_ms": t_exchange * 1e3, "t_a2a_ms": t_a2a * 1e3, "t_plain_ep_ms": t_plain and t_plain * 1e3,
+        "speedup_vs_plain_ep": t_plain and t_plain / t_layer,
         "tokens_per_s_per_gpu": T / t_layer,
         "expert_tflops": flops / t_experts / 1e12, "cublas_same_shapes_tflops": flops / t_cublas / 1e12,
         "gemm_vs_cublas": t_cublas / t_experts,
@@ -184,7 +213,60 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
         "overlap_efficiency": max(t_exchange, t_experts) / t_layer,
         "peak_pool_gib": comm.allreduce(cp.get_default_memory_pool().total_bytes(), op=_max()) / 2**30,
         "local_phases_ms": phases,
+        **({"timeline_rank0": timeline} if timeline is not None else {}),
     }
+
+
+def layer_timeline(engine: Engine, layer: int, m, ids, cp) -> list[dict]:
+    """One layer call with CUDA events around each step: when each started and ended on the GPU,
+    in ms from the call's start, and when the host called and left each (host_*: a step whose GPU
+    start trails its host call waited for the GPU; one whose host call trails the previous GPU
+    end left the GPU idle). Compute-stream steps (route, plan, pack, experts, combine) carry
+    their own start and end; a transfer's start is when it was posted (a point on the compute
+    stream) and its end is its done event on the transport's stream. For finding what waits on
+    what; it instruments the objects of this one engine only."""
+    import moe_hpc.moe.block as block
+    events, t0 = [], cp.cuda.Event()
+
+    def timed(label, fn, end_of=None):
+        def run(*a, **k):
+            start, host = cp.cuda.Event(), time.perf_counter()
+            start.record()
+            out = fn(*a, **k)
+            end = end_of(out) if end_of else cp.cuda.Event()
+            if not end_of:
+                end.record()
+            events.append((label, start, end, host, time.perf_counter()))
+            return out
+        return run
+
+    def transfer_end(_state):
+        """A timing event behind the transfer's work on the transport's stream (its own done
+        event is made without timing)."""
+        end = cp.cuda.Event()
+        end.record(engine.exchange.transport.stream)
+        return end
+
+    saved = [(block, "take_rows"), (block, "combine_rows"), (block, "plan_dispatch"),
+             (engine.local_experts, "forward"), (engine.router, "_route_part"), (engine.exchange.transport, "start"),
+             (engine.exchange, "exchange_counts"), (engine.exchange, "prepare")]
+    originals = [getattr(obj, name) for obj, name in saved]
+    labels = ["pack", "combine", "plan", "experts", "route", "transfer", "counts", "prepare"]
+    try:
+        for (obj, name), fn, label in zip(saved, originals, labels):
+            setattr(obj, name, timed(label, fn, transfer_end if label == "transfer" else None))
+        t0.record()
+        h0 = time.perf_counter()
+        engine.moe.layer(layer, m, ids)
+        cp.cuda.get_current_stream().synchronize()
+        cp.cuda.Device().synchronize()
+    finally:
+        for (obj, name), fn in zip(saved, originals):
+            setattr(obj, name, fn)
+    ms = lambda e: cp.cuda.get_elapsed_time(t0, e)
+    return [{"step": label, "start_ms": round(ms(s), 3), "end_ms": round(ms(e), 3),
+             "host_call_ms": round((a - h0) * 1e3, 3), "host_return_ms": round((b - h0) * 1e3, 3)}
+            for label, s, e, a, b in events]
 
 
 def _local_phases(engine: Engine, layer: int, m, ids, timer: Timer, cp) -> dict:
@@ -233,6 +315,7 @@ def run_bench(comm, args, log=print) -> dict:
     overrides = ["run.device=gpu", f"run.transport={args.transport}",
                  f"parallel.expert_tp={args.expert_tp}", f"parallel.dp={args.dp}",
                  f"run.micro_batch_tokens={math.ceil(args.tokens / args.micro_batches)}", "parallel.placement=shared"]
+    overrides += list(getattr(args, "set", []) or [])
     cfg = load_config(args.config, overrides)
     topo = build_topology(comm, cfg)
     backend = make_backend("gpu", topo.local_rank)
@@ -240,7 +323,7 @@ def run_bench(comm, args, log=print) -> dict:
     timer = Timer(cp, topo.world, args.warmup, args.iters)
     engine = Engine(cfg, topo, backend, make_placement(cfg.model, topo.num_expert_slots, "shared"))
     result = {"ranks": topo.size, "expert_tp": args.expert_tp, "dp": args.dp, "device": backend.device_name(),
-              "transport": engine.exchange.transport_name, "config": args.config,
+              "transport": engine.exchange.transport_name, "config": args.config, "sets": list(args.set or []),
               "layer": bench_layer(engine, args, timer, cp)}
     engine.close()
     if args.model_layers:
@@ -272,6 +355,8 @@ def format_table(r: dict) -> str:
             ("exchange alone: ms, GB/s per GPU", f"{L['t_exchange_ms']:.2f}, {L['exchange_gb_s_per_gpu']:.0f}"),
             ("  plain all-to-all: ms, GB/s", f"{L['t_a2a_ms']:.2f}, {L['a2a_gb_s_per_gpu']:.0f}"),
             ("overlap efficiency", f"{L['overlap_efficiency']:.2f}"),
+            ("plain EP layer: ms (ours faster by)", "n/a with expert TP" if L["t_plain_ep_ms"] is None else
+             f"{L['t_plain_ep_ms']:.2f} ({L['speedup_vs_plain_ep']:.2f}x)"),
             ("peak pool GiB per GPU", f"{L['peak_pool_gib']:.1f}"),
             ("local steps ms (gate, plan, pack, combine)",
              ", ".join(f"{v:.2f}" for v in L["local_phases_ms"].values()))]
