@@ -53,6 +53,8 @@ def test_override_beats_file(tmp_path):
     ({}, ["model.head_dim=15"], "model.head_dim"),
     ({}, ["model.first_dense_layers=9"], "model.first_dense_layers"),
     ({}, ["run.expert_gemm_carveout=-1"], "run.expert_gemm_carveout"),
+    ({}, ["parallel.dense_tp=3"], "parallel.dense_tp"),                      # 4 heads
+    ({}, ["parallel.dense_tp=2", "model.num_heads=6", "model.num_kv_heads=3"], "model.num_kv_heads"),
 ])
 def test_bad_values_name_the_key(tables, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -86,3 +88,32 @@ def test_config_roundtrips_through_json():
     assert back == cfg
     assert back.model.num_experts == 16 and back.run.balance_gamma == 0.5 and back.parallel.placement == "shared"
     assert set(json.loads(cfg.to_json())) == {"model", "parallel", "run"}
+
+
+def test_dense_tp_layouts_are_checked_against_the_rank_count():
+    from moe_hpc.config.roles import check_layout
+    roles = check_layout(4, 1, 2, 1, dense_tp=2)
+    assert roles.dense_ranks == (2, 3) and roles.dense_groups == 1 and roles.dense_group_of(3) == (0, 1)
+    with pytest.raises(ConfigError, match=r"parallel\.dense_tp = 2 does not divide the 3 dense rank"):
+        check_layout(3, 1, 0, 1, dense_tp=2)
+
+
+def test_dense_tp_shards_heads_kv_heads_and_columns():
+    """Members hold disjoint query heads; kv heads split when the members divide them and are
+    replicated when they do not; the shards' shapes add up to the block's."""
+    import numpy as np
+    from moe_hpc.config.run_config import ModelConfig
+    from moe_hpc.model.dense_tp import head_range, kv_range, local_model, shard_dense_layer
+    m = ModelConfig(num_heads=8, num_kv_heads=2, head_dim=4, hidden_size=16, dense_ffn_hidden_size=12)
+    assert [list(kv_range(m, 4, r)) for r in range(4)] == [[0], [0], [1], [1]]       # replicated
+    assert [list(kv_range(m, 2, r)) for r in range(2)] == [[0], [1]]                 # split
+    assert sorted(h for r in range(4) for h in head_range(m, 4, r)) == list(range(8))
+    lm = local_model(m, 4)
+    assert (lm.num_heads, lm.kv_heads, lm.dense_ffn_hidden_size) == (2, 1, 3)
+    from moe_hpc.files.checkpoint import DenseLayer
+    z = np.zeros
+    layer = DenseLayer(attn_norm=z(16), wq=z((16, 32)), wk=z((16, 8)), wv=z((16, 8)), wo=z((32, 16)), mlp_norm=z(16),
+                       w1=z((16, 12)), b1=z(12), w2=z((12, 16)))
+    s = shard_dense_layer(layer, m, 4, 3)
+    assert (s.wq.shape, s.wk.shape, s.wo.shape, s.w1.shape, s.b1.shape, s.w2.shape) == \
+        ((16, 8), (16, 4), (8, 16), (16, 3), (3,), (3, 16))

@@ -35,6 +35,13 @@ LAYOUTS = [
     (4, ["parallel.dp=2"]),                                    # EP=2 x DP=2
     (4, ["parallel.dp=2", "parallel.dense_ranks=1", "run.chunk_sequences=1"]),
     (4, ["parallel.dp=2", "parallel.expert_tp=2", "run.micro_batch_tokens=5"]),
+    # tensor parallelism of attention and the dense MLP
+    (2, ["parallel.dense_tp=2"]),                              # one co-located group of 2
+    (4, ["parallel.dense_ranks=2", "parallel.dense_tp=2"]),   # 2 dense ranks in one group, 2 expert ranks
+    (4, ["parallel.dense_tp=2", "parallel.expert_tp=2", "run.micro_batch_tokens=7"]),
+    (4, ["parallel.dense_tp=2", "parallel.dp=2"]),
+    (4, ["parallel.dense_tp=4", "model.num_kv_heads=2"]),    # fewer kv heads than members: replicated
+    (3, ["parallel.dense_ranks=2", "parallel.dense_tp=2", "model.num_kv_heads=1", "run.pipeline_waves=2"]),
 ]
 
 

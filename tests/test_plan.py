@@ -110,12 +110,31 @@ def test_memory_of_a_small_deployment_by_hand():
 
 
 def test_refusal_names_the_fix(tmp_path):
+    """An explicit dense TP that does not fit is refused, with what would fit."""
+    small = tmp_path / "small.toml"
+    small.write_text(C3904.read_text().replace("memory_gib = 64.0", "memory_gib = 40.0"))
     out = []
-    with pytest.raises(ConfigError, match="does not fit: a dense GPU needs .* GiB of 64 GiB"):
-        run_plan(plan_args(C3904, tmp_path), out=out.append)
-    assert "--set run.chunk_sequences=3 fits" in out[0] and "DOES NOT FIT" in out[0]
-    r = build(plan_args(C3904, tmp_path, "run.chunk_sequences=3"))
+    with pytest.raises(ConfigError, match="does not fit: a dense GPU needs .* GiB of 40 GiB"):
+        run_plan(plan_args(small, tmp_path, "parallel.dense_tp=2"), out=out.append)
+    assert "DOES NOT FIT" in out[0] and "--set run.chunk_sequences=" in out[0]
+    assert "--set parallel.dense_tp=4, fits" in out[0]
+    r = build(plan_args(small, tmp_path, "parallel.dense_tp=4"))
     assert r["fits"] and r["time"]["step_s"] > 0
+
+
+@pytest.mark.parametrize("config, cluster", [(SEED61, C3904), (SEED61, C128), (REPO / "inputs" / "seed16.toml", C3904)])
+def test_seed_deployments_plan_without_refusal(config, cluster, tmp_path):
+    """The seeds' own configs: where one dense GPU cannot hold the blocks, the planner splits
+    them by dense TP, says so, and every GPU fits; the DAGs verify."""
+    args = plan_args(cluster, tmp_path)
+    args.config = str(config)
+    r = run_plan(args, out=lambda s: None)
+    assert r["fits"] and all(not d["problems"] for d in r["dags"])
+    assert max(v["gib"]["total"] for v in r["memory"].values()) <= 64
+    if config == SEED61:
+        assert r["chose"]["parallel.dense_tp"] == 2
+        dense = r["memory"]["dense" if "dense" in r["memory"] else "dense+expert"]
+        assert dense["gib"]["dense_weights"] == pytest.approx(54.95 / 2, rel=0.01)
 
 
 def test_both_seed_plans_print_quickly(tmp_path):

@@ -42,7 +42,8 @@ def interrupt(args, ranks: int, output, signum) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("signum, ranks, sets", [
     (signal.SIGUSR1, 2, ()),
     (signal.SIGTERM, 3, ("--set", "parallel.dense_ranks=1")),
-], ids=["usr1-colocated", "term-dedicated-dense"])
+    (signal.SIGTERM, 4, ("--set", "parallel.dense_ranks=2", "--set", "parallel.dense_tp=2")),
+], ids=["usr1-colocated", "term-dedicated-dense", "term-dense-tp"])
 def test_signal_stops_then_resume_is_bit_identical(signum, ranks, sets, tiny_files, long_input,
                                                    uninterrupted, tmp_path):
     out = tmp_path / "out.h5"

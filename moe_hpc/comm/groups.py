@@ -1,7 +1,9 @@
 """Collectives of a small group of ranks on their arrays, wherever the arrays live.
 
 A tensor-parallel expert group needs two: the leader's rows broadcast to its partners, and the
-partners' fp32 partial outputs summed on the leader.  On the GPU with NCCL they run on the
+partners' fp32 partial outputs summed on the leader; a tensor-parallel dense group sums its
+partial attention and MLP outputs on every member (all-reduce) and broadcasts the leader's MoE
+output.  On the GPU with NCCL they run on the
 device, on the compute stream (``nccl.NcclGroup``); elsewhere over MPI on host arrays, staged
 through the host when the arrays are on a GPU without NCCL (correct, slow: said in the docs).
 """
@@ -32,6 +34,14 @@ class MpiGroup:
         self.comm.Reduce(part, total, op=MPI.SUM, root=root)
         if self.rank == root:
             out[...] = self.backend.asarray(total)
+
+    def allreduce_sum(self, buf) -> None:
+        """buf: fp32, in place: the sum over the group on every member."""
+        from mpi4py import MPI
+        part = np.ascontiguousarray(self.backend.to_host(buf), dtype=np.float32)
+        total = np.empty_like(part)
+        self.comm.Allreduce(part, total, op=MPI.SUM)
+        buf[...] = self.backend.asarray(total)
 
     def close(self) -> None:
         pass

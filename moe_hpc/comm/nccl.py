@@ -171,6 +171,11 @@ class NcclGroup:
         target = out.data.ptr if self.rank == root else buf.data.ptr
         self.comm.reduce(buf.data.ptr, target, buf.size, self.nccl.NCCL_FLOAT32, self.nccl.NCCL_SUM, root, s)
 
+    def allreduce_sum(self, buf) -> None:
+        """buf: contiguous fp32 device array, in place: the sum over the group on every member."""
+        s = self.backend.current_stream().ptr
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self.nccl.NCCL_FLOAT32, self.nccl.NCCL_SUM, s)
+
     def close(self) -> None:
         self.comm.destroy()
 

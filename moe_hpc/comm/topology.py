@@ -24,6 +24,7 @@ class Topology:
     dense:    the group's dense ranks (None on expert-only ranks)
     expert:   the group's expert ranks (None on dense-only ranks)
     tp:       this expert rank's tensor-parallel group (None when expert_tp = 1 or not expert)
+    dense_tp: this dense rank's tensor-parallel group (None when dense_tp = 1 or not dense)
     exchange: the group again; carries the token dispatch/combine traffic only
     roles:    role layout in group ranks
     """
@@ -39,6 +40,7 @@ class Topology:
     gpus_per_node: int
     dp: int = 1
     expert_tp: int = 1
+    dense_tp_comm: object | None = None
 
     @property
     def rank(self) -> int:
@@ -93,8 +95,15 @@ class Topology:
 
     @property
     def dense_index(self) -> int:
-        """This dense rank's position among all dense ranks of all groups (sequence owner)."""
-        return self.dp_index * len(self.roles.dense_ranks) + self.roles.dense_ranks.index(self.group_rank)
+        """This dense rank's sequence owner among all of the run's (its dense TP group's index,
+        over every data-parallel group)."""
+        return self.dp_index * self.roles.dense_groups + self.roles.dense_group_of(self.group_rank)[0]
+
+    @property
+    def is_dense_leader(self) -> bool:
+        """A dense rank that routes its group's tokens and writes its output (every dense rank
+        when dense_tp = 1)."""
+        return self.is_dense and self.roles.dense_group_of(self.group_rank)[1] == 0
 
     @property
     def dense_world_ranks(self) -> tuple[int, ...]:
@@ -104,17 +113,20 @@ class Topology:
 
     @property
     def num_dense(self) -> int:
-        return self.dp * len(self.roles.dense_ranks)
+        """Sequence owners in the run: dense TP groups over all data-parallel groups."""
+        return self.dp * self.roles.dense_groups
 
     def describe(self) -> dict:
         return {"world_size": self.size, "nodes": len(set(self.node_of_rank)),
                 "gpus_per_node": self.gpus_per_node, "dp": self.dp, "expert_tp": self.expert_tp,
+                "dense_tp": self.roles.dense_tp,
                 "group_dense_ranks": list(self.roles.dense_ranks),
                 "group_expert_ranks": list(self.roles.expert_ranks),
                 "node_of_rank": list(self.node_of_rank)}
 
     def free(self) -> None:
-        for comm in (self.exchange, self.tp, self.expert, self.dense, self.group, self.node, self.world):
+        for comm in (self.exchange, self.dense_tp_comm, self.tp, self.expert, self.dense, self.group, self.node,
+                     self.world):
             if comm is not None:
                 comm.Free()
 
@@ -138,7 +150,7 @@ def build_topology(comm, cfg: Config) -> Topology:
     p = cfg.parallel
     world = comm.Dup()
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    roles = check_layout(world.Get_size(), p.dp, p.dense_ranks, p.expert_tp)
+    roles = check_layout(world.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp)
     rank = world.Get_rank()
     group_size = world.Get_size() // p.dp
     group = world.Split(rank // group_size, key=rank)
@@ -150,11 +162,15 @@ def build_topology(comm, cfg: Config) -> Topology:
     if p.expert_tp > 1:
         index = roles.expert_ranks.index(g) if g in roles.expert_ranks else -1
         tp = split(index >= 0, index // p.expert_tp)
+    dense_tp = None
+    if p.dense_tp > 1:
+        is_dense = g in roles.dense_ranks
+        dense_tp = split(is_dense, roles.dense_group_of(g)[0] if is_dense else 0)
     node_of_rank = _node_ids(world, node)
     gpus_per_node = p.gpus_per_node or max(world.allgather(node.Get_size()))
     return Topology(world=world, node=node, group=group, dense=dense, expert=expert, tp=tp,
                     exchange=group.Dup(), roles=roles, node_of_rank=node_of_rank,
-                    gpus_per_node=gpus_per_node, dp=p.dp, expert_tp=p.expert_tp)
+                    gpus_per_node=gpus_per_node, dp=p.dp, expert_tp=p.expert_tp, dense_tp_comm=dense_tp)
 
 
 def _none_if_null(comm):

@@ -74,6 +74,7 @@ class ParallelConfig:
     gpus_per_node: int = 0          # 0: discovered from the shared-memory communicator
     dp: int = 1                     # data-parallel replicas, each a full expert-parallel group
     expert_tp: int = 1              # ranks sharing one expert (w1 by columns, w2 by rows)
+    dense_tp: int = 1               # dense ranks sharing attention (by heads) and the dense MLP
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,14 @@ def validate(cfg: Config) -> None:
     _require(p.expert_tp >= 1, where, "parallel.expert_tp", f"must be >= 1, got {p.expert_tp}")
     _require(cfg.model.moe_ffn_hidden_size % p.expert_tp == 0, where, "parallel.expert_tp",
              f"({p.expert_tp}) must divide model.moe_ffn_hidden_size ({cfg.model.moe_ffn_hidden_size})")
+    _require(p.dense_tp >= 1, where, "parallel.dense_tp", f"must be >= 1, got {p.dense_tp}")
+    m, T = cfg.model, p.dense_tp
+    _require(m.num_heads % T == 0, where, "parallel.dense_tp", f"({T}) must divide model.num_heads ({m.num_heads})")
+    _require(m.kv_heads % T == 0 or T % m.kv_heads == 0, where, "parallel.dense_tp",
+             f"({T}) and model.num_kv_heads ({m.kv_heads}) must divide one another (kv heads are split "
+             "or replicated)")
+    _require(m.first_dense_layers == 0 or m.dense_ffn_hidden_size % T == 0, where, "parallel.dense_tp",
+             f"({T}) must divide model.dense_ffn_hidden_size ({m.dense_ffn_hidden_size})")
     _require(r.micro_batch_tokens >= 1, where, "run.micro_batch_tokens",
              f"must be >= 1, got {r.micro_batch_tokens}")
     _require(r.expert_gemm_carveout >= 0, where, "run.expert_gemm_carveout",

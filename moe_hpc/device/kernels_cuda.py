@@ -409,6 +409,9 @@ def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
         return out if out is not None else cp.empty((0, w2.shape[1]), BF16)
     h = cp.matmul(x, w1, out=hidden)            # bf16 operands, fp32 accumulate (cuBLAS)
     _bias_act(h, b1, kind, x.shape[0])
+    if out is not None and out.dtype == cp.float32:     # a tensor-parallel partial, unrounded
+        out[...] = matmul_f32out(h, w2)
+        return out
     return cp.matmul(h, w2, out=out)
 
 

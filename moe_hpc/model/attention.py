@@ -13,11 +13,15 @@ import numpy as np
 
 from ..device.backend import matmul_bf16
 from ..device.dtypes import BF16, F32
+from ..device.kernels import matmul_f32out
 from .layers import apply_rope, rope_tables
 
 
-def attention(a, w, cfg, block: int, xp=np):
-    """a: [S, L, H] bf16 (normed input); w: DenseLayer (wq, wk, wv, wo) -> [S, L, H] bf16."""
+def attention(a, w, cfg, block: int, xp=np, reduce=None):
+    """a: [S, L, H] bf16 (normed input); w: DenseLayer (wq, wk, wv, wo) -> [S, L, H] bf16.
+
+    reduce: for a tensor-parallel member (``cfg`` its local heads, ``w`` its shard), a function
+    that sums the fp32 partial outputs over the group in place; the sum is rounded once."""
     S, L, H = a.shape
     nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
     cos, sin = rope_tables(xp.arange(L), D, cfg.rope_theta, xp)
@@ -35,7 +39,11 @@ def attention(a, w, cfg, block: int, xp=np):
         q1 = min(L, q0 + block)
         out[..., q0:q1, :] = _query_block(q32[..., q0:q1, :] * scale, k32, v32, q0, block, xp)
     o = out.reshape(S, nh, L, D).transpose(0, 2, 1, 3).reshape(S, L, nh * D)
-    return matmul_bf16(o, w.wo, xp)
+    if reduce is None:
+        return matmul_bf16(o, w.wo, xp)
+    partial = matmul_f32out(xp.ascontiguousarray(o.reshape(S * L, nh * D)), w.wo)
+    reduce(partial)
+    return partial.astype(BF16).reshape(S, L, -1)
 
 
 def _query_block(q, k, v, q0: int, block: int, xp):

@@ -18,9 +18,16 @@ def rmsnorm(x, weight, eps: float, xp=np):
     return (x32 * inv * weight.astype(F32, copy=False)).astype(BF16)
 
 
-def mlp(x, w1, b1, w2, b2, kind: str, xp=np):
+def mlp(x, w1, b1, w2, b2, kind: str, xp=np, reduce=None):
     """act(x @ w1 + b1) @ w2 + b2 (the dense block). x: [T, H] bf16, w1: [H, F], w2: [F, H]
-    -> [T, H] bf16. The same fused expert kernel as the MoE experts, then the output bias."""
+    -> [T, H] bf16. The same fused expert kernel as the MoE experts, then the output bias.
+
+    reduce: for a tensor-parallel member (w1, b1 its columns, w2 its rows), a function that sums
+    the fp32 partial outputs over the group in place; b2 is added once, after the sum."""
+    if reduce is not None:
+        partial = expert_mlp(x, w1, b1, w2, kind, out=xp.empty((x.shape[0], w2.shape[1]), dtype=F32))
+        reduce(partial)
+        return (partial if b2 is None else partial + b2.astype(F32, copy=False)).astype(BF16)
     y = expert_mlp(x, w1, b1, w2, kind)
     if b2 is None:
         return y

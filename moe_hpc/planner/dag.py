@@ -107,7 +107,7 @@ def _rows_per_holder(layout: Deployment, w: Workload, layer: int, expert: int) -
     uniformly over the experts, then evenly over the expert's replicas."""
     k, E = layout.model.top_k, layout.model.num_experts
     reps = len(layout.placement.replicas(layer, expert))
-    return math.ceil(len(layout.roles.dense_ranks) * w.tokens * k / (E * reps))
+    return math.ceil(len(layout.routers) * w.tokens * k / (E * reps))
 
 
 def deployment_dag(layout: Deployment, w: Workload) -> Dag:

@@ -53,6 +53,11 @@ class Deployment:
         """Local rank -> its position among the expert ranks (the placement's GPU index)."""
         return {rank: i for i, rank in enumerate(self.roles.expert_ranks)}
 
+    @property
+    def routers(self) -> tuple[int, ...]:
+        """Local ranks that route tokens: every dense rank, or each dense TP group's leader."""
+        return self.roles.dense_ranks[::self.roles.dense_tp]
+
     @cached_property
     def dense_set(self) -> frozenset[int]:
         return frozenset(self.roles.dense_ranks)
@@ -87,7 +92,10 @@ def make_layout(cfg: Config, cluster: Cluster, placement_kind: str | None = None
     if dense // dep.data_parallel >= group:
         raise ConfigError(f"{where}: deployment.dense_gpus ({dense}) leaves no expert GPU among the "
                           f"{group} GPUs of each of the {dep.data_parallel} replica(s)")
-    roles = role_layout(group, dense // dep.data_parallel)
+    roles = role_layout(group, dense // dep.data_parallel, cfg.parallel.dense_tp)
+    if len(roles.dense_ranks) % cfg.parallel.dense_tp:
+        raise ConfigError(f"{where}: parallel.dense_tp = {cfg.parallel.dense_tp} does not divide the "
+                          f"{len(roles.dense_ranks)} dense GPU(s) of each replica")
     placement = make_placement(cfg.model, len(roles.expert_ranks), placement_kind or cfg.parallel.placement)
     return Deployment(cfg.model, cluster.num_gpus, cluster.gpus_per_node, dep.data_parallel, roles, placement)
 

@@ -12,6 +12,7 @@ from ..config.cluster import GIB, Cluster
 from ..config.run_config import Config, ModelConfig
 from ..device.dtypes import BF16_BYTES, F32_BYTES
 from ..files.checkpoint import global_shapes, layer_shapes
+from ..model.dense_tp import local_model
 from .deployment import Deployment
 from .workload import Workload
 
@@ -36,9 +37,11 @@ def _nbytes(shape: tuple[int, ...], itemsize: int = BF16_BYTES) -> int:
     return math.prod(shape) * itemsize
 
 
-def dense_weight_bytes(m: ModelConfig, logits: bool = False) -> int:
+def dense_weight_bytes(m: ModelConfig, logits: bool = False, dense_tp: int = 1) -> int:
     """What a dense rank loads (engine.load): every block's non-expert weights plus the experts'
-    output biases (added at the combine), final_norm, embed, and lm_head when logits are on."""
+    output biases (added at the combine), final_norm, embed, and lm_head when logits are on;
+    with ``dense_tp`` its share of the attention heads and dense-MLP columns (model/dense_tp.py)."""
+    m = local_model(m, dense_tp) if dense_tp > 1 else m
     total = 0
     for layer in range(m.num_layers):
         for name, shape in layer_shapes(m, layer).items():
@@ -58,7 +61,7 @@ def expert_weight_bytes(m: ModelConfig, experts: int, tp: int = 1) -> int:
     return experts * math.ceil(one / tp)
 
 
-def activation_bytes(m: ModelConfig, w: Workload, attention_block: int) -> int:
+def activation_bytes(m: ModelConfig, w: Workload, attention_block: int, dense_tp: int = 1) -> int:
     """Peak activations of a dense rank for one chunk (T tokens), following the runner's code.
 
     Resident: x [T, H] bf16.  Attention (the peak): a [T, H]; q, k, v in bf16 and fp32
@@ -66,11 +69,15 @@ def activation_bytes(m: ModelConfig, w: Workload, attention_block: int) -> int:
     per query tile three fp32 score tiles [S, nh, b, b] (scores, masked, exp) and two fp32
     accumulators [S, nh, b, D].  Then the residual add's two fp32 [T, H] temporaries, the MoE
     block's [T, H] copies, or the dense MLP's [T, Fd] hidden (bf16 + fp32 accumulation).
+    With ``dense_tp`` a member holds its heads' and columns' share, plus the fp32 partial output
+    [T, H] its group sums.
     """
+    partial = w.tokens * m.hidden_size * F32_BYTES if dense_tp > 1 else 0
+    m = local_model(m, dense_tp) if dense_tp > 1 else m
     T, S, H, D = w.tokens, w.sequences, m.hidden_size, m.head_dim
     nh, kv, b = m.num_heads, m.kv_heads, min(attention_block, w.seq_len)
     qkv = T * (nh + 2 * kv) * D * (BF16_BYTES + F32_BYTES)
-    attention = 2 * T * H * BF16_BYTES + qkv + 2 * T * nh * D * BF16_BYTES
+    attention = 2 * T * H * BF16_BYTES + qkv + 2 * T * nh * D * BF16_BYTES + partial
     tiles = 3 * S * nh * b * b * F32_BYTES + 2 * S * nh * b * D * F32_BYTES
     residual = 2 * T * H * F32_BYTES
     moe = 3 * T * H * BF16_BYTES + T * m.top_k * 8 * 4          # xv, h, f + plan index arrays
@@ -100,14 +107,16 @@ class GpuMemory:
     memory: Memory
 
 
-def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload, expert_tp: int = 1) -> list[GpuMemory]:
-    """[group_size] per-rank memory of one replica."""
-    m = cfg.model
-    dense_w = dense_weight_bytes(m, cfg.run.logits)
-    act = activation_bytes(m, w, cfg.run.attention_block)
+def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
+                expert_tp: int | None = None) -> list[GpuMemory]:
+    """[group_size] per-rank memory of one replica (expert_tp: the config's unless given)."""
+    m, dense_tp = cfg.model, cfg.parallel.dense_tp
+    expert_tp = expert_tp or cfg.parallel.expert_tp
+    dense_w = dense_weight_bytes(m, cfg.run.logits, dense_tp)
+    act = activation_bytes(m, w, cfg.run.attention_block, dense_tp)
     send = w.mb_tokens * m.top_k
     share, count = layout.routing
-    recv_rows = share.max(axis=0, initial=0) * len(layout.roles.dense_ranks) * send
+    recv_rows = share.max(axis=0, initial=0) * len(layout.routers) * send
     per_layer = count.max(axis=0, initial=0)
     fixed = dict(transport=int(cluster.network.transport_buffer_gib * GIB),
                  reserved=int(cluster.gpu.reserved_gib * GIB))

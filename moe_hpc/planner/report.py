@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config.cluster import load_cluster
 from ..config.errors import ConfigError
-from ..config.run_config import load_config
+from ..config.run_config import load_config, validate
 from ..files.atomic import write_text_atomic
 from ..model.flops import model_flops
 from .calibrate import calibrated_cluster, compare, fit, load_measured
@@ -81,7 +81,7 @@ def suggestions(cfg, cluster, layout: Deployment, w, memory) -> list[str]:
     worst = max(memory, key=lambda g: g.memory.total).memory
     kind = layout.placement.kind
 
-    def fits_with(cfg2=cfg, cluster2=cluster, tp=1) -> bool:
+    def fits_with(cfg2=cfg, cluster2=cluster, tp=None) -> bool:
         same = cluster2 is cluster and (cfg2.model, cfg2.parallel) == (cfg.model, cfg.parallel)
         lay = layout if same else make_layout(cfg2, cluster2, kind)      # run keys never move experts
         return fits(plan_memory(cfg2, cluster2, lay, workload_of(cfg2, cluster2, w.slot_padding), tp), cluster2)
@@ -113,10 +113,45 @@ def suggestions(cfg, cluster, layout: Deployment, w, memory) -> list[str]:
         if tp or grow:
             break
     if worst.dense_weights:
-        out.append(f"dense weights are {worst.dense_weights / GIB:.1f} GiB on every dense GPU whatever the GPU count: "
-                   "tensor parallelism of attention and the dense MLP (not in the runner yet) would split them")
+        T, tried = cfg.parallel.dense_tp * 2, None
+        while T <= cfg.model.num_heads and tried is None:
+            cand = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dense_tp=T))
+            try:
+                validate(cand)
+                tried = T if fits_with(cand) else None
+            except ConfigError:
+                pass
+            T *= 2
+        out.append(f"dense weights are {worst.dense_weights / GIB:.1f} GiB on every dense GPU whatever the GPU count"
+                   + (f": tensor parallelism of attention and the dense MLP, --set parallel.dense_tp={tried}, fits"
+                      if tried else ""))
     out.append(f"or GPUs with at least {math.ceil(worst.total / GIB)} GiB")
     return out
+
+
+def fit_dense_tp(cfg, cluster, kind=None):
+    """The config's plan, or, when its fullest GPU does not fit and the config leaves
+    ``parallel.dense_tp`` at 1, the plan with the smallest dense TP (2, 4, 8, ...: split
+    attention heads and dense-MLP columns) that the model and the dense GPU count allow and that
+    fits. -> (config, deployment, workload, memory, the dense TP chosen or None)."""
+    layout, w = make_layout(cfg, cluster, kind), workload_of(cfg, cluster)
+    memory = plan_memory(cfg, cluster, layout, w)
+    if fits(memory, cluster) or cfg.parallel.dense_tp > 1:
+        return cfg, layout, w, memory, None
+    T = 2
+    while T <= cfg.model.num_heads:
+        cand = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dense_tp=T))
+        try:
+            validate(cand)
+            lay = make_layout(cand, cluster, kind)
+        except ConfigError:
+            T *= 2
+            continue
+        mem = plan_memory(cand, cluster, lay, w)
+        if fits(mem, cluster):
+            return cand, lay, w, mem, T
+        T *= 2
+    return cfg, layout, w, memory, None
 
 
 def build(args) -> dict:
@@ -133,9 +168,9 @@ def build(args) -> dict:
                                  "files": [_comparison(c) for c in compare(cluster, measured, gpu, True)
                                            + compare(cluster, checks, gpu, False)]}
         cluster = calibrated_cluster(cluster, gpu)
-    layout = make_layout(cfg, cluster, args.placement)
-    w = workload_of(cfg, cluster)
-    memory = plan_memory(cfg, cluster, layout, w)
+    cfg, layout, w, memory, chosen = fit_dense_tp(cfg, cluster, args.placement)
+    if chosen:
+        result["chose"] = {"parallel.dense_tp": chosen, "why": "with parallel.dense_tp = 1 a dense GPU does not fit"}
     rows = rank_rows(layout)
     table = Path(args.table or f"plan-{cluster.name}-ranks.tsv")
     write_rank_table(rows, table)
@@ -275,6 +310,9 @@ def render(r: dict) -> str:
     out = [f"moe-hpc plan: {r['config']} on {r['cluster']} (planned in {r['planner_seconds']:.1f} s)"]
     if "calibration" in r:
         out += render_calibration(r["calibration"])
+    if "chose" in r:
+        out.append(f"chose      parallel.dense_tp = {r['chose']['parallel.dense_tp']}: {r['chose']['why']} "
+                   f"(--set parallel.dense_tp={r['chose']['parallel.dense_tp']} runs this plan)")
     out += render_layout(r, r["_rows"]) + render_memory(r)
     if "time" in r:
         out += render_time(r["time"], r["gpus"])

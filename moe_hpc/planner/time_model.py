@@ -33,6 +33,7 @@ from ..comm.exchange import slot_rows
 from ..config.cluster import Cluster, GpuSpec
 from ..config.run_config import Config, ModelConfig
 from ..device.dtypes import BF16_BYTES, F32_BYTES
+from ..model.dense_tp import local_model
 from ..model.flops import flops_per_token
 from ..placement.links import layer_links, layer_seconds, row_bytes
 from .deployment import Deployment
@@ -186,7 +187,7 @@ def transfer(layout: Deployment, cluster: Cluster, w: Workload, moe_index: int) 
     m = layout.model
     rows = w.mb_tokens * m.top_k
     table = layout.placement.rank_table()[moe_index]                    # [E, R] expert ranks, -1 pad
-    dense = np.asarray(layout.roles.dense_ranks)
+    dense = np.asarray(layout.routers)                   # the ranks that route tokens
     expert = np.asarray(layout.roles.expert_ranks)
     counts = np.full((dense.size, m.num_experts), rows / m.num_experts)  # [S, E]
     replicas = (table >= 0).sum(axis=1)                                 # [E]
@@ -229,10 +230,10 @@ def moe_block(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload, la
     m = cfg.model
     mi = layer - m.first_dense_layers
     T, T_mb, n = w.tokens, w.mb_tokens, w.micro_batches
-    attn = attention(m, w, cfg.run.attention_block, r)
+    attn = dense_side(cfg, cluster, w, r, attention)
     gating = add(gate(m, T, r), stats(m, T, r), plan(m, T, r), collectives(layout, cluster, w, r))
     share, count = layout.routing
-    rows_in = share[mi] * len(layout.roles.dense_ranks) * T_mb * m.top_k            # [X]
+    rows_in = share[mi] * len(layout.routers) * T_mb * m.top_k                      # [X]
     ex_compute, ex_over = experts(m, rows_in, count[mi], w.slot_padding, r)
     g = int(np.argmax(ex_compute + ex_over))
     ex = cost(compute=float(ex_compute[g]), overhead=float(ex_over[g]))
@@ -254,10 +255,24 @@ def moe_block(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload, la
     return BlockTime(layer, phases, add(attn, gating, pipe), n * (ex_compute + ex_over))
 
 
-def dense_block(cfg: Config, w: Workload, layer: int, r: Rates) -> BlockTime:
+def dense_side(cfg: Config, cluster: Cluster, w: Workload, r: Rates, step):
+    """Attention or the dense MLP on one member of a dense group (``parallel.dense_tp = T``): its
+    heads' or columns' share of the work, then the group's all-reduce of the fp32 partial [T, H]
+    (a ring over NVLink ports: 2 (T-1)/T of the bytes each way, 2 (T-1) latencies)."""
+    T = cfg.parallel.dense_tp
+    m = local_model(cfg.model, T) if T > 1 else cfg.model
+    own = step(m, w, cfg.run.attention_block, r) if step is attention else step(m, w.tokens, r)
+    if T == 1:
+        return own
+    net = cluster.network
+    nbytes = w.tokens * m.hidden_size * F32_BYTES
+    ring = 2 * (T - 1) / T * nbytes / (net.intra_node_gb_s * 1e9) + 2 * (T - 1) * net.intra_node_latency_us * 1e-6
+    return add(own, cost(communication=ring))
+
+
+def dense_block(cfg: Config, cluster: Cluster, w: Workload, layer: int, r: Rates) -> BlockTime:
     """Attention and the dense MLP on the dense ranks."""
-    m = cfg.model
-    attn, mlp = attention(m, w, cfg.run.attention_block, r), dense_mlp(m, w.tokens, r)
+    attn, mlp = dense_side(cfg, cluster, w, r, attention), dense_side(cfg, cluster, w, r, dense_mlp)
     return BlockTime(layer, {"attention": seconds(attn), "dense_mlp": seconds(mlp)}, add(attn, mlp))
 
 
@@ -293,9 +308,9 @@ class StepTime:
 def step_time(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload) -> StepTime:
     r = rates_of(cluster.gpu)
     m = cfg.model
-    blocks = [moe_block(cfg, cluster, layout, w, l, r) if m.is_moe(l) else dense_block(cfg, w, l, r)
+    blocks = [moe_block(cfg, cluster, layout, w, l, r) if m.is_moe(l) else dense_block(cfg, cluster, w, l, r)
               for l in range(m.num_layers)]
-    return StepTime(blocks, layout.replicas * len(layout.roles.dense_ranks) * w.tokens)
+    return StepTime(blocks, layout.replicas * len(layout.routers) * w.tokens)
 
 
 __all__ = ["Rates", "rates_of", "CATEGORIES", "LAUNCHES", "SYNCS", "cost", "add", "scale", "seconds",

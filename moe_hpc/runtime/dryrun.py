@@ -82,7 +82,8 @@ def dry_run(comm, job: Job, log=print) -> dict:
     """Check and print the plan of ``job`` on every rank of ``comm``; returns rank 0's rows."""
     cfg = job.cfg
     p = cfg.parallel
-    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, debug=job.debug)
+    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp,
+               debug=job.debug)
     topo = build_topology(comm, cfg)
     world, rank = topo.world, topo.rank
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)

@@ -23,6 +23,7 @@ from ..device.dtypes import BF16, F32
 from ..device.kernels import put_rows, set_expert_gemm_carveout, take_rows
 from ..files.checkpoint import Checkpoint, DenseLayer
 from ..model.attention import attention
+from ..model.dense_tp import local_model, shard_dense_layer
 from ..model.experts import LocalExperts
 from ..model.layers import mlp, rmsnorm
 from ..moe.block import MoeBlock
@@ -70,6 +71,12 @@ class Engine:
                              backend.asarray(t.slot), t.num_slots)
         self.router = Router(m, cfg.run.micro_batch_tokens, self.dense, backend, topo.world)
         self.tp_group = None if topo.tp is None else make_group(topo.tp, backend)
+        # dense tensor parallelism: this member's heads and columns, and its group's collectives
+        T = topo.roles.dense_tp
+        self.dense_group = None if topo.dense_tp_comm is None else make_group(topo.dense_tp_comm, backend)
+        self.dense_rank = topo.dense_tp_comm.Get_rank() if topo.dense_tp_comm is not None else 0
+        self.attn_model = local_model(m, T) if T > 1 else m
+        self.reduce = None if self.dense_group is None else self.dense_group.allreduce_sum
         self.moe = MoeBlock(m, cfg.run.micro_batch_tokens, self.router, self.exchange, topo.exchange, tables,
                             self.local_experts, backend, self.times, topo.tp, self.tp_group)
 
@@ -83,6 +90,8 @@ class Engine:
             b2s = []
             for layer in range(m.num_layers):
                 d = ckpt.read_dense_layer(layer, dtype)
+                if self.dense_group is not None:
+                    d = shard_dense_layer(d, m, self.topo.roles.dense_tp, self.dense_rank)
                 self.dense[layer] = DenseLayer(**{k: None if v is None else put(v) for k, v in vars(d).items()})
                 if m.is_moe(layer):   # the experts' output biases are added at the combine
                     b2 = ckpt.read_expert_b2(layer, dtype)
@@ -140,10 +149,10 @@ class Engine:
                 elif b > a:
                     d = self.dense[layer]
                     t0 = time.perf_counter()
-                    self._residual(x, a, b, rows, mlp(h, d.w1, d.b1, d.w2, d.b2, m.activation, xp))
+                    self._residual(x, a, b, rows, mlp(h, d.w1, d.b1, d.w2, d.b2, m.activation, xp, self.reduce))
                     self.times.add("dense_mlp", t0)
             if parts:
-                for w, f in zip(pending, self.moe(parts)):
+                for w, f in zip(pending, self._moe_of_group(parts)):
                     a, b, rows, _ = waves[w]
                     self._residual(x, a, b, rows, f)
         return self._final(x, valid)
@@ -156,10 +165,27 @@ class Engine:
             return xp.empty((0, m.hidden_size), BF16)
         t0 = time.perf_counter()
         xw = x[a:b]
-        y = attention(rmsnorm(xw, w.attn_norm, m.norm_eps, xp), w, m, self.cfg.run.attention_block, xp)
+        y = attention(rmsnorm(xw, w.attn_norm, m.norm_eps, xp), w, self.attn_model, self.cfg.run.attention_block, xp,
+                      self.reduce)
         words(xw)[...] = words((xw.astype(F32) + y.astype(F32)).astype(BF16))
         self.times.add("attention", t0)
         return rmsnorm(take_rows(xw.reshape(-1, m.hidden_size), rows), w.mlp_norm, m.norm_eps, xp)
+
+    def _moe_of_group(self, parts):
+        """The MoE step for a dense group: its leader routes the group's tokens (the others
+        join the exchange with none, like expert-only ranks) and broadcasts each part's output."""
+        if self.dense_group is None:
+            return self.moe(parts)
+        xp, H = self.xp, self.cfg.model.hidden_size
+        leader = self.dense_rank == 0
+        empty, none = xp.empty((0, H), BF16), xp.zeros(0, np.int64)
+        outs = self.moe(parts if leader else [(layer, empty, none) for layer, _, _ in parts])
+        result = []
+        for (_, h, _), f in zip(parts, outs):
+            buf = f if leader else xp.empty((h.shape[0], H), BF16)
+            self.dense_group.broadcast(buf, root=0)
+            result.append(buf)
+        return result
 
     def _residual(self, x, a: int, b: int, rows, f) -> None:
         """x[a:b] at the valid positions += f."""
@@ -197,8 +223,9 @@ class Engine:
 
     def close(self) -> None:
         self.exchange.close()
-        if self.tp_group is not None:
-            self.tp_group.close()
+        for group in (self.tp_group, self.dense_group):
+            if group is not None:
+                group.close()
 
 
 __all__ = ["Engine", "PhaseTimes"]

@@ -80,7 +80,8 @@ def run_job(comm, job: Job, log=_log) -> dict:
     """
     t_start = time.perf_counter()
     p = job.cfg.parallel
-    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, debug=job.debug)
+    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp,
+               debug=job.debug)
     topo = build_topology(comm, job.cfg)
     world, owned = topo.world, False
     try:
@@ -218,7 +219,8 @@ class _DenseIO:
             self.sync(lambda: None)
             return self
         self.batch = self.sync(open_input, self.job.input, m.hidden_size, m.vocab_size)
-        self.writer = OutputWriter(self.layout)
+        # in a dense TP group every member holds the same output; the leader writes it
+        self.writer = OutputWriter(self.layout) if topo.is_dense_leader else None
         self.lo, self.hi = sequence_range(topo.dense_index, topo.num_dense, self.meta.num_sequences)
         return self
 
@@ -245,8 +247,11 @@ class _DenseIO:
             self.batch.close()
 
 
-def _write_chunk(writer: OutputWriter, backend, s0: int, hidden, logits) -> None:
-    """Write and sync this rank's sequences of one chunk (durable before it is recorded)."""
+def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits) -> None:
+    """Write and sync this rank's sequences of one chunk (durable before it is recorded); a dense
+    TP member that is not its group's leader has nothing to write (writer None)."""
+    if writer is None:
+        return
     if hidden.shape[0]:
         writer.write_hidden(s0, backend.to_host(hidden))
         if logits is not None:

@@ -1,0 +1,52 @@
+"""Tensor parallelism of the dense side (``parallel.dense_tp = T``): which heads and columns a
+member of a dense group holds, and its shard of a block's weights.
+
+Member r of T holds query heads [r nh/T, (r+1) nh/T) with the key/value heads they read (split
+when T divides the kv heads, replicated when the kv heads divide T), the matching rows of wo,
+and columns [r Fd/T, (r+1) Fd/T) of the dense MLP (w1 and b1 by columns, w2 by rows). Norms, the
+gate and the biases added after the sum stay whole on every member. Each member's attention and
+MLP produce fp32 partial outputs; their sum over the group, rounded once, is the unsplit block's
+output up to the order of an fp32 sum.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..config.run_config import ModelConfig
+
+
+def head_range(m: ModelConfig, tp: int, rank: int) -> range:
+    per = m.num_heads // tp
+    return range(rank * per, (rank + 1) * per)
+
+
+def kv_range(m: ModelConfig, tp: int, rank: int) -> range:
+    """The key/value heads member ``rank``'s query heads read (query head h reads h // group)."""
+    heads, group = head_range(m, tp, rank), m.num_heads // m.kv_heads
+    return range(heads.start // group, (heads.stop - 1) // group + 1)
+
+
+def local_model(m: ModelConfig, tp: int) -> ModelConfig:
+    """The model as one member holds it: nh / T query heads, its kv heads, Fd / T dense-MLP
+    columns (what the planner sizes a member's weights and activations with)."""
+    return dataclasses.replace(m, num_heads=m.num_heads // tp, num_kv_heads=len(kv_range(m, tp, 0)),
+                               dense_ffn_hidden_size=m.dense_ffn_hidden_size // tp)
+
+
+def shard_dense_layer(layer, m: ModelConfig, tp: int, rank: int):
+    """A block's dense weights (checkpoint.DenseLayer: wq [H, nh D], wk/wv [H, kv D], wo
+    [nh D, H], w1 [H, Fd], b1 [Fd], w2 [Fd, H], ...) -> member ``rank``'s shard of them."""
+    D = m.head_dim
+    q, kv = head_range(m, tp, rank), kv_range(m, tp, rank)
+    cols = lambda r: slice(r.start * D, r.stop * D)
+    shard = {"wq": layer.wq[:, cols(q)], "wk": layer.wk[:, cols(kv)], "wv": layer.wv[:, cols(kv)],
+             "wo": layer.wo[cols(q), :]}
+    if layer.w1 is not None:
+        per = layer.w1.shape[1] // tp
+        f = slice(rank * per, (rank + 1) * per)
+        shard.update(w1=layer.w1[:, f], w2=layer.w2[f, :], b1=None if layer.b1 is None else layer.b1[f])
+    return dataclasses.replace(layer, **{k: v.copy() for k, v in shard.items() if v is not None},
+                               **({"b1": None} if layer.w1 is not None and layer.b1 is None else {}))
+
+
+__all__ = ["head_range", "kv_range", "local_model", "shard_dense_layer"]
