@@ -224,3 +224,18 @@ def test_one_gpu_calibration_predicts_the_multi_gpu_layer_within_15_percent(name
     held_out = load_measured(results / name, cl, SEED61)
     got, want = predict_layer(cl, held_out, gpu)["t_layer_ms"], measured_layer(held_out)["t_layer_ms"]
     assert abs(got / want - 1) < 0.15, (got, want)
+
+
+def test_plan_takes_data_parallelism_from_the_config_or_the_cluster(tmp_path):
+    """One rule for replicas: the cluster's deployment.data_parallel when above 1, else the
+    config's parallel.dp; two different counts are refused, naming both."""
+    cfg, c128, c3904 = load_config(SEED61, FITS), load_cluster(C128), load_cluster(C3904)
+    assert make_layout(cfg, c128).replicas == 2
+    two = load_config(SEED61, FITS + ["parallel.dp=2"])
+    assert make_layout(two, c128).replicas == 2
+    one_replica = tmp_path / "one.toml"
+    one_replica.write_text(C128.read_text().replace("data_parallel = 2", "data_parallel = 1"))
+    assert make_layout(two, load_cluster(one_replica)).replicas == 2
+    with pytest.raises(ConfigError, match=r"data_parallel = 2 but the config's parallel\.dp = 4"):
+        make_layout(load_config(SEED61, FITS + ["parallel.dp=4"]), c128)
+    assert make_layout(cfg, c3904).replicas == 1

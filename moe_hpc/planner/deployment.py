@@ -81,23 +81,37 @@ class Deployment:
         return share, count
 
 
+def replicas_of(cfg: Config, cluster: Cluster) -> int:
+    """Data-parallel replicas of the plan: the cluster's ``deployment.data_parallel`` when it
+    says more than 1, else the config's ``parallel.dp`` (what a run of this config does); two
+    different counts above 1 are an error naming both."""
+    dep, dp = cluster.deployment.data_parallel, cfg.parallel.dp
+    if dep > 1 and dp > 1 and dep != dp:
+        raise ConfigError(f"{cluster.source}: deployment.data_parallel = {dep} but the config's parallel.dp = {dp}; "
+                          "set one of them")
+    return dep if dep > 1 else dp
+
+
 def make_layout(cfg: Config, cluster: Cluster, placement_kind: str | None = None) -> Deployment:
     """Config + cluster -> Deployment, through the runner's role_layout and make_placement."""
     dep, where = cluster.deployment, cluster.source
-    dense = dep.dense_gpus if dep.dense_gpus >= 0 else cfg.parallel.dense_ranks * dep.data_parallel
-    if dense % dep.data_parallel:
-        raise ConfigError(f"{where}: deployment.dense_gpus ({dense}) must be a multiple of "
-                          f"deployment.data_parallel ({dep.data_parallel})")
-    group = cluster.num_gpus // dep.data_parallel
-    if dense // dep.data_parallel >= group:
+    replicas = replicas_of(cfg, cluster)
+    dense = dep.dense_gpus if dep.dense_gpus >= 0 else cfg.parallel.dense_ranks * replicas
+    if dense % replicas:
+        raise ConfigError(f"{where}: deployment.dense_gpus ({dense}) must be a multiple of the "
+                          f"{replicas} data-parallel replica(s)")
+    if cluster.num_gpus % replicas:
+        raise ConfigError(f"{where}: parallel.dp = {replicas} does not divide the cluster's {cluster.num_gpus} GPUs")
+    group = cluster.num_gpus // replicas
+    if dense // replicas >= group:
         raise ConfigError(f"{where}: deployment.dense_gpus ({dense}) leaves no expert GPU among the "
-                          f"{group} GPUs of each of the {dep.data_parallel} replica(s)")
-    roles = role_layout(group, dense // dep.data_parallel, cfg.parallel.dense_tp)
+                          f"{group} GPUs of each of the {replicas} replica(s)")
+    roles = role_layout(group, dense // replicas, cfg.parallel.dense_tp)
     if len(roles.dense_ranks) % cfg.parallel.dense_tp:
         raise ConfigError(f"{where}: parallel.dense_tp = {cfg.parallel.dense_tp} does not divide the "
                           f"{len(roles.dense_ranks)} dense GPU(s) of each replica")
     placement = make_placement(cfg.model, len(roles.expert_ranks), placement_kind or cfg.parallel.placement)
-    return Deployment(cfg.model, cluster.num_gpus, cluster.gpus_per_node, dep.data_parallel, roles, placement)
+    return Deployment(cfg.model, cluster.num_gpus, cluster.gpus_per_node, replicas, roles, placement)
 
 
 # ---------------------------------------------------------------------------- rank table
