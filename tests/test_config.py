@@ -54,6 +54,7 @@ def test_override_beats_file(tmp_path):
     ({}, ["model.first_dense_layers=9"], "model.first_dense_layers"),
     ({}, ["run.expert_gemm_carveout=-1"], "run.expert_gemm_carveout"),
     ({}, ["parallel.dense_tp=3"], "parallel.dense_tp"),                      # 4 heads
+    ({}, ["parallel.dense_stages=5"], "parallel.dense_stages"),              # 4 blocks
     ({}, ["parallel.dense_tp=2", "model.num_heads=6", "model.num_kv_heads=3"], "model.num_kv_heads"),
 ])
 def test_bad_values_name_the_key(tables, overrides, key):
@@ -94,8 +95,12 @@ def test_dense_tp_layouts_are_checked_against_the_rank_count():
     from moe_hpc.config.roles import check_layout
     roles = check_layout(4, 1, 2, 1, dense_tp=2)
     assert roles.dense_ranks == (2, 3) and roles.dense_groups == 1 and roles.dense_group_of(3) == (0, 1)
-    with pytest.raises(ConfigError, match=r"parallel\.dense_tp = 2 does not divide the 3 dense rank"):
+    with pytest.raises(ConfigError, match=r"parallel\.dense_tp x parallel\.dense_stages = 2 x 1 does not divide the 3"):
         check_layout(3, 1, 0, 1, dense_tp=2)
+    staged = check_layout(8, 1, 0, 1, dense_tp=2, dense_stages=2)
+    # stage 0: ranks 0-3 (pipelines 0, 1 of 2 ranks each), stage 1: ranks 4-7
+    assert [staged.stage_of(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert staged.dense_groups == 2 and staged.dense_group_of(6) == (1, 0) and staged.stage_peer(2, 1) == 6
 
 
 def test_dense_tp_shards_heads_kv_heads_and_columns():
@@ -117,3 +122,10 @@ def test_dense_tp_shards_heads_kv_heads_and_columns():
     s = shard_dense_layer(layer, m, 4, 3)
     assert (s.wq.shape, s.wk.shape, s.wo.shape, s.w1.shape, s.b1.shape, s.w2.shape) == \
         ((16, 8), (16, 4), (8, 16), (16, 3), (3,), (3, 16))
+
+
+def test_stage_blocks_cover_the_model_in_order():
+    from moe_hpc.config.roles import stage_blocks
+    assert stage_blocks(61, 2) == [range(0, 30), range(30, 61)]
+    assert [len(r) for r in stage_blocks(4, 3)] == [1, 1, 2]
+    assert sum(len(r) for r in stage_blocks(61, 7)) == 61

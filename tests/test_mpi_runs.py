@@ -42,6 +42,13 @@ LAYOUTS = [
     (4, ["parallel.dense_tp=2", "parallel.dp=2"]),
     (4, ["parallel.dense_tp=4", "model.num_kv_heads=2"]),    # fewer kv heads than members: replicated
     (3, ["parallel.dense_ranks=2", "parallel.dense_tp=2", "model.num_kv_heads=1", "run.pipeline_waves=2"]),
+    # pipeline stages of blocks on their own dense ranks
+    (2, ["parallel.dense_stages=2"]),
+    (2, ["parallel.dense_stages=2", "run.pipeline_waves=2", "run.chunk_sequences=3"]),
+    (4, ["parallel.dense_tp=2", "parallel.dense_stages=2", "run.pipeline_waves=3"]),
+    (4, ["parallel.dense_ranks=2", "parallel.dense_stages=2", "parallel.expert_tp=2"]),
+    (6, ["parallel.dense_stages=3", "parallel.dp=2", "run.pipeline_waves=3"]),
+    (3, ["parallel.dense_ranks=2", "parallel.dense_stages=2", "model.vocab_size=50", "run.logits=true"]),
 ]
 
 

@@ -239,3 +239,14 @@ def test_plan_takes_data_parallelism_from_the_config_or_the_cluster(tmp_path):
     with pytest.raises(ConfigError, match=r"data_parallel = 2 but the config's parallel\.dp = 4"):
         make_layout(load_config(SEED61, FITS + ["parallel.dp=4"]), c128)
     assert make_layout(cfg, c3904).replicas == 1
+
+
+def test_pipeline_stages_split_the_dense_weights(tmp_path):
+    """A dense GPU of stage s holds its stage's blocks only (embedding with the first, the final
+    norm with the last): two stages halve the 61-layer model's dense weights as dense TP does."""
+    r = build(plan_args(C3904, tmp_path, "parallel.dense_stages=2"))
+    assert r["fits"] and "chose" not in r and all(not d["problems"] for d in r["dags"])
+    assert r["memory"]["dense"]["gib"]["dense_weights"] == pytest.approx(54.95 / 2, rel=0.03)
+    cfg = load_config(SEED61, ["parallel.dense_stages=2"])
+    lay = make_layout(cfg, load_cluster(C3904))
+    assert lay.roles.stage_of(3712) == 0 and lay.roles.stage_of(3903) == 1 and len(lay.routers) == 96

@@ -112,6 +112,21 @@ class Topology:
         return tuple(g * G + d for g in range(self.dp) for d in self.roles.dense_ranks)
 
     @property
+    def stage(self) -> int:
+        """This dense rank's pipeline stage (0 when dense_stages = 1)."""
+        return self.roles.stage_of(self.group_rank)
+
+    def stage_peer(self, stage: int) -> int:
+        """Group rank of this dense rank's counterpart in another stage (same pipeline, same TP
+        position): where its activations come from and go to."""
+        return self.roles.stage_peer(self.group_rank, stage)
+
+    @property
+    def writes_output(self) -> bool:
+        """The dense ranks that write: the leaders of the last stage's TP groups."""
+        return self.is_dense_leader and self.stage == self.roles.dense_stages - 1
+
+    @property
     def num_dense(self) -> int:
         """Sequence owners in the run: dense TP groups over all data-parallel groups."""
         return self.dp * self.roles.dense_groups
@@ -119,7 +134,7 @@ class Topology:
     def describe(self) -> dict:
         return {"world_size": self.size, "nodes": len(set(self.node_of_rank)),
                 "gpus_per_node": self.gpus_per_node, "dp": self.dp, "expert_tp": self.expert_tp,
-                "dense_tp": self.roles.dense_tp,
+                "dense_tp": self.roles.dense_tp, "dense_stages": self.roles.dense_stages,
                 "group_dense_ranks": list(self.roles.dense_ranks),
                 "group_expert_ranks": list(self.roles.expert_ranks),
                 "node_of_rank": list(self.node_of_rank)}
@@ -150,7 +165,7 @@ def build_topology(comm, cfg: Config) -> Topology:
     p = cfg.parallel
     world = comm.Dup()
     node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    roles = check_layout(world.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp)
+    roles = check_layout(world.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp, p.dense_stages)
     rank = world.Get_rank()
     group_size = world.Get_size() // p.dp
     group = world.Split(rank // group_size, key=rank)
@@ -165,7 +180,7 @@ def build_topology(comm, cfg: Config) -> Topology:
     dense_tp = None
     if p.dense_tp > 1:
         is_dense = g in roles.dense_ranks
-        dense_tp = split(is_dense, roles.dense_group_of(g)[0] if is_dense else 0)
+        dense_tp = split(is_dense, roles.stage_of(g) * roles.dense_groups + roles.dense_group_of(g)[0] if is_dense else 0)
     node_of_rank = _node_ids(world, node)
     gpus_per_node = p.gpus_per_node or max(world.allgather(node.Get_size()))
     return Topology(world=world, node=node, group=group, dense=dense, expert=expert, tp=tp,

@@ -75,6 +75,7 @@ class ParallelConfig:
     dp: int = 1                     # data-parallel replicas, each a full expert-parallel group
     expert_tp: int = 1              # ranks sharing one expert (w1 by columns, w2 by rows)
     dense_tp: int = 1               # dense ranks sharing attention (by heads) and the dense MLP
+    dense_stages: int = 1           # pipeline stages of contiguous blocks on their own dense ranks
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,8 @@ def validate(cfg: Config) -> None:
              "or replicated)")
     _require(m.first_dense_layers == 0 or m.dense_ffn_hidden_size % T == 0, where, "parallel.dense_tp",
              f"({T}) must divide model.dense_ffn_hidden_size ({m.dense_ffn_hidden_size})")
+    _require(1 <= p.dense_stages <= m.num_layers, where, "parallel.dense_stages",
+             f"must be in [1, model.num_layers = {m.num_layers}], got {p.dense_stages}")
     _require(r.micro_batch_tokens >= 1, where, "run.micro_batch_tokens",
              f"must be >= 1, got {r.micro_batch_tokens}")
     _require(r.expert_gemm_carveout >= 0, where, "run.expert_gemm_carveout",

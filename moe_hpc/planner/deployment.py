@@ -55,8 +55,9 @@ class Deployment:
 
     @property
     def routers(self) -> tuple[int, ...]:
-        """Local ranks that route tokens: every dense rank, or each dense TP group's leader."""
-        return self.roles.dense_ranks[::self.roles.dense_tp]
+        """One local rank per sequence owner (a pipeline): the leaders of the first stage's TP
+        groups. Each block's tokens are routed by as many ranks (its stage's leaders)."""
+        return self.roles.dense_ranks[:self.roles.per_stage:self.roles.dense_tp]
 
     @cached_property
     def dense_set(self) -> frozenset[int]:
@@ -106,10 +107,11 @@ def make_layout(cfg: Config, cluster: Cluster, placement_kind: str | None = None
     if dense // replicas >= group:
         raise ConfigError(f"{where}: deployment.dense_gpus ({dense}) leaves no expert GPU among the "
                           f"{group} GPUs of each of the {replicas} replica(s)")
-    roles = role_layout(group, dense // replicas, cfg.parallel.dense_tp)
-    if len(roles.dense_ranks) % cfg.parallel.dense_tp:
-        raise ConfigError(f"{where}: parallel.dense_tp = {cfg.parallel.dense_tp} does not divide the "
-                          f"{len(roles.dense_ranks)} dense GPU(s) of each replica")
+    p = cfg.parallel
+    roles = role_layout(group, dense // replicas, p.dense_tp, p.dense_stages)
+    if len(roles.dense_ranks) % (p.dense_tp * p.dense_stages):
+        raise ConfigError(f"{where}: parallel.dense_tp x parallel.dense_stages = {p.dense_tp} x {p.dense_stages} "
+                          f"does not divide the {len(roles.dense_ranks)} dense GPU(s) of each replica")
     placement = make_placement(cfg.model, len(roles.expert_ranks), placement_kind or cfg.parallel.placement)
     return Deployment(cfg.model, cluster.num_gpus, cluster.gpus_per_node, replicas, roles, placement)
 
@@ -126,6 +128,7 @@ class RankRow:
     role: str
     expert_rank: int
     experts: tuple[tuple[int, int], ...]    # (block, expert) pairs
+    dense_part: str = ""                    # stage and TP position of a split dense side ("s1 tp0")
 
 
 def rank_rows(layout: Deployment) -> list[RankRow]:
@@ -134,10 +137,8 @@ def rank_rows(layout: Deployment) -> list[RankRow]:
     for rank in range(layout.world_size):
         replica, local = divmod(rank, layout.group_size)
         g = layout.expert_index.get(local, -1)
-        dense, expert = local in layout.dense_set, g >= 0
-        role = "dense+expert" if dense and expert else ("dense" if dense else "expert")
-        rows.append(RankRow(rank, layout.node(rank), rank % layout.gpus_per_node, replica, role, g,
-                            tuple(layout.hosted(g)) if expert else ()))
+        rows.append(RankRow(rank, layout.node(rank), rank % layout.gpus_per_node, replica, layout.roles.role_of(local),
+                            g, tuple(layout.hosted(g)) if g >= 0 else (), layout.roles.dense_part(local)))
     return rows
 
 

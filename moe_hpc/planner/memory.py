@@ -12,6 +12,7 @@ from ..config.cluster import GIB, Cluster
 from ..config.run_config import Config, ModelConfig
 from ..device.dtypes import BF16_BYTES, F32_BYTES
 from ..files.checkpoint import global_shapes, layer_shapes
+from ..config.roles import stage_blocks
 from ..model.dense_tp import local_model
 from .deployment import Deployment
 from .workload import Workload
@@ -37,20 +38,26 @@ def _nbytes(shape: tuple[int, ...], itemsize: int = BF16_BYTES) -> int:
     return math.prod(shape) * itemsize
 
 
-def dense_weight_bytes(m: ModelConfig, logits: bool = False, dense_tp: int = 1) -> int:
-    """What a dense rank loads (engine.load): every block's non-expert weights plus the experts'
-    output biases (added at the combine), final_norm, embed, and lm_head when logits are on;
-    with ``dense_tp`` its share of the attention heads and dense-MLP columns (model/dense_tp.py)."""
+def dense_weight_bytes(m: ModelConfig, logits: bool = False, dense_tp: int = 1, stage: int = 0,
+                       stages: int = 1) -> int:
+    """What a dense rank loads (engine.load): its stage's blocks' non-expert weights, every
+    expert's output bias (added at the combine), embed on the first stage, final_norm (and
+    lm_head when logits are on) on the last; with ``dense_tp`` its share of the attention heads
+    and dense-MLP columns (model/dense_tp.py)."""
     m = local_model(m, dense_tp) if dense_tp > 1 else m
+    blocks = stage_blocks(m.num_layers, stages)[stage]
     total = 0
     for layer in range(m.num_layers):
         for name, shape in layer_shapes(m, layer).items():
-            if name == "gate_bias":
-                total += _nbytes(shape, F32_BYTES)
-            elif not name.startswith("experts/") or name == "experts/b2":
+            if name == "experts/b2":
                 total += _nbytes(shape)
-    glob = global_shapes(m)
-    return total + sum(_nbytes(s) for n, s in glob.items() if n != "lm_head" or logits)
+            elif layer in blocks and name == "gate_bias":
+                total += _nbytes(shape, F32_BYTES)
+            elif layer in blocks and not name.startswith("experts/"):
+                total += _nbytes(shape)
+    first, last = stage == 0, stage == stages - 1
+    keep = {"embed": first, "final_norm": last, "lm_head": last and logits}
+    return total + sum(_nbytes(s) for n, s in global_shapes(m).items() if keep.get(n, True))
 
 
 def expert_weight_bytes(m: ModelConfig, experts: int, tp: int = 1) -> int:
@@ -110,9 +117,9 @@ class GpuMemory:
 def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
                 expert_tp: int | None = None) -> list[GpuMemory]:
     """[group_size] per-rank memory of one replica (expert_tp: the config's unless given)."""
-    m, dense_tp = cfg.model, cfg.parallel.dense_tp
+    m, dense_tp, stages = cfg.model, cfg.parallel.dense_tp, cfg.parallel.dense_stages
     expert_tp = expert_tp or cfg.parallel.expert_tp
-    dense_w = dense_weight_bytes(m, cfg.run.logits, dense_tp)
+    dense_w = [dense_weight_bytes(m, cfg.run.logits, dense_tp, s, stages) for s in range(stages)]
     act = activation_bytes(m, w, cfg.run.attention_block, dense_tp)
     send = w.mb_tokens * m.top_k
     share, count = layout.routing
@@ -125,12 +132,13 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
     for local in range(layout.group_size):
         g = layout.expert_index.get(local, -1)
         dense = local in layout.dense_set
+        stage = layout.roles.stage_of(local) if dense else 0
         key = (dense, len(layout.placement.hosted()[g]) if g >= 0 else 0, int(per_layer[g]) if g >= 0 else 0,
-               float(recv_rows[g]) if g >= 0 else 0.0)
+               float(recv_rows[g]) if g >= 0 else 0.0, stage)
         if key not in cache:
-            _, hosted, most, rows = key
+            _, hosted, most, rows, _ = key
             extent = slot_rows(rows, most, w.slot_padding)
-            mem = Memory(dense_weights=dense_w if dense else 0,
+            mem = Memory(dense_weights=dense_w[stage] if dense else 0,
                          expert_weights=expert_weight_bytes(m, hosted, expert_tp),
                          activations=act if dense else 0,
                          token_buffers=token_buffer_bytes(m, w, send if dense else 0, extent, expert_tp),

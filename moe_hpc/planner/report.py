@@ -43,8 +43,8 @@ def experts_text(pairs) -> str:
 
 
 def write_rank_table(rows: list[RankRow], path: Path) -> None:
-    lines = ["rank\tnode\tlocal_gpu\treplica\trole\texpert_rank\tn_experts\texperts"]
-    lines += [f"{r.rank}\t{r.node}\t{r.local_gpu}\t{r.replica}\t{r.role}\t{r.expert_rank}\t{len(r.experts)}\t"
+    lines = ["rank\tnode\tlocal_gpu\treplica\trole\tdense_part\texpert_rank\tn_experts\texperts"]
+    lines += [f"{r.rank}\t{r.node}\t{r.local_gpu}\t{r.replica}\t{r.role}\t{r.dense_part or '-'}\t{r.expert_rank}\t{len(r.experts)}\t"
               f"{experts_text(r.experts)}" for r in rows]
     write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -129,28 +129,27 @@ def suggestions(cfg, cluster, layout: Deployment, w, memory) -> list[str]:
     return out
 
 
-def fit_dense_tp(cfg, cluster, kind=None):
+def fit_dense_side(cfg, cluster, kind=None):
     """The config's plan, or, when its fullest GPU does not fit and the config leaves
-    ``parallel.dense_tp`` at 1, the plan with the smallest dense TP (2, 4, 8, ...: split
-    attention heads and dense-MLP columns) that the model and the dense GPU count allow and that
-    fits. -> (config, deployment, workload, memory, the dense TP chosen or None)."""
+    ``parallel.dense_tp`` and ``parallel.dense_stages`` at 1, the plan with the smallest dense
+    split that fits: (dense TP, stages) pairs in order of their product, TP first (it also
+    splits the activations). -> (config, deployment, workload, memory, the split chosen or None)."""
     layout, w = make_layout(cfg, cluster, kind), workload_of(cfg, cluster)
     memory = plan_memory(cfg, cluster, layout, w)
-    if fits(memory, cluster) or cfg.parallel.dense_tp > 1:
+    p = cfg.parallel
+    if fits(memory, cluster) or p.dense_tp > 1 or p.dense_stages > 1:
         return cfg, layout, w, memory, None
-    T = 2
-    while T <= cfg.model.num_heads:
-        cand = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dense_tp=T))
+    powers = [2 ** i for i in range(8)]
+    for T, P in sorted(((T, P) for T in powers for P in powers if T * P > 1), key=lambda tp: (tp[0] * tp[1], -tp[0])):
+        cand = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dense_tp=T, dense_stages=P))
         try:
             validate(cand)
             lay = make_layout(cand, cluster, kind)
         except ConfigError:
-            T *= 2
             continue
         mem = plan_memory(cand, cluster, lay, w)
         if fits(mem, cluster):
-            return cand, lay, w, mem, T
-        T *= 2
+            return cand, lay, w, mem, {"parallel.dense_tp": T, "parallel.dense_stages": P}
     return cfg, layout, w, memory, None
 
 
@@ -168,9 +167,9 @@ def build(args) -> dict:
                                  "files": [_comparison(c) for c in compare(cluster, measured, gpu, True)
                                            + compare(cluster, checks, gpu, False)]}
         cluster = calibrated_cluster(cluster, gpu)
-    cfg, layout, w, memory, chosen = fit_dense_tp(cfg, cluster, args.placement)
+    cfg, layout, w, memory, chosen = fit_dense_side(cfg, cluster, args.placement)
     if chosen:
-        result["chose"] = {"parallel.dense_tp": chosen, "why": "with parallel.dense_tp = 1 a dense GPU does not fit"}
+        result["chose"] = dict(chosen, why="with whole blocks on every dense GPU, a dense GPU does not fit")
     rows = rank_rows(layout)
     table = Path(args.table or f"plan-{cluster.name}-ranks.tsv")
     write_rank_table(rows, table)
@@ -311,8 +310,9 @@ def render(r: dict) -> str:
     if "calibration" in r:
         out += render_calibration(r["calibration"])
     if "chose" in r:
-        out.append(f"chose      parallel.dense_tp = {r['chose']['parallel.dense_tp']}: {r['chose']['why']} "
-                   f"(--set parallel.dense_tp={r['chose']['parallel.dense_tp']} runs this plan)")
+        sets = {k: v for k, v in r["chose"].items() if k != "why" and v > 1}
+        out.append(f"chose      {', '.join(f'{k} = {v}' for k, v in sets.items())}: {r['chose']['why']} "
+                   f"({' '.join(f'--set {k}={v}' for k, v in sets.items())} runs this plan)")
     out += render_layout(r, r["_rows"]) + render_memory(r)
     if "time" in r:
         out += render_time(r["time"], r["gpus"])

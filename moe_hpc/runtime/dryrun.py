@@ -41,7 +41,9 @@ def _rank_row(topo, backend, placement, num_sequences: int) -> dict:
     seqs = sequence_range(topo.dense_index, topo.num_dense, num_sequences) if topo.is_dense else None
     device = "cpu" if backend.name == "cpu" else f"gpu {backend.xp.cuda.Device().id}"
     return {"rank": topo.rank, "host": MPI.Get_processor_name(), "node": topo.node_of_rank[topo.rank],
-            "local": topo.local_rank, "role": topo.roles.role_of(topo.group_rank), "device": device,
+            "local": topo.local_rank, "role": " ".join(filter(None, (topo.roles.role_of(topo.group_rank),
+                                                                    topo.roles.dense_part(topo.group_rank)))),
+            "device": device,
             "experts": len(placement.experts_on(topo.expert_slot)) if topo.is_expert else 0,
             "sequences": seqs}
 
@@ -69,10 +71,10 @@ def format_layout(rows: list[dict], meta, job: Job, placement, partial: str) -> 
         f"placement {placement.kind}; {min(experts)}-{max(experts)} experts per expert rank",
         f"chunks: {num_chunks(meta.num_sequences, len(dense), cfg.run.chunk_sequences)} of up to "
         f"{cfg.run.chunk_sequences} sequences; {min(per_dense)}-{max(per_dense)} sequences per dense rank",
-        f"{'rank':>5} {'node':>4} {'host':<16} {'local':>5} {'role':<13} {'device':<7} {'experts':>7}  sequences"]
+        f"{'rank':>5} {'node':>4} {'host':<16} {'local':>5} {'role':<20} {'device':<7} {'experts':>7}  sequences"]
     for r in rows:
         seqs = "-" if r["sequences"] is None else "[{}, {})".format(*r["sequences"])
-        lines.append(f"{r['rank']:>5} {r['node']:>4} {r['host']:<16} {r['local']:>5} {r['role']:<13} "
+        lines.append(f"{r['rank']:>5} {r['node']:>4} {r['host']:<16} {r['local']:>5} {r['role']:<20} "
                      f"{r['device']:<7} {r['experts']:>7}  {seqs}")
     lines.append("dry run: OK, nothing computed or written")
     return "\n".join(lines)
@@ -82,7 +84,7 @@ def dry_run(comm, job: Job, log=print) -> dict:
     """Check and print the plan of ``job`` on every rank of ``comm``; returns rank 0's rows."""
     cfg = job.cfg
     p = cfg.parallel
-    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp,
+    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp, p.dense_stages,
                debug=job.debug)
     topo = build_topology(comm, cfg)
     world, rank = topo.world, topo.rank

@@ -17,6 +17,7 @@ from ..comm.exchange import Exchange
 from ..comm.groups import make_group
 from ..comm.topology import Topology
 from ..comm.transports import make_transport
+from ..config.roles import stage_blocks
 from ..config.run_config import Config
 from ..device.backend import Backend, matmul_bf16, words
 from ..device.dtypes import BF16, F32
@@ -77,6 +78,11 @@ class Engine:
         self.dense_rank = topo.dense_tp_comm.Get_rank() if topo.dense_tp_comm is not None else 0
         self.attn_model = local_model(m, T) if T > 1 else m
         self.reduce = None if self.dense_group is None else self.dense_group.allreduce_sum
+        # pipeline stages: this dense rank's blocks, and where its activations come from / go to
+        P = topo.roles.dense_stages
+        self.stage = topo.stage if topo.is_dense else 0
+        self.blocks = stage_blocks(m.num_layers, P)[self.stage] if topo.is_dense else range(0)
+        self.first_stage, self.last_stage = self.stage == 0, self.stage == P - 1
         self.moe = MoeBlock(m, cfg.run.micro_batch_tokens, self.router, self.exchange, topo.exchange, tables,
                             self.local_experts, backend, self.times, topo.tp, self.tp_group)
 
@@ -89,20 +95,23 @@ class Engine:
         if self.topo.is_dense:
             b2s = []
             for layer in range(m.num_layers):
+                if m.is_moe(layer):   # the experts' output biases are added at the combine
+                    b2 = ckpt.read_expert_b2(layer, dtype)
+                    b2s.append(np.zeros((m.num_experts, m.hidden_size), dtype) if b2 is None else b2)
+                if layer not in self.blocks:                   # another stage's block
+                    continue
                 d = ckpt.read_dense_layer(layer, dtype)
                 if self.dense_group is not None:
                     d = shard_dense_layer(d, m, self.topo.roles.dense_tp, self.dense_rank)
                 self.dense[layer] = DenseLayer(**{k: None if v is None else put(v) for k, v in vars(d).items()})
-                if m.is_moe(layer):   # the experts' output biases are added at the combine
-                    b2 = ckpt.read_expert_b2(layer, dtype)
-                    b2s.append(np.zeros((m.num_experts, m.hidden_size), dtype) if b2 is None else b2)
             if b2s:
                 self.moe.expert_b2 = put(np.concatenate(b2s))
-            self.globals["final_norm"] = put(ckpt.read_global("final_norm", dtype))
-            if m.vocab_size:
+            if self.last_stage:
+                self.globals["final_norm"] = put(ckpt.read_global("final_norm", dtype))
+            if m.vocab_size and self.first_stage:
                 self.globals["embed"] = put(ckpt.read_global("embed", BF16))
-                if self.cfg.run.logits:
-                    self.globals["lm_head"] = put(ckpt.read_global("lm_head", dtype))
+            if m.vocab_size and self.cfg.run.logits and self.last_stage:
+                self.globals["lm_head"] = put(ckpt.read_global("lm_head", dtype))
         if self.topo.is_expert and m.num_moe_layers:
             for f in self.placement.hosted()[self.topo.expert_slot]:
                 layer, e = divmod(f, m.num_experts)
@@ -125,11 +134,15 @@ class Engine:
         p, L = self.cfg.run.pipeline_waves, self.cfg.model.num_layers
         return [[(w, s - w) for w in range(p) if 0 <= s - w < L] for s in range(L + p - 1)]
 
-    def forward_chunk(self, inputs, lengths: np.ndarray, first_seq: int):
-        """inputs: [s, L, H] bf16 hidden or [s, L] int tokens; -> (hidden [s, L, H] bf16 with
-        padding zeroed, logits [s, L, V] bf16 or None). Dense ranks only."""
+    def forward_chunk(self, inputs, lengths: np.ndarray, first_seq: int, seq_len: int | None = None):
+        """inputs: [s, L, H] bf16 hidden or [s, L] int tokens (the first stage; None on later
+        stages, whose activations arrive from the stage before: ``seq_len`` gives L then) ->
+        (hidden [s, L, H] bf16 with padding zeroed, logits [s, L, V] bf16 or None) on the last
+        stage, (None, None) on the others. Dense ranks only."""
         xp, m = self.xp, self.cfg.model
-        if inputs.ndim == 2:
+        if inputs is None:
+            x = xp.zeros((len(lengths), seq_len, m.hidden_size), BF16)
+        elif inputs.ndim == 2:
             x = take_rows(self.globals["embed"], xp.asarray(inputs.reshape(-1))).reshape(*inputs.shape, -1)
         else:
             x = xp.asarray(inputs)
@@ -138,10 +151,19 @@ class Engine:
         token_ids = (first_seq + np.arange(s))[:, None] * L + np.arange(L)[None, :]
         waves = [(a, b, xp.asarray(np.flatnonzero(valid[a:b])), xp.asarray(token_ids[a:b][valid[a:b]]))
                  for a, b in self.waves(s)]
+        empty, no_ids = xp.empty((0, H), BF16), xp.zeros(0, np.int64)
+        sends = []
         for step in self.schedule():
             parts, pending = [], []
             for w, layer in step:
                 a, b, rows, ids = waves[w]
+                if layer not in self.blocks:                  # another stage's block: join its exchange
+                    if m.is_moe(layer):
+                        parts.append((layer, empty, no_ids))
+                        pending.append(None)
+                    continue
+                if layer == self.blocks.start and not self.first_stage:
+                    self._receive(x, a, b)
                 h = self._attend(x, a, b, rows, layer)
                 if m.is_moe(layer):
                     parts.append((layer, h, ids))
@@ -153,9 +175,39 @@ class Engine:
                     self.times.add("dense_mlp", t0)
             if parts:
                 for w, f in zip(pending, self._moe_of_group(parts)):
-                    a, b, rows, _ = waves[w]
-                    self._residual(x, a, b, rows, f)
-        return self._final(x, valid)
+                    if w is not None:
+                        a, b, rows, _ = waves[w]
+                        self._residual(x, a, b, rows, f)
+            for w, layer in step:                             # waves leaving this stage
+                if layer == self.blocks.stop - 1 and not self.last_stage:
+                    sends.append(self._send(x, *waves[w][:2]))
+        self._wait_sends(sends)
+        return self._final(x, valid) if self.last_stage else (None, None)
+
+    # ------------------------------------------------------------------ stage to stage
+    def _send(self, x, a: int, b: int):
+        """Sequences [a, b) go on to the next stage (non-blocking; host copies: MPI here need
+        not take device memory)."""
+        from mpi4py import MPI
+        if b == a:
+            return None
+        host = np.ascontiguousarray(self.backend.to_host(x[a:b])).view(np.uint16)
+        peer = self.topo.stage_peer(self.stage + 1)
+        return host, self.topo.group.Isend([host, MPI.UINT16_T], dest=peer, tag=a)
+
+    def _receive(self, x, a: int, b: int) -> None:
+        """Sequences [a, b) arrive from the stage before, into ``x``."""
+        from mpi4py import MPI
+        if b == a:
+            return
+        host = np.empty(x[a:b].shape, np.uint16)
+        self.topo.group.Recv([host, MPI.UINT16_T], source=self.topo.stage_peer(self.stage - 1), tag=a)
+        words(x[a:b])[...] = self.backend.asarray(host)
+
+    @staticmethod
+    def _wait_sends(sends) -> None:
+        from mpi4py import MPI
+        MPI.Request.Waitall([req for s in sends if s is not None for req in (s[1],)])
 
     def _attend(self, x, a: int, b: int, rows, layer: int):
         """Attention with residual for sequences [a, b) at ``layer``, then the normed MLP input

@@ -80,7 +80,7 @@ def run_job(comm, job: Job, log=_log) -> dict:
     """
     t_start = time.perf_counter()
     p = job.cfg.parallel
-    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp,
+    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp, p.dense_stages,
                debug=job.debug)
     topo = build_topology(comm, job.cfg)
     world, owned = topo.world, False
@@ -219,8 +219,9 @@ class _DenseIO:
             self.sync(lambda: None)
             return self
         self.batch = self.sync(open_input, self.job.input, m.hidden_size, m.vocab_size)
-        # in a dense TP group every member holds the same output; the leader writes it
-        self.writer = OutputWriter(self.layout) if topo.is_dense_leader else None
+        # in a dense TP group every member holds the same output, and only the last pipeline
+        # stage has it: that stage's leaders write
+        self.writer = OutputWriter(self.layout) if topo.writes_output else None
         self.lo, self.hi = sequence_range(topo.dense_index, topo.num_dense, self.meta.num_sequences)
         return self
 
@@ -233,9 +234,11 @@ class _DenseIO:
             return
         s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
         t0 = time.perf_counter()
-        inputs = sync(self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size)
+        # the first pipeline stage reads the inputs; later stages get activations from the one before
+        inputs = sync(self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size) if e.first_stage else sync(
+            lambda: None)
         e.times.add("io", t0)
-        hidden, logits = e.forward_chunk(inputs, self.batch.lengths[s0:s1], s0)
+        hidden, logits = e.forward_chunk(inputs, self.batch.lengths[s0:s1], s0, self.batch.seq_len)
         t0 = time.perf_counter()
         sync(_write_chunk, self.writer, e.backend, s0, hidden, logits)
         e.times.add("io", t0)
@@ -250,7 +253,7 @@ class _DenseIO:
 def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits) -> None:
     """Write and sync this rank's sequences of one chunk (durable before it is recorded); a dense
     TP member that is not its group's leader has nothing to write (writer None)."""
-    if writer is None:
+    if writer is None or hidden is None:
         return
     if hidden.shape[0]:
         writer.write_hidden(s0, backend.to_host(hidden))
