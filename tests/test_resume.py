@@ -44,7 +44,12 @@ def interrupt(args, ranks: int, output, signum) -> subprocess.CompletedProcess:
     (signal.SIGTERM, 3, ("--set", "parallel.dense_ranks=1")),
     (signal.SIGTERM, 4, ("--set", "parallel.dense_ranks=2", "--set", "parallel.dense_tp=2")),
     (signal.SIGUSR1, 4, ("--set", "parallel.dense_stages=2", "--set", "run.pipeline_waves=2")),
-], ids=["usr1-colocated", "term-dedicated-dense", "term-dense-tp", "usr1-dense-stages"])
+    (signal.SIGTERM, 4, ("--set", "parallel.dense_tp=2", "--set", "parallel.dense_stages=2")),
+    (signal.SIGTERM, 4, ("--set", "parallel.dense_ranks=2", "--set", "parallel.dense_stages=2",
+                         "--set", "parallel.expert_tp=2")),
+    (signal.SIGUSR1, 6, ("--set", "parallel.dense_stages=3", "--set", "parallel.dp=2")),
+], ids=["usr1-colocated", "term-dedicated-dense", "term-dense-tp", "usr1-dense-stages", "term-tp-x-stages",
+        "term-stages-expert-tp", "usr1-stages3-dp2"])
 def test_signal_stops_then_resume_is_bit_identical(signum, ranks, sets, tiny_files, long_input,
                                                    uninterrupted, tmp_path):
     out = tmp_path / "out.h5"
