@@ -201,15 +201,19 @@ CLUSTER_FILES = sorted((REPO / "inputs").glob("cluster*.toml"))
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def test_every_cluster_file_serves_make_trace_place_and_plan(path, tmp_path):
-    """One schema: each file in inputs/ is read by make-trace, place and plan alike."""
+    """One schema: each file in inputs/ is read by make-trace, place and plan alike, and all three
+    take the dense GPUs from its [deployment] when it names them."""
     cluster = load_cluster(path)
-    cfg = load_config(SEED61, FITS + [f"parallel.dense_ranks={max(cluster.deployment.dense_gpus, 0)}"])
+    cfg = load_config(SEED61, FITS)
+    dense = max(cluster.deployment.dense_gpus, 0)
     trace_path = tmp_path / "trace.h5"
     make_trace_file(cfg, path, trace_path, TraceShape(tokens_per_source=16, windows=1), seed=0, overwrite=False)
     trace = read_trace(trace_path, cfg.model)
     assert trace.world_size == cluster.num_gpus
+    assert len(trace.source_ranks) == (dense or cluster.num_gpus)       # the dense GPUs route
     placements, report = place(cfg, path, trace_path, steps=20, seconds=30.0)
     assert set(placements) == {"formula", "greedy", "optimised"} and report["gpus"] == cluster.num_gpus
+    assert report["dense_ranks"] == dense
     plan = build(plan_args(path, tmp_path))
     assert plan["gpus"] == cluster.num_gpus and all(not d["problems"] for d in plan["dags"])
 

@@ -68,6 +68,14 @@ class RoleLayout:
                         + ([f"tp{self.dense_group_of(rank)[1]}"] if self.dense_tp > 1 else []))
 
 
+def dense_gpus(cluster, dense_ranks: int, replicas: int = 1) -> int:
+    """Dense-only GPUs of a deployment in all: the cluster's ``deployment.dense_gpus`` when it
+    names them (>= 0), else the config's ``parallel.dense_ranks`` in every replica. What the
+    planner, ``place`` and ``make-trace`` lay out."""
+    given = cluster.deployment.dense_gpus
+    return given if given >= 0 else dense_ranks * replicas
+
+
 def stage_blocks(num_layers: int, stages: int) -> list[range]:
     """The blocks of each pipeline stage: contiguous, as even as they come (the first stages
     take one more when they do not divide). The runner and the planner both cut here."""
@@ -103,4 +111,4 @@ def role_layout(world_size: int, dense_ranks: int, dense_tp: int = 1, dense_stag
     return RoleLayout(world_size, tuple(range(n_expert, world_size)), tuple(range(n_expert)), dense_tp, dense_stages)
 
 
-__all__ = ["RoleLayout", "role_layout", "check_layout", "stage_blocks"]
+__all__ = ["RoleLayout", "role_layout", "check_layout", "stage_blocks", "dense_gpus"]

@@ -10,7 +10,7 @@ import time
 
 from ..config.cluster import Cluster, load_cluster
 from ..config.errors import InputError
-from ..config.roles import role_layout
+from ..config.roles import dense_gpus, role_layout
 from ..config.run_config import Config, ModelConfig
 from ..files.batches import check_output_path
 from .file import make_placement, save_placement
@@ -72,11 +72,12 @@ def place(cfg: Config, cluster_path, trace_path, steps: int = SEARCH_STEPS,
     trace = read_trace(trace_path, cfg.model)
     kind = cfg.parallel.placement if cfg.parallel.placement in BUILTIN else "auto"
     t0 = time.perf_counter()
-    placements = plan_placements(cfg.model, cluster, cfg.parallel.dense_ranks, trace, kind, steps, seconds,
+    dense = dense_gpus(cluster, cfg.parallel.dense_ranks)
+    placements = plan_placements(cfg.model, cluster, dense, trace, kind, steps, seconds,
                                  where=str(trace_path))
     report = evaluate(placements, trace, cluster)
     report["seconds"] = time.perf_counter() - t0
-    report["gpus"], report["dense_ranks"] = cluster.num_gpus, cfg.parallel.dense_ranks
+    report["gpus"], report["dense_ranks"] = cluster.num_gpus, dense
     report["replicated_experts"] = sum(len(h) > 1 for row in placements["optimised"].ranks for h in row)
     return placements, report
 

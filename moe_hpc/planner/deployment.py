@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config.cluster import Cluster
 from ..config.errors import ConfigError
-from ..config.roles import RoleLayout, role_layout
+from ..config.roles import RoleLayout, dense_gpus, role_layout
 from ..config.run_config import Config, ModelConfig
 from ..placement.file import make_placement
 from ..placement.table import Placement, gpu_to_node
@@ -95,9 +95,9 @@ def replicas_of(cfg: Config, cluster: Cluster) -> int:
 
 def make_layout(cfg: Config, cluster: Cluster, placement_kind: str | None = None) -> Deployment:
     """Config + cluster -> Deployment, through the runner's role_layout and make_placement."""
-    dep, where = cluster.deployment, cluster.source
+    where = cluster.source
     replicas = replicas_of(cfg, cluster)
-    dense = dep.dense_gpus if dep.dense_gpus >= 0 else cfg.parallel.dense_ranks * replicas
+    dense = dense_gpus(cluster, cfg.parallel.dense_ranks, replicas)
     if dense % replicas:
         raise ConfigError(f"{where}: deployment.dense_gpus ({dense}) must be a multiple of the "
                           f"{replicas} data-parallel replica(s)")
