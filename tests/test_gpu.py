@@ -127,10 +127,14 @@ def test_gpu_nccl_parallel_layouts(tiny_files, tmp_path, ranks, sets):
     _run_gpu(tiny_files, tmp_path, ranks, "nccl", tuple(extra) + ("--set", "run.micro_batch_tokens=16"))
 
 
+@pytest.mark.parametrize("sorted_fallback", [False, True])
 @needs_gpu
-def test_dispatch_plan_kernel_matches_numpy():
-    """The counting-sort plan: same order (stable), positions and counts as the NumPy sort."""
-    from moe_hpc.device import kernels
+def test_dispatch_plan_kernel_matches_numpy(sorted_fallback, monkeypatch):
+    """The counting-sort plan (and the radix-sort one it falls back to for huge steps): same
+    order (stable), positions and counts as the NumPy sort."""
+    from moe_hpc.device import kernels, kernels_cuda
+    if sorted_fallback:
+        monkeypatch.setattr(kernels_cuda, "_PLAN_MAX_HIST", 0)
     for T, k, P, S, R, mbt in ((1000, 2, 4, 16, 1, 256), (4097, 2, 3, 5, 2, 1000), (7, 1, 2, 1, 1, 3), (0, 2, 2, 2, 1, 4)):
         F = P * S
         holders = rng.integers(0, P, (F, R))
@@ -147,14 +151,15 @@ def test_dispatch_plan_kernel_matches_numpy():
                 np.testing.assert_array_equal(cp.asnumpy(d), h)
 
 
+@pytest.mark.parametrize("width", [64, 100])           # 16-byte vectors, and 2-byte words
 @needs_gpu
-def test_permute_blocks_kernel_matches_numpy():
+def test_permute_blocks_kernel_matches_numpy(width):
     from moe_hpc.device import kernels
-    src = bf((300, 64))
+    src = bf((300, width))
     table = np.array([[0, 100, 250, 7], [60, 0, 290, 7], [30, 50, 10, 0]], dtype=np.int64)   # disjoint targets
-    host = np.zeros((300, 64), BF16)
+    host = np.zeros((300, width), BF16)
     kernels.permute_blocks(src, host, table, 4)
-    dev = cp.zeros((300, 64), BF16)
+    dev = cp.zeros((300, width), BF16)
     kernels.permute_blocks(cp.asarray(src), dev, cp.asarray(table), 4)
     np.testing.assert_array_equal(cp.asnumpy(dev).view(np.uint16), host.view(np.uint16))
     assert (host[60:90].view(np.uint16) == src[0:30].view(np.uint16)).all()

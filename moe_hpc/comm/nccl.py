@@ -46,6 +46,8 @@ class _TableRing:
         import cupyx
         i, self.next = self.next, (self.next + 1) % TABLE_RING
         slot = self.slots[i]
+        if slot is not None and slot[0].size < table.size and slot[2] is not None:
+            slot[2].synchronize()                # the old buffer's copy must be done before it goes
         if slot is None or slot[0].size < table.size:
             host = cupyx.empty_pinned((max(table.size, 64),), np.int64)
             slot = [host, self.xp.empty(host.size, np.int64), None]
@@ -101,10 +103,13 @@ class NcclTransport:
         """A peer-major landing (or staging) area twinned with one of the exchange's buffers
         (keyed by its address, so the two slots of each direction never share one)."""
         key = (kind, partner.data.ptr)
-        buf = self._areas.get(key)
+        buf = self._areas.pop(key, None)
         if buf is None or buf.shape[0] < rows:
             buf = self.xp.empty((max(rows, 1), self.hidden_size), partner.dtype)
-            self._areas[key] = buf
+        self._areas[key] = buf                      # most recent last
+        mine = [k for k in self._areas if k[0] == kind]
+        for old in mine[:-2]:                       # two buffer slots per direction: older areas
+            del self._areas[old]                    # belong to buffers that grew and moved
         return buf[:rows]
 
     def _table(self, layout: RowLayout, route: Route | None, back: bool):

@@ -77,7 +77,7 @@ def dense_gpus(cluster, dense_ranks: int, replicas: int = 1) -> int:
 
 
 def stage_blocks(num_layers: int, stages: int) -> list[range]:
-    """The blocks of each pipeline stage: contiguous, as even as they come (the first stages
+    """The blocks of each pipeline stage: contiguous, as even as they come (the later stages
     take one more when they do not divide). The runner and the planner both cut here."""
     return [range(s * num_layers // stages, (s + 1) * num_layers // stages) for s in range(stages)]
 

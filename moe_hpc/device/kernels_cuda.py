@@ -159,7 +159,7 @@ extern "C" __global__ void moe_plan_scan(int* block_hist, int B, int NK, long lo
     __shared__ long long part[1024];
     for (int key = threadIdx.x; key < NK; key += blockDim.x) {
         int run = 0;
-        for (int b = 0; b < B; ++b) { int v = block_hist[b * NK + key]; block_hist[b * NK + key] = run; run += v; }
+        for (long long b = 0; b < B; ++b) { int v = block_hist[b * NK + key]; block_hist[b * NK + key] = run; run += v; }
         counts[key] = run;
     }
     if (threadIdx.x == 0) carry = 0;
@@ -182,7 +182,7 @@ extern "C" __global__ void moe_plan_scan(int* block_hist, int B, int NK, long lo
     }
     for (int key = threadIdx.x; key < NK; key += blockDim.x) {
         long long s = key_start[key];
-        for (int b = 0; b < B; ++b) block_hist[b * NK + key] += (int)s;
+        for (long long b = 0; b < B; ++b) block_hist[b * NK + key] += (int)s;
     }
 }
 
@@ -204,6 +204,28 @@ extern "C" __global__ void moe_plan_scatter(const int* keys, const int* block_hi
 """)
 
 
+_PLAN_MAX_HIST = 1 << 22      # (tiles x keys) counters; past it (huge steps, many slots) a radix sort
+
+
+def _dispatch_plan_sorted(experts, token_ids, holders, replicas, slot, micro_batch_tokens: int, P: int, S: int,
+                          NK: int, replica=None):
+    """The same plan through CuPy's stable radix sort, for steps whose per-tile histograms would
+    not fit: memory linear in the keys, a dozen launches instead of three."""
+    T, K = experts.shape
+    flat = experts.reshape(-1).astype(cp.int64)
+    pick = cp.repeat(token_ids, K) % replicas[flat] if replica is None else cp.asarray(replica).reshape(-1)
+    micro_batch = cp.repeat(cp.arange(T, dtype=cp.int64) // micro_batch_tokens, K)
+    keys = (micro_batch * P + holders[flat, pick]) * S + slot[flat, pick]
+    order = cp.argsort(keys)
+    counts = cp.zeros(NK, cp.int64)
+    count_into(counts, keys)
+    key_start = cp.cumsum(counts) - counts
+    rank_in_order = cp.empty_like(order)
+    rank_in_order[order] = cp.arange(order.size, dtype=order.dtype)
+    positions = rank_in_order - key_start[micro_batch * P * S]
+    return order, positions.reshape(T, K), counts
+
+
 @functools.lru_cache(maxsize=None)
 def _plan_kernel(name: str):
     return _PLAN_MODULE.get_function(name)
@@ -215,9 +237,10 @@ def dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_token
     N, K = experts.shape[0] * experts.shape[1], experts.shape[1]
     P, S = world_size, num_slots
     NK = micro_batches * P * S
-    if NK >= 2 ** 31:
-        raise ValueError("dispatch plan: too many (micro-batch, rank, slot) keys for int32")
     B = max(1, -(-N // _PLAN_TILE))
+    if B * NK > _PLAN_MAX_HIST or N >= 2 ** 31:
+        return _dispatch_plan_sorted(experts, token_ids, holders, replicas, slot, micro_batch_tokens, P, S, NK,
+                                     replica)
     keys = cp.empty(max(N, 1), cp.int32)
     hist = cp.zeros(B * NK, cp.int32)
     order, positions = cp.empty(N, cp.int64), cp.empty(N, cp.int64)
@@ -237,31 +260,35 @@ def dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_token
 
 
 # ---------------------------------------------------------------- block permutes for the exchange
-_PERMUTE_BLOCKS = cp.RawKernel(r"""
-extern "C" __global__ void moe_permute_blocks(const uint4* src, uint4* dst, const long long* table,
+_PERMUTE_SOURCE = r"""
+extern "C" __global__ void moe_permute_blocks(const T* src, T* dst, const long long* table,
                                               int blocks, int row_vecs) {
     // table: [3, blocks] = source row offset, destination row offset, rows of each block.
     // grid.x walks the blocks, grid.y splits a block's rows, threads walk a row's 16-byte vectors.
     for (int b = blockIdx.x; b < blocks; b += gridDim.x) {
         long long s = table[b], d = table[blocks + b], n = table[2 * blocks + b];
         for (long long r = blockIdx.y; r < n; r += gridDim.y) {
-            const uint4* from = src + (s + r) * row_vecs;
-            uint4* to = dst + (d + r) * row_vecs;
+            const T* from = src + (s + r) * row_vecs;
+            T* to = dst + (d + r) * row_vecs;
             for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) to[v] = from[v];
         }
     }
 }
-""", "moe_permute_blocks")
+"""
+# rows of a multiple of 16 bytes move as 16-byte vectors; others (H not a multiple of 8) word by word
+_PERMUTE_BLOCKS = {16: cp.RawKernel("typedef uint4 T;" + _PERMUTE_SOURCE, "moe_permute_blocks"),
+                   2: cp.RawKernel("typedef unsigned short T;" + _PERMUTE_SOURCE, "moe_permute_blocks")}
 
 
 def permute_blocks(src, dst, table, blocks: int) -> None:
     """Copy contiguous row blocks: for each b < blocks, rows [s_b, s_b + n_b) of ``src`` to rows
     [d_b, d_b + n_b) of ``dst``; ``table`` is [3, blocks] int64 on the device (s, d, n).
-    Row bytes must be a multiple of 16 (H a multiple of 8 for bf16)."""
+    16-byte vectors where a row is a multiple of 16 bytes, 2-byte words otherwise."""
     if blocks == 0:
         return
     width = src.shape[1] * src.dtype.itemsize
-    _PERMUTE_BLOCKS((min(blocks, 1024), 16), (128,), (src, dst, table, np.int32(blocks), np.int32(width // 16)))
+    unit = 16 if width % 16 == 0 else 2
+    _PERMUTE_BLOCKS[unit]((min(blocks, 1024), 16), (128,), (src, dst, table, np.int32(blocks), np.int32(width // unit)))
 
 
 _TOPK = cp.RawKernel(r"""

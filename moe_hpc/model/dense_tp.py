@@ -6,7 +6,8 @@ when T divides the kv heads, replicated when the kv heads divide T), the matchin
 and columns [r Fd/T, (r+1) Fd/T) of the dense MLP (w1 and b1 by columns, w2 by rows). Norms, the
 gate and the biases added after the sum stay whole on every member. Each member's attention and
 MLP produce fp32 partial outputs; their sum over the group, rounded once, is the unsplit block's
-output up to the order of an fp32 sum.
+output up to the order of an fp32 sum (the dense MLP's b2 is added before that one rounding,
+where the unsplit block rounds, adds b2 and rounds again: within one bf16 step of it).
 """
 from __future__ import annotations
 
