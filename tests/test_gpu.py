@@ -30,20 +30,6 @@ def rel(a, b):
 
 
 @needs_gpu
-def test_topk_kernel_matches_numpy():
-    from moe_hpc.device import kernels
-    p = rng.random((1000, 64)).astype(np.float32)
-    p[:10, :4] = 0.5             # exact ties: the lower index must win on both
-    for k, norm in ((1, True), (2, True), (2, False), (6, True)):
-        e_h, w_h = kernels.topk(p, p, k, norm)
-        e_d, w_d = kernels.topk(cp.asarray(p), cp.asarray(p), k, norm)
-        np.testing.assert_array_equal(cp.asnumpy(e_d), e_h)
-        np.testing.assert_allclose(cp.asnumpy(w_d), w_h, rtol=1e-6)
-
-
-@pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "silu"])
-@pytest.mark.parametrize("bias", [True, False])
-@needs_gpu
 def test_expert_mlp_kernel(kind, bias):
     from moe_hpc.device import kernels
     x, w1, w2 = bf((300, 256)), bf((256, 512), 256 ** -0.5), bf((512, 256), 512 ** -0.5)
@@ -204,6 +190,7 @@ def test_gate_topk_and_count_kernels_match_numpy():
     """The fused softmax + top-k (choice by p + bias, weights from p) and the device counter."""
     from moe_hpc.device import kernels
     logits = (rng.standard_normal((3000, 64)) * 3).astype(np.float32)
+    logits[:10, :4] = 5.0              # exact ties: the lower index must win on both
     bias = (rng.standard_normal(64) * 0.01).astype(np.float32)
     for b in (None, bias):
         for k, norm in ((2, True), (6, False)):

@@ -44,10 +44,9 @@ def put_rows(dst, rows, values) -> None:
 
 
 def topk(score, probs, k: int, normalize: bool):
-    """score, probs: [T, E] fp32 -> experts [T, k] int32 (highest score first, ties to the lower
-    index), weights [T, k] fp32 (probs of the chosen, renormalised if ``normalize``)."""
-    if not _on_host(score):
-        return _cuda().topk(score, probs, k, normalize)
+    """score, probs: [T, E] fp32 host arrays -> experts [T, k] int32 (highest score first, ties
+    to the lower index), weights [T, k] fp32 (probs of the chosen, renormalised if
+    ``normalize``). On the GPU ``gate_topk`` does the softmax and this choice in one kernel."""
     experts = np.argsort(-score, axis=-1, kind="stable")[:, :k].astype(np.int32)
     weights = np.take_along_axis(probs, experts, axis=-1)
     if normalize:

@@ -291,33 +291,6 @@ def permute_blocks(src, dst, table, blocks: int) -> None:
     _PERMUTE_BLOCKS[unit]((min(blocks, 1024), 16), (128,), (src, dst, table, np.int32(blocks), np.int32(width // unit)))
 
 
-_TOPK = cp.RawKernel(r"""
-#define MAXK 8
-extern "C" __global__ void moe_topk(const float* score, const float* probs, int T, int E, int K,
-                                    int normalize, int* experts, float* weights) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    const float* s = score + (long long)t * E;
-    int best[MAXK]; float top[MAXK];
-    for (int j = 0; j < K; ++j) { best[j] = -1; top[j] = 0.0f; }
-    for (int e = 0; e < E; ++e) {
-        float v = s[e];
-        if (best[K - 1] >= 0 && !(v > top[K - 1])) continue;   // ties keep the lower index
-        int j = K - 1;
-        while (j > 0 && (best[j - 1] < 0 || v > top[j - 1])) { top[j] = top[j - 1]; best[j] = best[j - 1]; --j; }
-        top[j] = v; best[j] = e;
-    }
-    float sum = 0.0f;
-    for (int j = 0; j < K; ++j) sum += probs[(long long)t * E + best[j]];
-    for (int j = 0; j < K; ++j) {
-        float p = probs[(long long)t * E + best[j]];
-        experts[(long long)t * K + j] = best[j];
-        weights[(long long)t * K + j] = normalize ? p / sum : p;
-    }
-}
-""", "moe_topk")
-
-
 _GATE_TOPK = cp.RawKernel(r"""
 #define MAXK 8
 extern "C" __global__ void moe_gate_topk(const float* logits, const float* bias, int T, int E, int K,
@@ -377,19 +350,6 @@ def count_into(counts, ids) -> None:
     ids = cp.ascontiguousarray(ids.reshape(-1), dtype=cp.int32)
     if ids.size:
         _COUNT(((ids.size + 255) // 256,), (256,), (ids, np.int64(ids.size), counts.view(cp.uint64)))
-
-
-def topk(score, probs, k: int, normalize: bool):
-    if k > 8:
-        raise ValueError("the GPU top-k kernel handles top_k <= 8")
-    T, E = score.shape
-    experts = cp.empty((T, k), dtype=cp.int32)
-    weights = cp.empty((T, k), dtype=cp.float32)
-    if T:
-        _TOPK(((T + 255) // 256,), (256,), (cp.ascontiguousarray(score, dtype=cp.float32),
-              cp.ascontiguousarray(probs, dtype=cp.float32), np.int32(T), np.int32(E), np.int32(k),
-              np.int32(normalize), experts, weights))
-    return experts, weights
 
 
 @contextlib.contextmanager
