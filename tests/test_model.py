@@ -13,7 +13,7 @@ from moe_hpc.model import reference as ref
 from moe_hpc.model.attention import attention
 from moe_hpc.model.layers import apply_rope, mlp, rmsnorm, rope_tables
 from moe_hpc.model.router import route
-from moe_hpc.moe.dispatch import choose_replica, plan_dispatch, route_tables
+from moe_hpc.moe.dispatch import plan_dispatch, route_tables
 from moe_hpc.runtime.job import num_chunks, sequence_range
 
 rng = np.random.default_rng(0)
@@ -123,7 +123,7 @@ def test_plan_dispatch_groups_by_rank_and_spreads_replicas():
     experts = np.array([[0, 1], [1, 2], [2, 0], [1, 0], [0, 2]])
     tokens = np.arange(5) + 10
     plan = plan_dispatch(experts, tokens, tables, micro_batch_tokens=2, micro_batches=3, world_size=4)
-    pick = choose_replica(experts, tokens, tables.replicas)
+    pick = np.repeat(tokens, 2) % tables.replicas[experts.reshape(-1)]     # the default: token index mod replicas
     dest = tables.holders[experts.reshape(-1), pick]
     assert plan.counts.sum() == 10 and plan.counts.shape == (3, 4, 1)
     assert plan.counts[:, 0].sum() > 0 and plan.counts[:, 3].sum() > 0   # both replicas used

@@ -164,21 +164,26 @@ def dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_token
     stable), positions [T, k] (row of each pair in its micro-batch's send order), counts
     [micro_batches * world_size * num_slots] int64 (on the same device as the inputs).
     """
-    if not _on_host(experts):
+    NK = micro_batches * world_size * num_slots
+    on_host = _on_host(experts)
+    if not on_host and _cuda().counting_sort_fits(experts.size, NK):
         return _cuda().dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_tokens,
                                      micro_batches, world_size, num_slots, replica)
+    # a stable sort of the keys: NumPy's, or CuPy's radix sort for steps too large for the
+    # counting sort's per-tile histograms
+    xp = np if on_host else _cuda().cp
     T, k = experts.shape
     flat = experts.reshape(-1).astype(np.int64)
-    pick = (np.repeat(token_ids, k) % replicas[flat]) if replica is None else np.asarray(replica).reshape(-1)
-    micro_batch = np.repeat(np.arange(T, dtype=np.int64) // micro_batch_tokens, k)
+    pick = (xp.repeat(token_ids, k) % replicas[flat]) if replica is None else xp.asarray(replica).reshape(-1)
+    micro_batch = xp.repeat(xp.arange(T, dtype=np.int64) // micro_batch_tokens, k)
     keys = (micro_batch * world_size + holders[flat, pick]) * num_slots + slot[flat, pick]
-    order = np.argsort(keys, kind="stable")
-    counts = np.bincount(keys, minlength=micro_batches * world_size * num_slots).astype(np.int64)
-    key_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    rank_in_order = np.empty_like(order)
-    rank_in_order[order] = np.arange(order.size)
-    per_batch = world_size * num_slots
-    positions = rank_in_order - key_start[micro_batch * per_batch]
+    order = np.argsort(keys, kind="stable") if on_host else xp.argsort(keys)
+    counts = xp.zeros(NK, np.int64)
+    count_into(counts, keys)
+    key_start = xp.cumsum(counts) - counts
+    rank_in_order = xp.empty_like(order)
+    rank_in_order[order] = xp.arange(order.size, dtype=order.dtype)
+    positions = rank_in_order - key_start[micro_batch * (world_size * num_slots)]
     return order, positions.reshape(T, k), counts
 
 

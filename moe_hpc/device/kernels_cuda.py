@@ -207,23 +207,10 @@ extern "C" __global__ void moe_plan_scatter(const int* keys, const int* block_hi
 _PLAN_MAX_HIST = 1 << 22      # (tiles x keys) counters; past it (huge steps, many slots) a radix sort
 
 
-def _dispatch_plan_sorted(experts, token_ids, holders, replicas, slot, micro_batch_tokens: int, P: int, S: int,
-                          NK: int, replica=None):
-    """The same plan through CuPy's stable radix sort, for steps whose per-tile histograms would
-    not fit: memory linear in the keys, a dozen launches instead of three."""
-    T, K = experts.shape
-    flat = experts.reshape(-1).astype(cp.int64)
-    pick = cp.repeat(token_ids, K) % replicas[flat] if replica is None else cp.asarray(replica).reshape(-1)
-    micro_batch = cp.repeat(cp.arange(T, dtype=cp.int64) // micro_batch_tokens, K)
-    keys = (micro_batch * P + holders[flat, pick]) * S + slot[flat, pick]
-    order = cp.argsort(keys)
-    counts = cp.zeros(NK, cp.int64)
-    count_into(counts, keys)
-    key_start = cp.cumsum(counts) - counts
-    rank_in_order = cp.empty_like(order)
-    rank_in_order[order] = cp.arange(order.size, dtype=order.dtype)
-    positions = rank_in_order - key_start[micro_batch * P * S]
-    return order, positions.reshape(T, K), counts
+def counting_sort_fits(pairs: int, keys: int) -> bool:
+    """Whether the counting-sort plan's per-tile histograms stay small (and its indices in range);
+    ``kernels.dispatch_plan`` takes a radix sort otherwise."""
+    return max(1, -(-pairs // _PLAN_TILE)) * keys <= _PLAN_MAX_HIST and pairs < 2 ** 31
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,14 +220,12 @@ def _plan_kernel(name: str):
 
 def dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_tokens: int,
                   micro_batches: int, world_size: int, num_slots: int, replica=None):
-    """See ``kernels.dispatch_plan``; all inputs on the device. Keys fit int32 (asserted)."""
+    """See ``kernels.dispatch_plan``; all inputs on the device, the step small enough for
+    ``counting_sort_fits``."""
     N, K = experts.shape[0] * experts.shape[1], experts.shape[1]
     P, S = world_size, num_slots
     NK = micro_batches * P * S
     B = max(1, -(-N // _PLAN_TILE))
-    if B * NK > _PLAN_MAX_HIST or N >= 2 ** 31:
-        return _dispatch_plan_sorted(experts, token_ids, holders, replicas, slot, micro_batch_tokens, P, S, NK,
-                                     replica)
     keys = cp.empty(max(N, 1), cp.int32)
     hist = cp.zeros(B * NK, cp.int32)
     order, positions = cp.empty(N, cp.int64), cp.empty(N, cp.int64)
@@ -451,21 +436,16 @@ def _sm_target(handle):
         yield
         return
     total = _sm_count(cp.cuda.Device().id)
-    setter(ctypes_handle(handle), max(total - carve, 3 * total // 4))     # never more than a quarter
+    setter(handle, max(total - carve, 3 * total // 4))     # never more than a quarter
     try:
         yield
     finally:
-        setter(ctypes_handle(handle), 0)             # 0: cuBLAS's own choice again
+        setter(handle, 0)             # 0: cuBLAS's own choice again
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: int) -> int:
     return cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
-
-
-def ctypes_handle(handle):
-    import ctypes
-    return ctypes.c_void_p(handle)
 
 
 def _batched_gemm(a, b, c, slots: int) -> None:

@@ -3,8 +3,10 @@ permutation that groups a step's rows by (micro-batch, destination rank, slot th
 
 Experts are named by flat id m*E + e over all MoE blocks, so one exchange can carry tokens of
 several blocks at once (the cross-layer pipeline). Counts are per (rank, slot on that rank),
-not per expert: at 3,904 ranks a per-expert count matrix would be 3,712 times larger.
-Array functions on the ``xp`` seam, no MPI.
+not per expert: at 3,904 ranks a per-expert count matrix would be 3,712 times larger. A
+replicated expert's tokens are spread over its replicas by global token index (sequence * L +
+position) modulo the replica count: data-dependent only, never split-dependent; a load
+balancer may choose instead (``replica``). Array functions on the ``xp`` seam, no MPI.
 """
 from __future__ import annotations
 
@@ -56,16 +58,6 @@ class DispatchPlan:
     starts: np.ndarray
 
 
-def choose_replica(experts, token_ids, replicas, xp=np, replica=None):
-    """[T, k] flat experts -> [T*k] replica index. By default a replicated expert's tokens are
-    spread over its replicas by global token index (sequence*L + position): data-dependent only,
-    never split-dependent. ``replica`` [T, k] overrides the choice (a load balancer's)."""
-    if replica is not None:
-        return xp.asarray(replica).reshape(-1)
-    flat = experts.reshape(-1).astype(np.int64)
-    return xp.repeat(token_ids, experts.shape[1]) % replicas[flat]
-
-
 def plan_dispatch(experts, token_ids, tables: RouteTables, micro_batch_tokens: int,
                   micro_batches: int, world_size: int, xp=np, to_host=np.asarray,
                   replica=None) -> DispatchPlan:
@@ -84,4 +76,4 @@ def plan_dispatch(experts, token_ids, tables: RouteTables, micro_batch_tokens: i
     return DispatchPlan(order, positions, counts, starts)
 
 
-__all__ = ["RouteTables", "route_tables", "DispatchPlan", "plan_dispatch", "choose_replica"]
+__all__ = ["RouteTables", "route_tables", "DispatchPlan", "plan_dispatch"]

@@ -207,7 +207,7 @@ class Engine:
     @staticmethod
     def _wait_sends(sends) -> None:
         from mpi4py import MPI
-        MPI.Request.Waitall([req for s in sends if s is not None for req in (s[1],)])
+        MPI.Request.Waitall([request for _, request in filter(None, sends)])
 
     def _attend(self, x, a: int, b: int, rows, layer: int):
         """Attention with residual for sequences [a, b) at ``layer``, then the normed MLP input
