@@ -30,6 +30,8 @@ def rel(a, b):
 
 
 @needs_gpu
+@pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("bias", [True, False])
 def test_expert_mlp_kernel(kind, bias):
     from moe_hpc.device import kernels
     x, w1, w2 = bf((300, 256)), bf((256, 512), 256 ** -0.5), bf((512, 256), 512 ** -0.5)
@@ -161,10 +163,15 @@ def test_gpu_dense_ranks(tiny_files, tmp_path):
 
 @pytest.mark.parametrize("bias", [True, False])
 @needs_gpu
-def test_grouped_expert_mlp_kernel(bias):
+@pytest.mark.parametrize("counts", [[24, 0, 7, 13, 1], [1000, 3, 5, 2, 9, 4]], ids=["mixed", "one-hot-expert"])
+def test_grouped_expert_mlp_kernel(bias, counts):
+    """Every slot's rows against NumPy, balanced-ish and skewed (the hot slot's tail runs alone)."""
     from moe_hpc.device import kernels
-    S, C, H, F = 5, 24, 128, 256
-    counts = np.array([24, 0, 7, 13, 1])
+    from moe_hpc.device.expert_batches import batched_rows
+    counts = np.array(counts)
+    S, C, H, F = len(counts), int(-(-counts.max() // 8) * 8), 128, 256
+    if max(counts) == 1000:
+        assert len(batched_rows(counts, C)[1]) == 1
     x, w1, w2 = bf((S * C, H)), bf((S, H, F), H ** -0.5), bf((S, F, H), F ** -0.5)
     b1 = bf((S, F), 0.1) if bias else None
     host = kernels.grouped_expert_mlp(x, counts, w1, b1, w2, "gelu", np.empty((S * C, F), BF16),
@@ -204,3 +211,103 @@ def test_gate_topk_and_count_kernels_match_numpy():
     kernels.count_into(dev, cp.asarray(ids))
     np.testing.assert_array_equal(cp.asnumpy(dev), host)
     assert host.sum() == ids.size
+
+
+def _needs_cudnn():
+    from moe_hpc.device.flash_cudnn import flash_attention_or_reason
+    flash, why = flash_attention_or_reason()
+    if flash is None:
+        pytest.skip(why)
+    return flash
+
+
+@needs_gpu
+@pytest.mark.parametrize("H", [64, 7168])
+def test_add_rmsnorm_kernel_matches_numpy(H):
+    from moe_hpc.device.kernels import add_rmsnorm
+    x, y, w = bf((37, H)), bf((37, H)), bf(H)
+    host_x = x.copy()
+    want = add_rmsnorm(host_x, y, w, 1e-6)
+    dev_x = cp.asarray(x)
+    got = add_rmsnorm(dev_x, cp.asarray(y), cp.asarray(w), 1e-6)
+    np.testing.assert_array_equal(cp.asnumpy(dev_x), host_x)          # the residual: exact
+    assert rel(cp.asnumpy(got), want) < 1e-3
+    assert rel(cp.asnumpy(add_rmsnorm(cp.asarray(x), None, cp.asarray(w), 1e-6)), add_rmsnorm(x, None, w, 1e-6)) < 1e-3
+
+
+@needs_gpu
+def test_rope_heads_kernel_matches_numpy():
+    from moe_hpc.device.kernels import rope_heads
+    from moe_hpc.model.layers import rope_tables
+    qkv = bf((3, 50, 6 * 64))
+    cos, sin = rope_tables(np.arange(50), 64, 10000.0)
+    host = qkv.copy()
+    rope_heads(host, cos, sin, 4, 64)
+    dev = cp.asarray(qkv)
+    rope_heads(dev, cp.asarray(cos), cp.asarray(sin), 4, 64)
+    got = cp.asnumpy(dev)
+    np.testing.assert_array_equal(got[..., 4 * 64:], qkv[..., 4 * 64:])   # v untouched
+    assert rel(got, host) < 1e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("S, L, nh, nkv, D", [(2, 77, 8, 8, 64), (3, 300, 8, 2, 128), (1, 1024, 16, 4, 128),
+                                              (2, 5, 4, 1, 64)])
+def test_cudnn_attention_matches_numpy(S, L, nh, nkv, D):
+    """The fused path (QKV GEMM, RoPE kernel, cuDNN SDPA) against the tiled NumPy attention:
+    MHA and GQA, head sizes 64 and 128, lengths that are not a multiple of any tile."""
+    from types import SimpleNamespace
+
+    from moe_hpc.files.checkpoint import DenseLayer
+    from moe_hpc.model.attention import attention, fuse_qkv
+    flash = _needs_cudnn()
+    H = 256
+    cfg = SimpleNamespace(num_heads=nh, kv_heads=nkv, head_dim=D, rope_theta=10000.0)
+    w = DenseLayer(attn_norm=None, mlp_norm=None, wq=bf((H, nh * D), H ** -0.5), wk=bf((H, nkv * D), H ** -0.5),
+                   wv=bf((H, nkv * D), H ** -0.5), wo=bf((nh * D, H), (nh * D) ** -0.5))
+    a = bf((S, L, H))
+    want = attention(a, w, cfg, block=64)
+    dev_w = fuse_qkv(DenseLayer(**{k: None if v is None else cp.asarray(v) for k, v in vars(w).items()}), cp)
+    assert flash.supports(S, L, nh, nkv, D, D ** -0.5)
+    got = cp.asnumpy(attention(cp.asarray(a), dev_w, cfg, block=64, xp=cp, flash=flash))
+    assert rel(got, want) < 1e-2
+
+
+GQA_SILU = ["model.num_kv_heads=2", "model.activation=silu", "model.head_dim=64"]
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", [None, 2])
+@needs_gpu
+def test_gpu_cudnn_runs_gqa_silu_ragged(tmp_path, ranks):
+    """A GQA, SiLU, ragged model through cuDNN attention (asked for, so never silently tiled),
+    one process and two ranks, against the float64 reference."""
+    from moe_hpc.config.run_config import build_config
+    from moe_hpc.tools.synth import write_checkpoint, write_inputs
+    _needs_cudnn()
+    if ranks and ranks > gpus():
+        pytest.skip(f"nccl with {ranks} ranks needs {ranks} GPUs; this machine has {gpus()}")
+    m = build_config({}, GQA_SILU).model
+    weights, inputs, out = tmp_path / "w.h5", tmp_path / "in.h5", tmp_path / "out.h5"
+    write_checkpoint(weights, m, seed=5)
+    write_inputs(inputs, m, sequences=5, seq_len=77, seed=6, ragged=True)
+    sets = [a for s in GQA_SILU + ["run.device=gpu", "run.attention=cudnn", "run.transport=nccl"] for a in ("--set", s)]
+    r = moe_hpc("run", TINY, "--weights", weights, "--input", inputs, "--output", out, *sets, ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    assert "tiled core" not in r.stderr
+    with h5py.File(inputs, "r") as f:
+        lengths = f["lengths"][()]
+    agreement = compare(read_output_hidden(out), reference_forward(weights, inputs), lengths)
+    assert agreement.ok(), str(agreement)
+
+
+@needs_gpu
+def test_add_rows_kernel_matches_numpy():
+    from moe_hpc.device.kernels import add_rows
+    x, f = bf((40, 7168)), bf((9, 7168))
+    rows = rng.permutation(40)[:9]
+    host = x.copy()
+    add_rows(host, rows, f)
+    dev = cp.asarray(x)
+    add_rows(dev, cp.asarray(rows), cp.asarray(f))
+    np.testing.assert_array_equal(cp.asnumpy(dev), host)

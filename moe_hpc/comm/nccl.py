@@ -121,6 +121,8 @@ class NcclTransport:
 
     def start(self, send, send_layout: RowLayout, recv, recv_layout: RowLayout, route: Route | None = None) -> dict:
         self.stream.wait_event(self.backend.record())            # the send rows are written
+        if self.size == 1:
+            return self._start_alone(send, send_layout, recv, recv_layout, route)
         sc, rc = send_layout.per_peer, recv_layout.per_peer
         so, ro = displacements(sc), displacements(rc)
         rb, me, uint8, s = self.row_bytes, self.rank, self.nccl.NCCL_UINT8, self.stream.ptr
@@ -147,6 +149,19 @@ class NcclTransport:
                 table = self._table(recv_layout, route, back=False)
                 permute_blocks(land, recv, table, table.shape[1])
         return {"done": self.backend.record(self.stream), "keep": (src, land)}
+
+    def _start_alone(self, send, send_layout: RowLayout, recv, recv_layout: RowLayout, route) -> dict:
+        """One rank: every row is its own, so the one permute between peer order and expert
+        slots is the whole exchange (no landing or staging copy of the whole step)."""
+        with self.stream:
+            if send_layout.is_peer_major and recv_layout.is_peer_major:
+                self.xp.cuda.runtime.memcpyAsync(recv.data.ptr, send.data.ptr, int(send_layout.rows) * self.row_bytes,
+                                                 3, self.stream.ptr)
+            else:
+                back = not send_layout.is_peer_major               # combine: slots into peer order
+                table = self._table(send_layout if back else recv_layout, route, back=back)
+                permute_blocks(send, recv, table, table.shape[1])
+        return {"done": self.backend.record(self.stream), "keep": (send,)}
 
     def finish(self, state: dict) -> None:
         self.backend.current_stream().wait_event(state["done"])

@@ -23,6 +23,7 @@ from .errors import ConfigError
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 PLACEMENTS = ("auto", "shared", "disjoint")
 DEVICES = ("cpu", "gpu", "auto")
+ATTENTION_CORES = ("auto", "cudnn", "tiles")
 OUTPUT_DTYPES = ("bfloat16", "float32")
 TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl")
 
@@ -85,6 +86,7 @@ class RunConfig:
     expert_gemm_carveout: int = 24  # GPU, > 1 rank: SMs the expert GEMMs leave to the exchange (0: none)
     chunk_sequences: int = 64       # sequences a dense rank reads, computes and writes at once
     attention_block: int = 512      # query rows per attention block (bounds score memory)
+    attention: str = "auto"         # auto | cudnn | tiles: the GPU's attention core (the CPU tiles)
     pipeline_waves: int = 1         # >1: waves of sequences flow through the blocks one step apart
     device: str = "cpu"             # cpu | gpu | auto
     output_dtype: str = "bfloat16"  # dtype of /hidden in the output file
@@ -276,6 +278,8 @@ def validate(cfg: Config) -> None:
     _require(r.chunk_sequences >= 1, where, "run.chunk_sequences", f"must be >= 1, got {r.chunk_sequences}")
     _require(r.attention_block >= 1, where, "run.attention_block", f"must be >= 1, got {r.attention_block}")
     _require(r.pipeline_waves >= 1, where, "run.pipeline_waves", f"must be >= 1, got {r.pipeline_waves}")
+    _require(r.attention in ATTENTION_CORES, where, "run.attention",
+             f"must be one of {', '.join(ATTENTION_CORES)}, got {r.attention!r}")
     _require(r.device in DEVICES, where, "run.device", f"must be one of {', '.join(DEVICES)}, got {r.device!r}")
     _require(r.output_dtype in OUTPUT_DTYPES, where, "run.output_dtype",
              f"must be one of {', '.join(OUTPUT_DTYPES)}, got {r.output_dtype!r}")

@@ -199,6 +199,45 @@ def permute_blocks(src, dst, table, blocks: int) -> None:
             words_dst[b:b + c] = words_src[a:a + c]
 
 
+def add_rmsnorm(x, y, weight, eps: float):
+    """x: [..., H] bf16; y: like x or None; weight: [H] -> rmsnorm(x) bf16, statistics in fp32.
+    With ``y``, first x += y in place, rounded to bf16 (the residual stream), then the norm of
+    the sum: one pass over the row on the GPU."""
+    if not _on_host(x):
+        from ..device import dense_cuda
+        return dense_cuda.add_rmsnorm(x, y, weight, eps)
+    if y is not None:
+        x.view(np.uint16)[...] = (x.astype(F32) + y.astype(F32)).astype(BF16).view(np.uint16)
+    x32 = x.astype(F32)
+    inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + F32.type(eps))
+    return (x32 * inv * weight.astype(F32, copy=False)).astype(BF16)
+
+
+def add_rows(x, rows, f) -> None:
+    """x: [N, H] bf16, rows: [n] ints, f: [n, H] bf16 -> x[rows] += f in place (fp32 sum, one
+    rounding): the residual add of a block's output at the valid positions."""
+    if not _on_host(x):
+        from ..device import dense_cuda
+        return dense_cuda.add_rows(x, rows, f)
+    put_rows(x, rows, (take_rows(x, rows).astype(F32) + f.astype(F32)).astype(BF16))
+
+
+def rope_heads(qkv, cos, sin, heads: int, head_dim: int) -> None:
+    """qkv: [S, L, W] bf16; rotate (half-split RoPE) the first ``heads`` heads of width
+    ``head_dim`` of every row in place, at position l. cos, sin: [L, head_dim/2] fp32."""
+    if not _on_host(qkv):
+        from ..device import dense_cuda
+        return dense_cuda.rope_heads(qkv, cos, sin, heads, head_dim)
+    S, L, _ = qkv.shape
+    half = head_dim // 2
+    part = qkv[..., :heads * head_dim].reshape(S, L, heads, head_dim)
+    x32 = part.astype(F32)
+    c, s = cos[:, None, :], sin[:, None, :]
+    lo, hi = x32[..., :half], x32[..., half:]
+    part[..., :half] = (lo * c - hi * s).astype(BF16)
+    part[..., half:] = (hi * c + lo * s).astype(BF16)
+
+
 def _erf(x, xp):
     if xp is np:
         return _erf_numpy(x)
@@ -232,4 +271,4 @@ def activation(h32, kind: str, xp=np):
 
 __all__ = ["take_rows", "put_rows", "topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine",
            "dispatch_plan", "permute_blocks", "gate_topk", "count_into", "choice_counts", "set_expert_gemm_carveout",
-           "activation"]
+           "activation", "add_rmsnorm", "rope_heads", "add_rows"]

@@ -13,6 +13,7 @@ import cupy as cp
 import numpy as np
 
 from .dtypes import BF16
+from .expert_batches import batched_rows
 
 _BF16_HELPERS = r"""
 __device__ __forceinline__ float bf2f(unsigned short u) {
@@ -370,7 +371,8 @@ def matmul_f32out(a, b):
 
 
 def _bias_act(h, b1, kind: str, rows_per_slot: int) -> None:
-    F = h.shape[1]
+    """h: [..., F] bf16 (a strided view too), in place; slot i / (rows_per_slot F) takes b1[slot]."""
+    F = h.shape[-1]
     empty = cp.empty(0, dtype=cp.uint16)
     _bias_act_kernel(kind, b1 is not None)(empty if b1 is None else _u16(b1), F,
                                            max(rows_per_slot, 1) * F, _u16(h))
@@ -448,14 +450,16 @@ def _sm_count(device: int) -> int:
     return cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
 
 
-def _batched_gemm(a, b, c, slots: int) -> None:
-    """c[s] = a[s] @ b[s] for s < slots; a: [S*C, K], b: [S, K, N] bf16; c: [S*C, N] bf16 or fp32.
+def _batched_gemm(a, b, c, slots: int, rows: int | None = None) -> None:
+    """c[s] = a[s] @ b[s] for s < slots; a: [S*C, K], b: [S, K, N] bf16; c: [S*C, N] bf16 or fp32;
+    only the first ``rows`` rows of each slot (all C by default; the slot stride stays C).
 
     cuBLAS is column-major, so it computes c^T = b^T a^T with the operands swapped."""
     C, K, N = a.shape[0] // slots, b.shape[1], b.shape[2]
+    m = C if rows is None else rows
     ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
     with _cublas_on_current_stream() as (cublas, handle, one, zero), _sm_target(handle):
-        cublas.gemmStridedBatchedEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, C, K,
+        cublas.gemmStridedBatchedEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, m, K,
                                     one, b.data.ptr, 14, N, K * N,
                                     a.data.ptr, 14, K, C * K, zero,
                                     c.data.ptr, ctype, N, C * N, slots,
@@ -463,12 +467,22 @@ def _batched_gemm(a, b, c, slots: int) -> None:
 
 
 def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
+    """See ``kernels.grouped_expert_mlp``: one batched GEMM pair over the first m rows of every
+    slot, and the heavy slots' tails alone (``expert_batches.batched_rows``)."""
     S = len(counts)
     if S == 0 or x.shape[0] == 0:
         return out
-    _batched_gemm(x, w1, hidden, S)
-    _bias_act(hidden, b1, kind, x.shape[0] // S)
-    _batched_gemm(hidden, w2, out, S)
+    C, F = x.shape[0] // S, hidden.shape[1]
+    m, heavy = batched_rows(counts, C)
+    if m:
+        _batched_gemm(x, w1, hidden, S, m)
+        _bias_act(hidden.reshape(S, C, F)[:, :m], b1, kind, m)
+        _batched_gemm(hidden, w2, out, S, m)
+    for s in heavy.tolist():
+        tail = slice(s * C + m, s * C + int(counts[s]))
+        _batched_gemm(x[tail], w1[s:s + 1], hidden[tail], 1)
+        _bias_act(hidden[tail], None if b1 is None else b1[s:s + 1], kind, tail.stop - tail.start)
+        _batched_gemm(hidden[tail], w2[s:s + 1], out[tail], 1)
     return out
 
 

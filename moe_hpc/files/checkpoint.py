@@ -57,6 +57,7 @@ class DenseLayer:
     gate: np.ndarray | None = None    # MoE gate [H, E]
     gate_bias: np.ndarray | None = None   # [E] fp32 selection offsets (never weights)
     expert_b2: np.ndarray | None = None   # [E, H] the experts' output biases, added at the combine
+    wqkv: np.ndarray | None = None    # [H, (nh + 2 kv) D] wq|wk|wv fused (GPU flash path; see fuse_qkv)
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """Causal self-attention with RoPE and grouped key/value heads (GQA; MHA when equal).
 
+Two cores compute the same function. On the GPU, with cuDNN's frontend present, a fused flash
+kernel on tensor cores (``device.flash_cudnn``) reads q, k and v from one QKV GEMM's output. The
+tiled core below is the portable one (NumPy, and CuPy without cuDNN):
+
 Queries and keys are processed in tiles of ``block`` rows with an online softmax (fp32 running
 max and sum), so the fp32 scores never exceed [S, heads, block, block] however long the
 sequences are (10,000-token sequences included).  Padding at the end of a sequence needs no
@@ -7,21 +11,89 @@ mask: causality already keeps it out of every valid position.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import sys
 
 import numpy as np
 
+from ..config.errors import ConfigError
 from ..device.backend import matmul_bf16
 from ..device.dtypes import BF16, F32
-from ..device.kernels import matmul_f32out
+from ..device.kernels import matmul_f32out, rope_heads
 from .layers import apply_rope, rope_tables
 
 
-def attention(a, w, cfg, block: int, xp=np, reduce=None):
+def attention(a, w, cfg, block: int, xp=np, reduce=None, flash=None):
     """a: [S, L, H] bf16 (normed input); w: DenseLayer (wq, wk, wv, wo) -> [S, L, H] bf16.
 
+    flash: a fused attention kernel (``device.flash_cudnn``); used when the layer carries the
+    fused ``wqkv`` (``fuse_qkv``), else the tiled online softmax below.
     reduce: for a tensor-parallel member (``cfg`` its local heads, ``w`` its shard), a function
     that sums the fp32 partial outputs over the group in place; the sum is rounded once."""
+    S, L, _ = a.shape
+    if flash is not None and w.wqkv is not None and flash.supports(S, L, cfg.num_heads, cfg.kv_heads, cfg.head_dim,
+                                                                     _scale(cfg.head_dim)):
+        o = _fused_core(a, w, cfg, flash, xp)
+    else:
+        o = _tiled_core(a, w, cfg, block, xp)
+    if reduce is None:
+        return matmul_bf16(o, w.wo, xp)
+    partial = matmul_f32out(xp.ascontiguousarray(o.reshape(S * L, -1)), w.wo)
+    reduce(partial)
+    return partial.astype(BF16).reshape(S, L, -1)
+
+
+def choose_attention(choice: str, backend, announce: bool):
+    """run.attention -> (the fused kernel or None, "cudnn" | "tiles"). ``auto`` takes cuDNN's on
+    the GPU where its frontend loads, and says once (``announce``) why not where it does not;
+    ``cudnn`` asks for it and is a config error without it. The CPU always tiles."""
+    if choice == "tiles" or backend.xp is np:
+        return None, "tiles"
+    from ..device.flash_cudnn import flash_attention_or_reason
+    flash, why = flash_attention_or_reason()
+    if flash is not None:
+        return flash, "cudnn"
+    if choice == "cudnn":
+        raise ConfigError(f"run.attention = 'cudnn': {why}")
+    if announce:
+        print(f"warning: attention falls back to the tiled core (run.attention = 'tiles' silences this): {why}",
+              file=sys.stderr, flush=True)
+    return None, "tiles"
+
+
+def fuse_qkv(layer, xp=np):
+    """The layer with one [H, (nh + 2 kv) D] QKV weight, wq/wk/wv left as column views of it (no
+    second copy): one GEMM instead of three, and its output is the layout flash attention reads."""
+    wqkv = xp.concatenate([layer.wq, layer.wk, layer.wv], axis=1)
+    nq, nk = layer.wq.shape[1], layer.wk.shape[1]
+    return dataclasses.replace(layer, wqkv=wqkv, wq=wqkv[:, :nq], wk=wqkv[:, nq:nq + nk], wv=wqkv[:, nq + nk:])
+
+
+def _fused_core(a, w, cfg, flash, xp):
+    """One QKV GEMM, RoPE in place on its q and k heads, the fused kernel -> [S, L, nh D] bf16."""
+    S, L, _ = a.shape
+    nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    qkv = matmul_bf16(a, w.wqkv, xp)
+    cos, sin = _rope_tables_cached(L, D, cfg.rope_theta, xp)
+    rope_heads(qkv, cos, sin, nh + nkv, D)
+    o = xp.empty((S, L, nh * D), BF16)
+    flash(qkv, o, nh, nkv, D, _scale(D))
+    return o
+
+
+def _scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables_cached(L: int, D: int, theta: float, xp):
+    return rope_tables(xp.arange(L), D, theta, xp)
+
+
+def _tiled_core(a, w, cfg, block: int, xp):
+    """q, k, v by three GEMMs, then online softmax over tiles -> [S, L, nh D] bf16."""
     S, L, H = a.shape
     nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
     cos, sin = rope_tables(xp.arange(L), D, cfg.rope_theta, xp)
@@ -38,12 +110,7 @@ def attention(a, w, cfg, block: int, xp=np, reduce=None):
     for q0 in range(0, L, block):
         q1 = min(L, q0 + block)
         out[..., q0:q1, :] = _query_block(q32[..., q0:q1, :] * scale, k32, v32, q0, block, xp)
-    o = out.reshape(S, nh, L, D).transpose(0, 2, 1, 3).reshape(S, L, nh * D)
-    if reduce is None:
-        return matmul_bf16(o, w.wo, xp)
-    partial = matmul_f32out(xp.ascontiguousarray(o.reshape(S * L, nh * D)), w.wo)
-    reduce(partial)
-    return partial.astype(BF16).reshape(S, L, -1)
+    return out.reshape(S, nh, L, D).transpose(0, 2, 1, 3).reshape(S, L, nh * D)
 
 
 def _query_block(q, k, v, q0: int, block: int, xp):
@@ -69,4 +136,4 @@ def _query_block(q, k, v, q0: int, block: int, xp):
     return (acc / norm).astype(BF16)
 
 
-__all__ = ["attention"]
+__all__ = ["attention", "choose_attention", "fuse_qkv"]

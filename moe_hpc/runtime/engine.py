@@ -20,13 +20,13 @@ from ..comm.transports import make_transport
 from ..config.roles import stage_blocks
 from ..config.run_config import Config
 from ..device.backend import Backend, matmul_bf16, words
-from ..device.dtypes import BF16, F32
-from ..device.kernels import put_rows, set_expert_gemm_carveout, take_rows
+from ..device.dtypes import BF16
+from ..device.kernels import add_rmsnorm, add_rows, set_expert_gemm_carveout, take_rows
 from ..files.checkpoint import Checkpoint, DenseLayer
-from ..model.attention import attention
+from ..model.attention import attention, choose_attention, fuse_qkv
 from ..model.dense_tp import local_model, shard_dense_layer
 from ..model.experts import LocalExperts
-from ..model.layers import mlp, rmsnorm
+from ..model.layers import mlp
 from ..moe.block import MoeBlock
 from ..moe.dispatch import RouteTables, route_tables
 from ..moe.gate import Router
@@ -37,10 +37,16 @@ from ..placement.table import Placement
 class PhaseTimes:
     """Wall seconds per phase on this rank: attention, dense_mlp, gating, exchange, experts,
     final_norm (timed here) and io (timed by the runner); the summary gives mean and max over ranks.
-    On the GPU these are host times of asynchronous work: a phase absorbs waits for earlier ones."""
+    On the GPU these are host times of asynchronous work: a phase absorbs waits for earlier ones,
+    unless ``sync`` (the device's synchronise, set by the bench for one profiled call) makes each
+    phase wait for its own work: then they are GPU times, at the cost of the overlap."""
     seconds: dict = field(default_factory=lambda: defaultdict(float))
+    sync: object = None
+    chunk_ends: list = field(default_factory=list)   # perf_counter at each chunk's end (the runner's)
 
     def add(self, phase: str, t0: float) -> float:
+        if self.sync is not None:
+            self.sync()
         now = time.perf_counter()
         self.seconds[phase] += now - t0
         return now
@@ -83,6 +89,7 @@ class Engine:
         self.stage = topo.stage if topo.is_dense else 0
         self.blocks = stage_blocks(m.num_layers, P)[self.stage] if topo.is_dense else range(0)
         self.first_stage, self.last_stage = self.stage == 0, self.stage == P - 1
+        self.flash, self.attention_core = choose_attention(cfg.run.attention, backend, topo.rank == 0)
         self.moe = MoeBlock(m, cfg.run.micro_batch_tokens, self.router, self.exchange, topo.exchange, tables,
                             self.local_experts, backend, self.times, topo.tp, self.tp_group)
 
@@ -103,7 +110,7 @@ class Engine:
                 d = ckpt.read_dense_layer(layer, dtype)
                 if self.dense_group is not None:
                     d = shard_dense_layer(d, m, self.topo.roles.dense_tp, self.dense_rank)
-                self.dense[layer] = DenseLayer(**{k: None if v is None else put(v) for k, v in vars(d).items()})
+                self.install_dense(layer, DenseLayer(**{k: None if v is None else put(v) for k, v in vars(d).items()}))
             if b2s:
                 self.moe.expert_b2 = put(np.concatenate(b2s))
             if self.last_stage:
@@ -121,6 +128,10 @@ class Engine:
                 x.b2 = None      # added at the combine, from the dense ranks' copy
                 self.local_experts.add(f, x)
             self.local_experts.stack()
+
+    def install_dense(self, layer: int, d: DenseLayer) -> None:
+        """Block ``layer``'s dense weights, already on the device (QKV fused for flash attention)."""
+        self.dense[layer] = fuse_qkv(d, self.xp) if self.flash is not None else d
 
     # ------------------------------------------------------------------ compute
     def waves(self, num_sequences: int) -> list[tuple[int, int]]:
@@ -217,11 +228,11 @@ class Engine:
             return xp.empty((0, m.hidden_size), BF16)
         t0 = time.perf_counter()
         xw = x[a:b]
-        y = attention(rmsnorm(xw, w.attn_norm, m.norm_eps, xp), w, self.attn_model, self.cfg.run.attention_block, xp,
-                      self.reduce)
-        words(xw)[...] = words((xw.astype(F32) + y.astype(F32)).astype(BF16))
+        y = attention(add_rmsnorm(xw, None, w.attn_norm, m.norm_eps), w, self.attn_model, self.cfg.run.attention_block,
+                      xp, self.reduce, self.flash)
+        h = add_rmsnorm(xw, y, w.mlp_norm, m.norm_eps)      # the residual add, then the MLP's norm
         self.times.add("attention", t0)
-        return rmsnorm(take_rows(xw.reshape(-1, m.hidden_size), rows), w.mlp_norm, m.norm_eps, xp)
+        return take_rows(h.reshape(-1, m.hidden_size), rows)
 
     def _moe_of_group(self, parts):
         """The MoE step for a dense group: its leader routes the group's tokens (the others
@@ -241,16 +252,14 @@ class Engine:
 
     def _residual(self, x, a: int, b: int, rows, f) -> None:
         """x[a:b] at the valid positions += f."""
-        if b == a:
-            return
-        flat = x[a:b].reshape(-1, self.cfg.model.hidden_size)
-        put_rows(flat, rows, (take_rows(flat, rows).astype(F32) + f.astype(F32)).astype(BF16))
+        if b > a:
+            add_rows(x[a:b].reshape(-1, self.cfg.model.hidden_size), rows, f)
 
     def _final(self, x, valid: np.ndarray):
         xp, H = self.xp, self.cfg.model.hidden_size
         t0 = time.perf_counter()
         s, L = valid.shape
-        out = rmsnorm(x, self.globals["final_norm"], self.cfg.model.norm_eps, xp)
+        out = add_rmsnorm(x, None, self.globals["final_norm"], self.cfg.model.norm_eps)
         pad = xp.asarray(np.flatnonzero(~valid.reshape(-1)))
         zero_rows(out.reshape(-1, H), pad)
         logits = None

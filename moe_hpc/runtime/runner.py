@@ -156,9 +156,18 @@ def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats
             "dense_ranks": len(topo.roles.dense_ranks), "expert_ranks": len(topo.roles.expert_ranks),
             "device": engine.backend.name, "wall_time_s": round(wall, 4), "loop_time_s": round(loop_s, 4),
             "tokens_per_s": round(new_tokens / loop_s, 2) if loop_s > 0 else 0.0,
+            "steady_tokens_per_s": steady_tokens_per_s(engine.times.chunk_ends, meta.chunk_tokens[progress.chunks_done:]),
             "phases_s": phase_summary(times), "expert_load": expert_load(stats),
             "expert_idle_fraction": _mean([v for v in idle if v is not None]),
             **({"balance": attrs["balance"]} if "balance" in attrs else {})}
+
+
+def steady_tokens_per_s(chunk_ends: list[float], chunk_tokens: list[int]) -> float | None:
+    """Tokens/s after the first chunk of this run (which pays one-off costs: kernel compiles,
+    cuDNN graph builds, NCCL set-up), from rank 0's chunk-end times; None with one chunk."""
+    if len(chunk_ends) < 2:
+        return None
+    return round(sum(chunk_tokens[1:len(chunk_ends)]) / (chunk_ends[-1] - chunk_ends[0]), 2)
 
 
 def _mean(values: list) -> float:
@@ -194,6 +203,7 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
                                   "command to resume")
             dense_io.chunk(c)
             world.Reduce(engine.router.expert_tokens, counts, root=0)
+            engine.times.chunk_ends.append(time.perf_counter())
             if topo.rank == 0:
                 progress = dataclasses.replace(progress, chunks_done=c + 1,
                                                expert_tokens=base + counts)

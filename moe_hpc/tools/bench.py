@@ -42,6 +42,7 @@ from ..model.flops import model_flops
 from ..moe.expert_tp import tensor_parallel_experts
 from ..placement.file import make_placement
 from ..runtime.engine import Engine
+from .dense_bench import dense_figures
 from .plain_ep import PlainEpLayer
 
 SEED_MFU_TARGET = 0.60
@@ -100,7 +101,7 @@ def _fill_layer(engine: Engine, layer: int, cp) -> None:
         Fd = m.dense_ffn_hidden_size
         w.w1, w.b1 = _random(cp, (H, Fd), s), _random(cp, Fd, 0.02)
         w.w2, w.b2 = _random(cp, (Fd, H), Fd ** -0.5), _random(cp, H, 0.02)
-    engine.dense[layer] = w
+    engine.install_dense(layer, w)
 
 
 class Timer:
@@ -301,14 +302,25 @@ def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
     x = (np.random.default_rng(engine.topo.rank).standard_normal((S, L, m.hidden_size), dtype=np.float32)).astype(BF16)
     lengths = np.full(S, L)
     first = engine.topo.rank * S
+    pool = cp.get_default_memory_pool()
     t = timer(lambda: engine.forward_chunk(x, lengths, first))
+    peak_pool = pool.total_bytes()
+    engine.times.seconds.clear()
+    engine.times.sync = cp.cuda.Device().synchronize         # one call, each phase waiting for its work
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    engine.forward_chunk(x, lengths, first)
+    engine.times.sync = None
+    phases = dict(engine.times.seconds)
+    phases["profiled_call_total"] = time.perf_counter() - t0
     tps = S * L / t
     flops = model_flops(m, L) * tps
     peak = datasheet_for(engine.backend.device_name())
     return {"layers": m.num_layers, "moe_layers": m.num_moe_layers, "sequences_per_gpu": S, "seq_len": L,
             "t_forward_s": t, "tokens_per_s_per_gpu": tps, "model_tflops_per_gpu": flops / 1e12,
             "mfu_vs_datasheet": flops / ((peak or (HOPPER_BF16_TFLOPS, 0))[0] * 1e12), "seed_mfu_target": SEED_MFU_TARGET,
-            "phase_s_rank0": dict(engine.times.seconds)}
+            "peak_pool_gib": peak_pool / 2 ** 30, "phase_s_rank0": phases,
+            "dense": dense_figures(engine, S, L, timer, cp)}
 
 
 def run_bench(comm, args, log=print) -> dict:
@@ -364,9 +376,24 @@ def format_table(r: dict) -> str:
         M = r["model"]
         rows += [(f"model ({M['layers']} blocks): tokens/s per GPU", f"{M['tokens_per_s_per_gpu']:.3g}"),
                  ("model: TFLOP/s per GPU, MFU", f"{M['model_tflops_per_gpu']:.0f}, {M['mfu_vs_datasheet']:.1%} "
-                                                 f"(seed target {M['seed_mfu_target']:.0%})")]
+                                                 f"(seed target {M['seed_mfu_target']:.0%})"),
+                 ("model: sequences x length per GPU, peak pool GiB",
+                  f"{M['sequences_per_gpu']} x {M['seq_len']}, {M['peak_pool_gib']:.1f}")]
+        rows += _dense_rows(M["dense"])
     width = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def _dense_rows(d: dict) -> list[tuple[str, str]]:
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+    return [("attention core / block ms", f"{d['attention_core']} / {d['t_attention_block_ms']:.2f}"),
+            ("  core TFLOP/s (torch cuDNN SDPA, ours of it)",
+             f"{fmt(d['attention_core_tflops'], '.0f')} ({fmt(d['torch_cudnn_sdpa_tflops'], '.0f')}, "
+             f"{fmt(d['core_vs_torch_sdpa'], '.0%')})"),
+            ("  projections TFLOP/s (cuBLAS square GEMM)",
+             f"{d['projections_tflops']:.0f} ({d['cublas_square_tflops']:.0f})"),
+            ("  core pool MiB at equal tokens", ", ".join(f"{k}: {v / 2 ** 20:.0f}"
+                                                           for k, v in d["attention_pool_bytes"].items()))]
 
 
 __all__ = ["run_bench", "add_arguments", "format_table"]

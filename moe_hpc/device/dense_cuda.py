@@ -1,0 +1,123 @@
+"""CUDA kernels of the dense path: RMSNorm fused with the residual add before it, the residual
+add of a block's output rows, and RoPE applied in place to the query and key heads of the fused
+QKV rows.
+
+Both are memory-bound: each reads and writes a row once, where the array-module version makes
+four to six passes over fp32 copies. Same precision rule as everything else: bf16 words in and
+out, fp32 inside, products rounded separately (no fused multiply-add) so results match NumPy's.
+"""
+from __future__ import annotations
+
+import functools
+
+import cupy as cp
+
+from .kernels_cuda import _BF16_HELPERS
+
+_SOURCE = _BF16_HELPERS + r"""
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < (blockDim.x >> 5)) ? partial[threadIdx.x] : 0.0f;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) partial[0] = v;
+    __syncthreads();
+    return partial[0];
+}
+
+// One block per row. x += y (rounded to bf16, in place) when y is given; out = rmsnorm(x) * w.
+extern "C" __global__ void add_rmsnorm(unsigned short* x, const unsigned short* y, int has_y,
+                                       const float* w, unsigned short* out, int H, float eps) {
+    size_t base = (size_t)blockIdx.x * H;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float v = bf2f(x[base + i]);
+        if (has_y) {
+            unsigned short s = f2bf(__fadd_rn(v, bf2f(y[base + i])));
+            x[base + i] = s;
+            v = bf2f(s);
+        }
+        ss = __fmaf_rn(v, v, ss);
+    }
+    float inv = 1.0f / sqrtf(__fadd_rn(block_sum(ss) / (float)H, eps));
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        out[base + i] = f2bf(__fmul_rn(__fmul_rn(bf2f(x[base + i]), inv), w[i]));
+}
+
+// One block per listed row: x[rows[i]] += f[i], rounded to bf16 (the residual add of a block's output).
+extern "C" __global__ void add_rows(unsigned short* x, const long long* rows, const unsigned short* f, int H) {
+    size_t dst = (size_t)rows[blockIdx.x] * H, src = (size_t)blockIdx.x * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        x[dst + i] = f2bf(__fadd_rn(bf2f(x[dst + i]), bf2f(f[src + i])));
+}
+
+// One block per token row of [T, W]: heads [0, heads) of width D from the row's start are
+// rotated in place (half-split form) at position row % L.
+extern "C" __global__ void rope_heads(unsigned short* qkv, const float* cosv, const float* sinv,
+                                      int W, int L, int heads, int D) {
+    int half = D >> 1;
+    size_t row = blockIdx.x;
+    unsigned short* p = qkv + row * W;
+    const float* c = cosv + (size_t)(row % L) * half;
+    const float* s = sinv + (size_t)(row % L) * half;
+    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
+        int h = j / half, i = j - h * half;
+        unsigned short* head = p + h * D;
+        float lo = bf2f(head[i]), hi = bf2f(head[i + half]);
+        head[i] = f2bf(__fsub_rn(__fmul_rn(lo, c[i]), __fmul_rn(hi, s[i])));
+        head[i + half] = f2bf(__fadd_rn(__fmul_rn(hi, c[i]), __fmul_rn(lo, s[i])));
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str):
+    return cp.RawModule(code=_SOURCE, options=("--std=c++14",)).get_function(name)
+
+
+def _threads(work: int) -> int:
+    return max(32, min(1024, 32 * ((work + 31) // 32)))
+
+
+def add_rmsnorm(x, y, weight, eps: float):
+    """x: [..., H] bf16 (contiguous); y: like x or None; weight: [H] -> rmsnorm(x (+ y)) bf16.
+    With y, x is updated in place to the rounded sum (the residual stream)."""
+    H = x.shape[-1]
+    rows = x.size // H
+    if y is None:
+        x = cp.ascontiguousarray(x)
+    out = cp.empty_like(x)
+    w = cp.ascontiguousarray(weight.astype(cp.float32, copy=False))
+    y16 = x.view(cp.uint16) if y is None else cp.ascontiguousarray(y).view(cp.uint16)
+    if rows:
+        _kernel("add_rmsnorm")((rows,), (_threads(min(H, 1024) // 4),),
+                               (x.view(cp.uint16), y16, cp.int32(y is not None), w, out.view(cp.uint16),
+                                cp.int32(H), cp.float32(eps)))
+    return out
+
+
+def add_rows(x, rows, f) -> None:
+    """x: [N, H] bf16 contiguous, rows: [n] ints, f: [n, H] bf16: x[rows] += f in one pass."""
+    n, H = f.shape
+    if n:
+        _kernel("add_rows")((n,), (_threads(min(H, 1024) // 4),),
+                            (x.view(cp.uint16), cp.ascontiguousarray(rows, dtype=cp.int64),
+                             cp.ascontiguousarray(f).view(cp.uint16), cp.int32(H)))
+
+
+def rope_heads(qkv, cos, sin, heads: int, head_dim: int) -> None:
+    """qkv: [S, L, W] bf16, contiguous; rotate the first ``heads`` heads of every row in place.
+    cos, sin: [L, head_dim/2] fp32."""
+    S, L, W = qkv.shape
+    if S * L:
+        _kernel("rope_heads")((S * L,), (_threads(min(heads * head_dim // 2, 1024) // 2),),
+                              (qkv.view(cp.uint16), cp.ascontiguousarray(cos), cp.ascontiguousarray(sin),
+                               cp.int32(W), cp.int32(L), cp.int32(heads), cp.int32(head_dim)))
+
+
+__all__ = ["add_rmsnorm", "add_rows", "rope_heads"]
