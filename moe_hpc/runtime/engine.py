@@ -22,11 +22,11 @@ from ..config.run_config import Config
 from ..device.backend import Backend, matmul_bf16, words
 from ..device.dtypes import BF16, F32
 from ..device.kernels import put_rows, set_expert_gemm_carveout, take_rows
-from ..files.checkpoint import Checkpoint, DenseLayer
+from ..files.checkpoint import Checkpoint, DenseLayer, fuse_gate_up
 from ..model.attention import attention
 from ..model.dense_tp import local_model, shard_dense_layer
 from ..model.experts import LocalExperts
-from ..model.layers import mlp, rmsnorm
+from ..model.layers import mlp, rmsnorm, shared_expert
 from ..moe.block import MoeBlock
 from ..moe.dispatch import RouteTables, route_tables
 from ..moe.gate import Router
@@ -61,7 +61,7 @@ class Engine:
         m = cfg.model
         self.dense: dict[int, DenseLayer] = {}
         self.globals: dict[str, np.ndarray] = {}
-        self.local_experts = LocalExperts(m.activation, self.xp)
+        self.local_experts = LocalExperts(m.ffn_kind, self.xp)
         set_expert_gemm_carveout(cfg.run.expert_gemm_carveout if topo.exchange.Get_size() > 1 else 0, self.xp)
         transport = make_transport(cfg.run.transport, topo.exchange, m.hidden_size, backend, cfg.run.cuda_aware_mpi)
         self.exchange = Exchange(topo.exchange, m.hidden_size, backend, transport)
@@ -103,6 +103,8 @@ class Engine:
                 d = ckpt.read_dense_layer(layer, dtype)
                 if self.dense_group is not None:
                     d = shard_dense_layer(d, m, self.topo.roles.dense_tp, self.dense_rank)
+                d.w1, d.w3 = fuse_gate_up(d.w1, d.w3), None     # gated: one GEMM makes gate and up
+                d.shared_w1, d.shared_w3 = fuse_gate_up(d.shared_w1, d.shared_w3), None
                 self.dense[layer] = DenseLayer(**{k: None if v is None else put(v) for k, v in vars(d).items()})
             if b2s:
                 self.moe.expert_b2 = put(np.concatenate(b2s))
@@ -171,13 +173,13 @@ class Engine:
                 elif b > a:
                     d = self.dense[layer]
                     t0 = time.perf_counter()
-                    self._residual(x, a, b, rows, mlp(h, d.w1, d.b1, d.w2, d.b2, m.activation, xp, self.reduce))
+                    self._residual(x, a, b, rows, mlp(h, d.w1, d.b1, d.w2, d.b2, m.ffn_kind, xp, self.reduce))
                     self.times.add("dense_mlp", t0)
             if parts:
-                for w, f in zip(pending, self._moe_of_group(parts)):
+                for (layer, h, _), w, f in zip(parts, pending, self._moe_of_group(parts)):
                     if w is not None:
                         a, b, rows, _ = waves[w]
-                        self._residual(x, a, b, rows, f)
+                        self._residual(x, a, b, rows, self._with_shared(layer, h, f))
             for w, layer in step:                             # waves leaving this stage
                 if layer == self.blocks.stop - 1 and not self.last_stage:
                     sends.append(self._send(x, *waves[w][:2]))
@@ -238,6 +240,16 @@ class Engine:
             self.dense_group.broadcast(buf, root=0)
             result.append(buf)
         return result
+
+    def _with_shared(self, layer: int, h, f):
+        """f [T, H] bf16 (the routed experts' sum) plus the block's shared expert of h, if any."""
+        d = self.dense[layer]
+        if d.shared_w1 is None or not h.shape[0]:
+            return f
+        t0 = time.perf_counter()
+        out = (f.astype(F32) + shared_expert(h, d, self.cfg.model, self.xp).astype(F32)).astype(BF16)
+        self.times.add("dense_mlp", t0)
+        return out
 
     def _residual(self, x, a: int, b: int, rows, f) -> None:
         """x[a:b] at the valid positions += f."""
