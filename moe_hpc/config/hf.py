@@ -84,7 +84,9 @@ def _attention(c: dict, where: str, family: str) -> dict[str, Any]:
     _refuse(kinds != {"full_attention"}, where, "layer_types", f"= {sorted(kinds)}")
     return {"hidden_size": H, "num_heads": nh, "num_kv_heads": int(_get(c, "num_key_value_heads", where, nh)),
             "head_dim": int(_get(c, "head_dim", where, H // nh)),
-            "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(family, "none")}
+            "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"),
+            # Qwen2-MoE always had q/k/v biases (transformers 5 names the switch qkv_bias)
+            "attention_bias": bool(c.get("qkv_bias", True) if family == "qwen2_moe" else c.get("attention_bias", False))}
 
 
 def model_table_from_hf(c: dict[str, Any], where: str) -> dict[str, Any]:

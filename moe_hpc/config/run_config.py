@@ -52,6 +52,7 @@ class ModelConfig:
     shared_expert_ffn_hidden_size: int = 0   # >0: a shared expert beside the routed ones
     shared_expert_gate: bool = False         # scale the shared expert by sigmoid(m . shared_gate)
     qk_norm: str = "none"           # none | head: RMSNorm per head [D] | full: over all heads [nh*D]
+    attention_bias: bool = False    # q, k, v projections have biases bq, bk, bv
     tie_embeddings: bool = False    # the LM head is embed transposed (no /lm_head)
 
     @property

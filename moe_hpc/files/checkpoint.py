@@ -17,14 +17,15 @@ from ..device.dtypes import BF16
 from .h5 import check_format, open_h5, read_float
 
 CHECKPOINT_FORMAT = "moe_hpc.checkpoint/1"
-OPTIONAL = ("b1", "b2", "experts/b1", "experts/b2", "gate_bias", "bq", "bk", "bv")
+OPTIONAL = ("b1", "b2", "experts/b1", "experts/b2", "gate_bias")
 
 
 def _attention_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     H, D = m.hidden_size, m.head_dim
     Q, K = m.num_heads * D, m.kv_heads * D
-    shapes = {"attn_norm": (H,), "wq": (H, Q), "bq": (Q,), "wk": (H, K), "bk": (K,), "wv": (H, K), "bv": (K,),
-              "wo": (Q, H), "mlp_norm": (H,)}
+    shapes = {"attn_norm": (H,), "wq": (H, Q), "wk": (H, K), "wv": (H, K), "wo": (Q, H), "mlp_norm": (H,)}
+    if m.attention_bias:
+        shapes.update(bq=(Q,), bk=(K,), bv=(K,))
     if m.qk_norm != "none":          # per head: one [D] weight for all heads; full: [Q] and [K]
         shapes.update(q_norm=(D,) if m.qk_norm == "head" else (Q,), k_norm=(D,) if m.qk_norm == "head" else (K,))
     return shapes

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..device.backend import matmul_bf16
 from ..device.dtypes import BF16, F32
-from ..device.kernels import activation, expert_mlp
+from ..device.kernels import activation, expert_mlp, matmul_f32out
 
 
 def rmsnorm(x, weight, eps: float, xp=np):
@@ -67,6 +67,16 @@ def shared_expert(m, w, cfg, xp=np):
     return (y.astype(F32) * (1.0 / (1.0 + xp.exp(-g)))[:, None]).astype(BF16)
 
 
+def token_logprobs(hidden, lm_head, targets, xp=np):
+    """log softmax(hidden @ lm_head)[target] per row. hidden: [n, H] bf16 final hidden states;
+    lm_head: [H, V]; targets: [n] int token ids -> [n] fp32. The logits stay fp32 (never rounded
+    to bf16) and exist only for these n rows."""
+    logits = matmul_f32out(hidden, lm_head)                          # [n, V] fp32
+    top = logits.max(axis=-1, keepdims=True)
+    lse = top[:, 0] + xp.log(xp.exp(logits - top).sum(axis=-1))
+    return logits[xp.arange(logits.shape[0]), targets] - lse
+
+
 def rope_tables(positions, head_dim: int, theta: float, xp=np):
     """cos, sin: [L, head_dim/2] fp32 for integer positions [L]."""
     i = xp.arange(head_dim // 2, dtype=np.float64)
@@ -87,4 +97,4 @@ def apply_rope(x, cos, sin, xp=np):
     return out.astype(BF16)
 
 
-__all__ = ["rmsnorm", "mlp", "project_qkv", "shared_expert", "rope_tables", "apply_rope", "matmul_bf16", "activation"]
+__all__ = ["rmsnorm", "mlp", "project_qkv", "shared_expert", "token_logprobs", "rope_tables", "apply_rope", "matmul_bf16", "activation"]

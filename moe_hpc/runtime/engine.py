@@ -26,7 +26,7 @@ from ..files.checkpoint import Checkpoint, DenseLayer, fuse_gate_up
 from ..model.attention import attention
 from ..model.dense_tp import local_model, shard_dense_layer
 from ..model.experts import LocalExperts
-from ..model.layers import mlp, rmsnorm, shared_expert
+from ..model.layers import mlp, rmsnorm, shared_expert, token_logprobs
 from ..moe.block import MoeBlock
 from ..moe.dispatch import RouteTables, route_tables
 from ..moe.gate import Router
@@ -112,7 +112,7 @@ class Engine:
                 self.globals["final_norm"] = put(ckpt.read_global("final_norm", dtype))
             if m.vocab_size and self.first_stage:
                 self.globals["embed"] = put(ckpt.read_global("embed", BF16))
-            if m.vocab_size and self.cfg.run.logits and self.last_stage:
+            if m.vocab_size and (self.cfg.run.logits or self.cfg.run.logprobs) and self.last_stage:
                 self.globals["lm_head"] = put(ckpt.read_global("lm_head", dtype))
         if self.topo.is_expert and m.num_moe_layers:
             for f in self.placement.hosted()[self.topo.expert_slot]:
@@ -266,11 +266,31 @@ class Engine:
         pad = xp.asarray(np.flatnonzero(~valid.reshape(-1)))
         zero_rows(out.reshape(-1, H), pad)
         logits = None
-        if "lm_head" in self.globals:
+        if self.cfg.run.logits:
             logits = matmul_bf16(out, self.globals["lm_head"], xp)
             zero_rows(logits.reshape(s * L, -1), pad)
         self.times.add("final_norm", t0)
         return out, logits
+
+    def next_token_logprobs(self, out, tokens: np.ndarray, lengths: np.ndarray, rows_per_step: int = 1024):
+        """out: [s, L, H] bf16 final hidden states; tokens: [s, L] host ints -> [s, L] float32
+        host: log p(tokens[:, t+1]) at position t, NaN at each sequence's last position and at
+        padding. ``rows_per_step`` positions at a time, so [rows, V] fp32 logits are the most
+        this ever holds, whatever the chunk."""
+        xp = self.xp
+        s, L, H = out.shape
+        has_next = np.arange(L)[None, :] < lengths[:, None] - 1
+        rows = np.flatnonzero(has_next)                   # flat positions; row + 1 is the next token
+        targets = tokens.reshape(-1)[rows + 1]
+        result = np.full(s * L, np.nan, np.float32)
+        flat = out.reshape(-1, H)
+        t0 = time.perf_counter()
+        for a in range(0, rows.size, rows_per_step):
+            r = rows[a:a + rows_per_step]
+            lp = token_logprobs(take_rows(flat, xp.asarray(r)), self.globals["lm_head"], xp.asarray(targets[a:a + r.size]), xp)
+            result[r] = self.backend.to_host(lp)
+        self.times.add("final_norm", t0)
+        return result.reshape(s, L)
 
     def serve_chunk(self) -> None:
         """An expert-only rank's part of one chunk: every exchange step, no tokens of its own."""
