@@ -66,6 +66,9 @@ def _variant_arrays(m: ModelConfig, layer: int, rng):
     for name in ("q_norm", "k_norm"):
         if name in shapes:
             yield name, _norm_weight(rng, shapes[name][0])
+    for name in ("bq", "bk", "bv"):
+        if name in shapes:
+            yield name, _normal(rng, shapes[name], 0.1)
     if "w3" in shapes:
         yield "w3", _normal(rng, shapes["w3"], 1.0 / math.sqrt(H))
     if "shared/w1" in shapes:
