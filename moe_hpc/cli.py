@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     from .planner.report import add_arguments as add_plan_arguments
     add_plan_arguments(pn)
 
+    h = sub.add_parser("import-hf", help="convert a Hugging Face checkpoint directory to a run config + HDF5 weights")
+    h.add_argument("folder", help="directory with config.json and *.safetensors")
+    h.add_argument("--config", required=True, help="run config (TOML) to write: its [model] table")
+    h.add_argument("--weights", required=True, help="HDF5 checkpoint to write")
+    h.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    h.add_argument("--debug", action="store_true", help="show tracebacks")
+
     d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
     d.add_argument("--dir", default="demo", help="where the demo files go (default: ./demo)")
     _common(d)
@@ -234,6 +241,11 @@ def cmd_demo(args, comm) -> None:
             raise MoeHpcError("demo output does not match the float64 reference")
 
 
+def cmd_import_hf(args, comm) -> None:
+    from .tools.hf_import import import_hf
+    on_rank0(comm, import_hf, args.folder, args.config, args.weights, args.overwrite, debug=args.debug)
+
+
 def cmd_bench(args, comm) -> None:
     from .tools.bench import run_bench
     run_bench(comm, args)
@@ -249,7 +261,7 @@ def cmd_plan(args, comm) -> None:
 COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "run": cmd_run,
             "demo": cmd_demo, "bench": cmd_bench, "scaling-report": cmd_scaling_report,
             "make-trace": cmd_make_trace, "place": cmd_place,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "import-hf": cmd_import_hf}
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,26 @@ def test_every_dag_verifies(layout, w):
     assert len(dags[0].nodes) <= 3 * dag_mod.MAX_BANDS + 4
 
 
+def test_split_dense_side_draws_its_stages_and_tp():
+    """dense_tp 2 x 2 stages on 8 dense GPUs: each stage's nodes run on its own dense ranks, the
+    hand-over between stages is a dashed edge from a send node, the TP all-reduce is named."""
+    from moe_hpc.planner.dag import deployment_dag
+    cfg = build_config({"parallel": {"placement": "disjoint", "dense_tp": 2, "dense_stages": 2}}, where="<tiny>")
+    cl = build_cluster({"cluster": {"nodes": 1, "gpus_per_node": 16},
+                        "deployment": {"dense_gpus": 8, "seq_len": 16}}, "<c>")
+    layout, w = make_layout(cfg, cl), workload_of(cfg, cl)
+    d = deployment_dag(layout, w)
+    assert verify(d, layout) == []
+    roles = layout.roles
+    stage = {s: {r for r in roles.dense_ranks if roles.stage_of(r) == s} for s in (0, 1)}
+    sends = [n for n in d.nodes.values() if n.id.startswith("send")]
+    assert len(sends) == 1 and set(sends[0].gpus) == stage[0]
+    assert any(e.src == sends[0].id and e.comm for e in d.edges)
+    assert set(d.nodes["dense0"].gpus) == stage[0]                # block 0 (dense) is stage 0's
+    assert set(d.nodes["output"].gpus) == stage[1]
+    assert all("all-reduce" in n.note for n in d.nodes.values() if n.id.endswith("_gate"))
+
+
 def test_every_moe_block_of_the_3904_layout_verifies():
     layout, w = seed("cluster_seed3904.toml")
     for layer in layout.model.moe_layers:

@@ -245,6 +245,19 @@ def test_plan_takes_data_parallelism_from_the_config_or_the_cluster(tmp_path):
     assert make_layout(cfg, c3904).replicas == 1
 
 
+def test_stage_time_is_the_slowest_stage_stretched_by_the_pipeline_fill(tmp_path):
+    """Two stages: each stage's time is its blocks plus the hand-over (the last hands nothing
+    on); the step is the slowest stage x (waves + 1) / waves, so waves shorten it."""
+    one = build(plan_args(C3904, tmp_path, "parallel.dense_stages=2", "run.pipeline_waves=1"))["time"]
+    four = build(plan_args(C3904, tmp_path, "parallel.dense_stages=2", "run.pipeline_waves=4"))["time"]
+    flat = build(plan_args(C3904, tmp_path, "parallel.dense_tp=2"))["time"]
+    for t, waves in ((one, 1), (four, 4)):
+        assert len(t["stages_s"]) == 2
+        assert t["step_s"] == pytest.approx(max(t["stages_s"]) * (waves + 1) / waves)
+    assert four["step_s"] < one["step_s"]
+    assert flat["stages_s"] is None
+
+
 def test_pipeline_stages_split_the_dense_weights(tmp_path):
     """A dense GPU of stage s holds its stage's blocks only (embedding with the first, the final
     norm with the last): two stages halve the 61-layer model's dense weights as dense TP does."""
@@ -254,3 +267,7 @@ def test_pipeline_stages_split_the_dense_weights(tmp_path):
     cfg = load_config(SEED61, ["parallel.dense_stages=2"])
     lay = make_layout(cfg, load_cluster(C3904))
     assert lay.roles.stage_of(3712) == 0 and lay.roles.stage_of(3903) == 1 and len(lay.routers) == 96
+    # a later stage's MoE blocks are routed from that stage's GPUs (the link model's sources)
+    last = lay.routers_of(cfg.model.num_layers - 1)
+    assert len(last) == 96 and all(lay.roles.stage_of(r) == 1 for r in last)
+    assert lay.routers_of(0) == lay.routers

@@ -21,6 +21,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from .errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+MLP_KINDS = ("plain", "gated")
+QK_NORMS = ("none", "head", "full")
 PLACEMENTS = ("auto", "shared", "disjoint")
 DEVICES = ("cpu", "gpu", "auto")
 ATTENTION_CORES = ("auto", "cudnn", "tiles")
@@ -46,6 +48,19 @@ class ModelConfig:
     rope_theta: float = 10000.0
     normalize_topk: bool = True
     vocab_size: int = 0
+    # The variants of the Hugging Face families (docs/models.md); each default is SPEC's model.
+    mlp: str = "plain"              # plain: act(x w1 + b1) w2 + b2 | gated: (act(x w1) * (x w3)) w2
+    shared_expert_ffn_hidden_size: int = 0   # >0: a shared expert beside the routed ones
+    shared_expert_gate: bool = False         # scale the shared expert by sigmoid(m . shared_gate)
+    qk_norm: str = "none"           # none | head: RMSNorm per head [D] | full: over all heads [nh*D]
+    attention_bias: bool = False    # q, k, v projections have biases bq, bk, bv
+    tie_embeddings: bool = False    # the LM head is embed transposed (no /lm_head)
+
+    @property
+    def ffn_kind(self) -> str:
+        """What the MLP kernels are told: the activation, prefixed "gated-" for gated MLPs,
+        whose first weight is [gate | up] side by side (``checkpoint.fuse_gate_up``)."""
+        return f"gated-{self.activation}" if self.mlp == "gated" else self.activation
 
     @property
     def kv_heads(self) -> int:
@@ -91,6 +106,7 @@ class RunConfig:
     device: str = "cpu"             # cpu | gpu | auto
     output_dtype: str = "bfloat16"  # dtype of /hidden in the output file
     logits: bool = False            # also write /logits (needs vocab_size > 0)
+    logprobs: bool = False          # also write /logprobs: log p(next input token) [S, L]
     transport: str = "auto"         # auto | mpi | mpi-staged | nccl (GPU); the CPU uses mpi
     cuda_aware_mpi: str = "auto"    # auto | yes | no: whether MPI takes device buffers
     balance: bool = False           # move selection biases against load at run time (changes routing)
@@ -204,7 +220,12 @@ def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read and validate a TOML run config."""
+    """Read and validate a TOML run config, or a Hugging Face checkpoint directory, whose
+    config.json gives the [model] table (the other tables keep their defaults)."""
+    from .hf import hf_model_table, is_hf_dir
+    if is_hf_dir(path):
+        table, _, where = hf_model_table(path)
+        return build_config({"model": table}, overrides, where=where)
     return build_config(read_toml(path), overrides, where=str(path))
 
 
@@ -246,6 +267,14 @@ def _validate_model(m: ModelConfig, where: str) -> None:
     _require(m.norm_eps > 0, where, "model.norm_eps", "must be > 0")
     _require(m.rope_theta > 0, where, "model.rope_theta", "must be > 0")
     _require(m.vocab_size >= 0, where, "model.vocab_size", "must be >= 0")
+    _require(m.mlp in MLP_KINDS, where, "model.mlp", f"must be one of {', '.join(MLP_KINDS)}, got {m.mlp!r}")
+    _require(m.qk_norm in QK_NORMS, where, "model.qk_norm",
+             f"must be one of {', '.join(QK_NORMS)}, got {m.qk_norm!r}")
+    _require(m.shared_expert_ffn_hidden_size >= 0, where, "model.shared_expert_ffn_hidden_size", "must be >= 0")
+    _require(not m.shared_expert_gate or m.shared_expert_ffn_hidden_size > 0, where, "model.shared_expert_gate",
+             "needs model.shared_expert_ffn_hidden_size > 0 (there is no shared expert to gate)")
+    _require(not m.tie_embeddings or m.vocab_size > 0, where, "model.tie_embeddings",
+             "needs model.vocab_size > 0 (there is no embedding to tie)")
 
 
 def validate(cfg: Config) -> None:
@@ -289,6 +318,10 @@ def validate(cfg: Config) -> None:
              f"must be auto, yes or no, got {r.cuda_aware_mpi!r}")
     _require(not r.logits or cfg.model.vocab_size > 0, where, "run.logits",
              "needs model.vocab_size > 0 (there is no lm_head)")
+    _require(not r.logprobs or cfg.model.vocab_size > 0, where, "run.logprobs",
+             "needs model.vocab_size > 0 (token inputs and an lm_head)")
+    _require(m.qk_norm != "full" or T == 1, where, "parallel.dense_tp",
+             f"({T}) must be 1 with model.qk_norm = full (the norm spans every head)")
     _require(r.balance_threshold > 1.0, where, "run.balance_threshold",
              f"must be > 1 (max/mean load is never below 1), got {r.balance_threshold}")
     _require(r.balance_gamma > 0.0, where, "run.balance_gamma", f"must be > 0, got {r.balance_gamma}")

@@ -10,6 +10,18 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..config.errors import OutputError
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Before writing a new file: a complete one at ``path`` is never replaced unasked, and its
+    directory must exist (one error naming the path)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: directory {path.parent} does not exist")
+
 
 def tmp_path_for(path: str | Path) -> Path:
     """Where ``path`` is written before it appears: ``<path>.tmp`` beside it."""
@@ -54,4 +66,4 @@ def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> Non
         tmp.write_text(text)
 
 
-__all__ = ["tmp_path_for", "fsync_path", "publish", "atomic_path", "write_text_atomic"]
+__all__ = ["refuse_existing", "tmp_path_for", "fsync_path", "publish", "atomic_path", "write_text_atomic"]

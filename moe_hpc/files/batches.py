@@ -141,6 +141,7 @@ class OutputLayout:
     seq_len: int
     hidden_size: int
     vocab_size: int
+    logprobs_offset: int = -1     # -1 when no /logprobs
 
 
 def check_output_path(output: str | Path, overwrite: bool) -> None:
@@ -174,7 +175,7 @@ def _contiguous(f: h5py.File, name: str, shape, dtype) -> h5py.Dataset:
 
 
 def create_output(output: str | Path, S: int, L: int, H: int, output_dtype: str,
-                  vocab_size: int = 0) -> OutputLayout:
+                  vocab_size: int = 0, logprobs: bool = False) -> OutputLayout:
     """Lay out ``<output>.tmp`` (rank 0 only) and return where each rank writes."""
     tmp = tmp_path_for(output)
     try:
@@ -187,6 +188,10 @@ def create_output(output: str | Path, S: int, L: int, H: int, output_dtype: str,
             if vocab_size:
                 logits = _contiguous(f, "logits", (S, L, vocab_size), np.uint16)
                 logits.attrs["dtype"] = "bfloat16"
+            if logprobs:
+                lp = _contiguous(f, "logprobs", (S, L), np.float32)
+                lp.attrs["meaning"] = ("log-probability of input token t+1 at position t; NaN at each "
+                                       "sequence's last position and at padding")
             return _layout_of(f, tmp)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -194,15 +199,17 @@ def create_output(output: str | Path, S: int, L: int, H: int, output_dtype: str,
 
 
 def reopen_output(output: str | Path, S: int, L: int, H: int, output_dtype: str,
-                  vocab_size: int = 0) -> OutputLayout:
+                  vocab_size: int = 0, logprobs: bool = False) -> OutputLayout:
     """The layout of an existing ``<output>.tmp`` being resumed, checked against the run."""
     tmp = tmp_path_for(output)
     want = {"hidden": ((S, L, H), np.uint16 if output_dtype == "bfloat16" else np.float32)}
     if vocab_size:
         want["logits"] = ((S, L, vocab_size), np.uint16)
+    if logprobs:
+        want["logprobs"] = ((S, L), np.float32)
     try:
         with h5py.File(tmp, "r") as f:
-            found = {n: (f[n].shape, f[n].dtype) for n in ("hidden", "logits") if n in f}
+            found = {n: (f[n].shape, f[n].dtype) for n in ("hidden", "logits", "logprobs") if n in f}
             if found != {n: (shape, np.dtype(dt)) for n, (shape, dt) in want.items()}:
                 raise OutputError(f"{tmp}: datasets {found} do not match this run's {want}; "
                                   "pass --restart to discard the partial output")
@@ -214,13 +221,14 @@ def reopen_output(output: str | Path, S: int, L: int, H: int, output_dtype: str,
 def _layout_of(f: h5py.File, tmp: Path) -> OutputLayout:
     hidden = f["hidden"]
     L, H = hidden.shape[1:]
-    logits = f["logits"] if "logits" in f else None
+    logits, logprobs = (f[n] if n in f else None for n in ("logits", "logprobs"))
     offset = hidden.id.get_offset()
-    if offset is None or (logits is not None and logits.id.get_offset() is None):
+    if offset is None or any(d is not None and d.id.get_offset() is None for d in (logits, logprobs)):
         raise OutputError(f"{tmp}: datasets are not contiguous and allocated; pass --restart")
     return OutputLayout(str(tmp), offset, hidden.dtype.itemsize,
                         -1 if logits is None else logits.id.get_offset(), L, H,
-                        0 if logits is None else logits.shape[2])
+                        0 if logits is None else logits.shape[2],
+                        -1 if logprobs is None else logprobs.id.get_offset())
 
 
 class OutputWriter:
@@ -241,6 +249,11 @@ class OutputWriter:
         lay = self.layout
         self._pwrite(logits.view(np.uint16), lay.logits_offset + s0 * lay.seq_len * lay.vocab_size * 2)
 
+    def write_logprobs(self, s0: int, logprobs: np.ndarray) -> None:
+        """logprobs: [s, L] float32 (NaN where there is no next token)."""
+        lay = self.layout
+        self._pwrite(logprobs.astype(np.float32, copy=False), lay.logprobs_offset + s0 * lay.seq_len * 4)
+
     def _pwrite(self, array: np.ndarray, offset: int) -> None:
         view = memoryview(np.ascontiguousarray(array).astype("<" + array.dtype.str[1:], copy=False)).cast("B")
         while view:
@@ -256,6 +269,20 @@ class OutputWriter:
         os.close(self.fd)
 
 
+def logprob_summary(output: str | Path) -> dict:
+    """Rank 0, before the rename: mean of ``<output>.tmp``'s /logprobs over the positions that
+    have a next token, and the perplexity exp(-mean); {} when the run wrote none."""
+    with h5py.File(tmp_path_for(output), "r") as f:
+        if "logprobs" not in f:
+            return {}
+        total, count = 0.0, 0
+        for s in range(f["logprobs"].shape[0]):        # a row at a time: S x L may be large
+            row = f["logprobs"][s].astype(np.float64)
+            total, count = total + np.nansum(row), count + int(np.isfinite(row).sum())
+    mean = total / count if count else float("nan")
+    return {"mean_logprob": round(mean, 6), "perplexity": round(float(np.exp(-mean)), 6), "predicted_tokens": count}
+
+
 def finalize_output(output: str | Path, expert_tokens: np.ndarray, attrs: dict) -> None:
     """Rank 0, after every writer closed: stats and provenance, fsync, atomic rename."""
     tmp = tmp_path_for(output)
@@ -269,4 +296,4 @@ def finalize_output(output: str | Path, expert_tokens: np.ndarray, attrs: dict) 
 
 
 __all__ = ["InputBatch", "open_input", "OutputLayout", "OutputWriter", "create_output", "reopen_output",
-           "finalize_output", "check_output_path", "INPUT_FORMAT", "OUTPUT_FORMAT"]
+           "finalize_output", "logprob_summary", "check_output_path", "INPUT_FORMAT", "OUTPUT_FORMAT"]

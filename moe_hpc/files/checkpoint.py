@@ -13,137 +13,235 @@ import numpy as np
 
 from ..config.errors import ConfigError, InputError
 from ..config.run_config import ModelConfig, model_from_json
+from ..device.dtypes import BF16
 from .h5 import check_format, open_h5, read_float
 
 CHECKPOINT_FORMAT = "moe_hpc.checkpoint/1"
 OPTIONAL = ("b1", "b2", "experts/b1", "experts/b2", "gate_bias")
 
 
+def _attention_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    H, D = m.hidden_size, m.head_dim
+    Q, K = m.num_heads * D, m.kv_heads * D
+    shapes = {"attn_norm": (H,), "wq": (H, Q), "wk": (H, K), "wv": (H, K), "wo": (Q, H), "mlp_norm": (H,)}
+    if m.attention_bias:
+        shapes.update(bq=(Q,), bk=(K,), bv=(K,))
+    if m.qk_norm != "none":          # per head: one [D] weight for all heads; full: [Q] and [K]
+        shapes.update(q_norm=(D,) if m.qk_norm == "head" else (Q,), k_norm=(D,) if m.qk_norm == "head" else (K,))
+    return shapes
+
+
+def _mlp_shapes(prefix: str, H: int, F: int, gated: bool, lead: tuple = ()) -> dict[str, tuple[int, ...]]:
+    """One MLP's datasets: w1 [.., H, F], w2 [.., F, H], then w3 [.., H, F] (gated) or the
+    optional biases b1 [.., F], b2 [.., H] (plain); ``lead`` is (E,) for a block's experts."""
+    shapes = {f"{prefix}w1": lead + (H, F), f"{prefix}w2": lead + (F, H)}
+    if gated:
+        shapes[f"{prefix}w3"] = lead + (H, F)
+    else:
+        shapes.update({f"{prefix}b1": lead + (F,), f"{prefix}b2": lead + (H,)})
+    return shapes
+
+
 def layer_shapes(m: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     """Dataset name (relative to /layers/<l>/) -> shape, optional ones included."""
-    H, D = m.hidden_size, m.head_dim
-    shapes = {"attn_norm": (H,), "wq": (H, m.num_heads * D), "wk": (H, m.kv_heads * D),
-              "wv": (H, m.kv_heads * D), "wo": (m.num_heads * D, H), "mlp_norm": (H,)}
-    if m.is_moe(layer):
-        E, F = m.num_experts, m.moe_ffn_hidden_size
-        shapes.update({"gate": (H, E), "gate_bias": (E,), "experts/w1": (E, H, F),
-                       "experts/b1": (E, F), "experts/w2": (E, F, H), "experts/b2": (E, H)})
-    else:
-        Fd = m.dense_ffn_hidden_size
-        shapes.update({"w1": (H, Fd), "b1": (Fd,), "w2": (Fd, H), "b2": (H,)})
+    H, gated = m.hidden_size, m.mlp == "gated"
+    shapes = _attention_shapes(m)
+    if not m.is_moe(layer):
+        shapes.update(_mlp_shapes("", H, m.dense_ffn_hidden_size, gated))
+        return shapes
+    E = m.num_experts
+    shapes.update({"gate": (H, E), "gate_bias": (E,)})
+    shapes.update(_mlp_shapes("experts/", H, m.moe_ffn_hidden_size, gated, (E,)))
+    if gated:                    # the experts' output bias is what the combine adds: keep it optional
+        shapes["experts/b2"] = (E, H)
+    if m.shared_expert_ffn_hidden_size:
+        shapes.update(_mlp_shapes("shared/", H, m.shared_expert_ffn_hidden_size, gated))
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("shared/b")}
+        if m.shared_expert_gate:
+            shapes["shared_gate"] = (H,)
     return shapes
 
 
 def global_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"final_norm": (m.hidden_size,)}
     if m.vocab_size:
-        shapes.update({"embed": (m.vocab_size, m.hidden_size), "lm_head": (m.hidden_size, m.vocab_size)})
+        shapes["embed"] = (m.vocab_size, m.hidden_size)
+        if not m.tie_embeddings:                 # tied: the head is embed transposed
+            shapes["lm_head"] = (m.hidden_size, m.vocab_size)
     return shapes
+
+
+def fuse_gate_up(w1, w3):
+    """A gated MLP's gate [.., H, F] and up [.., H, F] projections side by side -> [.., H, 2F],
+    so one GEMM makes both halves (kernels: activation kind "gated-*")."""
+    return w1 if w3 is None else np.concatenate([w1, w3], axis=-1)
 
 
 @dataclass
 class DenseLayer:
-    """Weights of one block that a dense rank needs. Arrays bf16-valued (see Backend.weight_dtype)."""
+    """Weights of one block that a dense rank needs. Arrays bf16-valued (see Backend.weight_dtype).
+    Shapes as in ``layer_shapes``; a gated MLP's w1 is [gate | up] once the engine fused it."""
     attn_norm: np.ndarray
     wq: np.ndarray
     wk: np.ndarray
     wv: np.ndarray
     wo: np.ndarray
     mlp_norm: np.ndarray
+    bq: np.ndarray | None = None      # q/k/v biases (Qwen2-MoE)
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # [D] per head or [nh*D] whole (model.qk_norm)
+    k_norm: np.ndarray | None = None
     w1: np.ndarray | None = None      # dense MLP
     b1: np.ndarray | None = None
     w2: np.ndarray | None = None
     b2: np.ndarray | None = None
+    w3: np.ndarray | None = None      # gated dense MLP's up projection, until fused into w1
     gate: np.ndarray | None = None    # MoE gate [H, E]
     gate_bias: np.ndarray | None = None   # [E] fp32 selection offsets (never weights)
     expert_b2: np.ndarray | None = None   # [E, H] the experts' output biases, added at the combine
+    shared_w1: np.ndarray | None = None   # shared expert [H, Fs] (gate | up once fused), [Fs, H]
+    shared_w3: np.ndarray | None = None
+    shared_w2: np.ndarray | None = None
+    shared_gate: np.ndarray | None = None  # [H]: the shared expert is scaled by sigmoid(m . shared_gate)
     wqkv: np.ndarray | None = None    # [H, (nh + 2 kv) D] wq|wk|wv fused (GPU flash path; see fuse_qkv)
 
 
 @dataclass
 class Expert:
-    """One expert MLP: w1 [H, F], b1 [F] | None, w2 [F, H], b2 [H] | None."""
+    """One expert MLP: w1 [H, F] ([H, 2F] gate | up when gated), b1 [F] | None, w2 [F, H], b2 [H] | None."""
     w1: np.ndarray
     b1: np.ndarray | None
     w2: np.ndarray
     b2: np.ndarray | None
 
 
+class H5Tensors:
+    """The tensors of a ``moe_hpc.checkpoint/1`` file, by dataset name."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open_h5(path, "weights")
+        try:
+            check_format(self.file, CHECKPOINT_FORMAT, str(path))
+        except Exception:
+            self.file.close()
+            raise
+
+    def where(self, name: str) -> str:
+        return f"{self.path}: /{name}"
+
+    def stored_model(self) -> ModelConfig:
+        """The checkpoint's own model table (root attribute ``config``)."""
+        if "config" not in self.file.attrs:
+            raise InputError(f"{self.path}: missing root attribute 'config' (JSON of the model table)")
+        raw = self.file.attrs["config"]
+        try:
+            return model_from_json(raw.decode() if isinstance(raw, bytes) else str(raw), str(self.path))
+        except ConfigError as exc:
+            raise InputError(str(exc)) from None
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of a dataset, None when absent."""
+        if name not in self.file:
+            return None
+        dset = self.file[name]
+        if not isinstance(dset, h5py.Dataset):
+            raise InputError(f"{self.where(name)}: is a group, expected a dataset")
+        return dset.shape
+
+    def read(self, name: str, index=()) -> np.ndarray:
+        """(A slice of) a dataset, bf16 (or wider) floats."""
+        return read_float(self.file[name], self.where(name), index)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_tensors(path: str | Path):
+    """The tensors of a checkpoint: an HDF5 file, or a Hugging Face directory (hf_tensors)."""
+    path = Path(path)
+    if path.is_dir():
+        from .hf_tensors import HFTensors
+        return HFTensors(path)
+    return H5Tensors(path)
+
+
 class Checkpoint:
-    """An open, validated checkpoint. Use as a context manager."""
+    """An open, validated checkpoint (HDF5 file or Hugging Face directory). A context manager."""
 
     def __init__(self, path: str | Path, model: ModelConfig):
         self.path = Path(path)
-        self.file = open_h5(self.path, "weights")
+        self.tensors = open_tensors(self.path)
         try:
-            check_format(self.file, CHECKPOINT_FORMAT, str(self.path))
-            check_config_matches(self.file, model, str(self.path))
+            check_models_match(self.tensors.stored_model(), model, str(self.path))
             self.model = model
             self._check_shapes()
         except Exception:
-            self.file.close()
+            self.tensors.close()
             raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        self.tensors.close()
 
-    def _dataset(self, name: str, shape: tuple[int, ...], optional: bool = False) -> h5py.Dataset | None:
-        where = f"{self.path}: /{name}"
-        if name not in self.file:
+    def _present(self, name: str, shape: tuple[int, ...], optional: bool = False) -> bool:
+        found = self.tensors.shape(name)
+        if found is None:
             if optional:
-                return None
-            raise InputError(f"{where}: missing dataset")
-        dset = self.file[name]
-        if not isinstance(dset, h5py.Dataset):
-            raise InputError(f"{where}: is a group, expected a dataset")
-        if dset.shape != shape:
-            raise InputError(f"{where}: shape {dset.shape}, expected {shape} from the config")
-        return dset
+                return False
+            raise InputError(f"{self.tensors.where(name)}: missing dataset")
+        if tuple(found) != shape:
+            raise InputError(f"{self.tensors.where(name)}: shape {tuple(found)}, expected {shape} from the config")
+        return True
 
     def _check_shapes(self) -> None:
         """Metadata only: every required dataset exists with the shape the config implies."""
         for name, shape in global_shapes(self.model).items():
-            self._dataset(name, shape)
+            self._present(name, shape)
         for layer in range(self.model.num_layers):
             for name, shape in layer_shapes(self.model, layer).items():
-                self._dataset(f"layers/{layer}/{name}", shape, optional=name in OPTIONAL)
+                self._present(f"layers/{layer}/{name}", shape, optional=name in OPTIONAL)
 
     def _read(self, name: str, shape, optional=False, index=(), dtype=None):
-        dset = self._dataset(name, shape, optional)
-        if dset is None:
+        if not self._present(name, shape, optional):
             return None
-        where = f"{self.path}: /{name}"
-        array = read_float(dset, where, index)
+        array = self.tensors.read(name, index)
         if not np.isfinite(array.astype(np.float32)).all():
-            raise InputError(f"{where}: contains NaN or Inf")
+            raise InputError(f"{self.tensors.where(name)}: contains NaN or Inf")
+        array = array.astype(BF16, copy=False)           # the engine's weights are bf16 values
         return array if dtype is None else array.astype(dtype)
 
     def read_dense_layer(self, layer: int, dtype) -> DenseLayer:
         shapes = layer_shapes(self.model, layer)
-        get = lambda n: self._read(f"layers/{layer}/{n}", shapes[n], n in OPTIONAL, dtype=dtype)
-        out = DenseLayer(**{n: get(n) for n in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm")})
+        get = lambda n: self._read(f"layers/{layer}/{n}", shapes[n], n in OPTIONAL, dtype=dtype) \
+            if n in shapes else None
+        out = DenseLayer(**{n: get(n) for n in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "bq", "bk", "bv",
+                                                "q_norm", "k_norm")})
         if self.model.is_moe(layer):
             out.gate = get("gate")
             bias = get("gate_bias")
             out.gate_bias = None if bias is None else bias.astype(np.float32)
+            out.shared_w1, out.shared_w3, out.shared_w2 = get("shared/w1"), get("shared/w3"), get("shared/w2")
+            out.shared_gate = get("shared_gate")
         else:
-            out.w1, out.b1, out.w2, out.b2 = get("w1"), get("b1"), get("w2"), get("b2")
+            out.w1, out.b1, out.w2, out.b2, out.w3 = get("w1"), get("b1"), get("w2"), get("b2"), get("w3")
         return out
 
     def read_expert(self, layer: int, expert: int, dtype, shard: int = 0, shards: int = 1) -> Expert:
-        """One expert, or its ``shard``-th of ``shards`` tensor-parallel pieces: w1 and b1 by
-        columns, w2 by rows, so act(x @ w1_s + b1_s) @ w2_s summed over shards is the expert."""
+        """One expert, or its ``shard``-th of ``shards`` tensor-parallel pieces: w1 (and w3) and
+        b1 by columns, w2 by rows, so the pieces' outputs summed over shards are the expert's.
+        A gated expert's w1 comes back fused with its w3: [H, 2 F/shards]."""
         shapes = layer_shapes(self.model, layer)
         F = self.model.moe_ffn_hidden_size
         cols = slice(shard * F // shards, (shard + 1) * F // shards)
-        index = {"w1": np.s_[expert, :, cols], "b1": np.s_[expert, cols], "w2": np.s_[expert, cols, :],
-                 "b2": np.s_[expert]}
-        get = lambda n: self._read(f"layers/{layer}/experts/{n}", shapes[f"experts/{n}"],
-                                   n.startswith("b"), index=index[n], dtype=dtype)
-        return Expert(get("w1"), get("b1"), get("w2"), get("b2"))
+        index = {"w1": np.s_[expert, :, cols], "w3": np.s_[expert, :, cols], "b1": np.s_[expert, cols],
+                 "w2": np.s_[expert, cols, :], "b2": np.s_[expert]}
+        get = lambda n: self._read(f"layers/{layer}/experts/{n}", shapes[f"experts/{n}"], n.startswith("b"),
+                                   index=index[n], dtype=dtype) if f"experts/{n}" in shapes else None
+        return Expert(fuse_gate_up(get("w1"), get("w3")), get("b1"), get("w2"), get("b2"))
 
     def read_expert_b2(self, layer: int, dtype):
         """[E, H] output biases of every expert of a block (None when absent): small, and the
@@ -152,18 +250,14 @@ class Checkpoint:
                           optional=True, dtype=dtype)
 
     def read_global(self, name: str, dtype):
+        """embed [V, H], final_norm [H] or lm_head [H, V] (embed transposed when tied)."""
+        if name == "lm_head" and self.model.tie_embeddings:
+            return np.ascontiguousarray(self.read_global("embed", dtype).T)
         return self._read(name, global_shapes(self.model)[name], dtype=dtype)
 
 
-def check_config_matches(f: h5py.File, model: ModelConfig, where: str) -> None:
+def check_models_match(stored: ModelConfig, model: ModelConfig, where: str) -> None:
     """The checkpoint's own model table must equal the run config's, key by key."""
-    if "config" not in f.attrs:
-        raise InputError(f"{where}: missing root attribute 'config' (JSON of the model table)")
-    raw = f.attrs["config"]
-    try:
-        stored = model_from_json(raw.decode() if isinstance(raw, bytes) else str(raw), where)
-    except ConfigError as exc:
-        raise InputError(str(exc)) from None
     for key, value in vars(model).items():
         ours, theirs = (value, getattr(stored, key)) if key != "num_kv_heads" else (model.kv_heads, stored.kv_heads)
         if ours != theirs:
@@ -171,5 +265,5 @@ def check_config_matches(f: h5py.File, model: ModelConfig, where: str) -> None:
                              f"the run config has {ours!r}")
 
 
-__all__ = ["Checkpoint", "DenseLayer", "Expert", "layer_shapes", "global_shapes",
-           "check_config_matches", "CHECKPOINT_FORMAT"]
+__all__ = ["Checkpoint", "DenseLayer", "Expert", "H5Tensors", "open_tensors", "layer_shapes", "global_shapes",
+           "check_models_match", "fuse_gate_up", "CHECKPOINT_FORMAT", "OPTIONAL"]

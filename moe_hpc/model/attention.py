@@ -22,7 +22,7 @@ from ..config.errors import ConfigError
 from ..device.backend import matmul_bf16
 from ..device.dtypes import BF16, F32
 from ..device.kernels import matmul_f32out, rope_heads
-from .layers import apply_rope, rope_tables
+from .layers import apply_rope, project_qkv, rope_tables
 
 
 def attention(a, w, cfg, block: int, xp=np, reduce=None, flash=None):
@@ -97,9 +97,8 @@ def _tiled_core(a, w, cfg, block: int, xp):
     S, L, H = a.shape
     nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
     cos, sin = rope_tables(xp.arange(L), D, cfg.rope_theta, xp)
-    q = apply_rope(matmul_bf16(a, w.wq, xp).reshape(S, L, nh, D), cos, sin, xp)
-    k = apply_rope(matmul_bf16(a, w.wk, xp).reshape(S, L, nkv, D), cos, sin, xp)
-    v = matmul_bf16(a, w.wv, xp).reshape(S, L, nkv, D)
+    q, k, v = project_qkv(a, w, cfg, xp)
+    q, k = apply_rope(q, cos, sin, xp), apply_rope(k, cos, sin, xp)
     # [S, kv, group, L, D]: query head h reads key/value head h // group
     group = nh // nkv
     q32 = q.astype(F32).transpose(0, 2, 1, 3).reshape(S, nkv, group, L, D)

@@ -42,10 +42,14 @@ def shard_dense_layer(layer, m: ModelConfig, tp: int, rank: int):
     cols = lambda r: slice(r.start * D, r.stop * D)
     shard = {"wq": layer.wq[:, cols(q)], "wk": layer.wk[:, cols(kv)], "wv": layer.wv[:, cols(kv)],
              "wo": layer.wo[cols(q), :]}
+    for name, heads in (("bq", q), ("bk", kv), ("bv", kv)):      # q/k/v biases go with their heads
+        if getattr(layer, name) is not None:
+            shard[name] = getattr(layer, name)[cols(heads)]
     if layer.w1 is not None:
         per = layer.w1.shape[1] // tp
         f = slice(rank * per, (rank + 1) * per)
-        shard.update(w1=layer.w1[:, f], w2=layer.w2[f, :], b1=None if layer.b1 is None else layer.b1[f])
+        shard.update(w1=layer.w1[:, f], w2=layer.w2[f, :], b1=None if layer.b1 is None else layer.b1[f],
+                     w3=None if layer.w3 is None else layer.w3[:, f])
     return dataclasses.replace(layer, **{k: v.copy() for k, v in shard.items() if v is not None},
                                **({"b1": None} if layer.w1 is not None and layer.b1 is None else {}))
 

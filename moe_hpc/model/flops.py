@@ -9,14 +9,16 @@ from ..config.run_config import ModelConfig
 def flops_per_token(m: ModelConfig, seq_len: int) -> dict[str, float]:
     """Forward FLOPs per token of ONE block of each kind, by operation (2 per multiply-add).
 
-    An MoE token runs top_k experts.
+    An MoE token runs top_k experts, and the shared expert when the model has one (counted with
+    the gate: both run on the dense rank); a gated MLP has three [H, F] products, a plain one two.
     """
     H, D = m.hidden_size, m.head_dim
+    mats = 3 if m.mlp == "gated" else 2
     return {"projections": 2 * H * D * (2 * m.num_heads + 2 * m.kv_heads),
             "attention_core": 2 * 2 * m.num_heads * D * seq_len / 2,
-            "dense_mlp": 2 * 2 * H * m.dense_ffn_hidden_size,
-            "gate": 2 * H * m.num_experts,
-            "experts": m.top_k * 2 * 2 * H * m.moe_ffn_hidden_size}
+            "dense_mlp": 2 * mats * H * m.dense_ffn_hidden_size,
+            "gate": 2 * H * m.num_experts + 2 * mats * H * m.shared_expert_ffn_hidden_size,
+            "experts": m.top_k * 2 * mats * H * m.moe_ffn_hidden_size}
 
 
 def model_flops(m: ModelConfig, seq_len: int) -> float:

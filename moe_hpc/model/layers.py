@@ -8,7 +8,7 @@ import numpy as np
 
 from ..device.backend import matmul_bf16
 from ..device.dtypes import BF16, F32
-from ..device.kernels import activation, add_rmsnorm, expert_mlp
+from ..device.kernels import activation, add_rmsnorm, expert_mlp, matmul_f32out
 
 
 def rmsnorm(x, weight, eps: float, xp=np):
@@ -32,6 +32,49 @@ def mlp(x, w1, b1, w2, b2, kind: str, xp=np, reduce=None):
     return (y.astype(F32) + b2.astype(F32, copy=False)).astype(BF16)
 
 
+def _biased(y, bias):
+    """y: [..., N] bf16 + bias [N] | None, summed in fp32, rounded once."""
+    return y if bias is None else (y.astype(F32) + bias.astype(F32, copy=False)).astype(BF16)
+
+
+def project_qkv(a, w, cfg, xp=np):
+    """The attention's inputs before RoPE. a: [S, L, H] bf16; w: DenseLayer (wq, wk, wv, their
+    optional biases bq, bk, bv and q/k norms) -> q [S, L, nh, D], k and v [S, L, kv, D] bf16.
+
+    ``cfg.qk_norm``: "head" RMS-normalises each head's D values (weight [D]), "full" the whole
+    projection of all heads (weight [nh D] / [kv D]) before it is cut into heads."""
+    S, L, _ = a.shape
+    nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    q, k, v = (_biased(matmul_bf16(a, wm, xp), b) for wm, b in ((w.wq, w.bq), (w.wk, w.bk), (w.wv, w.bv)))
+    if cfg.qk_norm == "full":
+        q, k = rmsnorm(q, w.q_norm, cfg.norm_eps, xp), rmsnorm(k, w.k_norm, cfg.norm_eps, xp)
+    q, k, v = q.reshape(S, L, nh, D), k.reshape(S, L, nkv, D), v.reshape(S, L, nkv, D)
+    if cfg.qk_norm == "head":
+        q, k = rmsnorm(q, w.q_norm, cfg.norm_eps, xp), rmsnorm(k, w.k_norm, cfg.norm_eps, xp)
+    return q, k, v
+
+
+def shared_expert(m, w, cfg, xp=np):
+    """The shared expert of an MoE block, run on the dense rank beside the routed ones.
+    m: [T, H] bf16 (the block's normed MLP input); w: DenseLayer (shared_w1 fused [gate | up],
+    shared_w2, shared_gate [H] | None) -> [T, H] bf16, scaled by sigmoid(m . shared_gate)."""
+    y = expert_mlp(m, w.shared_w1, None, w.shared_w2, cfg.ffn_kind)
+    if w.shared_gate is None:
+        return y
+    g = m.astype(F32) @ w.shared_gate.astype(F32, copy=False)          # [T] fp32
+    return (y.astype(F32) * (1.0 / (1.0 + xp.exp(-g)))[:, None]).astype(BF16)
+
+
+def token_logprobs(hidden, lm_head, targets, xp=np):
+    """log softmax(hidden @ lm_head)[target] per row. hidden: [n, H] bf16 final hidden states;
+    lm_head: [H, V]; targets: [n] int token ids -> [n] fp32. The logits stay fp32 (never rounded
+    to bf16) and exist only for these n rows."""
+    logits = matmul_f32out(hidden, lm_head)                          # [n, V] fp32
+    top = logits.max(axis=-1, keepdims=True)
+    lse = top[:, 0] + xp.log(xp.exp(logits - top).sum(axis=-1))
+    return logits[xp.arange(logits.shape[0]), targets] - lse
+
+
 def rope_tables(positions, head_dim: int, theta: float, xp=np):
     """cos, sin: [L, head_dim/2] fp32 for integer positions [L]."""
     i = xp.arange(head_dim // 2, dtype=np.float64)
@@ -52,4 +95,4 @@ def apply_rope(x, cos, sin, xp=np):
     return out.astype(BF16)
 
 
-__all__ = ["rmsnorm", "mlp", "rope_tables", "apply_rope", "matmul_bf16", "activation"]
+__all__ = ["rmsnorm", "mlp", "project_qkv", "shared_expert", "token_logprobs", "rope_tables", "apply_rope", "matmul_bf16", "activation"]

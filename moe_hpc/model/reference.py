@@ -50,12 +50,23 @@ def _rope(x, theta):
                            x[..., half:] * c + x[..., :half] * s], axis=-1)
 
 
+def _projections(a, g, m: ModelConfig):
+    """q [L, nh, D], k, v [L, kv, D]: biases if present, then the q/k norms of ``m.qk_norm``."""
+    L = a.shape[0]
+    q, k, v = (a @ g[w] + _opt(g, b, g[w].shape[1]) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+    if m.qk_norm == "full":
+        q, k = _rmsnorm(q, g["q_norm"], m.norm_eps), _rmsnorm(k, g["k_norm"], m.norm_eps)
+    q, k, v = (t.reshape(L, -1, m.head_dim) for t in (q, k, v))
+    if m.qk_norm == "head":
+        q, k = _rmsnorm(q, g["q_norm"], m.norm_eps), _rmsnorm(k, g["k_norm"], m.norm_eps)
+    return q, k, v
+
+
 def _attention(a, g, m: ModelConfig):
     L = a.shape[0]
     nh, nkv, D = m.num_heads, m.kv_heads, m.head_dim
-    q = _rope((a @ g["wq"]).reshape(L, nh, D), m.rope_theta)
-    k = _rope((a @ g["wk"]).reshape(L, nkv, D), m.rope_theta)
-    v = (a @ g["wv"]).reshape(L, nkv, D)
+    q, k, v = _projections(a, g, m)
+    q, k = _rope(q, m.rope_theta), _rope(k, m.rope_theta)
     mask = np.triu(np.full((L, L), -np.inf), 1)
     heads = []
     for h in range(nh):
@@ -92,7 +103,7 @@ def reference_forward(weights_path, input_path, with_logits: bool = False) -> Re
             x_all = _f64(wf["embed"])[np.asarray(inf["tokens"][()])]
         S, L = x_all.shape[:2]
         lengths = np.asarray(inf["lengths"][()]) if "lengths" in inf else np.full(S, L)
-        lm_head = _f64(wf["lm_head"]) if with_logits else None
+        lm_head = None if not with_logits else _f64(wf["embed"]).T if m.tie_embeddings else _f64(wf["lm_head"])
     hidden = np.zeros_like(x_all)
     margin = np.full((S, L), np.inf)
     logits = None if lm_head is None else np.zeros((S, L, lm_head.shape[1]))
@@ -108,13 +119,30 @@ def reference_forward(weights_path, input_path, with_logits: bool = False) -> Re
                 f, mg = _moe(h, g, m)
                 margin[s, :n] = np.minimum(margin[s, :n], mg)
             else:
-                f = _act(h @ g["w1"] + _opt(g, "b1", g["w1"].shape[1]), m.activation) @ g["w2"] \
-                    + _opt(g, "b2", m.hidden_size)
+                f = _ffn(h, g, "", m)
             x = x + f
         hidden[s, :n] = _rmsnorm(x, final_norm, m.norm_eps)
         if logits is not None:
             logits[s, :n] = hidden[s, :n] @ lm_head
     return Reference(hidden, margin, logits)
+
+
+def _ffn(h, g, prefix: str, m: ModelConfig, e=None):
+    """One MLP of the block, ``prefix`` "" (dense), "experts/" (expert e) or "shared/":
+    plain act(h w1 + b1) w2 + b2, or gated (act(h w1) * (h w3)) w2."""
+    w = {n: g[prefix + n] if e is None else g[prefix + n][e] for n in ("w1", "w2", "w3", "b1", "b2")
+         if prefix + n in g}
+    if m.mlp == "gated":
+        return (_act(h @ w["w1"], m.activation) * (h @ w["w3"])) @ w["w2"]
+    return _act(h @ w["w1"] + w.get("b1", 0.0), m.activation) @ w["w2"] + w.get("b2", 0.0)
+
+
+def _shared(h, g, m: ModelConfig):
+    """The shared expert, scaled by sigmoid(h . shared_gate) when the model has that gate."""
+    if not m.shared_expert_ffn_hidden_size:
+        return 0.0
+    scale = 1.0 / (1.0 + np.exp(-(h @ g["shared_gate"])))[:, None] if m.shared_expert_gate else 1.0
+    return scale * _ffn(h, g, "shared/", m)
 
 
 def _moe(h, g, m: ModelConfig):
@@ -132,16 +160,12 @@ def _moe(h, g, m: ModelConfig):
     nxt = (np.take_along_axis(score, order[:, m.top_k:m.top_k + 1], -1)[:, 0]
            if m.top_k < m.num_experts else np.zeros_like(sk))
     margin = np.where(m.top_k < m.num_experts, (sk - nxt) / sk, np.inf)
-    F = m.moe_ffn_hidden_size
     f = np.zeros_like(h)
     for j in range(m.top_k):
         for e in np.unique(chosen[:, j]):
             rows = chosen[:, j] == e
-            b1 = g["experts/b1"][e] if "experts/b1" in g else np.zeros(F)
-            b2 = g["experts/b2"][e] if "experts/b2" in g else np.zeros(m.hidden_size)
-            y = _act(h[rows] @ g["experts/w1"][e] + b1, m.activation) @ g["experts/w2"][e] + b2
-            f[rows] += w[rows, j:j + 1] * y
-    return f, margin
+            f[rows] += w[rows, j:j + 1] * _ffn(h[rows], g, "experts/", m, e)
+    return f + _shared(h, g, m), margin
 
 
 def _flatten(group, prefix=""):

@@ -16,7 +16,6 @@ last (one unknown, bisection) from the forward time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..config.cluster import Cluster, DeploymentSpec, GpuSpec
 from ..config.errors import InputError
+from ..config.jsonfile import read_json_object
 from ..config.run_config import Config, load_config
 from ..device.datasheet import datasheet_for
 from .deployment import Deployment, make_layout
@@ -59,12 +59,7 @@ def bench_config(bench: dict, config: str | Path) -> Config:
 def load_measured(path: str | Path, cluster: Cluster, config: str | Path) -> Measured:
     """Read a ``moe-hpc bench --json`` file; errors name the file and the missing key."""
     path = Path(path)
-    try:
-        bench = json.loads(path.read_text())
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read bench JSON: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON: {exc}") from None
+    bench = read_json_object(path, "bench JSON", InputError)
     for key in ("ranks", "device", "transport", "layer"):
         if not isinstance(bench, dict) or key not in bench:
             raise InputError(f"{path}: missing key {key!r} (not a moe-hpc bench JSON?)")

@@ -20,6 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config.roles import stage_blocks
 from ..files.atomic import atomic_path, write_text_atomic
 from .deployment import Deployment
 from .workload import Workload
@@ -110,39 +111,68 @@ def _rows_per_holder(layout: Deployment, w: Workload, layer: int, expert: int) -
     return math.ceil(len(layout.routers) * w.tokens * k / (E * reps))
 
 
+def _segments(m, stages: int) -> list[tuple[int, str, list[int]]]:
+    """(stage, "dense" | "moe", blocks) runs of consecutive blocks of one kind on one stage;
+    MoE runs cut into bands so the whole model draws as at most about MAX_BANDS of them."""
+    moe = list(m.moe_layers)
+    per_band = max(1, math.ceil(len(moe) / MAX_BANDS)) if moe else 1
+    out = []
+    for stage, blocks in enumerate(stage_blocks(m.num_layers, stages)):
+        dense = [b for b in blocks if not m.is_moe(b)]
+        if dense:
+            out.append((stage, "dense", dense))
+        ours = [b for b in blocks if m.is_moe(b)]
+        out += [(stage, "moe", ours[i:i + per_band]) for i in range(0, len(ours), per_band)]
+    return out
+
+
+def _span(blocks) -> str:
+    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else f"{blocks[0]}"
+
+
 def deployment_dag(layout: Deployment, w: Workload) -> Dag:
-    m = layout.model
+    """The run, grouped. Dense nodes run on their stage's dense ranks; with ``dense_tp`` > 1 each
+    block ends with its group's fp32 all-reduce (named on the node), and a stage hands its
+    sequences' activations to the next over a dashed edge."""
+    m, roles = layout.model, layout.roles
     T, H, k = w.tokens, m.hidden_size, m.top_k
-    dense = _all(layout, layout.roles.dense_ranks)
+    P, tp = roles.dense_stages, roles.dense_tp
+    on_stage = [_all(layout, [r for r in roles.dense_ranks if roles.stage_of(r) == s]) for s in range(P)]
     copies = f", {layout.replicas} replicas" if layout.replicas > 1 else ""
     dag = Dag(f"deployment ({layout.world_size} GPUs{copies})", scope=(tuple(m.moe_layers), None, None))
-    dag.add(Node("input", "read chunk (S x L tokens)", "io", dense, (), ((T, H),)))
-    prev = "input"
-    if m.first_dense_layers:
-        dag.add(Node("dense", f"blocks 0-{m.first_dense_layers - 1}: attention + dense MLP", "dense", dense,
-                     ((T, H),), ((T, H),)))
-        dag.link(prev, "dense", (T, H))
-        prev = "dense"
-    moe = list(m.moe_layers)
-    per_band = math.ceil(len(moe) / MAX_BANDS) if moe else 1
-    for b in range(0, len(moe), per_band):
-        band = moe[b:b + per_band]
-        tag, span = f"band{b // per_band}", f"{band[0]}-{band[-1]}" if len(band) > 1 else f"{band[0]}"
-        hosts = _hosts(layout, band)
+    dag.add(Node("input", "read chunk (S x L tokens)", "io", on_stage[0], (), ((T, H),)))
+    reduce = f"; TP {tp}: fp32 all-reduce [{T}, {H}] after attention and MLP" if tp > 1 else ""
+    prev, prev_stage = "input", 0
+    for i, (stage, kind, blocks) in enumerate(_segments(m, P)):
+        if stage != prev_stage:
+            send = f"send{stage}"
+            dag.add(Node(send, f"stage {prev_stage} -> {stage}: activations (host MPI)", "comm",
+                         on_stage[prev_stage], ((T, H),), ((T, H),)))
+            dag.link(prev, send, (T, H))
+            prev, prev_stage = send, stage
+        span, ranks = _span(blocks), on_stage[stage]
+        edge = {"comm": prev.startswith("send")}
+        if kind == "dense":
+            dag.add(Node(f"dense{i}", f"blocks {span}: attention + dense MLP", "dense", ranks, ((T, H),), ((T, H),),
+                         note=reduce.lstrip("; ")))
+            dag.link(prev, f"dense{i}", (T, H), **edge)
+            prev = f"dense{i}"
+            continue
+        tag, hosts = f"band{i}", _hosts(layout, blocks)
         gpus = tuple(sorted({g for _, _, g in hosts}))
-        dag.add(Node(f"{tag}_gate", f"blocks {span}: attention + gate + top-k", "dense", dense,
-                     ((T, H),), ((T * k, H), (T, H))))
+        dag.add(Node(f"{tag}_gate", f"blocks {span}: attention + gate + top-k", "dense", ranks,
+                     ((T, H),), ((T * k, H), (T, H)), note=f"stage {stage}{reduce}" if P > 1 or tp > 1 else ""))
         dag.add(Node(f"{tag}_experts", f"experts of blocks {span}: {len(hosts)} hosted", "expert", gpus,
                      ((T * k, H),), ((T * k, H),), tuple(hosts),
-                     note=f"{len(band)} block(s) in turn, {len(hosts) // max(len(gpus), 1)} per GPU"))
-        dag.add(Node(f"{tag}_sum", f"blocks {span}: weighted sum + residual", "dense", dense,
+                     note=f"{len(blocks)} block(s) in turn, {len(hosts) // max(len(gpus), 1)} per GPU"))
+        dag.add(Node(f"{tag}_sum", f"blocks {span}: weighted sum + residual", "dense", ranks,
                      ((T * k, H), (T, H)), ((T, H),)))
-        dag.link(prev, f"{tag}_gate", (T, H))
+        dag.link(prev, f"{tag}_gate", (T, H), **edge)
         dag.link(f"{tag}_gate", f"{tag}_experts", (T * k, H), comm=True)
         dag.link(f"{tag}_experts", f"{tag}_sum", (T * k, H), comm=True)
         dag.link(f"{tag}_gate", f"{tag}_sum", (T, H))
         prev = f"{tag}_sum"
-    dag.add(Node("output", "final norm + write", "io", dense, ((T, H),), ()))
+    dag.add(Node("output", "final norm + write", "io", on_stage[-1], ((T, H),), ()))
     dag.link(prev, "output", (T, H))
     return dag
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config.cluster import Cluster
 from ..config.errors import ConfigError
-from ..config.roles import RoleLayout, dense_gpus, role_layout
+from ..config.roles import RoleLayout, dense_gpus, role_layout, stage_blocks
 from ..config.run_config import Config, ModelConfig
 from ..placement.file import make_placement
 from ..placement.table import Placement, gpu_to_node
@@ -58,6 +58,14 @@ class Deployment:
         """One local rank per sequence owner (a pipeline): the leaders of the first stage's TP
         groups. Each block's tokens are routed by as many ranks (its stage's leaders)."""
         return self.roles.dense_ranks[:self.roles.per_stage:self.roles.dense_tp]
+
+    def routers_of(self, layer: int) -> tuple[int, ...]:
+        """The ranks that route block ``layer``'s tokens: the TP leaders of the stage holding it
+        (the same count as ``routers``, on that stage's GPUs: what the link model sends from)."""
+        roles, per = self.roles, self.roles.per_stage
+        stage = next(s for s, blocks in enumerate(stage_blocks(self.model.num_layers, roles.dense_stages))
+                     if layer in blocks)
+        return roles.dense_ranks[stage * per:(stage + 1) * per:roles.dense_tp]
 
     @cached_property
     def dense_set(self) -> frozenset[int]:

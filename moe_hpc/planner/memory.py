@@ -62,9 +62,9 @@ def dense_weight_bytes(m: ModelConfig, logits: bool = False, dense_tp: int = 1, 
 
 def expert_weight_bytes(m: ModelConfig, experts: int, tp: int = 1) -> int:
     """``experts`` hosted experts (w1, b1, w2 slices of the checkpoint's [E, ...] datasets; b2
-    stays on the dense ranks), split ``tp`` ways along F with ``parallel.expert_tp``."""
+    stays on the dense ranks; w3 too for a gated MLP), split ``tp`` ways along F with ``parallel.expert_tp``."""
     shapes = layer_shapes(m, m.first_dense_layers)
-    one = sum(_nbytes(shapes[f"experts/{n}"][1:]) for n in ("w1", "b1", "w2"))
+    one = sum(_nbytes(shapes[f"experts/{n}"][1:]) for n in ("w1", "b1", "w2", "w3") if f"experts/{n}" in shapes)
     return experts * math.ceil(one / tp)
 
 

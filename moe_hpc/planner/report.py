@@ -227,6 +227,7 @@ def _times(cfg, cluster, layout, w) -> dict:
             "tokens_per_s_per_gpu": step.tokens_per_s / layout.world_size,
             "mfu": step.tokens_per_s * flops / (layout.world_size * cluster.gpu.peak_tflops * 1e12),
             "shares": step.shares, "expert_busy": step.expert_busy_fraction(),
+            "stages_s": step.stage_seconds if step.stage_of else None, "waves": step.waves,
             "moe_block": None if slow is None else {"block": slow.layer, "total_ms": slow.seconds * 1e3,
                                                     **{k: v * 1e3 for k, v in slow.phases.items()}},
             "dense_block": None if dense is None else {"block": dense.layer, "total_ms": dense.seconds * 1e3,
@@ -297,6 +298,10 @@ def render_time(t: dict, gpus: int) -> list[str]:
     if db:
         out.append(f"  dense block {db['block']}: attention {db['attention']:.2f}, dense MLP {db['dense_mlp']:.2f} -> "
                    f"block {db['total_ms']:.2f}")
+    if t["stages_s"]:
+        out.append("  stages: " + ", ".join(f"{v:.3f}" for v in t["stages_s"]) + f" s each (their blocks and the "
+                   f"hand-over); with {t['waves']} wave(s) the step is the slowest x ({t['waves']} + "
+                   f"{len(t['stages_s'])} - 1) / {t['waves']}")
     out += [f"step       {t['step_s']:.3f} s for {t['tokens_per_step']:,} tokens: {t['tokens_per_s']:,.0f} tokens/s "
             f"({t['tokens_per_s_per_gpu']:,.0f} per GPU), MFU {t['mfu']:.1%} of {gpus} GPUs",
             "shares     " + ", ".join(f"{k} {t['shares'][k]:.0%}" for k in CATEGORIES),

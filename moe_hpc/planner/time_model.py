@@ -31,6 +31,7 @@ import numpy as np
 
 from ..comm.exchange import slot_rows
 from ..config.cluster import Cluster, GpuSpec
+from ..config.roles import stage_blocks
 from ..config.run_config import Config, ModelConfig
 from ..device.dtypes import BF16_BYTES, F32_BYTES
 from ..model.dense_tp import local_model
@@ -187,7 +188,7 @@ def transfer(layout: Deployment, cluster: Cluster, w: Workload, moe_index: int) 
     m = layout.model
     rows = w.mb_tokens * m.top_k
     table = layout.placement.rank_table()[moe_index]                    # [E, R] expert ranks, -1 pad
-    dense = np.asarray(layout.routers)                   # the ranks that route tokens
+    dense = np.asarray(layout.routers_of(m.moe_layers[moe_index]))    # the ranks that route its tokens
     expert = np.asarray(layout.roles.expert_ranks)
     counts = np.full((dense.size, m.num_experts), rows / m.num_experts)  # [S, E]
     replicas = (table >= 0).sum(axis=1)                                 # [E]
@@ -278,13 +279,28 @@ def dense_block(cfg: Config, cluster: Cluster, w: Workload, layer: int, r: Rates
 
 @dataclass(frozen=True)
 class StepTime:
-    """Every block once for one chunk on every dense rank of every replica."""
+    """Every block once for one chunk on every dense rank of every replica. With dense stages,
+    each stage runs its own blocks and hands the activations on (``send_s``); a chunk's waves
+    keep the stages busy at once, so the step is the slowest stage's time stretched by the
+    pipeline's fill and drain: (waves + stages - 1) / waves."""
     blocks: list
     tokens: int                     # tokens per step, all replicas
+    stage_of: tuple = ()            # block -> its stage (empty: one stage)
+    waves: int = 1
+    send_s: float = 0.0             # one stage's hand-over of a chunk's activations
+
+    @property
+    def stage_seconds(self) -> list[float]:
+        stages = max(self.stage_of, default=0) + 1
+        per = [0.0] * stages
+        for b in self.blocks:
+            per[self.stage_of[b.layer] if self.stage_of else 0] += b.seconds
+        return [t + (self.send_s if s < stages - 1 else 0.0) for s, t in enumerate(per)]
 
     @property
     def seconds(self) -> float:
-        return sum(b.seconds for b in self.blocks)
+        per = self.stage_seconds
+        return max(per) * (self.waves + len(per) - 1) / self.waves if len(per) > 1 else per[0]
 
     @property
     def tokens_per_s(self) -> float:
@@ -292,8 +308,10 @@ class StepTime:
 
     @property
     def shares(self) -> dict[str, float]:
+        """Each category's share of the work (of all stages' busy time together)."""
         total = add(*(b.cost for b in self.blocks))
-        return {k: v / self.seconds for k, v in total.items()}
+        busy = sum(b.seconds for b in self.blocks)
+        return {k: v / busy for k, v in total.items()}
 
     def slowest_moe(self) -> BlockTime | None:
         moe = [b for b in self.blocks if "moe" in b.phases]
@@ -310,10 +328,22 @@ def step_time(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload) ->
     m = cfg.model
     blocks = [moe_block(cfg, cluster, layout, w, l, r) if m.is_moe(l) else dense_block(cfg, cluster, w, l, r)
               for l in range(m.num_layers)]
-    return StepTime(blocks, layout.replicas * len(layout.routers) * w.tokens)
+    tokens = layout.replicas * len(layout.routers) * w.tokens
+    P = cfg.parallel.dense_stages
+    if P == 1:
+        return StepTime(blocks, tokens)
+    stage_of = tuple(s for s, blocks_ in enumerate(stage_blocks(m.num_layers, P)) for _ in blocks_)
+    return StepTime(blocks, tokens, stage_of, cfg.run.pipeline_waves, stage_send(m, cluster, w))
+
+
+def stage_send(m, cluster: Cluster, w: Workload) -> float:
+    """A chunk's activations [T, H] bf16 from one stage to the next: host-staged MPI between
+    nodes (stages sit on different nodes in a large deployment), so the inter-node link."""
+    net = cluster.network
+    return w.tokens * m.hidden_size * BF16_BYTES / (net.inter_node_gb_s * 1e9) + net.inter_node_latency_us * 1e-6
 
 
 __all__ = ["Rates", "rates_of", "CATEGORIES", "LAUNCHES", "SYNCS", "cost", "add", "scale", "seconds",
            "gate", "stats", "plan", "pack", "weighted_sum", "self_copy", "attention", "dense_mlp",
            "experts", "transfer", "collectives", "BlockTime", "moe_block", "dense_block", "StepTime",
-           "step_time"]
+           "step_time", "stage_send"]

@@ -20,13 +20,13 @@ from ..comm.transports import make_transport
 from ..config.roles import stage_blocks
 from ..config.run_config import Config
 from ..device.backend import Backend, matmul_bf16, words
-from ..device.dtypes import BF16
+from ..device.dtypes import BF16, F32
 from ..device.kernels import add_rmsnorm, add_rows, set_expert_gemm_carveout, take_rows
-from ..files.checkpoint import Checkpoint, DenseLayer
+from ..files.checkpoint import Checkpoint, DenseLayer, fuse_gate_up
 from ..model.attention import attention, choose_attention, fuse_qkv
 from ..model.dense_tp import local_model, shard_dense_layer
 from ..model.experts import LocalExperts
-from ..model.layers import mlp
+from ..model.layers import mlp, shared_expert, token_logprobs
 from ..moe.block import MoeBlock
 from ..moe.dispatch import RouteTables, route_tables
 from ..moe.gate import Router
@@ -67,7 +67,7 @@ class Engine:
         m = cfg.model
         self.dense: dict[int, DenseLayer] = {}
         self.globals: dict[str, np.ndarray] = {}
-        self.local_experts = LocalExperts(m.activation, self.xp)
+        self.local_experts = LocalExperts(m.ffn_kind, self.xp)
         set_expert_gemm_carveout(cfg.run.expert_gemm_carveout if topo.exchange.Get_size() > 1 else 0, self.xp)
         transport = make_transport(cfg.run.transport, topo.exchange, m.hidden_size, backend, cfg.run.cuda_aware_mpi)
         self.exchange = Exchange(topo.exchange, m.hidden_size, backend, transport)
@@ -110,6 +110,8 @@ class Engine:
                 d = ckpt.read_dense_layer(layer, dtype)
                 if self.dense_group is not None:
                     d = shard_dense_layer(d, m, self.topo.roles.dense_tp, self.dense_rank)
+                d.w1, d.w3 = fuse_gate_up(d.w1, d.w3), None     # gated: one GEMM makes gate and up
+                d.shared_w1, d.shared_w3 = fuse_gate_up(d.shared_w1, d.shared_w3), None
                 self.install_dense(layer, DenseLayer(**{k: None if v is None else put(v) for k, v in vars(d).items()}))
             if b2s:
                 self.moe.expert_b2 = put(np.concatenate(b2s))
@@ -117,7 +119,7 @@ class Engine:
                 self.globals["final_norm"] = put(ckpt.read_global("final_norm", dtype))
             if m.vocab_size and self.first_stage:
                 self.globals["embed"] = put(ckpt.read_global("embed", BF16))
-            if m.vocab_size and self.cfg.run.logits and self.last_stage:
+            if m.vocab_size and (self.cfg.run.logits or self.cfg.run.logprobs) and self.last_stage:
                 self.globals["lm_head"] = put(ckpt.read_global("lm_head", dtype))
         if self.topo.is_expert and m.num_moe_layers:
             for f in self.placement.hosted()[self.topo.expert_slot]:
@@ -130,8 +132,10 @@ class Engine:
             self.local_experts.stack()
 
     def install_dense(self, layer: int, d: DenseLayer) -> None:
-        """Block ``layer``'s dense weights, already on the device (QKV fused for flash attention)."""
-        self.dense[layer] = fuse_qkv(d, self.xp) if self.flash is not None else d
+        """Block ``layer``'s dense weights, already on the device (QKV fused for flash attention,
+        whose fused path has no q/k/v biases or q/k norms yet: such blocks attend in tiles)."""
+        plain = d.bq is None and d.bk is None and d.bv is None and d.q_norm is None
+        self.dense[layer] = fuse_qkv(d, self.xp) if self.flash is not None and plain else d
 
     # ------------------------------------------------------------------ compute
     def waves(self, num_sequences: int) -> list[tuple[int, int]]:
@@ -182,13 +186,13 @@ class Engine:
                 elif b > a:
                     d = self.dense[layer]
                     t0 = time.perf_counter()
-                    self._residual(x, a, b, rows, mlp(h, d.w1, d.b1, d.w2, d.b2, m.activation, xp, self.reduce))
+                    self._residual(x, a, b, rows, mlp(h, d.w1, d.b1, d.w2, d.b2, m.ffn_kind, xp, self.reduce))
                     self.times.add("dense_mlp", t0)
             if parts:
-                for w, f in zip(pending, self._moe_of_group(parts)):
+                for (layer, h, _), w, f in zip(parts, pending, self._moe_of_group(parts)):
                     if w is not None:
                         a, b, rows, _ = waves[w]
-                        self._residual(x, a, b, rows, f)
+                        self._residual(x, a, b, rows, self._with_shared(layer, h, f))
             for w, layer in step:                             # waves leaving this stage
                 if layer == self.blocks.stop - 1 and not self.last_stage:
                     sends.append(self._send(x, *waves[w][:2]))
@@ -250,6 +254,16 @@ class Engine:
             result.append(buf)
         return result
 
+    def _with_shared(self, layer: int, h, f):
+        """f [T, H] bf16 (the routed experts' sum) plus the block's shared expert of h, if any."""
+        d = self.dense[layer]
+        if d.shared_w1 is None or not h.shape[0]:
+            return f
+        t0 = time.perf_counter()
+        out = (f.astype(F32) + shared_expert(h, d, self.cfg.model, self.xp).astype(F32)).astype(BF16)
+        self.times.add("dense_mlp", t0)
+        return out
+
     def _residual(self, x, a: int, b: int, rows, f) -> None:
         """x[a:b] at the valid positions += f."""
         if b > a:
@@ -263,11 +277,31 @@ class Engine:
         pad = xp.asarray(np.flatnonzero(~valid.reshape(-1)))
         zero_rows(out.reshape(-1, H), pad)
         logits = None
-        if "lm_head" in self.globals:
+        if self.cfg.run.logits:
             logits = matmul_bf16(out, self.globals["lm_head"], xp)
             zero_rows(logits.reshape(s * L, -1), pad)
         self.times.add("final_norm", t0)
         return out, logits
+
+    def next_token_logprobs(self, out, tokens: np.ndarray, lengths: np.ndarray, rows_per_step: int = 1024):
+        """out: [s, L, H] bf16 final hidden states; tokens: [s, L] host ints -> [s, L] float32
+        host: log p(tokens[:, t+1]) at position t, NaN at each sequence's last position and at
+        padding. ``rows_per_step`` positions at a time, so [rows, V] fp32 logits are the most
+        this ever holds, whatever the chunk."""
+        xp = self.xp
+        s, L, H = out.shape
+        has_next = np.arange(L)[None, :] < lengths[:, None] - 1
+        rows = np.flatnonzero(has_next)                   # flat positions; row + 1 is the next token
+        targets = tokens.reshape(-1)[rows + 1]
+        result = np.full(s * L, np.nan, np.float32)
+        flat = out.reshape(-1, H)
+        t0 = time.perf_counter()
+        for a in range(0, rows.size, rows_per_step):
+            r = rows[a:a + rows_per_step]
+            lp = token_logprobs(take_rows(flat, xp.asarray(r)), self.globals["lm_head"], xp.asarray(targets[a:a + r.size]), xp)
+            result[r] = self.backend.to_host(lp)
+        self.times.add("final_norm", t0)
+        return result.reshape(s, L)
 
     def serve_chunk(self) -> None:
         """An expert-only rank's part of one chunk: every exchange step, no tokens of its own."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.errors import InputError
 from ..config.run_config import Config
 from ..files.batches import check_output_path, open_input
 from .signals import StopRequest
@@ -76,6 +77,8 @@ def check_setup(job: Job, num_dense: int) -> InputMeta:
     cfg = job.cfg
     batch = open_input(job.input, cfg.model.hidden_size, cfg.model.vocab_size)
     try:
+        if cfg.run.logprobs and batch.kind != "tokens":
+            raise InputError(f"{job.input}: run.logprobs needs token inputs (/tokens), this file has /{batch.kind}")
         return InputMeta(batch.num_sequences, batch.seq_len,
                          chunk_tokens(batch.lengths, num_dense, cfg.run.chunk_sequences))
     finally:

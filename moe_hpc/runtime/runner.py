@@ -18,10 +18,12 @@ import numpy as np
 from .. import __version__
 from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology
-from ..config.errors import Interrupted, MoeHpcError
+from ..config.errors import ConfigError, Interrupted, MoeHpcError
 from ..config.roles import RoleLayout, check_layout
 from ..device.backend import make_backend
-from ..files.batches import OutputWriter, create_output, finalize_output, open_input, reopen_output
+from ..device.kernels import gpu_unsupported
+from ..files.batches import (OutputWriter, create_output, finalize_output, logprob_summary, open_input,
+                             reopen_output)
 from ..files.checkpoint import Checkpoint
 from ..moe.balance import REPORT_WINDOW, Balancer
 from ..placement.file import make_placement
@@ -44,7 +46,7 @@ def _open_output(job: Job, meta: InputMeta, roles: RoleLayout):
     chunks = len(meta.chunk_tokens)
     progress = resume_point(job.output, fp, chunks, job.restart)
     shape = (job.output, meta.num_sequences, meta.seq_len, cfg.model.hidden_size, cfg.run.output_dtype,
-             cfg.model.vocab_size if cfg.run.logits else 0)
+             cfg.model.vocab_size if cfg.run.logits else 0, cfg.run.logprobs)
     if progress is not None:
         return reopen_output(*shape), progress
     layout = create_output(*shape)
@@ -109,10 +111,18 @@ def _prepare(topo, job: Job) -> tuple[Engine, InputMeta]:
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
     meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
     backend = sync(make_backend, cfg.run.device, topo.local_rank)
+    sync(_check_device, cfg.model, backend)
     placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
     engine = Engine(cfg, topo, backend, placement)
     sync(_load, engine, job)
     return engine, meta
+
+
+def _check_device(model, backend) -> None:
+    """A model variant the GPU kernels lack is refused before any weight is read."""
+    missing = gpu_unsupported(model) if backend.name == "gpu" else None
+    if missing:
+        raise ConfigError(f"{missing} is not supported on the GPU yet (run.device = cpu runs it)")
 
 
 def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress) -> None:
@@ -146,6 +156,9 @@ def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats
             for b in attrs["balance"]["blocks"]:
                 log(f"balance: block {b['block']}: max/mean expert load {b['before']:.2f} (first micro-batch) "
                     f"-> {b['after']:.2f} (last {REPORT_WINDOW}), {b['updates']} bias update(s)")
+    scores = on_rank0(world, logprob_summary, job.output, debug=job.debug) if job.cfg.run.logprobs else {}
+    if scores:
+        attrs.update(scores)
     on_rank0(world, _finalize, job.output, stats, attrs, trace, job.trace, debug=job.debug)
     if topo.rank != 0:
         return {}
@@ -159,7 +172,7 @@ def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats
             "steady_tokens_per_s": steady_tokens_per_s(engine.times.chunk_ends, meta.chunk_tokens[progress.chunks_done:]),
             "phases_s": phase_summary(times), "expert_load": expert_load(stats),
             "expert_idle_fraction": _mean([v for v in idle if v is not None]),
-            **({"balance": attrs["balance"]} if "balance" in attrs else {})}
+            **({"balance": attrs["balance"]} if "balance" in attrs else {}), **(scores or {})}
 
 
 def steady_tokens_per_s(chunk_ends: list[float], chunk_tokens: list[int]) -> float | None:
@@ -244,13 +257,17 @@ class _DenseIO:
             return
         s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
         t0 = time.perf_counter()
-        # the first pipeline stage reads the inputs; later stages get activations from the one before
-        inputs = sync(self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size) if e.first_stage else sync(
-            lambda: None)
+        # the first pipeline stage reads the inputs; later stages get activations from the one
+        # before (the last reads the tokens too when it scores them)
+        reads = e.first_stage or (e.last_stage and self.job.cfg.run.logprobs)
+        inputs = sync(self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size) if reads else sync(lambda: None)
         e.times.add("io", t0)
-        hidden, logits = e.forward_chunk(inputs, self.batch.lengths[s0:s1], s0, self.batch.seq_len)
+        lengths = self.batch.lengths[s0:s1]
+        hidden, logits = e.forward_chunk(inputs if e.first_stage else None, lengths, s0, self.batch.seq_len)
+        logprobs = e.next_token_logprobs(hidden, inputs, lengths) if self.job.cfg.run.logprobs and \
+            hidden is not None else None
         t0 = time.perf_counter()
-        sync(_write_chunk, self.writer, e.backend, s0, hidden, logits)
+        sync(_write_chunk, self.writer, e.backend, s0, hidden, logits, logprobs)
         e.times.add("io", t0)
 
     def __exit__(self, *exc) -> None:
@@ -260,7 +277,7 @@ class _DenseIO:
             self.batch.close()
 
 
-def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits) -> None:
+def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits, logprobs=None) -> None:
     """Write and sync this rank's sequences of one chunk (durable before it is recorded); a dense
     TP member that is not its group's leader has nothing to write (writer None)."""
     if writer is None or hidden is None:
@@ -269,6 +286,8 @@ def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits) 
         writer.write_hidden(s0, backend.to_host(hidden))
         if logits is not None:
             writer.write_logits(s0, backend.to_host(logits))
+        if logprobs is not None:
+            writer.write_logprobs(s0, logprobs)
     writer.sync()
 
 

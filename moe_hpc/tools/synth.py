@@ -17,7 +17,7 @@ import numpy as np
 from ..config.errors import OutputError
 from ..config.run_config import ModelConfig
 from ..device.dtypes import BF16
-from ..files.atomic import atomic_path
+from ..files.atomic import atomic_path, refuse_existing
 from ..files.batches import INPUT_FORMAT
 from ..files.checkpoint import CHECKPOINT_FORMAT, global_shapes, layer_shapes
 from ..files.h5 import write_float
@@ -58,24 +58,41 @@ def _expert_arrays(m: ModelConfig, rng):
             "w2": _normal(rng, (F, H), resid / math.sqrt(F)), "b2": _normal(rng, (H,), 0.02)}
 
 
+def _variant_arrays(m: ModelConfig, layer: int, rng):
+    """Yield (name, array) for the datasets of the model variants (q/k norms, gated MLPs' w3,
+    shared experts), from their own generator so SPEC models keep their seeds' weights."""
+    shapes = layer_shapes(m, layer)
+    H = m.hidden_size
+    for name in ("q_norm", "k_norm"):
+        if name in shapes:
+            yield name, _norm_weight(rng, shapes[name][0])
+    for name in ("bq", "bk", "bv"):
+        if name in shapes:
+            yield name, _normal(rng, shapes[name], 0.1)
+    if "w3" in shapes:
+        yield "w3", _normal(rng, shapes["w3"], 1.0 / math.sqrt(H))
+    if "shared/w1" in shapes:
+        Fs, resid = m.shared_expert_ffn_hidden_size, 1.0 / math.sqrt(2.0 * m.num_layers)
+        yield "shared/w1", _normal(rng, (H, Fs), 1.0 / math.sqrt(H))
+        if "shared/w3" in shapes:
+            yield "shared/w3", _normal(rng, (H, Fs), 1.0 / math.sqrt(H))
+        yield "shared/w2", _normal(rng, (Fs, H), resid / math.sqrt(Fs))
+    if "shared_gate" in shapes:
+        yield "shared_gate", _normal(rng, (H,), 1.0 / math.sqrt(H))
+
+
 def _bf16_dataset(group, name, shape):
     dset = group.create_dataset(name, shape=shape, dtype=np.uint16)
     dset.attrs["dtype"] = "bfloat16"
     return dset
 
 
-def _refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: directory {path.parent} does not exist")
-
 
 def write_checkpoint(path: str | Path, m: ModelConfig, seed: int = 0, overwrite: bool = False) -> None:
     """Write a synthetic ``moe_hpc.checkpoint/1`` file for model ``m``."""
     path = Path(path)
-    _refuse_existing(path, overwrite)
-    rng = np.random.default_rng(seed)
+    refuse_existing(path, overwrite)
+    rng, extra = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = CHECKPOINT_FORMAT
@@ -85,17 +102,21 @@ def write_checkpoint(path: str | Path, m: ModelConfig, seed: int = 0, overwrite:
                 write_float(f, "embed", _normal(rng, (m.vocab_size, H), 1.0))
             for layer in range(m.num_layers):
                 g = f.create_group(f"layers/{layer}")
-                for name, array in _layer_arrays(m, layer, rng):
-                    write_float(g, name, array)
+                shapes = layer_shapes(m, layer)
+                for name, array in [*_layer_arrays(m, layer, rng), *_variant_arrays(m, layer, extra)]:
+                    if name in shapes:          # a gated MLP has no b1, b2: drawn, not written
+                        write_float(g, name, array)
                 if m.is_moe(layer):
-                    shapes = layer_shapes(m, layer)
-                    dsets = {n: _bf16_dataset(g, f"experts/{n}", shapes[f"experts/{n}"])
-                             for n in ("w1", "b1", "w2", "b2")}
+                    names = [n for n in ("w1", "b1", "w2", "b2", "w3") if f"experts/{n}" in shapes]
+                    dsets = {n: _bf16_dataset(g, f"experts/{n}", shapes[f"experts/{n}"]) for n in names}
                     for e in range(m.num_experts):
-                        for n, array in _expert_arrays(m, rng).items():
-                            dsets[n][e] = array.view(np.uint16)
+                        arrays = _expert_arrays(m, rng)
+                        if "w3" in dsets:
+                            arrays["w3"] = _normal(extra, shapes["experts/w3"][1:], 1.0 / math.sqrt(m.hidden_size))
+                        for n in names:
+                            dsets[n][e] = arrays[n].view(np.uint16)
             write_float(f, "final_norm", _norm_weight(rng, H))
-            if m.vocab_size:
+            if "lm_head" in global_shapes(m):
                 write_float(f, "lm_head", _normal(rng, global_shapes(m)["lm_head"], 1.0 / math.sqrt(H)))
 
 
@@ -104,7 +125,7 @@ def write_inputs(path: str | Path, m: ModelConfig, sequences: int, seq_len: int,
     """Write a synthetic ``moe_hpc.input/1`` batch: /hidden ~ N(0, 1) (or /tokens when the
     model has a vocabulary), and /lengths in [1, seq_len] when ``ragged``."""
     path = Path(path)
-    _refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite)
     if sequences < 1 or seq_len < 1:
         raise OutputError(f"{path}: --sequences and --seq-len must be >= 1")
     rng = np.random.default_rng(seed)

@@ -1,0 +1,125 @@
+"""A Hugging Face ``config.json`` -> the ``[model]`` table (docs/models.md).
+
+Four families: ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``. Every field that would make
+the model compute something else than the table describes (a scaled RoPE, a sliding window,
+clipped q/k/v, dense blocks that are not a prefix of the stack, ...) is refused with an error
+naming it, never dropped: the engine runs the model the checkpoint holds or none.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .jsonfile import read_json_object
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+HF_CONFIG = "config.json"
+# transformers' activation names -> ours (the exact functions, not approximations)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A directory with a config.json: read as a Hugging Face checkpoint."""
+    return Path(path).is_dir()
+
+
+def read_hf_config(folder: str | Path) -> tuple[dict[str, Any], str]:
+    """-> (config.json as a dict, the path for messages)."""
+    path = Path(folder) / HF_CONFIG
+    values = read_json_object(path, "Hugging Face config")
+    return values, str(path)
+
+
+def _get(c: dict, key: str, where: str, default: Any = ...) -> Any:
+    if key in c and c[key] is not None:
+        return c[key]
+    if default is ...:
+        raise ConfigError(f"{where}: missing field {key}")
+    return default
+
+
+def _refuse(cond: bool, where: str, field: str, why: str) -> None:
+    if cond:
+        raise ConfigError(f"{where}: {field} {why} is not supported (docs/models.md)")
+
+
+def _rope_theta(c: dict, where: str, default: float) -> float:
+    """RoPE base from transformers 5's ``rope_parameters`` or 4's ``rope_theta``/``rope_scaling``."""
+    params = c.get("rope_parameters") or {}
+    kind = params.get("rope_type", "default")
+    _refuse(kind != "default", where, "rope_parameters.rope_type", f"= {kind!r} (scaled RoPE)")
+    _refuse(bool(c.get("rope_scaling")), where, "rope_scaling", f"= {c.get('rope_scaling')!r}")
+    _refuse(c.get("partial_rotary_factor", 1.0) not in (None, 1.0), where, "partial_rotary_factor",
+            f"= {c.get('partial_rotary_factor')!r}")
+    return float(params.get("rope_theta", c.get("rope_theta") or default))
+
+
+def _first_dense_layers(c: dict, layers: int, where: str) -> int:
+    """Blocks are dense where HF's rule says so (in ``mlp_only_layers``, or off the
+    ``decoder_sparse_step`` grid); the engine needs them to be a prefix 0..d-1."""
+    only = set(_get(c, "mlp_only_layers", where, []))
+    step = int(_get(c, "decoder_sparse_step", where, 1))
+    _refuse(step < 1, where, "decoder_sparse_step", f"= {step}")
+    dense = [l for l in range(layers) if l in only or (l + 1) % step != 0]
+    _refuse(dense != list(range(len(dense))), where, "mlp_only_layers / decoder_sparse_step",
+            f"making blocks {dense} dense (only a prefix of dense blocks)")
+    return len(dense)
+
+
+def _attention(c: dict, where: str, family: str) -> dict[str, Any]:
+    H, nh = int(_get(c, "hidden_size", where)), int(_get(c, "num_attention_heads", where))
+    _refuse(family == "mixtral" and c.get("sliding_window") is not None, where, "sliding_window",
+            f"= {c.get('sliding_window')!r}")
+    _refuse(bool(c.get("use_sliding_window")), where, "use_sliding_window", "= true")
+    _refuse(c.get("clip_qkv") is not None, where, "clip_qkv", f"= {c.get('clip_qkv')!r}")
+    kinds = set(c.get("layer_types") or ["full_attention"])
+    _refuse(kinds != {"full_attention"}, where, "layer_types", f"= {sorted(kinds)}")
+    return {"hidden_size": H, "num_heads": nh, "num_kv_heads": int(_get(c, "num_key_value_heads", where, nh)),
+            "head_dim": int(_get(c, "head_dim", where, H // nh)),
+            "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"),
+            # Qwen2-MoE always had q/k/v biases (transformers 5 names the switch qkv_bias)
+            "attention_bias": bool(c.get("qkv_bias", True) if family == "qwen2_moe" else c.get("attention_bias", False))}
+
+
+def model_table_from_hf(c: dict[str, Any], where: str) -> dict[str, Any]:
+    """config.json (a dict) -> the [model] table (a dict the run config checks like TOML)."""
+    family = c.get("model_type")
+    if family not in FAMILIES:
+        raise ConfigError(f"{where}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    act = _get(c, "hidden_act", where, "silu")
+    _refuse(act not in ACTIVATIONS, where, "hidden_act", f"= {act!r}")
+    layers = int(_get(c, "num_hidden_layers", where))
+    table = {"num_layers": layers, "vocab_size": int(_get(c, "vocab_size", where)), "mlp": "gated",
+             "activation": ACTIVATIONS[act], "norm_eps": float(_get(c, "rms_norm_eps", where, 1e-6)),
+             "rope_theta": _rope_theta(c, where, 1e6 if family == "mixtral" else 1e4),
+             "tie_embeddings": bool(c.get("tie_word_embeddings", False)), **_attention(c, where, family)}
+    table["top_k"] = int(_get(c, "num_experts_per_tok", where))
+    if family == "mixtral":
+        F = int(_get(c, "intermediate_size", where))
+        table.update(num_experts=int(_get(c, "num_local_experts", where)), moe_ffn_hidden_size=F,
+                     dense_ffn_hidden_size=F, first_dense_layers=0, normalize_topk=True)
+        return table
+    # the hub's Qwen3-MoE configs say num_experts, transformers 5 writes num_local_experts
+    experts = c.get("num_experts") or _get(c, "num_local_experts", where)
+    table.update(num_experts=int(experts), normalize_topk=bool(c.get("norm_topk_prob", False)))
+    if family == "olmoe":
+        F = int(_get(c, "intermediate_size", where))
+        table.update(moe_ffn_hidden_size=F, dense_ffn_hidden_size=F, first_dense_layers=0)
+        return table
+    table.update(moe_ffn_hidden_size=int(_get(c, "moe_intermediate_size", where)),
+                 dense_ffn_hidden_size=int(_get(c, "intermediate_size", where)),
+                 first_dense_layers=_first_dense_layers(c, layers, where))
+    if family == "qwen2_moe":
+        table.update(shared_expert_ffn_hidden_size=int(_get(c, "shared_expert_intermediate_size", where)),
+                     shared_expert_gate=True)
+    return table
+
+
+def hf_model_table(folder: str | Path) -> tuple[dict[str, Any], str, str]:
+    """-> ([model] table, family, config.json path) of a checkpoint directory."""
+    values, where = read_hf_config(folder)
+    return model_table_from_hf(values, where), values["model_type"], where
+
+
+__all__ = ["FAMILIES", "HF_CONFIG", "is_hf_dir", "read_hf_config", "model_table_from_hf", "hf_model_table"]
