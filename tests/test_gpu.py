@@ -262,7 +262,7 @@ def test_cudnn_attention_matches_numpy(S, L, nh, nkv, D):
     from moe_hpc.model.attention import attention, fuse_qkv
     flash = _needs_cudnn()
     H = 256
-    cfg = SimpleNamespace(num_heads=nh, kv_heads=nkv, head_dim=D, rope_theta=10000.0)
+    cfg = SimpleNamespace(num_heads=nh, kv_heads=nkv, head_dim=D, rope_theta=10000.0, qk_norm="none", norm_eps=1e-6)
     w = DenseLayer(attn_norm=None, mlp_norm=None, wq=bf((H, nh * D), H ** -0.5), wk=bf((H, nkv * D), H ** -0.5),
                    wv=bf((H, nkv * D), H ** -0.5), wo=bf((nh * D, H), (nh * D) ** -0.5))
     a = bf((S, L, H))
