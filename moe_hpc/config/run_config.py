@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 MLP_KINDS = ("plain", "gated")
+GATED = "gated-"   # kernels' MLP kind for a gated MLP: "gated-<activation>" ([gate | up] fused w1)
 QK_NORMS = ("none", "head", "full")
 PLACEMENTS = ("auto", "shared", "disjoint")
 DEVICES = ("cpu", "gpu", "auto")
@@ -60,7 +61,7 @@ class ModelConfig:
     def ffn_kind(self) -> str:
         """What the MLP kernels are told: the activation, prefixed "gated-" for gated MLPs,
         whose first weight is [gate | up] side by side (``checkpoint.fuse_gate_up``)."""
-        return f"gated-{self.activation}" if self.mlp == "gated" else self.activation
+        return f"{GATED}{self.activation}" if self.mlp == "gated" else self.activation
 
     @property
     def kv_heads(self) -> int:
@@ -240,6 +241,11 @@ def model_from_json(text: str, where: str) -> ModelConfig:
     model = build_table("model", values, where)
     _validate_model(model, where)
     return model
+
+
+def split_kind(kind: str) -> tuple[bool, str]:
+    """A kernels' MLP kind -> (gated, activation): "gated-silu" -> (True, "silu")."""
+    return (True, kind[len(GATED):]) if kind.startswith(GATED) else (False, kind)
 
 
 def _require(cond: bool, where: str, key: str, why: str) -> None:

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from ..config.run_config import split_kind
 from .dtypes import BF16, F32
 
 
@@ -94,16 +95,6 @@ def matmul_f32out(a, b):
     return np.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False))
 
 
-def gpu_unsupported(model) -> str | None:
-    """The first ``[model]`` setting the CUDA kernels cannot run yet (as "key = value"), or None."""
-    return "model.mlp = gated" if model.mlp == "gated" else None
-
-
-def _gpu_supports(kind: str) -> None:
-    if kind.startswith(GATED):      # the fused bias+activation kernel is elementwise over [n, F]
-        raise NotImplementedError("gated MLPs (model.mlp = gated) have no CUDA kernel yet")
-
-
 def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     """act(x @ w1 + b1) @ w2 for one expert (its b2 is added at the combine).
 
@@ -111,7 +102,6 @@ def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     ``hidden``/``out`` are optional preallocated [n, F] / [n, H] bf16 buffers.
     """
     if not _on_host(x):
-        _gpu_supports(kind)
         return _cuda().expert_mlp(x, w1, b1, w2, kind, hidden, out)
     h = np.matmul(x.astype(F32, copy=False), w1.astype(F32, copy=False))
     if b1 is not None:
@@ -133,7 +123,6 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     On the GPU each of the two products is one strided-batched GEMM over the slots.
     """
     if not _on_host(x):
-        _gpu_supports(kind)
         return _cuda().grouped_expert_mlp(x, counts, w1, b1, w2, kind, hidden, out)
     S = len(counts)
     C = x.shape[0] // S if S else 0
@@ -269,15 +258,15 @@ def _erf_numpy(x):
     return (np.sign(x) * y).astype(np.float32)
 
 
-GATED = "gated-"
 
 
 def activation(h32, kind: str, xp=np):
     """Activation of an fp32 array: exact-erf gelu, tanh gelu or silu, elementwise; a kind
     "gated-<act>" takes h32 [.., 2F] as [gate | up] and returns act(gate) * up [.., F]."""
-    if kind.startswith(GATED):
+    gated, act = split_kind(kind)
+    if gated:
         F = h32.shape[-1] // 2
-        return activation(h32[..., :F], kind[len(GATED):], xp) * h32[..., F:]
+        return activation(h32[..., :F], act, xp) * h32[..., F:]
     if kind == "gelu":
         return 0.5 * h32 * (1.0 + _erf(h32 * F32.type(1 / math.sqrt(2.0)), xp))
     if kind == "gelu_tanh":
@@ -290,4 +279,4 @@ def activation(h32, kind: str, xp=np):
 
 __all__ = ["take_rows", "put_rows", "topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine",
            "dispatch_plan", "permute_blocks", "gate_topk", "count_into", "choice_counts", "set_expert_gemm_carveout",
-           "activation", "add_rmsnorm", "rope_heads", "add_rows", "gpu_unsupported", "GATED"]
+           "activation", "add_rmsnorm", "rope_heads", "add_rows"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
+from ..config.run_config import split_kind
 from .dtypes import BF16
 from .expert_batches import batched_rows
 
@@ -382,7 +383,9 @@ def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     if x.shape[0] == 0:
         return out if out is not None else cp.empty((0, w2.shape[1]), BF16)
     h = cp.matmul(x, w1, out=hidden)            # bf16 operands, fp32 accumulate (cuBLAS)
-    _bias_act(h, b1, kind, x.shape[0])
+    _activate(h, b1, kind, 1, x.shape[0], x.shape[0])
+    if split_kind(kind)[0]:
+        h = h[:, :w2.shape[0]]                  # act(gate) * up, written over the gate half
     if out is not None and out.dtype == cp.float32:     # a tensor-parallel partial, unrounded
         out[...] = matmul_f32out(h, w2)
         return out
@@ -451,18 +454,21 @@ def _sm_count(device: int) -> int:
 
 
 def _batched_gemm(a, b, c, slots: int, rows: int | None = None) -> None:
-    """c[s] = a[s] @ b[s] for s < slots; a: [S*C, K], b: [S, K, N] bf16; c: [S*C, N] bf16 or fp32;
-    only the first ``rows`` rows of each slot (all C by default; the slot stride stays C).
+    """c[s] = a[s] @ b[s] for s < slots; a: [S*C, >= K], b: [S, K, N] bf16; c: [S*C, >= N] bf16 or
+    fp32; only the first ``rows`` rows of each slot (all C by default; the slot stride stays C).
+    a and c may be wider than K and N (a gated MLP's [gate | up] buffer is read as its first F
+    columns): their row strides are their own widths.
 
     cuBLAS is column-major, so it computes c^T = b^T a^T with the operands swapped."""
     C, K, N = a.shape[0] // slots, b.shape[1], b.shape[2]
+    lda, ldc = a.shape[1], c.shape[1]
     m = C if rows is None else rows
     ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
     with _cublas_on_current_stream() as (cublas, handle, one, zero), _sm_target(handle):
         cublas.gemmStridedBatchedEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, m, K,
                                     one, b.data.ptr, 14, N, K * N,
-                                    a.data.ptr, 14, K, C * K, zero,
-                                    c.data.ptr, ctype, N, C * N, slots,
+                                    a.data.ptr, 14, lda, C * lda, zero,
+                                    c.data.ptr, ctype, ldc, C * ldc, slots,
                                     cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
 
 
@@ -472,18 +478,57 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     S = len(counts)
     if S == 0 or x.shape[0] == 0:
         return out
-    C, F = x.shape[0] // S, hidden.shape[1]
+    C = x.shape[0] // S
     m, heavy = batched_rows(counts, C)
     if m:
         _batched_gemm(x, w1, hidden, S, m)
-        _bias_act(hidden.reshape(S, C, F)[:, :m], b1, kind, m)
+        _activate(hidden, b1, kind, S, m, C)
         _batched_gemm(hidden, w2, out, S, m)
     for s in heavy.tolist():
         tail = slice(s * C + m, s * C + int(counts[s]))
+        n = tail.stop - tail.start
         _batched_gemm(x[tail], w1[s:s + 1], hidden[tail], 1)
-        _bias_act(hidden[tail], None if b1 is None else b1[s:s + 1], kind, tail.stop - tail.start)
+        _activate(hidden[tail], None if b1 is None else b1[s:s + 1], kind, 1, n, n)
         _batched_gemm(hidden[tail], w2[s:s + 1], out[tail], 1)
     return out
+
+
+def _activate(h, b1, kind: str, slots: int, rows: int, stride: int) -> None:
+    """In place on the first ``rows`` rows of each of ``slots`` slots of ``stride`` rows in h:
+    bias + activation, or for a gated kind act(gate + b) * (up + b) into the first half."""
+    gated, act = split_kind(kind)
+    if gated:
+        _gated(h, b1, act, slots, rows, stride)
+    else:
+        F = h.shape[-1]
+        _bias_act(h.reshape(slots, stride, F)[:, :rows], b1, kind, rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _gated_kernel(kind: str):
+    act = _ACTIVATIONS[kind]
+    return cp.RawKernel(_BF16_HELPERS + f"""
+extern "C" __global__ void moe_gated(unsigned short* h, const unsigned short* b1, int has_bias,
+                                     int rows, long long stride, int F) {{
+    // one block per row: h[row] = [gate | up] (2F) -> act(gate) * up into its first F columns
+    long long s = blockIdx.x / rows, row = s * stride + blockIdx.x % rows;
+    unsigned short* r = h + row * 2 * F;
+    for (int j = threadIdx.x; j < F; j += blockDim.x) {{
+        float v = bf2f(r[j]), u = bf2f(r[F + j]);
+        if (has_bias) {{ v += bf2f(b1[s * 2 * F + j]); u += bf2f(b1[s * 2 * F + F + j]); }}
+        v = {act};
+        r[j] = f2bf(v * u);
+    }}
+}}""", "moe_gated")
+
+
+def _gated(h, b1, kind: str, slots: int, rows: int, stride: int) -> None:
+    F = h.shape[-1] // 2
+    if slots * rows == 0:
+        return
+    bias = _u16(b1) if b1 is not None else _u16(h)
+    _gated_kernel(kind)((slots * rows,), (min(1024, 32 * ((F + 31) // 32)),),
+                        (_u16(h), bias, np.int32(b1 is not None), np.int32(rows), np.int64(stride), np.int32(F)))
 
 
 def combine(rows, positions, weights, experts=None, b2=None, out=None):

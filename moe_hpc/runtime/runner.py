@@ -18,10 +18,9 @@ import numpy as np
 from .. import __version__
 from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology
-from ..config.errors import ConfigError, Interrupted, MoeHpcError
+from ..config.errors import Interrupted, MoeHpcError
 from ..config.roles import RoleLayout, check_layout
 from ..device.backend import make_backend
-from ..device.kernels import gpu_unsupported
 from ..files.batches import (OutputWriter, create_output, finalize_output, logprob_summary, open_input,
                              reopen_output)
 from ..files.checkpoint import Checkpoint
@@ -111,18 +110,10 @@ def _prepare(topo, job: Job) -> tuple[Engine, InputMeta]:
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
     meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
     backend = sync(make_backend, cfg.run.device, topo.local_rank)
-    sync(_check_device, cfg.model, backend)
     placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
     engine = Engine(cfg, topo, backend, placement)
     sync(_load, engine, job)
     return engine, meta
-
-
-def _check_device(model, backend) -> None:
-    """A model variant the GPU kernels lack is refused before any weight is read."""
-    missing = gpu_unsupported(model) if backend.name == "gpu" else None
-    if missing:
-        raise ConfigError(f"{missing} is not supported on the GPU yet (run.device = cpu runs it)")
 
 
 def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress) -> None:
