@@ -4,7 +4,8 @@ QKV rows.
 
 Both are memory-bound: each reads and writes a row once, where the array-module version makes
 four to six passes over fp32 copies. Same precision rule as everything else: bf16 words in and
-out, fp32 inside, products rounded separately (no fused multiply-add) so results match NumPy's.
+out, fp32 inside; RoPE's products are rounded separately (no fused multiply-add) like NumPy's,
+and the norm's sum of squares runs in another order than NumPy's, so the two agree to rounding.
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def add_rmsnorm(x, y, weight, eps: float):
     rows = x.size // H
     if y is None:
         x = cp.ascontiguousarray(x)
+    elif not x.flags.c_contiguous:                # the residual stream is updated in place
+        raise ValueError("add_rmsnorm: x must be contiguous when y is added to it")
     out = cp.empty_like(x)
     w = cp.ascontiguousarray(weight.astype(cp.float32, copy=False))
     y16 = x.view(cp.uint16) if y is None else cp.ascontiguousarray(y).view(cp.uint16)
@@ -104,6 +107,8 @@ def add_rmsnorm(x, y, weight, eps: float):
 def add_rows(x, rows, f) -> None:
     """x: [N, H] bf16 contiguous, rows: [n] ints, f: [n, H] bf16: x[rows] += f in one pass."""
     n, H = f.shape
+    if not x.flags.c_contiguous or x.dtype != f.dtype:
+        raise ValueError("add_rows: x must be contiguous and of f's dtype (bf16)")
     if n:
         _kernel("add_rows")((n,), (_threads(min(H, 1024) // 4),),
                             (x.view(cp.uint16), cp.ascontiguousarray(rows, dtype=cp.int64),
@@ -114,6 +119,9 @@ def rope_heads(qkv, cos, sin, heads: int, head_dim: int) -> None:
     """qkv: [S, L, W] bf16, contiguous; rotate the first ``heads`` heads of every row in place.
     cos, sin: [L, head_dim/2] fp32."""
     S, L, W = qkv.shape
+    if not qkv.flags.c_contiguous:
+        raise ValueError("rope_heads: qkv must be contiguous")
+    cos, sin = cos.astype(cp.float32, copy=False), sin.astype(cp.float32, copy=False)
     if S * L:
         _kernel("rope_heads")((S * L,), (_threads(min(heads * head_dim // 2, 1024) // 2),),
                               (qkv.view(cp.uint16), cp.ascontiguousarray(cos), cp.ascontiguousarray(sin),

@@ -23,8 +23,10 @@ import cupy as cp
 class CudnnAttention:
     """Causal SDPA, bf16 in and out, fp32 softmax; one graph per shape, built once and cached."""
 
-    def __init__(self):
+    def __init__(self, strict: bool = False):
+        """strict: a shape cuDNN refuses is an error (``run.attention = cudnn``), not a fallback."""
         import cudnn
+        self.strict = strict
         self.cudnn = cudnn
         self.handle = cudnn.create_handle()
         self.graphs: dict[tuple, tuple] = {}
@@ -34,6 +36,9 @@ class CudnnAttention:
         """qkv: [S, L, (nh + 2 nkv) D] bf16 (q, k, v heads side by side per row, RoPE applied);
         out: [S, L, nh D] bf16, written in place. Query head h reads key/value head h // (nh/nkv)."""
         S, L, W = qkv.shape
+        if W != (nh + 2 * nkv) * D or not (qkv.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError(f"cuDNN attention: qkv {qkv.shape} is not contiguous [S, L, (nh + 2 kv) D] "
+                             f"for {nh}/{nkv} heads of {D}")
         graph, q, k, v, o, size = self._graph(S, L, nh, nkv, D, scale)
         if self.workspace.nbytes < size:
             self.workspace = cp.empty(size, cp.uint8)
@@ -49,6 +54,9 @@ class CudnnAttention:
             try:
                 self.graphs[key] = self._build(*key)
             except Exception as e:    # cuDNN's own words: head size, alignment, GPU generation
+                if self.strict:
+                    raise RuntimeError(f"run.attention = 'cudnn': cuDNN does not run {S} x {L} tokens, "
+                                       f"{nh}/{nkv} heads of {D}: {e}") from None
                 self.graphs[key] = None
                 print(f"warning: cuDNN attention does not run {S} x {L} tokens, {nh}/{nkv} heads of {D} "
                       f"({e}); those use the tiled core", file=sys.stderr, flush=True)
@@ -79,7 +87,7 @@ class CudnnAttention:
         return g, q, k, v, o, g.get_workspace_size()
 
 
-def flash_attention_or_reason() -> tuple[CudnnAttention | None, str]:
+def flash_attention_or_reason(strict: bool = False) -> tuple[CudnnAttention | None, str]:
     """(the attention, "") where cuDNN's frontend imports and its runtime loads; else (None, why)."""
     try:
         importlib.import_module("cudnn")      # nvidia-cudnn-frontend
@@ -87,7 +95,7 @@ def flash_attention_or_reason() -> tuple[CudnnAttention | None, str]:
         return None, (f"cuDNN's Python frontend is not importable ({e}); install the gpu extra "
                       "(nvidia-cudnn-frontend and the nvidia-cudnn wheel for the CuPy wheel's CUDA)")
     try:
-        return CudnnAttention(), ""
+        return CudnnAttention(strict), ""
     except Exception as e:   # the runtime library missing or too old for this GPU
         return None, f"cuDNN's frontend imported but could not start: {e}"
 

@@ -98,8 +98,11 @@ def matmul_f32out(a, b):
 def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     """act(x @ w1 + b1) @ w2 for one expert (its b2 is added at the combine).
 
-    x: [n, H] bf16, w1: [H, F] ([H, 2F] for a gated ``kind``), b1: [F] | None, w2: [F, H] -> [n, H] bf16.
-    ``hidden``/``out`` are optional preallocated [n, F] / [n, H] bf16 buffers.
+    x: [n, H] bf16, w1: [H, F] ([H, 2F] for a gated ``kind``: [gate | up]), b1: [F] ([2F]) | None,
+    w2: [F, H] -> [n, H] bf16. ``hidden``/``out`` are optional preallocated [n, F] ([n, 2F] gated)
+    / [n, H] bf16 buffers. Rounding: here x @ w1 (+ b1) stays fp32 through the activation and is
+    rounded once; on the GPU cuBLAS rounds x @ w1 to bf16 first (one more bf16 step, inside the
+    SPEC tolerance).
     """
     if not _on_host(x):
         return _cuda().expert_mlp(x, w1, b1, w2, kind, hidden, out)

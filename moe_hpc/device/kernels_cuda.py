@@ -457,11 +457,12 @@ def _batched_gemm(a, b, c, slots: int, rows: int | None = None) -> None:
     """c[s] = a[s] @ b[s] for s < slots; a: [S*C, >= K], b: [S, K, N] bf16; c: [S*C, >= N] bf16 or
     fp32; only the first ``rows`` rows of each slot (all C by default; the slot stride stays C).
     a and c may be wider than K and N (a gated MLP's [gate | up] buffer is read as its first F
-    columns): their row strides are their own widths.
+    columns): their leading dimensions are their row strides.
 
     cuBLAS is column-major, so it computes c^T = b^T a^T with the operands swapped."""
     C, K, N = a.shape[0] // slots, b.shape[1], b.shape[2]
-    lda, ldc = a.shape[1], c.shape[1]
+    lda, ldc = a.strides[0] // a.itemsize, c.strides[0] // c.itemsize     # row strides, views included
+    assert a.strides[1] == a.itemsize and c.strides[1] == c.itemsize, "rows must be contiguous"
     m = C if rows is None else rows
     ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
     with _cublas_on_current_stream() as (cublas, handle, one, zero), _sm_target(handle):

@@ -52,7 +52,7 @@ def choose_attention(choice: str, backend, announce: bool):
     if choice == "tiles" or backend.xp is np:
         return None, "tiles"
     from ..device.flash_cudnn import flash_attention_or_reason
-    flash, why = flash_attention_or_reason()
+    flash, why = flash_attention_or_reason(strict=choice == "cudnn")
     if flash is not None:
         return flash, "cudnn"
     if choice == "cudnn":

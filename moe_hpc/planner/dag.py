@@ -141,7 +141,8 @@ def deployment_dag(layout: Deployment, w: Workload) -> Dag:
     copies = f", {layout.replicas} replicas" if layout.replicas > 1 else ""
     dag = Dag(f"deployment ({layout.world_size} GPUs{copies})", scope=(tuple(m.moe_layers), None, None))
     dag.add(Node("input", "read chunk (S x L tokens)", "io", on_stage[0], (), ((T, H),)))
-    reduce = f"; TP {tp}: fp32 all-reduce [{T}, {H}] after attention and MLP" if tp > 1 else ""
+    reduce = (f"; TP {tp}: fp32 all-reduce [{T}, {H}] after attention (and a dense MLP), the leader's "
+              f"MoE output broadcast") if tp > 1 else ""
     prev, prev_stage = "input", 0
     for i, (stage, kind, blocks) in enumerate(_segments(m, P)):
         if stage != prev_stage:

@@ -299,9 +299,8 @@ def render_time(t: dict, gpus: int) -> list[str]:
         out.append(f"  dense block {db['block']}: attention {db['attention']:.2f}, dense MLP {db['dense_mlp']:.2f} -> "
                    f"block {db['total_ms']:.2f}")
     if t["stages_s"]:
-        out.append("  stages: " + ", ".join(f"{v:.3f}" for v in t["stages_s"]) + f" s each (their blocks and the "
-                   f"hand-over); with {t['waves']} wave(s) the step is the slowest x ({t['waves']} + "
-                   f"{len(t['stages_s'])} - 1) / {t['waves']}")
+        out.append("  stages: " + ", ".join(f"{v:.3f}" for v in t["stages_s"]) + " s busy each (their blocks and "
+                   f"the hand-over); {t['waves']} wave(s) step through them in lockstep (engine schedule)")
     out += [f"step       {t['step_s']:.3f} s for {t['tokens_per_step']:,} tokens: {t['tokens_per_s']:,.0f} tokens/s "
             f"({t['tokens_per_s_per_gpu']:,.0f} per GPU), MFU {t['mfu']:.1%} of {gpus} GPUs",
             "shares     " + ", ".join(f"{k} {t['shares'][k]:.0%}" for k in CATEGORIES),

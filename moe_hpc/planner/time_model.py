@@ -279,10 +279,14 @@ def dense_block(cfg: Config, cluster: Cluster, w: Workload, layer: int, r: Rates
 
 @dataclass(frozen=True)
 class StepTime:
-    """Every block once for one chunk on every dense rank of every replica. With dense stages,
-    each stage runs its own blocks and hands the activations on (``send_s``); a chunk's waves
-    keep the stages busy at once, so the step is the slowest stage's time stretched by the
-    pipeline's fill and drain: (waves + stages - 1) / waves."""
+    """Every block once for one chunk on every dense rank of every replica.
+
+    With dense stages the engine's wavefront schedule (``Engine.schedule``) sets the pace: at
+    step s wave w is at block s - w, a wave carries 1/W of the chunk, and every rank joins every
+    step's collectives, so the stages advance in lockstep and a step lasts as long as its
+    busiest stage's share of the waves it holds. Waves therefore overlap stages only once there
+    are about as many waves as blocks per stage. Each stage boundary adds one hand-over of the
+    chunk (``send_s``). Experts shared by several stages' blocks in one step are not summed."""
     blocks: list
     tokens: int                     # tokens per step, all replicas
     stage_of: tuple = ()            # block -> its stage (empty: one stage)
@@ -291,6 +295,7 @@ class StepTime:
 
     @property
     def stage_seconds(self) -> list[float]:
+        """Each stage's busy time for the chunk: its blocks and its hand-over to the next."""
         stages = max(self.stage_of, default=0) + 1
         per = [0.0] * stages
         for b in self.blocks:
@@ -299,8 +304,16 @@ class StepTime:
 
     @property
     def seconds(self) -> float:
-        per = self.stage_seconds
-        return max(per) * (self.waves + len(per) - 1) / self.waves if len(per) > 1 else per[0]
+        if not self.stage_of:
+            return sum(b.seconds for b in self.blocks)
+        W, L, P = self.waves, len(self.blocks), max(self.stage_of) + 1
+        total = 0.0
+        for step in range(L + W - 1):
+            per = [0.0] * P
+            for layer in range(max(0, step - W + 1), min(L, step + 1)):     # wave step - layer is here
+                per[self.stage_of[layer]] += self.blocks[layer].seconds / W
+            total += max(per)
+        return total + (P - 1) * self.send_s
 
     @property
     def tokens_per_s(self) -> float:

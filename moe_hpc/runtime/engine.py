@@ -89,7 +89,9 @@ class Engine:
         self.stage = topo.stage if topo.is_dense else 0
         self.blocks = stage_blocks(m.num_layers, P)[self.stage] if topo.is_dense else range(0)
         self.first_stage, self.last_stage = self.stage == 0, self.stage == P - 1
-        self.flash, self.attention_core = choose_attention(cfg.run.attention, backend, topo.rank == 0)
+        # only ranks that attend hold cuDNN's handle and workspace
+        self.flash, self.attention_core = choose_attention(cfg.run.attention, backend, topo.rank == 0) \
+            if topo.is_dense else (None, "tiles")
         self.moe = MoeBlock(m, cfg.run.micro_batch_tokens, self.router, self.exchange, topo.exchange, tables,
                             self.local_experts, backend, self.times, topo.tp, self.tp_group)
 
