@@ -77,7 +77,8 @@ def mla_qkv(a, w, m: ModelConfig, xp=np):
         q = matmul_bf16(a, w.wq, xp)
     q = q.reshape(S, L, nh, D)
     latent = matmul_bf16(a, w.wkv_a, xp)                                # [S, L, Rkv + R]
-    kv = matmul_bf16(rmsnorm(latent[..., :Rkv], w.kv_a_norm, MLA_NORM_EPS, xp), w.wkv_b, xp)
+    c = xp.ascontiguousarray(latent[..., :Rkv])                         # the GPU's norm kernel reads rows densely
+    kv = matmul_bf16(rmsnorm(c, w.kv_a_norm, MLA_NORM_EPS, xp), w.wkv_b, xp)
     kv = kv.reshape(S, L, nh, D - R + m.v_head_dim)
     cos, sin = _tables(m, L, xp)
     k = xp.empty((S, L, nh, D), dtype=q.dtype)
