@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import moe_hpc, needs_mpiexec
+from helpers import REPO, moe_hpc, needs_mpiexec
 from moe_hpc.config.errors import ConfigError, InputError
 from moe_hpc.config.hf import model_table_from_hf
 from moe_hpc.config.run_config import build_config, load_config
@@ -169,3 +169,36 @@ def test_hub_style_rope_scaling_is_read():
 def test_model_keys_are_checked(model, needle):
     with pytest.raises(ConfigError, match=needle):
         build_config({"model": model})
+
+
+# ---------------------------------------------------------------- planning the released model
+
+PRESET = REPO / "inputs" / "deepseek_v3.toml"
+
+
+def test_preset_counts_mla_weights_and_flops_by_hand():
+    """One MoE block of the 671B model: MLA's weights and the top-8-of-256 FLOPs, counted here."""
+    from moe_hpc.files.checkpoint import layer_shapes
+    from moe_hpc.model.flops import flops_per_token
+    m = load_config(PRESET).model
+    H, nh = 7168, 128
+    mla = H * 1536 + 1536 + 1536 * nh * 192 + H * 576 + 512 + 512 * nh * (128 + 128) + nh * 128 * H
+    shapes = layer_shapes(m, 3)
+    assert "wq" not in shapes and "wk" not in shapes and "wv" not in shapes
+    assert sum(np.prod(shapes[n]) for n in ("wq_a", "q_a_norm", "wq_b", "wkv_a", "kv_a_norm", "wkv_b", "wo")) == mla
+    assert sum(np.prod(shapes[f"experts/{w}"]) for w in ("w1", "w2", "w3")) == 256 * 3 * H * 2048
+    f = flops_per_token(m, 4096)
+    assert f["projections"] == 2 * (mla - 1536 - 512)
+    assert f["experts"] == 8 * 2 * 3 * H * 2048 and f["gate"] == 2 * H * 256 + 2 * 3 * H * 2048
+    assert f["attention_core"] == 2 * nh * (192 + 128) * 4096 / 2
+
+
+@pytest.mark.parametrize("cluster", ["cluster_seed128.toml", "cluster_dsv3_256.toml"])
+def test_preset_plans_and_verifies(cluster, tmp_path):
+    from test_plan import plan_args
+    from moe_hpc.planner.report import run_plan
+    args = plan_args(REPO / "inputs" / cluster, tmp_path)
+    args.config = str(PRESET)
+    r = run_plan(args, out=lambda s: None)
+    assert r["fits"] and all(not d["problems"] for d in r["dags"])
+    assert max(v["gib"]["total"] for v in r["memory"].values()) <= 64
