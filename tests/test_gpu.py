@@ -205,6 +205,12 @@ def test_gate_topk_and_count_kernels_match_numpy():
             e_d, w_d = kernels.gate_topk(cp.asarray(logits), None if b is None else cp.asarray(b), k, norm)
             np.testing.assert_array_equal(cp.asnumpy(e_d), e_h)
             np.testing.assert_allclose(cp.asnumpy(w_d), w_h, rtol=1e-5, atol=1e-7)
+    # DeepSeek-V3's rule (sigmoid, 8 groups of which 4 are kept, scaled weights) through CuPy's ops
+    rule = {"score": "sigmoid", "groups": 8, "keep_groups": 4, "scale": 2.5}
+    e_h, w_h = kernels.gate_topk(logits, bias, 8, True, **rule)
+    e_d, w_d = kernels.gate_topk(cp.asarray(logits), cp.asarray(bias), 8, True, **rule)
+    np.testing.assert_array_equal(cp.asnumpy(e_d), e_h)
+    np.testing.assert_allclose(cp.asnumpy(w_d), w_h, rtol=1e-5, atol=1e-7)
     ids = rng.integers(0, 64, (3000, 2)).astype(np.int32)
     host, dev = np.zeros(64, np.int64), cp.zeros(64, cp.int64)
     kernels.count_into(host, ids)
@@ -347,7 +353,8 @@ def test_gated_expert_kernels_match_numpy(bias, counts):
             assert rel(grouped[rows].astype(np.float32), host[rows].astype(np.float32)) < 1e-2
 
 
-HF_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+HF_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+               "deepseek_v3", "deepseek_v3_direct", "deepseek_v3_fp8"]   # MLA (tiled core), grouped sigmoid gate, FP8 read
 
 
 @needs_mpiexec

@@ -203,14 +203,14 @@ def reshape_tensor(folder: Path) -> None:
 
 def other_architecture(folder: Path) -> None:
     values = json.loads((folder / "config.json").read_text())
-    values["model_type"] = "deepseek_v3"
+    values["model_type"] = "deepseek_v2"
     (folder / "config.json").write_text(json.dumps(values))
 
 
 BROKEN = {"truncated-shard": ("mixtral", truncate, ["safetensors", "truncated"]),
           "missing-tensor": ("mixtral", drop_tensor, ["experts.3.w2.weight"]),
           "wrong-shape": ("olmoe", reshape_tensor, ["k_proj.weight", "shape"]),
-          "unsupported-architecture": ("qwen3_moe", other_architecture, ["deepseek_v3"])}
+          "unsupported-architecture": ("qwen3_moe", other_architecture, ["deepseek_v2"])}
 
 
 @needs_mpiexec

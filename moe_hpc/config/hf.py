@@ -1,6 +1,6 @@
 """A Hugging Face ``config.json`` -> the ``[model]`` table (docs/models.md).
 
-Four families: ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``. Every field that would make
+Five families: ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``deepseek_v3``. Every field that would make
 the model compute something else than the table describes (a scaled RoPE, a sliding window,
 clipped q/k/v, dense blocks that are not a prefix of the stack, ...) is refused with an error
 naming it, never dropped: the engine runs the model the checkpoint holds or none.
@@ -13,7 +13,7 @@ from typing import Any
 from .errors import ConfigError
 from .jsonfile import read_json_object
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 HF_CONFIG = "config.json"
 # transformers' activation names -> ours (the exact functions, not approximations)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -55,6 +55,71 @@ def _rope_theta(c: dict, where: str, default: float) -> float:
     return float(params.get("rope_theta", c.get("rope_theta") or default))
 
 
+def _rope_parameters(c: dict) -> dict:
+    """transformers 5's ``rope_parameters``, or the hub's older ``rope_scaling`` beside ``rope_theta``."""
+    params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    kind = params.pop("type", None)
+    params.setdefault("rope_type", kind or "default")
+    params.setdefault("rope_theta", c.get("rope_theta") or 1e4)
+    return params
+
+
+YARN_KEYS = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_positions",
+             "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "mscale": "rope_mscale",
+             "mscale_all_dim": "rope_mscale_all_dim", "attention_factor": "rope_attention_factor"}
+
+
+def _mla_rope(c: dict, where: str) -> dict[str, Any]:
+    """DeepSeek-V3's RoPE: default or YaRN (its keys as ``rope_*`` model keys); anything else refused."""
+    params = _rope_parameters(c)
+    kind = params["rope_type"]
+    _refuse(kind not in ("default", "yarn"), where, "rope_parameters.rope_type", f"= {kind!r}")
+    _refuse(c.get("partial_rotary_factor", 1.0) not in (None, 1.0) or params.get("partial_rotary_factor", 1.0) != 1.0,
+            where, "partial_rotary_factor", "!= 1")
+    table = {"rope_theta": float(params["rope_theta"])}
+    if kind == "yarn":
+        _refuse(params.get("truncate", True) is not True, where, "rope_parameters.truncate", "= false")
+        unknown = set(params) - set(YARN_KEYS) - {"rope_type", "rope_theta", "truncate"}
+        _refuse(bool(unknown), where, "rope_parameters", f"keys {sorted(unknown)}")
+        table["rope_scaling"] = "yarn"
+        table["rope_original_max_positions"] = int(params.get("original_max_position_embeddings")
+                                                   or _get(c, "max_position_embeddings", where))
+        for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            if params.get(key) is not None:
+                table[YARN_KEYS[key]] = float(params[key])
+        if "factor" not in params:
+            table["rope_factor"] = _get(c, "max_position_embeddings", where) / table["rope_original_max_positions"]
+    return table
+
+
+def _deepseek_v3(c: dict, where: str, table: dict) -> dict[str, Any]:
+    """MLA, sigmoid group-limited routing, shared experts, first_k_dense_replace dense blocks.
+    The multi-token-prediction block (``num_nextn_predict_layers``) is not part of the forward
+    pass and is not read."""
+    _refuse(bool(c.get("attention_bias")), where, "attention_bias", "= true")
+    _refuse(c.get("topk_method", "noaux_tc") != "noaux_tc", where, "topk_method", f"= {c.get('topk_method')!r}")
+    _refuse(c.get("scoring_func", "sigmoid") != "sigmoid", where, "scoring_func", f"= {c.get('scoring_func')!r}")
+    nope, rope = int(_get(c, "qk_nope_head_dim", where)), int(_get(c, "qk_rope_head_dim", where))
+    table.update(head_dim=nope + rope, num_kv_heads=table["num_heads"], kv_lora_rank=int(_get(c, "kv_lora_rank", where)),
+                 q_lora_rank=int(_get(c, "q_lora_rank", where, 0)), qk_rope_head_dim=rope,
+                 v_head_dim=int(_get(c, "v_head_dim", where)), **_mla_rope(c, where))
+    E, F = int(_get(c, "n_routed_experts", where)), int(_get(c, "moe_intermediate_size", where))
+    table.update(num_experts=E, moe_ffn_hidden_size=F, dense_ffn_hidden_size=int(_get(c, "intermediate_size", where)),
+                 first_dense_layers=min(int(_get(c, "first_k_dense_replace", where, 0)), table["num_layers"]),
+                 shared_expert_ffn_hidden_size=F * int(_get(c, "n_shared_experts", where, 0)),
+                 normalize_topk=bool(_get(c, "norm_topk_prob", where, True)), gate_score="sigmoid",
+                 expert_groups=int(_get(c, "n_group", where, 1)), topk_groups=int(_get(c, "topk_group", where, 1)),
+                 routed_scaling_factor=float(_get(c, "routed_scaling_factor", where, 1.0)))
+    _refuse(int(c.get("moe_layer_freq", 1)) != 1, where, "moe_layer_freq", f"= {c.get('moe_layer_freq')!r}")
+    return table
+
+
+def rope_interleave(c: dict) -> bool:
+    """DeepSeek-V3's RoPE pairs (x0, x1), (x2, x3) ... of the rope dims (transformers' default),
+    which the reader turns into the half-split layout by permuting weight columns."""
+    return c.get("model_type") == "deepseek_v3" and bool(c.get("rope_interleave", True))
+
+
 def _first_dense_layers(c: dict, layers: int, where: str) -> int:
     """Blocks are dense where HF's rule says so (in ``mlp_only_layers``, or off the
     ``decoder_sparse_step`` grid); the engine needs them to be a prefix 0..d-1."""
@@ -92,9 +157,12 @@ def model_table_from_hf(c: dict[str, Any], where: str) -> dict[str, Any]:
     layers = int(_get(c, "num_hidden_layers", where))
     table = {"num_layers": layers, "vocab_size": int(_get(c, "vocab_size", where)), "mlp": "gated",
              "activation": ACTIVATIONS[act], "norm_eps": float(_get(c, "rms_norm_eps", where, 1e-6)),
-             "rope_theta": _rope_theta(c, where, 1e6 if family == "mixtral" else 1e4),
              "tie_embeddings": bool(c.get("tie_word_embeddings", False)), **_attention(c, where, family)}
     table["top_k"] = int(_get(c, "num_experts_per_tok", where))
+    _quantization(c, where)
+    if family == "deepseek_v3":
+        return _deepseek_v3(c, where, table)
+    table["rope_theta"] = _rope_theta(c, where, 1e6 if family == "mixtral" else 1e4)
     if family == "mixtral":
         F = int(_get(c, "intermediate_size", where))
         table.update(num_experts=int(_get(c, "num_local_experts", where)), moe_ffn_hidden_size=F,
@@ -116,10 +184,31 @@ def model_table_from_hf(c: dict[str, Any], where: str) -> dict[str, Any]:
     return table
 
 
+def fp8_block(c: dict) -> tuple[int, int] | None:
+    """The weight block of an FP8 checkpoint (``quantization_config``: ``quant_method`` fp8,
+    e4m3 weights, one ``weight_scale_inv`` per block), None for an unquantised one."""
+    q = c.get("quantization_config")
+    return None if not q else tuple(int(b) for b in q.get("weight_block_size", (128, 128)))
+
+
+def _quantization(c: dict, where: str) -> None:
+    q = c.get("quantization_config")
+    if not q:
+        return
+    _refuse(q.get("quant_method") != "fp8", where, "quantization_config.quant_method", f"= {q.get('quant_method')!r}")
+    _refuse(q.get("fmt", "e4m3") != "e4m3", where, "quantization_config.fmt", f"= {q.get('fmt')!r}")
+    _refuse(q.get("activation_scheme", "dynamic") != "dynamic", where, "quantization_config.activation_scheme",
+            f"= {q.get('activation_scheme')!r}")
+    block = q.get("weight_block_size")
+    _refuse(not (isinstance(block, list) and len(block) == 2), where, "quantization_config.weight_block_size",
+            f"= {block!r} (per-tensor scales)")
+
+
 def hf_model_table(folder: str | Path) -> tuple[dict[str, Any], str, str]:
     """-> ([model] table, family, config.json path) of a checkpoint directory."""
     values, where = read_hf_config(folder)
     return model_table_from_hf(values, where), values["model_type"], where
 
 
-__all__ = ["FAMILIES", "HF_CONFIG", "is_hf_dir", "read_hf_config", "model_table_from_hf", "hf_model_table"]
+__all__ = ["FAMILIES", "HF_CONFIG", "is_hf_dir", "read_hf_config", "model_table_from_hf", "hf_model_table",
+           "rope_interleave", "fp8_block"]

@@ -24,6 +24,9 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 MLP_KINDS = ("plain", "gated")
 GATED = "gated-"   # kernels' MLP kind for a gated MLP: "gated-<activation>" ([gate | up] fused w1)
 QK_NORMS = ("none", "head", "full")
+GATE_SCORES = ("softmax", "sigmoid")
+ROPE_SCALINGS = ("none", "yarn")
+MLA_NORM_EPS = 1e-6   # the MLA latents' RMSNorms (q_a_norm, kv_a_norm) use this eps, not norm_eps
 PLACEMENTS = ("auto", "shared", "disjoint")
 DEVICES = ("cpu", "gpu", "auto")
 ATTENTION_CORES = ("auto", "cudnn", "tiles")
@@ -56,6 +59,25 @@ class ModelConfig:
     qk_norm: str = "none"           # none | head: RMSNorm per head [D] | full: over all heads [nh*D]
     attention_bias: bool = False    # q, k, v projections have biases bq, bk, bv
     tie_embeddings: bool = False    # the LM head is embed transposed (no /lm_head)
+    # DeepSeek-V3: multi-head latent attention (MLA) when kv_lora_rank > 0; head_dim is then the
+    # q/k head width, its last qk_rope_head_dim values the RoPE part (docs/models.md)
+    kv_lora_rank: int = 0           # >0: k/v from a compressed latent of this width (MLA)
+    q_lora_rank: int = 0            # MLA: >0 q through a low-rank latent of this width, 0 directly
+    qk_rope_head_dim: int = 0       # MLA: the RoPE part of each q/k head
+    v_head_dim: int = 0             # MLA: width of each value head
+    rope_scaling: str = "none"      # none | yarn (MLA only): scaled RoPE and its attention-scale factor
+    rope_factor: float = 1.0        # yarn: context extension factor
+    rope_original_max_positions: int = 0   # yarn: the pretraining context length
+    rope_beta_fast: float = 32.0    # yarn: rotations where interpolation stops
+    rope_beta_slow: float = 1.0     # yarn: rotations where extrapolation stops
+    rope_mscale: float = 0.0        # yarn: mscale (0: not given)
+    rope_mscale_all_dim: float = 0.0   # yarn: mscale_all_dim (0: not given)
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale (0: inferred from the mscales)
+    # the router: softmax or sigmoid scores, optionally group-limited, weights times a factor
+    gate_score: str = "softmax"     # softmax | sigmoid
+    expert_groups: int = 1          # group-limited routing: experts in this many equal groups
+    topk_groups: int = 1            # ... of which the best this many are kept (by top-2 score sums)
+    routed_scaling_factor: float = 1.0   # the routed experts' combine weights are multiplied by it
 
     @property
     def ffn_kind(self) -> str:
@@ -66,6 +88,22 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V3) instead of q/k/v projections."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def attn_out_dim(self) -> int:
+        """Width of one head's attention output (the value head): v_head_dim under MLA."""
+        return self.v_head_dim if self.mla else self.head_dim
+
+    @property
+    def gate_rule(self) -> dict:
+        """How the gate scores and chooses beyond SPEC's softmax top-k (kernels.gate_topk's keywords)."""
+        return {"score": self.gate_score, "groups": self.expert_groups, "keep_groups": self.topk_groups,
+                "scale": self.routed_scaling_factor}
 
     @property
     def moe_layers(self) -> range:
@@ -281,6 +319,41 @@ def _validate_model(m: ModelConfig, where: str) -> None:
              "needs model.shared_expert_ffn_hidden_size > 0 (there is no shared expert to gate)")
     _require(not m.tie_embeddings or m.vocab_size > 0, where, "model.tie_embeddings",
              "needs model.vocab_size > 0 (there is no embedding to tie)")
+    _validate_mla(m, where)
+    _validate_router(m, where)
+
+
+def _validate_mla(m: ModelConfig, where: str) -> None:
+    for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "rope_original_max_positions"):
+        _require(getattr(m, key) >= 0, where, f"model.{key}", "must be >= 0")
+    _require(m.rope_scaling in ROPE_SCALINGS, where, "model.rope_scaling",
+             f"must be one of {', '.join(ROPE_SCALINGS)}, got {m.rope_scaling!r}")
+    if not m.mla:
+        _require(m.q_lora_rank == 0 and m.qk_rope_head_dim == 0 and m.v_head_dim == 0, where,
+                 "model.q_lora_rank/qk_rope_head_dim/v_head_dim", "need model.kv_lora_rank > 0 (MLA)")
+        _require(m.rope_scaling == "none", where, "model.rope_scaling", "is supported with MLA only")
+        return
+    _require(0 < m.qk_rope_head_dim < m.head_dim and m.qk_rope_head_dim % 2 == 0, where, "model.qk_rope_head_dim",
+             f"must be even and in (0, head_dim = {m.head_dim}), got {m.qk_rope_head_dim}")
+    _require(m.v_head_dim >= 1, where, "model.v_head_dim", "must be >= 1 with MLA")
+    _require(m.kv_heads == m.num_heads, where, "model.num_kv_heads", "must equal num_heads with MLA")
+    _require(m.qk_norm == "none" and not m.attention_bias, where, "model.qk_norm/attention_bias",
+             "are not supported with MLA")
+    if m.rope_scaling == "yarn":
+        _require(m.rope_factor >= 1.0, where, "model.rope_factor", f"must be >= 1, got {m.rope_factor}")
+        _require(m.rope_original_max_positions >= 1, where, "model.rope_original_max_positions", "must be >= 1 with yarn")
+
+
+def _validate_router(m: ModelConfig, where: str) -> None:
+    _require(m.gate_score in GATE_SCORES, where, "model.gate_score",
+             f"must be one of {', '.join(GATE_SCORES)}, got {m.gate_score!r}")
+    G = m.expert_groups
+    _require(G >= 1 and m.num_experts % G == 0, where, "model.expert_groups",
+             f"({G}) must be >= 1 and divide num_experts ({m.num_experts})")
+    _require(1 <= m.topk_groups <= G, where, "model.topk_groups", f"must be in [1, expert_groups = {G}]")
+    _require(m.top_k <= m.topk_groups * (m.num_experts // G), where, "model.top_k",
+             f"({m.top_k}) must be <= the experts of the kept groups ({m.topk_groups * (m.num_experts // G)})")
+    _require(m.routed_scaling_factor > 0, where, "model.routed_scaling_factor", "must be > 0")
 
 
 def validate(cfg: Config) -> None:

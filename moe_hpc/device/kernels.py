@@ -55,15 +55,51 @@ def topk(score, probs, k: int, normalize: bool):
     return experts, weights.astype(F32)
 
 
-def gate_topk(logits, bias, k: int, normalize: bool):
+def gate_topk(logits, bias, k: int, normalize: bool, score: str = "softmax", groups: int = 1,
+              keep_groups: int = 1, scale: float = 1.0):
     """The gate after its GEMM. logits: [T, E] fp32; bias: [E] fp32 | None -> experts [T, k]
-    int32 (highest p + bias first, ties to the lower index), weights [T, k] fp32: the softmax
-    probabilities p of the chosen, renormalised if ``normalize``. The bias chooses, never weighs."""
-    if not _on_host(logits):
-        return _cuda().gate_topk(logits, bias, k, normalize)
-    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return topk(p if bias is None else p + np.asarray(bias, dtype=F32), p, k, normalize)
+    int32 (highest p + bias first, ties to the lower index), weights [T, k] fp32: the scores p
+    of the chosen, renormalised if ``normalize``, times ``scale``. The bias chooses, never weighs.
+
+    ``score``: p = softmax (SPEC) or sigmoid of the logits. ``groups`` > 1: the experts form
+    that many equal groups, each scored by the sum of its two best p + bias; only the experts of
+    the best ``keep_groups`` groups can be chosen (DeepSeek-V3's group-limited routing)."""
+    if score == "softmax" and groups == 1 and scale == 1.0:     # SPEC's gate: one kernel on the GPU
+        if not _on_host(logits):
+            return _cuda().gate_topk(logits, bias, k, normalize)
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        return topk(p if bias is None else p + np.asarray(bias, dtype=F32), p, k, normalize)
+    return _grouped_gate(logits, bias, k, normalize, score, groups, keep_groups, scale,
+                         np if _on_host(logits) else _cuda().cp)
+
+
+def _descending(x, xp):
+    """Indices sorting each row of x from high to low, ties to the lower index (a stable sort)."""
+    return xp.argsort(-x, axis=-1, kind="stable")
+
+
+def _grouped_gate(logits, bias, k, normalize, score, groups, keep_groups, scale, xp):
+    """gate_topk's general path, in array operations of ``xp`` (NumPy or CuPy), all fp32."""
+    if score == "sigmoid":
+        p = 1.0 / (1.0 + xp.exp(-logits))
+    else:
+        p = xp.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+    choice = p if bias is None else p + xp.asarray(bias, dtype=F32)
+    T, E = choice.shape
+    if groups > 1:
+        per = E // groups
+        best2 = xp.sort(choice.reshape(T, groups, per), axis=-1)[..., -min(2, per):].sum(axis=-1)   # [T, groups]
+        kept = _descending(best2, xp)[:, :keep_groups]
+        mask = xp.zeros((T, groups), dtype=bool)
+        mask[xp.arange(T)[:, None], kept] = True
+        choice = xp.where(xp.repeat(mask, per, axis=1), choice, F32.type(-np.inf))
+    experts = _descending(choice, xp)[:, :k].astype(np.int32)
+    weights = xp.take_along_axis(p, experts.astype(np.int64), axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + F32.type(1e-20))
+    return experts, (weights * F32.type(scale)).astype(F32)
 
 
 def choice_counts(choices, n: int) -> np.ndarray:

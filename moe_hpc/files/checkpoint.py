@@ -20,7 +20,24 @@ CHECKPOINT_FORMAT = "moe_hpc.checkpoint/1"
 OPTIONAL = ("b1", "b2", "experts/b1", "experts/b2", "gate_bias")
 
 
+def _mla_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Multi-head latent attention: q directly (wq) or through its latent (wq_a, q_a_norm, wq_b);
+    k and v from one latent (wkv_a gives [latent | shared RoPE key], kv_a_norm, wkv_b gives each
+    head's [k_nope | v]); wo reads the heads' values."""
+    H, nh, D, R = m.hidden_size, m.num_heads, m.head_dim, m.kv_lora_rank
+    shapes = {"attn_norm": (H,), "wkv_a": (H, R + m.qk_rope_head_dim), "kv_a_norm": (R,),
+              "wkv_b": (R, nh * (D - m.qk_rope_head_dim + m.v_head_dim)), "wo": (nh * m.v_head_dim, H),
+              "mlp_norm": (H,)}
+    if m.q_lora_rank:
+        shapes.update(wq_a=(H, m.q_lora_rank), q_a_norm=(m.q_lora_rank,), wq_b=(m.q_lora_rank, nh * D))
+    else:
+        shapes["wq"] = (H, nh * D)
+    return shapes
+
+
 def _attention_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    if m.mla:
+        return _mla_shapes(m)
     H, D = m.hidden_size, m.head_dim
     Q, K = m.num_heads * D, m.kv_heads * D
     shapes = {"attn_norm": (H,), "wq": (H, Q), "wk": (H, K), "wv": (H, K), "wo": (Q, H), "mlp_norm": (H,)}
@@ -87,6 +104,12 @@ class DenseLayer:
     wv: np.ndarray
     wo: np.ndarray
     mlp_norm: np.ndarray
+    wq_a: np.ndarray | None = None    # MLA (checkpoint._mla_shapes): q latent [H, Rq], its norm, [Rq, nh D]
+    q_a_norm: np.ndarray | None = None
+    wq_b: np.ndarray | None = None
+    wkv_a: np.ndarray | None = None   # MLA: [H, Rkv + rope] latent and shared RoPE key, its norm [Rkv]
+    kv_a_norm: np.ndarray | None = None
+    wkv_b: np.ndarray | None = None   # MLA: [Rkv, nh (nope + v)] each head's k_nope and v
     bq: np.ndarray | None = None      # q/k/v biases (Qwen2-MoE)
     bk: np.ndarray | None = None
     bv: np.ndarray | None = None
@@ -205,12 +228,15 @@ class Checkpoint:
             for name, shape in layer_shapes(self.model, layer).items():
                 self._present(f"layers/{layer}/{name}", shape, optional=name in OPTIONAL)
 
-    def _read(self, name: str, shape, optional=False, index=(), dtype=None):
+    def _read(self, name: str, shape, optional=False, index=(), dtype=None, keep=False):
+        """(A slice of) a dataset as bf16 values (in ``dtype`` if given), or fp32 with ``keep``."""
         if not self._present(name, shape, optional):
             return None
         array = self.tensors.read(name, index)
         if not np.isfinite(array.astype(np.float32)).all():
             raise InputError(f"{self.tensors.where(name)}: contains NaN or Inf")
+        if keep:
+            return array.astype(np.float32)
         array = array.astype(BF16, copy=False)           # the engine's weights are bf16 values
         return array if dtype is None else array.astype(dtype)
 
@@ -219,11 +245,12 @@ class Checkpoint:
         get = lambda n: self._read(f"layers/{layer}/{n}", shapes[n], n in OPTIONAL, dtype=dtype) \
             if n in shapes else None
         out = DenseLayer(**{n: get(n) for n in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "bq", "bk", "bv",
-                                                "q_norm", "k_norm")})
+                                                "q_norm", "k_norm", "wq_a", "q_a_norm", "wq_b", "wkv_a",
+                                                "kv_a_norm", "wkv_b")})
         if self.model.is_moe(layer):
             out.gate = get("gate")
-            bias = get("gate_bias")
-            out.gate_bias = None if bias is None else bias.astype(np.float32)
+            # selection offsets keep their stored precision (DeepSeek-V3's correction bias is fp32)
+            out.gate_bias = self._read(f"layers/{layer}/gate_bias", shapes["gate_bias"], True, keep=True)
             out.shared_w1, out.shared_w3, out.shared_w2 = get("shared/w1"), get("shared/w3"), get("shared/w2")
             out.shared_gate = get("shared_gate")
         else:

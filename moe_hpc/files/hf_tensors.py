@@ -11,6 +11,13 @@ Names: ``layers/3/wq`` is ``model.layers.3.self_attn.q_proj.weight`` transposed 
 ``...experts.<e>.gate_proj.weight`` (Mixtral: ``block_sparse_moe.experts.<e>.w1.weight``),
 of which a read takes only the expert in its index. Biases the families do not have (MLP biases,
 gate_bias) are absent, which the checkpoint reads as zero.
+
+DeepSeek-V3 adds its MLA projections, ``gate_bias`` (``e_score_correction_bias``) and
+``shared_experts``; with ``rope_interleave`` the RoPE columns of q and of the shared RoPE key are
+permuted (evens, then odds) as they are read, which turns the interleaved pairs into the
+half-split layout the engine rotates (the scores are unchanged: q and k move alike). FP8 tensors
+(float8 e4m3 with a ``weight_scale_inv`` per block) are dequantised to bf16 as they are read
+(``fp8.py``); the multi-token-prediction block (layer ``num_hidden_layers``) is never read.
 """
 from __future__ import annotations
 
@@ -20,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config.errors import ConfigError, InputError
-from ..config.hf import hf_model_table
+from ..config.hf import fp8_block, hf_model_table, read_hf_config, rope_interleave
 from ..config.run_config import ModelConfig, build_table
 from ..device.dtypes import BF16
+from .fp8 import F8_DTYPE, dequantize, read_raw
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -34,6 +42,10 @@ ATTENTION = {"attn_norm": ("input_layernorm.weight", False), "mlp_norm": ("post_
              "bq": ("self_attn.q_proj.bias", False), "bk": ("self_attn.k_proj.bias", False),
              "bv": ("self_attn.v_proj.bias", False), "q_norm": ("self_attn.q_norm.weight", False),
              "k_norm": ("self_attn.k_norm.weight", False)}
+MLA = {"wq_a": ("self_attn.q_a_proj.weight", True), "q_a_norm": ("self_attn.q_a_layernorm.weight", False),
+       "wq_b": ("self_attn.q_b_proj.weight", True), "wkv_a": ("self_attn.kv_a_proj_with_mqa.weight", True),
+       "kv_a_norm": ("self_attn.kv_a_layernorm.weight", False), "wkv_b": ("self_attn.kv_b_proj.weight", True),
+       "gate_bias": ("mlp.gate.e_score_correction_bias", False)}
 PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 MIXTRAL_EXPERT = {"w1": "w1", "w3": "w3", "w2": "w2"}
 GLOBALS = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False),
@@ -51,6 +63,9 @@ def hf_name(name: str, family: str, expert: int | None = None) -> tuple[str, boo
     if rest in ATTENTION:
         local, transposed = ATTENTION[rest]
         return block + local, transposed
+    if family == "deepseek_v3" and rest in MLA:
+        local, transposed = MLA[rest]
+        return block + local, transposed
     if rest in PROJECTIONS:
         return f"{block}mlp.{PROJECTIONS[rest]}.weight", True
     if rest == "gate":
@@ -59,7 +74,8 @@ def hf_name(name: str, family: str, expert: int | None = None) -> tuple[str, boo
         proj = (MIXTRAL_EXPERT if family == "mixtral" else PROJECTIONS)[rest[8:]]
         return f"{block}{moe}.experts.{expert}.{proj}.weight", True
     if rest.startswith("shared/") and rest[7:] in PROJECTIONS:
-        return f"{block}mlp.shared_expert.{PROJECTIONS[rest[7:]]}.weight", True
+        shared = "shared_experts" if family == "deepseek_v3" else "shared_expert"
+        return f"{block}mlp.{shared}.{PROJECTIONS[rest[7:]]}.weight", True
     if rest == "shared_gate":
         return f"{block}mlp.shared_expert_gate.weight", True       # [1, H] -> [H, 1] -> [H]
     return None
@@ -96,6 +112,8 @@ class HFTensors:
             self.model = build_table("model", table, self.config_path, ModelConfig)
         except ConfigError as exc:
             raise InputError(str(exc)) from None
+        values, _ = read_hf_config(folder)
+        self.interleaved, self.block = rope_interleave(values), fp8_block(values)
         self.weight_map = _weight_map(folder)
         self.shards = {file: _open_shard(folder / file) for file in sorted(set(self.weight_map.values()))}
 
@@ -138,17 +156,47 @@ class HFTensors:
         expert ``index[0]``."""
         expert, rest = (index[0], index[1:]) if self._experts(name) else (None, index)
         tensor, transposed = hf_name(name, self.family, expert)
-        try:
-            array = self.shards[self.weight_map[tensor]].get_tensor(tensor)
-        except Exception as exc:
-            raise InputError(f"{self.folder}: tensor {tensor}: cannot read data ({exc})") from None
+        array = self._tensor(tensor)
+        if array.dtype == F8_DTYPE and self.block is not None:
+            array = dequantize(array, self._tensor(tensor + "_scale_inv"), self.block)
         if array.dtype not in FLOATS:
             raise InputError(f"{self.folder}: tensor {tensor}: dtype {array.dtype} is not supported "
-                             "(bfloat16, float16, float32)")
+                             "(bfloat16, float16, float32; float8_e4m3fn with block scales)")
         array = array.T if transposed else array
         if name.endswith("shared_gate"):
             array = array.reshape(-1)
+        if self.interleaved:
+            array = self._deinterleave(name.rsplit("/", 1)[-1], array)
         return array[rest]
+
+    def _tensor(self, tensor: str) -> np.ndarray:
+        """One whole tensor of a shard as NumPy (float8 through our own reader: safetensors'
+        NumPy side has no float8 type)."""
+        if tensor not in self.weight_map:
+            raise InputError(f"{self.folder}: missing tensor {tensor}")
+        shard = self.shards[self.weight_map[tensor]]
+        try:
+            if shard.get_slice(tensor).get_dtype() == "F8_E4M3":
+                return read_raw(self.folder / self.weight_map[tensor], tensor)
+            return shard.get_tensor(tensor)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{self.folder}: tensor {tensor}: cannot read data ({exc})") from None
+
+    def _deinterleave(self, short: str, array: np.ndarray) -> np.ndarray:
+        """The RoPE columns of q (each head's last rope dims) and of wkv_a (its last rope
+        columns) from pairs (x0, x1), (x2, x3) ... to halves [x0, x2, ... | x1, x3, ...]."""
+        m = self.model
+        R = m.qk_rope_head_dim
+        order = np.concatenate([np.arange(0, R, 2), np.arange(1, R, 2)])
+        if short in ("wq", "wq_b"):
+            heads = array.reshape(array.shape[0], m.num_heads, m.head_dim)
+            heads = np.concatenate([heads[..., :-R], heads[..., -R:][..., order]], axis=-1)
+            return heads.reshape(array.shape)
+        if short == "wkv_a":
+            return np.concatenate([array[:, :-R], array[:, -R:][:, order]], axis=1)
+        return array
 
     def close(self) -> None:
         self.shards = {}

@@ -23,17 +23,21 @@ from ..device.backend import matmul_bf16
 from ..device.dtypes import BF16, F32
 from ..device.kernels import matmul_f32out, rope_heads
 from .layers import apply_rope, project_qkv, rope_tables
+from .mla import mla_qkv, softmax_scale
 
 
 def attention(a, w, cfg, block: int, xp=np, reduce=None, flash=None):
-    """a: [S, L, H] bf16 (normed input); w: DenseLayer (wq, wk, wv, wo) -> [S, L, H] bf16.
+    """a: [S, L, H] bf16 (normed input); w: DenseLayer (wq, wk, wv, wo; the MLA weights when
+    ``cfg.mla``) -> [S, L, H] bf16.
 
     flash: a fused attention kernel (``device.flash_cudnn``); used when the layer carries the
     fused ``wqkv`` (``fuse_qkv``), else the tiled online softmax below.
     reduce: for a tensor-parallel member (``cfg`` its local heads, ``w`` its shard), a function
     that sums the fp32 partial outputs over the group in place; the sum is rounded once."""
     S, L, _ = a.shape
-    if flash is not None and w.wqkv is not None and flash.supports(S, L, cfg.num_heads, cfg.kv_heads, cfg.head_dim,
+    if cfg.mla:     # MLA's q/k (nope | rope) and v widths differ: the tiled core takes them
+        o = tiled_attention(*mla_qkv(a, w, cfg, xp), softmax_scale(cfg), block, xp)
+    elif flash is not None and w.wqkv is not None and flash.supports(S, L, cfg.num_heads, cfg.kv_heads, cfg.head_dim,
                                                                      _scale(cfg.head_dim)):
         o = _fused_core(a, w, cfg, flash, xp)
     else:
@@ -94,33 +98,40 @@ def _rope_tables_cached(L: int, D: int, theta: float, xp):
 
 def _tiled_core(a, w, cfg, block: int, xp):
     """q, k, v by three GEMMs, then online softmax over tiles -> [S, L, nh D] bf16."""
-    S, L, H = a.shape
-    nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-    cos, sin = rope_tables(xp.arange(L), D, cfg.rope_theta, xp)
+    L = a.shape[1]
+    cos, sin = rope_tables(xp.arange(L), cfg.head_dim, cfg.rope_theta, xp)
     q, k, v = project_qkv(a, w, cfg, xp)
     q, k = apply_rope(q, cos, sin, xp), apply_rope(k, cos, sin, xp)
-    # [S, kv, group, L, D]: query head h reads key/value head h // group
+    return tiled_attention(q, k, v, _scale(cfg.head_dim), block, xp)
+
+
+def tiled_attention(q, k, v, scale: float, block: int, xp):
+    """Causal attention by query tiles. q: [S, L, nh, D], k: [S, L, kv, D], v: [S, L, kv, Dv]
+    bf16 (query head h reads key/value head h // (nh / kv)) -> [S, L, nh Dv] bf16."""
+    S, L, nh, D = q.shape
+    nkv, Dv = k.shape[2], v.shape[3]
     group = nh // nkv
     q32 = q.astype(F32).transpose(0, 2, 1, 3).reshape(S, nkv, group, L, D)
     k32 = k.astype(F32).transpose(0, 2, 1, 3)[:, :, None]          # [S, kv, 1, L, D]
-    v32 = v.astype(F32).transpose(0, 2, 1, 3)[:, :, None]
-    out = xp.empty((S, nkv, group, L, D), dtype=BF16)
-    scale = F32.type(1.0 / math.sqrt(D))
+    v32 = v.astype(F32).transpose(0, 2, 1, 3)[:, :, None]          # [S, kv, 1, L, Dv]
+    out = xp.empty((S, nkv, group, L, Dv), dtype=BF16)
+    scale = F32.type(scale)
     for q0 in range(0, L, block):
         q1 = min(L, q0 + block)
         out[..., q0:q1, :] = _query_block(q32[..., q0:q1, :] * scale, k32, v32, q0, block, xp)
-    return out.reshape(S, nh, L, D).transpose(0, 2, 1, 3).reshape(S, L, nh * D)
+    return out.reshape(S, nh, L, Dv).transpose(0, 2, 1, 3).reshape(S, L, nh * Dv)
 
 
 def _query_block(q, k, v, q0: int, block: int, xp):
     """Online softmax over key tiles for queries q0..q0+bq: scores never exceed [.., bq, block].
 
-    q: [S, kv, g, bq, D] fp32 (pre-scaled); k, v: [S, kv, 1, L, D] fp32 -> [S, kv, g, bq, D] bf16.
+    q: [S, kv, g, bq, D] fp32 (pre-scaled); k: [S, kv, 1, L, D], v: [S, kv, 1, L, Dv] fp32
+    -> [S, kv, g, bq, Dv] bf16.
     """
     bq = q.shape[-2]
     top = xp.full(q.shape[:-1] + (1,), -np.inf, dtype=F32)      # running max
     norm = xp.zeros(q.shape[:-1] + (1,), dtype=F32)             # running sum of exp
-    acc = xp.zeros(q.shape, dtype=F32)
+    acc = xp.zeros(q.shape[:-1] + v.shape[-1:], dtype=F32)
     for k0 in range(0, q0 + bq, block):           # keys past the last query are all masked
         k1 = min(q0 + bq, k0 + block)
         s = xp.matmul(q, xp.swapaxes(k[..., k0:k1, :], -1, -2))
@@ -135,4 +146,4 @@ def _query_block(q, k, v, q0: int, block: int, xp):
     return (acc / norm).astype(BF16)
 
 
-__all__ = ["attention", "choose_attention", "fuse_qkv"]
+__all__ = ["attention", "choose_attention", "fuse_qkv", "tiled_attention"]

@@ -36,12 +36,19 @@ def local_model(m: ModelConfig, tp: int) -> ModelConfig:
 
 def shard_dense_layer(layer, m: ModelConfig, tp: int, rank: int):
     """A block's dense weights (checkpoint.DenseLayer: wq [H, nh D], wk/wv [H, kv D], wo
-    [nh D, H], w1 [H, Fd], b1 [Fd], w2 [Fd, H], ...) -> member ``rank``'s shard of them."""
+    [nh D, H], w1 [H, Fd], b1 [Fd], w2 [Fd, H], ...; under MLA wq or wq_b [.., nh D], wkv_b
+    [Rkv, nh (nope + v)], wo [nh v, H]) -> member ``rank``'s shard of them."""
     D = m.head_dim
     q, kv = head_range(m, tp, rank), kv_range(m, tp, rank)
-    cols = lambda r: slice(r.start * D, r.stop * D)
-    shard = {"wq": layer.wq[:, cols(q)], "wk": layer.wk[:, cols(kv)], "wv": layer.wv[:, cols(kv)],
-             "wo": layer.wo[cols(q), :]}
+    cols = lambda r, width=D: slice(r.start * width, r.stop * width)
+    if m.mla:           # latents whole on every member; the heads' q, [k_nope | v] and wo rows split
+        kv_width = D - m.qk_rope_head_dim + m.v_head_dim
+        shard = {"wkv_b": layer.wkv_b[:, cols(q, kv_width)], "wo": layer.wo[cols(q, m.v_head_dim), :],
+                 ("wq_b" if layer.wq_b is not None else "wq"): (layer.wq_b if layer.wq_b is not None
+                                                                 else layer.wq)[:, cols(q)]}
+    else:
+        shard = {"wq": layer.wq[:, cols(q)], "wk": layer.wk[:, cols(kv)], "wv": layer.wv[:, cols(kv)],
+                 "wo": layer.wo[cols(q), :]}
     for name, heads in (("bq", q), ("bk", kv), ("bv", kv)):      # q/k/v biases go with their heads
         if getattr(layer, name) is not None:
             shard[name] = getattr(layer, name)[cols(heads)]

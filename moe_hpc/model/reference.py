@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from ..config.run_config import ModelConfig, model_from_json
+from ..config.run_config import MLA_NORM_EPS, ModelConfig, model_from_json
 
 TIE_MARGIN = 0.02
 
@@ -39,11 +39,11 @@ def _act(h, kind):
     return h / (1.0 + np.exp(-h))
 
 
-def _rope(x, theta):
-    """x: [L, heads, D]."""
+def _rope(x, theta, f=None):
+    """x: [L, heads, D]; f: inverse frequencies [D/2] (default theta^(-2i/D))."""
     L, _, D = x.shape
     half = D // 2
-    f = theta ** (-2.0 * np.arange(half) / D)
+    f = theta ** (-2.0 * np.arange(half) / D) if f is None else f
     ang = np.arange(L)[:, None] * f[None, :]
     c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     return np.concatenate([x[..., :half] * c - x[..., half:] * s,
@@ -62,16 +62,55 @@ def _projections(a, g, m: ModelConfig):
     return q, k, v
 
 
+def _yarn_mscale(factor, mscale=1.0):
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _mla_rope(m: ModelConfig):
+    """-> (inverse frequencies [rope/2], cos/sin scale, softmax scale) of MLA's (YaRN) RoPE."""
+    R, theta, f = m.qk_rope_head_dim, m.rope_theta, m.rope_factor
+    inv = 1.0 / theta ** (np.arange(0, R, 2) / R)
+    if m.rope_scaling != "yarn":
+        return inv, 1.0, 1.0 / math.sqrt(m.head_dim)
+    turns = lambda r: R * math.log(m.rope_original_max_positions / (r * 2 * math.pi)) / (2 * math.log(theta))
+    lo, hi = max(math.floor(turns(m.rope_beta_fast)), 0), min(math.ceil(turns(m.rope_beta_slow)), R - 1)
+    interpolate = np.clip((np.arange(R // 2) - lo) / ((hi - lo) or 0.001), 0, 1)
+    inv = inv / f * interpolate + inv * (1 - interpolate)
+    cs = m.rope_attention_factor or (_yarn_mscale(f, m.rope_mscale) / _yarn_mscale(f, m.rope_mscale_all_dim)
+                                     if m.rope_mscale and m.rope_mscale_all_dim else _yarn_mscale(f))
+    scale = _yarn_mscale(f, m.rope_mscale_all_dim) ** 2 if m.rope_mscale_all_dim else 1.0
+    return inv, cs, scale / math.sqrt(m.head_dim)
+
+
+def _mla_projections(a, g, m: ModelConfig):
+    """MLA: q [L, nh, D] and k [L, nh, D] as [nope | rope] with RoPE applied, v [L, nh, Dv]."""
+    L, nh, D, R, Rkv = a.shape[0], m.num_heads, m.head_dim, m.qk_rope_head_dim, m.kv_lora_rank
+    q = _rmsnorm(a @ g["wq_a"], g["q_a_norm"], MLA_NORM_EPS) @ g["wq_b"] if m.q_lora_rank else a @ g["wq"]
+    q = q.reshape(L, nh, D)
+    latent = a @ g["wkv_a"]
+    kv = (_rmsnorm(latent[:, :Rkv], g["kv_a_norm"], MLA_NORM_EPS) @ g["wkv_b"]).reshape(L, nh, -1)
+    inv, cs, _ = _mla_rope(m)
+    q_rope = _rope(q[..., D - R:], 0, inv) * cs
+    k_rope = np.broadcast_to(_rope(latent[:, None, Rkv:], 0, inv) * cs, (L, nh, R))
+    return (np.concatenate([q[..., :D - R], q_rope], -1), np.concatenate([kv[..., :D - R], k_rope], -1),
+            kv[..., D - R:])
+
+
 def _attention(a, g, m: ModelConfig):
     L = a.shape[0]
     nh, nkv, D = m.num_heads, m.kv_heads, m.head_dim
-    q, k, v = _projections(a, g, m)
-    q, k = _rope(q, m.rope_theta), _rope(k, m.rope_theta)
+    if m.mla:
+        q, k, v = _mla_projections(a, g, m)
+        scale = _mla_rope(m)[2]
+    else:
+        q, k, v = _projections(a, g, m)
+        q, k = _rope(q, m.rope_theta), _rope(k, m.rope_theta)
+        scale = 1 / math.sqrt(D)
     mask = np.triu(np.full((L, L), -np.inf), 1)
     heads = []
     for h in range(nh):
         kv = h // (nh // nkv)
-        s = q[:, h] @ k[:, kv].T / math.sqrt(D) + mask
+        s = q[:, h] @ k[:, kv].T * scale + mask
         p = np.exp(s - s.max(-1, keepdims=True))
         heads.append((p / p.sum(-1, keepdims=True)) @ v[:, kv])
     return np.concatenate(heads, axis=-1) @ g["wo"]
@@ -145,21 +184,41 @@ def _shared(h, g, m: ModelConfig):
     return scale * _ffn(h, g, "shared/", m)
 
 
+def _group_limited(score, m: ModelConfig):
+    """Only the experts of the ``topk_groups`` groups with the highest top-2 score sums stay
+    choosable; the others' scores become -inf."""
+    T, E = score.shape
+    G = m.expert_groups
+    grouped = score.reshape(T, G, E // G)
+    best2 = np.sort(grouped, axis=-1)[..., -min(2, E // G):].sum(-1)
+    kept = np.argsort(-best2, axis=-1, kind="stable")[:, :m.topk_groups]
+    keep = np.zeros((T, G), bool)
+    np.put_along_axis(keep, kept, True, -1)
+    return np.where(keep[:, :, None], grouped, -np.inf).reshape(T, E)
+
+
 def _moe(h, g, m: ModelConfig):
     z = h @ g["gate"]
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    if m.gate_score == "sigmoid":
+        p = 1.0 / (1.0 + np.exp(-z))
+    else:
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
     score = p + g.get("gate_bias", 0.0)
+    if m.expert_groups > 1:
+        score = _group_limited(score, m)
     order = np.argsort(-score, axis=-1, kind="stable")
     chosen = order[:, :m.top_k]
     w = np.take_along_axis(p, chosen, -1)
     if m.normalize_topk:
         w = w / w.sum(-1, keepdims=True)
+    w = w * m.routed_scaling_factor
     # margin on the selection scores: how close the k-th pick came to losing to the next one
     sk = np.take_along_axis(score, order[:, m.top_k - 1:m.top_k], -1)[:, 0]
     nxt = (np.take_along_axis(score, order[:, m.top_k:m.top_k + 1], -1)[:, 0]
            if m.top_k < m.num_experts else np.zeros_like(sk))
-    margin = np.where(m.top_k < m.num_experts, (sk - nxt) / sk, np.inf)
+    with np.errstate(invalid="ignore"):       # a group limit may leave -inf as the next score
+        margin = np.where(m.top_k < m.num_experts, (sk - nxt) / sk, np.inf)
     f = np.zeros_like(h)
     for j in range(m.top_k):
         for e in np.unique(chosen[:, j]):

@@ -54,13 +54,14 @@ class Router:
             nmb = self.world.allreduce(math.ceil(T / mbt), op=_mpi().MAX)
             bounds = [(min(T, i * mbt), min(T, (i + 1) * mbt)) for i in range(nmb)]
             w = self.gates.get(layer)
-            gate = lambda x, bias: route(x, w.gate, with_bias(w.gate_bias, bias, xp), k, cfg.normalize_topk, xp)
+            gate = lambda x, bias: route(x, w.gate, with_bias(w.gate_bias, bias, xp), k, cfg.normalize_topk, xp,
+                                          cfg.gate_rule)
             experts, weights, replica = self.balancer.route(layer, m, self.backend.to_host(tok), bounds, gate)
             experts = xp.asarray(experts)
             weights = xp.zeros((0, k), F32) if weights is None else weights
         elif T:
             w = self.gates[layer]
-            r = route(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp)
+            r = route(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp, cfg.gate_rule)
             experts, weights = r.experts, r.weights
         else:
             experts, weights = xp.zeros((0, k), np.int64), xp.zeros((0, k), F32)

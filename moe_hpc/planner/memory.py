@@ -74,18 +74,22 @@ def activation_bytes(m: ModelConfig, w: Workload, attention_block: int, dense_tp
     Resident: x [T, H] bf16.  Attention (the peak): a [T, H]; q, k, v in bf16 and fp32
     ([T, (nh + 2 kv) D]); out and its transpose [T, nh D] bf16; the projected result [T, H];
     per query tile three fp32 score tiles [S, nh, b, b] (scores, masked, exp) and two fp32
-    accumulators [S, nh, b, D].  Then the residual add's two fp32 [T, H] temporaries, the MoE
+    accumulators [S, nh, b, D].  Under MLA v is [T, nh Dv] and the latents and each head's
+    [k_nope | v] are held too.  Then the residual add's two fp32 [T, H] temporaries, the MoE
     block's [T, H] copies, or the dense MLP's [T, Fd] hidden (bf16 + fp32 accumulation).
     With ``dense_tp`` a member holds its heads' and columns' share, plus the fp32 partial output
     [T, H] its group sums.
     """
     partial = w.tokens * m.hidden_size * F32_BYTES if dense_tp > 1 else 0
     m = local_model(m, dense_tp) if dense_tp > 1 else m
-    T, S, H, D = w.tokens, w.sequences, m.hidden_size, m.head_dim
+    T, S, H, D, Dv = w.tokens, w.sequences, m.hidden_size, m.head_dim, m.attn_out_dim
     nh, kv, b = m.num_heads, m.kv_heads, min(attention_block, w.seq_len)
-    qkv = T * (nh + 2 * kv) * D * (BF16_BYTES + F32_BYTES)
-    attention = 2 * T * H * BF16_BYTES + qkv + 2 * T * nh * D * BF16_BYTES + partial
-    tiles = 3 * S * nh * b * b * F32_BYTES + 2 * S * nh * b * D * F32_BYTES
+    qkv = T * ((nh + kv) * D + kv * Dv) * (BF16_BYTES + F32_BYTES)
+    if m.mla:   # the latents and [k_nope | v] of every head, in bf16, beside q, k, v
+        qkv += T * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
+                    + nh * (D - m.qk_rope_head_dim + Dv)) * BF16_BYTES
+    attention = 2 * T * H * BF16_BYTES + qkv + 2 * T * nh * Dv * BF16_BYTES + partial
+    tiles = 3 * S * nh * b * b * F32_BYTES + 2 * S * nh * b * Dv * F32_BYTES
     residual = 2 * T * H * F32_BYTES
     moe = 3 * T * H * BF16_BYTES + T * m.top_k * 8 * 4          # xv, h, f + plan index arrays
     dense_mlp = T * m.dense_ffn_hidden_size * (BF16_BYTES + F32_BYTES) if m.first_dense_layers else 0

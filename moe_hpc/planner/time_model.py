@@ -139,7 +139,7 @@ def attention(m: ModelConfig, w: Workload, block: int, r: Rates):
     tiles = sum(q + 1 for q in range(math.ceil(L / b)))          # causal: key tiles up to the query tile
     scores = S * m.num_heads * tiles * b * b
     core = max(T * f["attention_core"] / r.attention, scores * SCORE_BYTES / r.memory)
-    elementwise = (NORM_BYTES * T * H + 14 * T * (m.num_heads + 2 * m.kv_heads) * D) / r.memory
+    elementwise = (NORM_BYTES * T * H + 14 * T * (m.num_heads + m.kv_heads) * D + 14 * T * m.kv_heads * m.attn_out_dim) / r.memory
     return cost(compute=T * f["projections"] / r.gemm + core + elementwise,
                 overhead=(LAUNCHES["attention"] + LAUNCHES["norms"] + LAUNCHES["attention_tile"] * tiles) * r.launch)
 
