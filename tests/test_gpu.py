@@ -262,13 +262,13 @@ def test_rope_heads_kernel_matches_numpy():
 def test_cudnn_attention_matches_numpy(S, L, nh, nkv, D):
     """The fused path (QKV GEMM, RoPE kernel, cuDNN SDPA) against the tiled NumPy attention:
     MHA and GQA, head sizes 64 and 128, lengths that are not a multiple of any tile."""
-    from types import SimpleNamespace
-
+    from moe_hpc.config.run_config import build_config
     from moe_hpc.files.checkpoint import DenseLayer
     from moe_hpc.model.attention import attention, fuse_qkv
     flash = _needs_cudnn()
     H = 256
-    cfg = SimpleNamespace(num_heads=nh, kv_heads=nkv, head_dim=D, rope_theta=10000.0, qk_norm="none", norm_eps=1e-6)
+    cfg = build_config({}, [f"model.hidden_size={H}", f"model.num_heads={nh}", f"model.num_kv_heads={nkv}",
+                            f"model.head_dim={D}"]).model       # a real model config: every field the code reads
     w = DenseLayer(attn_norm=None, mlp_norm=None, wq=bf((H, nh * D), H ** -0.5), wk=bf((H, nkv * D), H ** -0.5),
                    wv=bf((H, nkv * D), H ** -0.5), wo=bf((nh * D, H), (nh * D) ** -0.5))
     a = bf((S, L, H))
