@@ -354,3 +354,30 @@ def kill_rank_midway(tag: str, ranks: int, victim: int = 1) -> float:
     signal_ranks([pids[victim]], signal.SIGKILL)
     signal_ranks([pid for rank, pid in pids.items() if rank != victim], signal.SIGCONT)
     return t0
+
+
+# ---------------------------------------------------------------- Hugging Face fixtures
+HF_FIXTURES = REPO / "tests" / "fixtures"
+
+
+def fixture(family: str) -> Path:
+    return HF_FIXTURES / f"hf_{family}"
+
+
+def reference(family: str):
+    """-> (transformers' logits [S, L, V] float32, tokens [S, L], lengths [S])."""
+    with h5py.File(fixture(family) / "reference.h5", "r") as f:
+        return f["hf_logits"][()], f["tokens"][()], f["lengths"][()]
+
+
+def logit_errors(logits: np.ndarray, family: str) -> np.ndarray:
+    """Relative error of each valid position's logit vector against transformers'."""
+    want, _, lengths = reference(family)
+    valid = np.arange(want.shape[1])[None, :] < lengths[:, None]
+    err = np.linalg.norm(logits - want, axis=-1) / np.maximum(np.linalg.norm(want, axis=-1), 1e-30)
+    return err[valid]
+
+
+def bf16_values(dset) -> np.ndarray:
+    raw = dset[()]
+    return (raw.astype(np.uint32) << 16).view(np.float32) if raw.dtype == np.uint16 else raw

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import REPO, moe_hpc, needs_mpiexec
+from helpers import REPO, bf16_values, fixture, logit_errors, moe_hpc, needs_mpiexec
 from moe_hpc.config.errors import ConfigError, InputError
 from moe_hpc.config.hf import model_table_from_hf
 from moe_hpc.config.run_config import build_config, load_config
@@ -24,7 +24,6 @@ from moe_hpc.device.kernels import gate_topk
 from moe_hpc.files.fp8 import dequantize
 from moe_hpc.model.reference import reference_forward
 from moe_hpc.tools.hf_import import import_hf
-from test_hf import bf16_values, fixture, logit_errors
 
 MODELS = ["deepseek_v3", "deepseek_v3_direct", "deepseek_v3_fp8"]
 # (model, ranks, --set options, source): every model at one rank from its directory; at four
@@ -64,6 +63,38 @@ def test_config_json_gives_the_model_table():
     rope = hf["rope_parameters"]
     assert (m.rope_scaling, m.rope_factor, m.rope_mscale_all_dim) == ("yarn", rope["factor"], rope["mscale_all_dim"])
     assert load_config(fixture("deepseek_v3_direct")).model.q_lora_rank == 0
+
+
+def test_missing_router_keys_mean_what_transformers_assumes():
+    """A config.json without n_group, topk_group, routed_scaling_factor, n_shared_experts or
+    first_k_dense_replace is transformers' model with its defaults, not a model with them off."""
+    from moe_hpc.config.hf import DSV3_DEFAULTS
+    values = json.loads((fixture("deepseek_v3") / "config.json").read_text())
+    for key in DSV3_DEFAULTS:
+        values.pop(key, None)
+    values.update(n_routed_experts=16, num_hidden_layers=4)
+    t = model_table_from_hf(values, "config.json")
+    assert (t["expert_groups"], t["topk_groups"], t["routed_scaling_factor"]) == (8, 4, 2.5)
+    assert t["first_dense_layers"] == 3 and t["shared_expert_ffn_hidden_size"] == values["moe_intermediate_size"]
+
+
+@pytest.mark.parametrize("sets", [[], ["model.rope_mscale=0.707", "model.rope_mscale_all_dim=0.707"],
+                                  ["model.rope_mscale=1.0", "model.rope_mscale_all_dim=0.0"],
+                                  ["model.rope_factor=8.0", "model.rope_beta_fast=16.0"]])
+def test_engine_yarn_tables_equal_the_reference(sets):
+    """The engine's RoPE frequencies, cos/sin scale and softmax scale (model/mla.py) against the
+    float64 reference's own derivation, which matches transformers to 7e-7 on the fixture: a
+    wrong YaRN factor in the engine would hide inside the logits' bf16 tolerance."""
+    from moe_hpc.model import mla
+    from moe_hpc.model.reference import _mla_rope
+    m = load_config(fixture("deepseek_v3"), sets).model
+    inv, cos_sin = mla.rope_frequencies(m)
+    want_inv, want_cs, want_scale = _mla_rope(m)
+    np.testing.assert_allclose(inv, want_inv, rtol=1e-12)
+    assert cos_sin == pytest.approx(want_cs, rel=1e-12)
+    if "model.rope_mscale_all_dim=0.0" in sets:          # no mscale_all_dim: cos/sin carry mscale(factor)
+        assert cos_sin > 1.0
+    assert mla.softmax_scale(m) == pytest.approx(want_scale, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -202,3 +233,10 @@ def test_preset_plans_and_verifies(cluster, tmp_path):
     r = run_plan(args, out=lambda s: None)
     assert r["fits"] and all(not d["problems"] for d in r["dags"])
     assert max(v["gib"]["total"] for v in r["memory"].values()) <= 64
+
+
+def test_init_weights_refuses_mla_by_name(tmp_path):
+    r = moe_hpc("init-weights", REPO / "inputs" / "deepseek_v3.toml", "-o", tmp_path / "w.h5",
+                "--set", "model.num_layers=4")
+    assert r.returncode != 0 and "error: init-weights does not make MLA" in r.stderr
+    assert not (tmp_path / "w.h5").exists()

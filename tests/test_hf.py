@@ -17,7 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import REPO, assert_clean_failure, moe_hpc, needs_mpiexec, run_ranks
+from helpers import (assert_clean_failure, bf16_values, fixture, logit_errors, moe_hpc, needs_mpiexec,
+                     reference, run_ranks)
 from moe_hpc.config.errors import ConfigError, InputError
 from moe_hpc.config.hf import model_table_from_hf
 from moe_hpc.config.run_config import build_config, load_config
@@ -25,36 +26,12 @@ from moe_hpc.files.checkpoint import Checkpoint
 from moe_hpc.model.reference import reference_forward
 from moe_hpc.tools.hf_import import import_hf
 
-FIXTURES = REPO / "tests" / "fixtures"
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 # (ranks, --set options, source): one rank, split roles, co-located roles; each family runs
 # one layout straight from its directory and one through import-hf
 LAYOUTS = {"1-rank-dir": (None, [], "dir"),
            "3-ranks-split-dir": (3, ["parallel.dense_ranks=1"], "dir"),
            "4-ranks-colocated-imported": (4, ["run.chunk_sequences=1"], "imported")}
-
-
-def fixture(family: str) -> Path:
-    return FIXTURES / f"hf_{family}"
-
-
-def reference(family: str):
-    """-> (transformers' logits [S, L, V] float32, tokens [S, L], lengths [S])."""
-    with h5py.File(fixture(family) / "reference.h5", "r") as f:
-        return f["hf_logits"][()], f["tokens"][()], f["lengths"][()]
-
-
-def logit_errors(logits: np.ndarray, family: str) -> np.ndarray:
-    """Relative error of each valid position's logit vector against transformers'."""
-    want, _, lengths = reference(family)
-    valid = np.arange(want.shape[1])[None, :] < lengths[:, None]
-    err = np.linalg.norm(logits - want, axis=-1) / np.maximum(np.linalg.norm(want, axis=-1), 1e-30)
-    return err[valid]
-
-
-def bf16_values(dset) -> np.ndarray:
-    raw = dset[()]
-    return (raw.astype(np.uint32) << 16).view(np.float32) if raw.dtype == np.uint16 else raw
 
 
 @pytest.fixture(scope="module")

@@ -276,3 +276,18 @@ def test_pipeline_stages_split_the_dense_weights(tmp_path):
     last = lay.routers_of(cfg.model.num_layers - 1)
     assert len(last) == 96 and all(lay.roles.stage_of(r) == 1 for r in last)
     assert lay.routers_of(0) == lay.routers
+
+
+def test_dense_weights_count_the_head_for_logprobs_and_a_tied_copy():
+    """engine.load reads lm_head for logits or log-probs; a tied head is a transposed copy of
+    embed on the last stage: both are memory the planner must count."""
+    tied = build_config({"model": {"vocab_size": 100, "tie_embeddings": True}}, where="<t>").model
+    H, V = tied.hidden_size, tied.vocab_size
+    assert dense_weight_bytes(tied, True) - dense_weight_bytes(tied, False) == H * V * 2
+    cfg = load_config(SEED61, ["model.vocab_size=1000", "run.logprobs=true"])
+    cl = load_cluster(C128)
+    with_head = plan_memory(cfg, cl, make_layout(cfg, cl), workload_of(cfg, cl))
+    off = load_config(SEED61, ["model.vocab_size=1000"])
+    without = plan_memory(off, cl, make_layout(off, cl), workload_of(off, cl))
+    dense = lambda mem: max(g.memory.dense_weights for g in mem)
+    assert dense(with_head) - dense(without) == 7168 * 1000 * 2

@@ -92,6 +92,12 @@ def _mla_rope(c: dict, where: str) -> dict[str, Any]:
     return table
 
 
+# What transformers' DeepseekV3Config assumes when config.json leaves a key out: the model a
+# user gets from that file is transformers' model, so a missing key means these, not "off".
+DSV3_DEFAULTS = {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "n_shared_experts": 1,
+                 "first_k_dense_replace": 3}
+
+
 def _deepseek_v3(c: dict, where: str, table: dict) -> dict[str, Any]:
     """MLA, sigmoid group-limited routing, shared experts, first_k_dense_replace dense blocks.
     The multi-token-prediction block (``num_nextn_predict_layers``) is not part of the forward
@@ -105,11 +111,14 @@ def _deepseek_v3(c: dict, where: str, table: dict) -> dict[str, Any]:
                  v_head_dim=int(_get(c, "v_head_dim", where)), **_mla_rope(c, where))
     E, F = int(_get(c, "n_routed_experts", where)), int(_get(c, "moe_intermediate_size", where))
     table.update(num_experts=E, moe_ffn_hidden_size=F, dense_ffn_hidden_size=int(_get(c, "intermediate_size", where)),
-                 first_dense_layers=min(int(_get(c, "first_k_dense_replace", where, 0)), table["num_layers"]),
-                 shared_expert_ffn_hidden_size=F * int(_get(c, "n_shared_experts", where, 0)),
+                 first_dense_layers=min(int(_get(c, "first_k_dense_replace", where, DSV3_DEFAULTS["first_k_dense_replace"])),
+                                        table["num_layers"]),
+                 shared_expert_ffn_hidden_size=F * int(_get(c, "n_shared_experts", where, DSV3_DEFAULTS["n_shared_experts"])),
                  normalize_topk=bool(_get(c, "norm_topk_prob", where, True)), gate_score="sigmoid",
-                 expert_groups=int(_get(c, "n_group", where, 1)), topk_groups=int(_get(c, "topk_group", where, 1)),
-                 routed_scaling_factor=float(_get(c, "routed_scaling_factor", where, 1.0)))
+                 expert_groups=int(_get(c, "n_group", where, DSV3_DEFAULTS["n_group"])),
+                 topk_groups=int(_get(c, "topk_group", where, DSV3_DEFAULTS["topk_group"])),
+                 routed_scaling_factor=float(_get(c, "routed_scaling_factor", where,
+                                                  DSV3_DEFAULTS["routed_scaling_factor"])))
     _refuse(int(c.get("moe_layer_freq", 1)) != 1, where, "moe_layer_freq", f"= {c.get('moe_layer_freq')!r}")
     return table
 

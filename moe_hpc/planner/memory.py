@@ -42,7 +42,7 @@ def dense_weight_bytes(m: ModelConfig, logits: bool = False, dense_tp: int = 1, 
                        stages: int = 1) -> int:
     """What a dense rank loads (engine.load): its stage's blocks' non-expert weights, every
     expert's output bias (added at the combine), embed on the first stage, final_norm (and
-    lm_head when logits are on) on the last; with ``dense_tp`` its share of the attention heads
+    lm_head when logits or log-probs are on: ``logits``) on the last; with ``dense_tp`` its share of the attention heads
     and dense-MLP columns (model/dense_tp.py)."""
     m = local_model(m, dense_tp) if dense_tp > 1 else m
     blocks = stage_blocks(m.num_layers, stages)[stage]
@@ -57,7 +57,10 @@ def dense_weight_bytes(m: ModelConfig, logits: bool = False, dense_tp: int = 1, 
                 total += _nbytes(shape)
     first, last = stage == 0, stage == stages - 1
     keep = {"embed": first, "final_norm": last, "lm_head": last and logits}
-    return total + sum(_nbytes(s) for n, s in global_shapes(m).items() if keep.get(n, True))
+    total += sum(_nbytes(s) for n, s in global_shapes(m).items() if keep.get(n, True))
+    if m.vocab_size and m.tie_embeddings and last and logits:     # the head: a transposed copy of embed
+        total += _nbytes((m.hidden_size, m.vocab_size))
+    return total
 
 
 def expert_weight_bytes(m: ModelConfig, experts: int, tp: int = 1) -> int:
@@ -123,7 +126,8 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
     """[group_size] per-rank memory of one replica (expert_tp: the config's unless given)."""
     m, dense_tp, stages = cfg.model, cfg.parallel.dense_tp, cfg.parallel.dense_stages
     expert_tp = expert_tp or cfg.parallel.expert_tp
-    dense_w = [dense_weight_bytes(m, cfg.run.logits, dense_tp, s, stages) for s in range(stages)]
+    head = cfg.run.logits or cfg.run.logprobs                        # engine.load reads lm_head for either
+    dense_w = [dense_weight_bytes(m, head, dense_tp, s, stages) for s in range(stages)]
     act = activation_bytes(m, w, cfg.run.attention_block, dense_tp)
     send = w.mb_tokens * m.top_k
     share, count = layout.routing

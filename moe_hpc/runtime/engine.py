@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..comm.exchange import Exchange
+from ..comm.failure import collective
 from ..comm.groups import make_group
 from ..comm.topology import Topology
 from ..comm.transports import make_transport
@@ -89,9 +90,11 @@ class Engine:
         self.stage = topo.stage if topo.is_dense else 0
         self.blocks = stage_blocks(m.num_layers, P)[self.stage] if topo.is_dense else range(0)
         self.first_stage, self.last_stage = self.stage == 0, self.stage == P - 1
-        # only ranks that attend hold cuDNN's handle and workspace
-        self.flash, self.attention_core = choose_attention(cfg.run.attention, backend, topo.rank == 0) \
-            if topo.is_dense else (None, "tiles")
+        # only ranks that attend hold cuDNN's handle and workspace; all ranks agree on the outcome
+        # (run.attention = cudnn without cuDNN fails on the dense ranks alone: everyone must stop)
+        self.flash, self.attention_core = collective(
+            topo.world, lambda: choose_attention(cfg.run.attention, backend, topo.rank == 0)
+            if topo.is_dense else (None, "tiles"))
         self.moe = MoeBlock(m, cfg.run.micro_batch_tokens, self.router, self.exchange, topo.exchange, tables,
                             self.local_experts, backend, self.times, topo.tp, self.tp_group)
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..comm.exchange import expert_slots, peer_major, slot_capacity
 from ..comm.topology import build_topology
+from ..config.errors import ConfigError
 from ..config.run_config import load_config
 from ..device.backend import make_backend
 from ..device.datasheet import HOPPER_BF16_TFLOPS, datasheet_for
@@ -329,6 +330,9 @@ def run_bench(comm, args, log=print) -> dict:
                  f"run.micro_batch_tokens={math.ceil(args.tokens / args.micro_batches)}", "parallel.placement=shared"]
     overrides += list(getattr(args, "set", []) or [])
     cfg = load_config(args.config, overrides)
+    if cfg.model.mla:
+        raise ConfigError("moe-hpc bench does not time MLA (DeepSeek-V3) attention yet; its blocks run through "
+                          "moe-hpc run (docs/models.md)")
     topo = build_topology(comm, cfg)
     backend = make_backend("gpu", topo.local_rank)
     cp = backend.xp

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..config.errors import OutputError
+from ..config.errors import ConfigError, OutputError
 from ..config.run_config import ModelConfig
 from ..device.dtypes import BF16
 from ..files.atomic import atomic_path, refuse_existing
@@ -90,6 +90,9 @@ def _bf16_dataset(group, name, shape):
 
 def write_checkpoint(path: str | Path, m: ModelConfig, seed: int = 0, overwrite: bool = False) -> None:
     """Write a synthetic ``moe_hpc.checkpoint/1`` file for model ``m``."""
+    if m.mla:
+        raise ConfigError("init-weights does not make MLA (DeepSeek-V3) checkpoints yet; run a Hugging Face "
+                          "checkpoint of the family (docs/models.md)")
     path = Path(path)
     refuse_existing(path, overwrite)
     rng, extra = np.random.default_rng(seed), np.random.default_rng([seed, 1])
