@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 
 import numpy as np
@@ -38,7 +37,7 @@ def attention(a, w, cfg, block: int, xp=np, reduce=None, flash=None):
     if cfg.mla:     # MLA's q/k (nope | rope) and v widths differ: the tiled core takes them
         o = tiled_attention(*mla_qkv(a, w, cfg, xp), softmax_scale(cfg), block, xp)
     elif flash is not None and w.wqkv is not None and flash.supports(S, L, cfg.num_heads, cfg.kv_heads, cfg.head_dim,
-                                                                     _scale(cfg.head_dim)):
+                                                                     softmax_scale(cfg)):
         o = _fused_core(a, w, cfg, flash, xp)
     else:
         o = _tiled_core(a, w, cfg, block, xp)
@@ -69,7 +68,12 @@ def choose_attention(choice: str, backend, announce: bool):
 
 def fuse_qkv(layer, xp=np):
     """The layer with one [H, (nh + 2 kv) D] QKV weight, wq/wk/wv left as column views of it (no
-    second copy): one GEMM instead of three, and its output is the layout flash attention reads."""
+    second copy): one GEMM instead of three, and its output is the layout flash attention reads.
+    A layer the fused path cannot run yet (q/k/v biases, q/k norms, MLA) comes back as it is and
+    attends in tiles."""
+    if layer.bq is not None or layer.bk is not None or layer.bv is not None or layer.q_norm is not None \
+            or layer.wkv_a is not None:
+        return layer
     wqkv = xp.concatenate([layer.wq, layer.wk, layer.wv], axis=1)
     nq, nk = layer.wq.shape[1], layer.wk.shape[1]
     return dataclasses.replace(layer, wqkv=wqkv, wq=wqkv[:, :nq], wk=wqkv[:, nq:nq + nk], wv=wqkv[:, nq + nk:])
@@ -83,12 +87,8 @@ def _fused_core(a, w, cfg, flash, xp):
     cos, sin = _rope_tables_cached(L, D, cfg.rope_theta, xp)
     rope_heads(qkv, cos, sin, nh + nkv, D)
     o = xp.empty((S, L, nh * D), BF16)
-    flash(qkv, o, nh, nkv, D, _scale(D))
+    flash(qkv, o, nh, nkv, D, softmax_scale(cfg))
     return o
-
-
-def _scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
 
 
 @functools.lru_cache(maxsize=16)
@@ -98,11 +98,10 @@ def _rope_tables_cached(L: int, D: int, theta: float, xp):
 
 def _tiled_core(a, w, cfg, block: int, xp):
     """q, k, v by three GEMMs, then online softmax over tiles -> [S, L, nh D] bf16."""
-    L = a.shape[1]
-    cos, sin = rope_tables(xp.arange(L), cfg.head_dim, cfg.rope_theta, xp)
+    cos, sin = _rope_tables_cached(a.shape[1], cfg.head_dim, cfg.rope_theta, xp)
     q, k, v = project_qkv(a, w, cfg, xp)
     q, k = apply_rope(q, cos, sin, xp), apply_rope(k, cos, sin, xp)
-    return tiled_attention(q, k, v, _scale(cfg.head_dim), block, xp)
+    return tiled_attention(q, k, v, softmax_scale(cfg), block, xp)
 
 
 def tiled_attention(q, k, v, scale: float, block: int, xp):

@@ -137,10 +137,9 @@ class Engine:
             self.local_experts.stack()
 
     def install_dense(self, layer: int, d: DenseLayer) -> None:
-        """Block ``layer``'s dense weights, already on the device (QKV fused for flash attention,
-        whose fused path has no q/k/v biases, q/k norms or MLA yet: such blocks attend in tiles)."""
-        plain = d.bq is None and d.bk is None and d.bv is None and d.q_norm is None and d.wkv_a is None
-        self.dense[layer] = fuse_qkv(d, self.xp) if self.flash is not None and plain else d
+        """Block ``layer``'s dense weights, already on the device (QKV fused for flash attention
+        where the fused path can run the block, see ``fuse_qkv``)."""
+        self.dense[layer] = fuse_qkv(d, self.xp) if self.flash is not None else d
 
     # ------------------------------------------------------------------ compute
     def waves(self, num_sequences: int) -> list[tuple[int, int]]:

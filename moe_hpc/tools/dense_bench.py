@@ -5,15 +5,10 @@ on the same shapes, and the attention core's memory at two sequence lengths of e
 """
 from __future__ import annotations
 
-import math
-
 from ..device.dtypes import BF16
 from ..model.attention import attention
-
-
-def attention_core_flops(S: int, L: int, nh: int, D: int) -> float:
-    """Causal QK^T and PV of S sequences of L tokens: 2 FLOPs per multiply-add, half the keys."""
-    return 2 * 2 * S * nh * L * L * D / 2
+from ..model.flops import flops_per_token
+from ..model.mla import softmax_scale
 
 
 def torch_sdpa_seconds(S: int, L: int, nh: int, nkv: int, D: int, iters: int = 20) -> float | None:
@@ -70,20 +65,20 @@ def dense_figures(engine, S: int, L: int, timer, cp) -> dict:
     t_attention = timer(lambda: attention(a, w, m, engine.cfg.run.attention_block, cp, None, engine.flash))
     W = (nh + 2 * nkv) * D
     flat = a.reshape(S * L, H)
-    qkv_w = cp.asarray(w.wqkv) if w.wqkv is not None else cp.concatenate([w.wq, w.wk, w.wv], axis=1)
+    qkv_w = w.wqkv if w.wqkv is not None else cp.concatenate([w.wq, w.wk, w.wv], axis=1)
     t_qkv = timer(lambda: cp.matmul(flat, qkv_w))
     o = (cp.random.standard_normal((S * L, nh * D), dtype=cp.float32)).astype(BF16)
     t_out = timer(lambda: cp.matmul(o, w.wo))
     square = (cp.random.standard_normal((S * L, H), dtype=cp.float32)).astype(BF16)
     big = (cp.random.standard_normal((H, S * L if S * L <= 16384 else 16384), dtype=cp.float32)).astype(BF16)
     t_square = timer(lambda: cp.matmul(square, big))
-    proj_flops = 2 * S * L * H * (W + nh * D)
-    core_flops = attention_core_flops(S, L, nh, D)
+    per_token = flops_per_token(m, L)              # the one count the MFU and the planner use
+    proj_flops, core_flops = (S * L * per_token[k] for k in ("projections", "attention_core"))
     t_core = None
     if engine.flash is not None and w.wqkv is not None:
         qkv = cp.matmul(flat, w.wqkv).reshape(S, L, W)
         out = cp.empty((S, L, nh * D), BF16)
-        t_core = timer(lambda: engine.flash(qkv, out, nh, nkv, D, 1.0 / math.sqrt(D)))
+        t_core = timer(lambda: engine.flash(qkv, out, nh, nkv, D, softmax_scale(m)))
     t_torch = torch_sdpa_seconds(S, L, nh, nkv, D)
     # equal tokens, four times the length: a core that holds [L, L] scores would grow 4x
     half_tokens = max(1, S // 4)
@@ -99,4 +94,4 @@ def dense_figures(engine, S: int, L: int, timer, cp) -> dict:
                                      f"{S}x{L}": _core_peak_bytes(engine, 0, S, L, cp)}}
 
 
-__all__ = ["dense_figures", "attention_core_flops", "torch_sdpa_seconds"]
+__all__ = ["dense_figures", "torch_sdpa_seconds"]
