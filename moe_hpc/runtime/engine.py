@@ -162,7 +162,7 @@ class Engine:
         if inputs is None:
             x = xp.zeros((len(lengths), seq_len, m.hidden_size), BF16)
         elif inputs.ndim == 2:
-            x = take_rows(self.globals["embed"], xp.asarray(inputs.reshape(-1))).reshape(*inputs.shape, -1)
+            x = take_rows(self.globals["embed"], xp.asarray(inputs.reshape(-1))).reshape(*inputs.shape, m.hidden_size)
         else:
             x = xp.asarray(inputs)
         s, L, H = x.shape
