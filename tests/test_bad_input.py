@@ -22,6 +22,7 @@ checked per rank rather than through mpiexec's combined exit code.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -384,3 +385,80 @@ def test_rerun_with_overwrite_replaces_output(complete_output, tmp_path, tiny_fi
     with h5py.File(output, "r") as new, h5py.File(complete_output, "r") as old:
         assert new.attrs["format"] == "moe_hpc.output/1"
         np.testing.assert_array_equal(new["hidden"][()], old["hidden"][()])
+
+
+# ------------------------------------------------------------------ issue 21 item 7: HF shard paths outside the folder
+# A Hugging Face index is data: a weight_map entry that resolves outside the checkpoint folder
+# (``..``, an absolute path, a link) is refused by name, by ``run`` and by ``import-hf``, even
+# when a valid shard lies there; a hub-cache snapshot (files linked into the repo's blobs/) works.
+
+HF_SHARD = "model-00003-of-00003.safetensors"
+
+
+def hf_pointing_outside(tmp: Path, target: str) -> Path:
+    """A copy of the Mixtral fixture whose index sends its last shard's tensors to ``target``;
+    a valid copy of that shard waits at ``<tmp>/outside/x.safetensors``."""
+    from helpers import fixture
+    folder = tmp / "ckpt"
+    shutil.copytree(fixture("mixtral"), folder)
+    (tmp / "outside").mkdir()
+    shutil.move(folder / HF_SHARD, tmp / "outside" / "x.safetensors")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: (target if v == HF_SHARD else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    return folder
+
+
+OUTSIDE = {"dotdot": "../outside/x.safetensors", "absolute": "/etc/passwd", "link": "link.safetensors"}
+
+
+def _outside_case(tmp: Path, kind: str) -> Path:
+    folder = hf_pointing_outside(tmp, OUTSIDE[kind])
+    if kind == "link":
+        (folder / "link.safetensors").symlink_to(tmp / "outside" / "x.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("kind", OUTSIDE)
+def test_hf_run_refuses_shard_outside_folder(kind, tmp_path):
+    folder = _outside_case(tmp_path, kind)
+    out = tmp_path / "out.h5"
+    outcome = run_ranks("run", folder, "--weights", folder, "--input", folder / "reference.h5", "--output", out,
+                        "--set", "parallel.dense_ranks=1", ranks=2)
+    assert_clean_failure(outcome, 2, ("model.safetensors.index.json", OUTSIDE[kind],
+                                      "outside the checkpoint folder"), out)
+
+
+@pytest.mark.parametrize("kind", OUTSIDE)
+def test_hf_import_refuses_shard_outside_folder(kind, tmp_path):
+    from moe_hpc.config.errors import InputError
+    from moe_hpc.tools.hf_import import import_hf
+    folder = _outside_case(tmp_path, kind)
+    cfg, weights = tmp_path / "m.toml", tmp_path / "w.h5"
+    with pytest.raises(InputError, match="outside the checkpoint folder") as exc:
+        import_hf(folder, cfg, weights, log=lambda text: None)
+    assert OUTSIDE[kind] in str(exc.value)
+    assert not any(p.exists() for p in (cfg, weights, weights.with_name("w.h5.tmp")))
+
+
+def hub_snapshot(tmp: Path, family: str) -> Path:
+    """The fixture laid out as huggingface_hub caches it: ``snapshots/<rev>/<file>`` are links
+    to ``../../blobs/<hash>``."""
+    from helpers import fixture
+    repo = tmp / f"models--tiny--{family}"
+    snapshot, blobs = repo / "snapshots" / "0123abcd", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, src in enumerate(sorted(fixture(family).iterdir())):
+        shutil.copy(src, blobs / f"blob{i}")
+        (snapshot / src.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    return snapshot
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])   # an index, and one model.safetensors
+def test_hf_hub_cache_snapshot_still_imports(family, tmp_path):
+    from moe_hpc.tools.hf_import import import_hf
+    snapshot = hub_snapshot(tmp_path, family)
+    model = import_hf(snapshot, tmp_path / "m.toml", tmp_path / "w.h5", log=lambda text: None)
+    assert model.num_layers >= 1 and (tmp_path / "w.h5").exists()

@@ -82,16 +82,47 @@ def hf_name(name: str, family: str, expert: int | None = None) -> tuple[str, boo
 
 
 def _weight_map(folder: Path) -> dict[str, str]:
-    """HF tensor name -> shard file name."""
+    """HF tensor name -> shard file name (each checked by ``_inside``)."""
     index = folder / INDEX
     if index.exists():
         try:
-            return dict(json.loads(index.read_text())["weight_map"])
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{index}: not a readable safetensors index ({exc})") from None
+        roots, checked = _allowed_roots(folder), set()
+        for tensor, shard in weight_map.items():
+            if not (isinstance(shard, str) and shard in checked):   # thousands of tensors, a few shards
+                _inside(folder, shard, roots, f"{index}: weight_map[{tensor!r}]")
+                checked.add(shard)
+        return weight_map
     if not (folder / SINGLE).exists():
         raise InputError(f"{folder}: neither {INDEX} nor {SINGLE} (not a safetensors checkpoint)")
+    _inside(folder, SINGLE, _allowed_roots(folder), f"{folder}: {SINGLE}")
     return {name: SINGLE for name in _open_shard(folder / SINGLE).keys()}
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where a shard of ``folder`` may really live: the folder itself, and for a Hugging Face
+    hub-cache snapshot (``<repo>/snapshots/<rev>``, whose files are links into ``<repo>/blobs``)
+    that repository's ``blobs`` folder."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _inside(folder: Path, shard, roots: list[Path], where: str) -> Path:
+    """A shard entry -> its path; an InputError when it is not a relative name or resolves
+    (through ``..`` or links) outside the checkpoint folder: an index is data, and may not make
+    the reader open ``/etc/passwd`` or another checkpoint's file."""
+    if not isinstance(shard, str) or not shard:
+        raise InputError(f"{where}: shard {shard!r} is not a file name")
+    path = folder / shard
+    real = path.resolve()
+    if Path(shard).is_absolute() or not any(real.is_relative_to(root) for root in roots):
+        raise InputError(f"{where}: shard {shard!r} lies outside the checkpoint folder {folder} (refused)")
+    return path
 
 
 def _open_shard(path: Path):
