@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..config.roles import RoleLayout, check_layout
 from ..config.run_config import Config
+from ..device.threads import usable_cores
 
 
 @dataclass
@@ -188,8 +189,16 @@ def build_topology(comm, cfg: Config) -> Topology:
                     gpus_per_node=gpus_per_node, dp=p.dp, expert_tp=p.expert_tp, dense_tp_comm=dense_tp)
 
 
+def ranks_sharing_cores(node) -> tuple[int, int]:
+    """-> (cores the ranks of this node may run on together, ranks sharing them). The union of
+    the ranks' affinity masks, so ranks bound to one core each get one core each, and unbound
+    ranks split the node. Collective over ``node`` (the shared-memory communicator)."""
+    cores = set().union(*node.allgather(usable_cores()))
+    return len(cores), node.Get_size()
+
+
 def _none_if_null(comm):
     return None if comm == _mpi().COMM_NULL else comm
 
 
-__all__ = ["Topology", "build_topology"]
+__all__ = ["Topology", "build_topology", "ranks_sharing_cores"]

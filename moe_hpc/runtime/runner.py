@@ -17,10 +17,11 @@ import numpy as np
 
 from .. import __version__
 from ..comm.failure import collective, on_rank0
-from ..comm.topology import build_topology
+from ..comm.topology import build_topology, ranks_sharing_cores
 from ..config.errors import Interrupted, MoeHpcError
 from ..config.roles import RoleLayout, check_layout
 from ..device.backend import make_backend
+from ..device.threads import limit_blas_threads
 from ..files.batches import (OutputWriter, create_output, finalize_output, logprob_summary, open_input,
                              reopen_output)
 from ..files.checkpoint import Checkpoint
@@ -86,13 +87,14 @@ def run_job(comm, job: Job, log=_log) -> dict:
     topo = build_topology(comm, job.cfg)
     world, owned = topo.world, False
     try:
+        threads = limit_blas_threads(*ranks_sharing_cores(topo.node))
         engine, meta = _prepare(topo, job)
         _attach(engine, job, engine.placement, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
         owned = True
         if topo.rank == 0:
-            _log_start(log, job, meta, engine, progress)
+            _log_start(log, job, meta, engine, progress, threads)
         t_loop = time.perf_counter()
         stats = _stream_chunks(engine, job, meta, layout, progress)
         return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, log)
@@ -116,13 +118,13 @@ def _prepare(topo, job: Job) -> tuple[Engine, InputMeta]:
     return engine, meta
 
 
-def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress) -> None:
+def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress, threads: str) -> None:
     topo, p = engine.topo, job.cfg.parallel
     roles = topo.roles
     tp = f" in TP groups of {p.expert_tp}" if p.expert_tp > 1 else ""
     log(f"moe-hpc: {meta.num_sequences} sequences x {meta.seq_len} positions on {topo.size} rank(s) "
         f"({p.dp} x [{len(roles.dense_ranks)} dense, {len(roles.expert_ranks)} expert{tp}], placement "
-        f"{engine.placement.kind}, device {engine.backend.name}), {progress.chunks_total} chunk(s)")
+        f"{engine.placement.kind}, device {engine.backend.name}), {progress.chunks_total} chunk(s), {threads}")
     if progress.chunks_done:
         log(f"moe-hpc: resuming at chunk {progress.chunks_done + 1} of {progress.chunks_total} "
             f"(recorded in {progress_path_for(job.output)})")
