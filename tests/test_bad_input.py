@@ -462,3 +462,33 @@ def test_hf_hub_cache_snapshot_still_imports(family, tmp_path):
     snapshot = hub_snapshot(tmp_path, family)
     model = import_hf(snapshot, tmp_path / "m.toml", tmp_path / "w.h5", log=lambda text: None)
     assert model.num_layers >= 1 and (tmp_path / "w.h5").exists()
+
+
+# ------------------------------------------------------------------ issue 21 item 5: config values out of type or range
+# A --set value too large for any count, or a config.json field of the wrong type, is one
+# ``error:`` line naming the key (and the file), before the output is opened: no partial.
+
+def test_huge_set_value_is_a_config_error(tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    case = Case(weights, inputs, tmp_path / "out.h5",
+                ("run.micro_batch_tokens must be at most 2147483647", "99999999999999999999999"),
+                ("--set", "run.micro_batch_tokens=99999999999999999999999"))
+    assert_clean_failure(run_cmd(case, 2), 2, case.needles, case.output)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("num_local_experts", "eight", "num_local_experts must be an integer, got 'eight'"),
+    ("num_local_experts", 8.5, "num_local_experts must be an integer, got 8.5"),
+    ("hidden_size", True, "hidden_size must be an integer, got True"),
+])
+def test_hf_config_json_bad_field_names_file_and_key(key, value, needle, tmp_path):
+    from helpers import fixture
+    folder = tmp_path / "ckpt"
+    shutil.copytree(fixture("mixtral"), folder)
+    values = json.loads((folder / "config.json").read_text())
+    values[key] = value
+    (folder / "config.json").write_text(json.dumps(values))
+    out = tmp_path / "out.h5"
+    outcome = run_ranks("run", folder, "--weights", folder, "--input", folder / "reference.h5", "--output", out,
+                        ranks=2)
+    assert_clean_failure(outcome, 2, (folder / "config.json", needle), out)

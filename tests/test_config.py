@@ -1,4 +1,5 @@
 """Config: defaults, presets, --set overrides, and errors that name the key."""
+import dataclasses
 import json
 
 import pytest
@@ -129,3 +130,90 @@ def test_stage_blocks_cover_the_model_in_order():
     assert stage_blocks(61, 2) == [range(0, 30), range(30, 61)]
     assert [len(r) for r in stage_blocks(4, 3)] == [1, 1, 2]
     assert sum(len(r) for r in stage_blocks(61, 7)) == 61
+
+
+# ---------------------------------------------------------------- typed fields (issue 21 item 5)
+
+def _number_fields():
+    from moe_hpc.config.cluster import DeploymentSpec, GpuSpec, NetworkSpec
+    from moe_hpc.config.run_config import ModelConfig, ParallelConfig, RunConfig
+    for cls in (ModelConfig, ParallelConfig, RunConfig, GpuSpec, NetworkSpec, DeploymentSpec):
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+                yield cls.__name__, f
+
+
+def test_every_number_key_has_a_range_rule():
+    """A new int or float key cannot skip its range: declare it with fields.checked(default, rule)."""
+    from moe_hpc.config.fields import rule_of
+    found = list(_number_fields())
+    assert len(found) > 40
+    missing = [f"{cls}.{f.name}" for cls, f in found if rule_of(f) is None]
+    assert not missing, f"number keys without a rule (use config.fields.checked): {missing}"
+    for cls, f in found:
+        assert rule_of(f).allows(f.default), f"{cls}.{f.name}: its default breaks its own rule"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.micro_batch_tokens=99999999999999999999999",
+     "run.micro_batch_tokens must be at most 2147483647 (sizes and counts are C ints), got 99999999999999999999999"),
+    ("model.hidden_size=2147483648", "model.hidden_size must be at most 2147483647"),
+    ("run.chunk_sequences=true", "run.chunk_sequences must be an integer, got True"),
+    ("model.num_experts=8.5", "model.num_experts must be an integer, got 8.5"),
+    ("model.num_experts=eight", "model.num_experts must be an integer, got 'eight'"),
+    ("run.attention_block=0", "run.attention_block must be >= 1, got 0"),
+    ("model.norm_eps=0", "model.norm_eps must be > 0, got 0.0"),
+    ("model.rope_beta_slow=-1", "model.rope_beta_slow must be > 0, got -1.0"),
+    ("run.balance_threshold=1", "run.balance_threshold must be > 1 (max/mean load is never below 1), got 1.0"),
+    ("parallel.gpus_per_node=-2", "parallel.gpus_per_node must be >= 0, got -2"),
+])
+def test_set_values_are_typed_and_ranged(override, message):
+    with pytest.raises(ConfigError) as exc:
+        build_config({}, [override])
+    assert message in str(exc.value)
+
+
+def test_cluster_ints_are_capped_and_typed():
+    from moe_hpc.config.cluster import build_cluster
+    with pytest.raises(ConfigError, match=r"c.toml: cluster.nodes must be at most 2147483647"):
+        build_cluster({"cluster": {"nodes": 2 ** 40, "gpus_per_node": 8}}, "c.toml")
+    with pytest.raises(ConfigError, match=r"c.toml: deployment.seq_len must be an integer, got 8.5"):
+        build_cluster({"cluster": {"nodes": 1, "gpus_per_node": 8}, "deployment": {"seq_len": 8.5}}, "c.toml")
+    with pytest.raises(ConfigError, match=r"c.toml: deployment.dense_gpus must be >= -1 \(-1: the config's"):
+        build_cluster({"cluster": {"nodes": 1, "gpus_per_node": 8}, "deployment": {"dense_gpus": -2}}, "c.toml")
+
+
+def test_replaced_configs_are_ranged_by_validate():
+    from moe_hpc.config.run_config import validate
+    cfg = build_config({})
+    bad = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, chunk_sequences=0))
+    with pytest.raises(ConfigError, match=r"run.chunk_sequences must be >= 1, got 0"):
+        validate(bad)
+
+
+HF_BAD = [  # (family, key, value, message after "config.json: ")
+    ("mixtral", "num_local_experts", "eight", "num_local_experts must be an integer, got 'eight'"),
+    ("mixtral", "num_local_experts", 8.5, "num_local_experts must be an integer, got 8.5"),
+    ("mixtral", "hidden_size", True, "hidden_size must be an integer, got True"),
+    ("mixtral", "num_hidden_layers", 10 ** 30, "num_hidden_layers must be at most 2147483647"),
+    ("mixtral", "num_experts_per_tok", 0, "num_experts_per_tok must be >= 1, got 0"),
+    ("mixtral", "rms_norm_eps", "small", "rms_norm_eps must be a finite number, got 'small'"),
+    ("mixtral", "tie_word_embeddings", "no", "tie_word_embeddings must be true or false, got 'no'"),
+    ("qwen3_moe", "num_experts", "8", "num_experts must be an integer, got '8'"),
+    ("qwen2_moe", "decoder_sparse_step", 0, "decoder_sparse_step must be >= 1, got 0"),
+    ("qwen2_moe", "mlp_only_layers", [0.5], "mlp_only_layers must be a list of layer numbers"),
+    ("deepseek_v3", "n_group", 2.0, "n_group must be an integer, got 2.0"),
+    ("deepseek_v3", "routed_scaling_factor", -1, "routed_scaling_factor must be > 0, got -1"),
+    ("deepseek_v3", "rope_parameters", "yarn", "rope_parameters must be a JSON object, got 'yarn'"),
+]
+
+
+@pytest.mark.parametrize("family, key, value, message", HF_BAD, ids=[f"{f}-{k}" for f, k, *_ in HF_BAD])
+def test_hf_config_json_fields_are_typed_and_ranged(family, key, value, message):
+    from helpers import fixture
+    from moe_hpc.config.hf import model_table_from_hf
+    values = json.loads((fixture(family) / "config.json").read_text())
+    values[key] = value
+    with pytest.raises(ConfigError) as exc:
+        model_table_from_hf(values, "ckpt/config.json")
+    assert str(exc.value).startswith(f"ckpt/config.json: {message}"), exc.value

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .fields import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Rule, checked
 from .run_config import build_table, coerce, read_toml
 
 GIB = 2 ** 30      # the unit of every memory size here (GiB)
@@ -34,19 +35,20 @@ GIB = 2 ** 30      # the unit of every memory size here (GiB)
 @dataclass(frozen=True)
 class GpuSpec:
     """One GPU: capacity in GiB (2^30 bytes), rates in TFLOP/s and TB/s, fractions in (0, 1]."""
-    memory_gib: float = 64.0          # what the allocator can have
-    expert_memory_fraction: float = 0.5   # share of it expert weights may take (placement)
-    peak_tflops: float = 400.0        # dense bf16 tensor-core peak
-    mfu: float = 0.60                 # fraction of peak the bf16 GEMMs reach
-    memory_tb_s: float = 1.8          # HBM bandwidth
-    memory_util: float = 0.80         # fraction of it elementwise and gather kernels reach
-    reserved_gib: float = 1.0         # CUDA context, cuBLAS workspace, allocator slack
-    attention_mfu: float = 0.0        # attention core (QK^T, PV) as a fraction of peak; 0: = mfu
-    copy_util: float = 0.40           # a transport's copy within one GPU, fraction of memory_tb_s
-    launch_us: float = 17.0           # host cost of one GPU operation issued from Python
-    sync_us: float = 300.0            # one host round trip (device-to-host copy that waits)
-    overlap_loss: float = 1.0         # share of the shorter of transfers and expert GEMMs overlap fails to hide
-                                      # (measured ~1 on 4 x H200 with NCCL: docs/performance.md)
+    memory_gib: float = checked(64.0, POSITIVE)          # what the allocator can have
+    expert_memory_fraction: float = checked(0.5, FRACTION)   # share of it expert weights may take (placement)
+    peak_tflops: float = checked(400.0, POSITIVE)        # dense bf16 tensor-core peak
+    mfu: float = checked(0.60, FRACTION)                 # fraction of peak the bf16 GEMMs reach
+    memory_tb_s: float = checked(1.8, POSITIVE)          # HBM bandwidth
+    memory_util: float = checked(0.80, FRACTION)         # fraction of it elementwise and gather kernels reach
+    reserved_gib: float = checked(1.0, AT_LEAST_0)         # CUDA context, cuBLAS workspace, allocator slack
+    attention_mfu: float = checked(0.0, Rule(0, 1, note="0: same as mfu"))   # attention core (QK^T, PV), of peak
+    copy_util: float = checked(0.40, FRACTION)           # a transport's copy within one GPU, fraction of memory_tb_s
+    launch_us: float = checked(17.0, AT_LEAST_0)           # host cost of one GPU operation issued from Python
+    sync_us: float = checked(300.0, AT_LEAST_0)            # one host round trip (device-to-host copy that waits)
+    # share of the shorter of transfers and expert GEMMs overlap fails to hide
+    # (measured ~1 on 4 x H200 with NCCL: docs/performance.md)
+    overlap_loss: float = checked(1.0, Rule(0, 1, note="0: perfect overlap, 1: none"))
 
     @property
     def attention_fraction(self) -> float:
@@ -56,20 +58,21 @@ class GpuSpec:
 @dataclass(frozen=True)
 class NetworkSpec:
     """Bandwidths in GB/s (1e9 bytes) per direction; latencies in microseconds."""
-    intra_node_gb_s: float = 300.0    # one GPU's NVLink port into its node's switch
-    intra_node_latency_us: float = 3.0
-    inter_node_gb_s: float = 50.0     # one InfiniBand rail
-    rails_per_node: int = 0           # rails of a node into the fat tree; 0: one per GPU
-    inter_node_latency_us: float = 10.0
-    transport_buffer_gib: float = 1.0  # what the transport (NCCL) keeps per GPU for its peers
+    intra_node_gb_s: float = checked(300.0, POSITIVE)    # one GPU's NVLink port into its node's switch
+    intra_node_latency_us: float = checked(3.0, AT_LEAST_0)
+    inter_node_gb_s: float = checked(50.0, POSITIVE)     # one InfiniBand rail
+    rails_per_node: int = checked(0, AT_LEAST_0)           # rails of a node into the fat tree; 0: one per GPU
+    inter_node_latency_us: float = checked(10.0, AT_LEAST_0)
+    transport_buffer_gib: float = checked(1.0, AT_LEAST_0)  # what the transport (NCCL) keeps per GPU for its peers
 
 
 @dataclass(frozen=True)
 class DeploymentSpec:
     """How the run is laid on the cluster. dense_gpus -1: the config's parallel.dense_ranks."""
-    dense_gpus: int = -1              # dense-only GPUs in all, the last ones of each replica
-    data_parallel: int = 1            # copies of the whole expert set, sequences split
-    seq_len: int = 4096               # tokens per sequence (attention cost, activations)
+    # dense-only GPUs in all, the last ones of each replica
+    dense_gpus: int = checked(-1, Rule(-1, note="-1: the config's parallel.dense_ranks"))
+    data_parallel: int = checked(1, AT_LEAST_1)            # copies of the whole expert set, sequences split
+    seq_len: int = checked(4096, AT_LEAST_1)               # tokens per sequence (attention cost, activations)
 
 
 @dataclass(frozen=True)
@@ -102,10 +105,6 @@ class Cluster:
 
 
 TABLES = {"gpu": GpuSpec, "network": NetworkSpec, "deployment": DeploymentSpec}
-FRACTIONS = ("mfu", "memory_util", "copy_util", "expert_memory_fraction")
-NON_NEGATIVE = ("reserved_gib", "attention_mfu", "launch_us", "sync_us", "overlap_loss", "intra_node_latency_us",
-                "inter_node_latency_us", "transport_buffer_gib", "rails_per_node")
-
 # The placement-only form of earlier versions: what each of its keys is called now.
 RETIRED = {
     "[intra_node]": "network.intra_node_gb_s and network.intra_node_latency_us",
@@ -127,32 +126,11 @@ def _check_retired(tables: dict, where: str) -> None:
 
 
 def _table(name: str, values: dict, where: str):
-    """One table -> its dataclass (the run config's reader: unknown keys and wrong types name
-    the key), then the range checks."""
+    """One table -> its dataclass (the run config's reader: unknown keys, wrong types and values
+    out of each field's range name the key)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: [{name}] must be a table")
-    obj = build_table(name, values, where, TABLES[name])
-    for key, value in vars(obj).items():
-        _check_range(name, key, value, where)
-    return obj
-
-
-def _check_range(table: str, key: str, value, where: str) -> None:
-    bad = None
-    if key in FRACTIONS and not 0 < value <= 1:
-        bad = "must be in (0, 1]"
-    elif key == "attention_mfu" and not 0 <= value <= 1:
-        bad = "must be in [0, 1] (0: same as mfu)"
-    elif key == "overlap_loss" and not 0 <= value <= 1:
-        bad = "must be in [0, 1] (0: perfect overlap, 1: none)"
-    elif key in NON_NEGATIVE and value < 0:
-        bad = "must be >= 0"
-    elif key == "dense_gpus" and value < -1:
-        bad = "must be >= 0 (or -1: the config's parallel.dense_ranks)"
-    elif key not in FRACTIONS + NON_NEGATIVE + ("dense_gpus",) and value <= 0:
-        bad = "must be > 0"
-    if bad:
-        raise ConfigError(f"{where}: {table}.{key} {bad}, got {value!r}")
+    return build_table(name, values, where, TABLES[name])
 
 
 def _cluster_table(values, where: str) -> tuple[str, int, int]:
@@ -164,8 +142,7 @@ def _cluster_table(values, where: str) -> tuple[str, int, int]:
     for key in ("nodes", "gpus_per_node"):
         if key not in values:
             raise ConfigError(f"{where}: cluster.{key} is required")
-        if coerce("cluster", key, values[key], 0, where) < 1:
-            raise ConfigError(f"{where}: cluster.{key} must be >= 1, got {values[key]!r}")
+        coerce("cluster", key, values[key], 0, where, AT_LEAST_1)
     name = coerce("cluster", "name", values.get("name", Path(where).stem), "", where)
     return name, values["nodes"], values["gpus_per_node"]
 

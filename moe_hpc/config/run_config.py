@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigError
+from .fields import AT_LEAST_0, AT_LEAST_1, POSITIVE, Rule, checked, in_range, read_value, rule_of
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 MLP_KINDS = ("plain", "gated")
@@ -32,52 +32,53 @@ DEVICES = ("cpu", "gpu", "auto")
 ATTENTION_CORES = ("auto", "cudnn", "tiles")
 OUTPUT_DTYPES = ("bfloat16", "float32")
 TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl")
+LOAD_RATIO = Rule(1, open_low=True, note="max/mean load is never below 1")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The SPEC model table. Defaults are the tiny preset's shape family."""
-    hidden_size: int = 64
-    num_layers: int = 4
-    first_dense_layers: int = 1
-    num_heads: int = 4
-    num_kv_heads: int = 0           # 0 or absent: same as num_heads (plain MHA)
-    head_dim: int = 16
-    dense_ffn_hidden_size: int = 256
-    moe_ffn_hidden_size: int = 128
-    num_experts: int = 8
-    top_k: int = 2
+    hidden_size: int = checked(64, AT_LEAST_1)
+    num_layers: int = checked(4, AT_LEAST_1)
+    first_dense_layers: int = checked(1, AT_LEAST_0)
+    num_heads: int = checked(4, AT_LEAST_1)
+    num_kv_heads: int = checked(0, AT_LEAST_0)           # 0 or absent: same as num_heads (plain MHA)
+    head_dim: int = checked(16, AT_LEAST_1)
+    dense_ffn_hidden_size: int = checked(256, AT_LEAST_0)
+    moe_ffn_hidden_size: int = checked(128, AT_LEAST_1)
+    num_experts: int = checked(8, AT_LEAST_1)
+    top_k: int = checked(2, AT_LEAST_1)
     activation: str = "gelu"
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    norm_eps: float = checked(1e-6, POSITIVE)
+    rope_theta: float = checked(10000.0, POSITIVE)
     normalize_topk: bool = True
-    vocab_size: int = 0
+    vocab_size: int = checked(0, AT_LEAST_0)
     # The variants of the Hugging Face families (docs/models.md); each default is SPEC's model.
     mlp: str = "plain"              # plain: act(x w1 + b1) w2 + b2 | gated: (act(x w1) * (x w3)) w2
-    shared_expert_ffn_hidden_size: int = 0   # >0: a shared expert beside the routed ones
+    shared_expert_ffn_hidden_size: int = checked(0, AT_LEAST_0)   # >0: a shared expert beside the routed ones
     shared_expert_gate: bool = False         # scale the shared expert by sigmoid(m . shared_gate)
     qk_norm: str = "none"           # none | head: RMSNorm per head [D] | full: over all heads [nh*D]
     attention_bias: bool = False    # q, k, v projections have biases bq, bk, bv
     tie_embeddings: bool = False    # the LM head is embed transposed (no /lm_head)
     # DeepSeek-V3: multi-head latent attention (MLA) when kv_lora_rank > 0; head_dim is then the
     # q/k head width, its last qk_rope_head_dim values the RoPE part (docs/models.md)
-    kv_lora_rank: int = 0           # >0: k/v from a compressed latent of this width (MLA)
-    q_lora_rank: int = 0            # MLA: >0 q through a low-rank latent of this width, 0 directly
-    qk_rope_head_dim: int = 0       # MLA: the RoPE part of each q/k head
-    v_head_dim: int = 0             # MLA: width of each value head
+    kv_lora_rank: int = checked(0, AT_LEAST_0)           # >0: k/v from a compressed latent of this width (MLA)
+    q_lora_rank: int = checked(0, AT_LEAST_0)            # MLA: >0 q through a low-rank latent of this width, 0 directly
+    qk_rope_head_dim: int = checked(0, AT_LEAST_0)       # MLA: the RoPE part of each q/k head
+    v_head_dim: int = checked(0, AT_LEAST_0)             # MLA: width of each value head
     rope_scaling: str = "none"      # none | yarn (MLA only): scaled RoPE and its attention-scale factor
-    rope_factor: float = 1.0        # yarn: context extension factor
-    rope_original_max_positions: int = 0   # yarn: the pretraining context length
-    rope_beta_fast: float = 32.0    # yarn: rotations where interpolation stops
-    rope_beta_slow: float = 1.0     # yarn: rotations where extrapolation stops
-    rope_mscale: float = 0.0        # yarn: mscale (0: not given)
-    rope_mscale_all_dim: float = 0.0   # yarn: mscale_all_dim (0: not given)
-    rope_attention_factor: float = 0.0  # yarn: cos/sin scale (0: inferred from the mscales)
+    rope_factor: float = checked(1.0, POSITIVE)        # yarn: context extension factor
+    rope_original_max_positions: int = checked(0, AT_LEAST_0)   # yarn: the pretraining context length
+    rope_beta_fast: float = checked(32.0, POSITIVE)    # yarn: rotations where interpolation stops
+    rope_beta_slow: float = checked(1.0, POSITIVE)     # yarn: rotations where extrapolation stops
+    rope_mscale: float = checked(0.0, AT_LEAST_0)        # yarn: mscale (0: not given)
+    rope_mscale_all_dim: float = checked(0.0, AT_LEAST_0)   # yarn: mscale_all_dim (0: not given)
+    rope_attention_factor: float = checked(0.0, AT_LEAST_0)  # yarn: cos/sin scale (0: inferred from the mscales)
     # the router: softmax or sigmoid scores, optionally group-limited, weights times a factor
     gate_score: str = "softmax"     # softmax | sigmoid
-    expert_groups: int = 1          # group-limited routing: experts in this many equal groups
-    topk_groups: int = 1            # ... of which the best this many are kept (by top-2 score sums)
-    routed_scaling_factor: float = 1.0   # the routed experts' combine weights are multiplied by it
+    expert_groups: int = checked(1, AT_LEAST_1)          # group-limited routing: experts in this many equal groups
+    topk_groups: int = checked(1, AT_LEAST_1)            # ... of which the best this many are kept (by top-2 score sums)
+    routed_scaling_factor: float = checked(1.0, POSITIVE)   # the routed experts' combine weights are multiplied by it
 
     @property
     def ffn_kind(self) -> str:
@@ -124,24 +125,24 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """How ranks are split into roles and where experts live."""
-    dense_ranks: int = 0            # 0: co-located roles; D > 0: D dense ranks, the rest experts
+    dense_ranks: int = checked(0, AT_LEAST_0)            # 0: co-located roles; D > 0: D dense ranks, the rest experts
     placement: str = "auto"         # auto | shared | disjoint | path to a PLACEMENT.h5
-    gpus_per_node: int = 0          # 0: discovered from the shared-memory communicator
-    dp: int = 1                     # data-parallel replicas, each a full expert-parallel group
-    expert_tp: int = 1              # ranks sharing one expert (w1 by columns, w2 by rows)
-    dense_tp: int = 1               # dense ranks sharing attention (by heads) and the dense MLP
-    dense_stages: int = 1           # pipeline stages of contiguous blocks on their own dense ranks
+    gpus_per_node: int = checked(0, AT_LEAST_0)          # 0: discovered from the shared-memory communicator
+    dp: int = checked(1, AT_LEAST_1)                     # data-parallel replicas, each a full expert-parallel group
+    expert_tp: int = checked(1, AT_LEAST_1)              # ranks sharing one expert (w1 by columns, w2 by rows)
+    dense_tp: int = checked(1, AT_LEAST_1)               # dense ranks sharing attention (by heads) and the dense MLP
+    dense_stages: int = checked(1, AT_LEAST_1)           # pipeline stages of contiguous blocks on their own dense ranks
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Batching, device and output settings. None of them changes the result beyond bf16."""
-    micro_batch_tokens: int = 4096  # tokens per dispatch/combine exchange
-    expert_gemm_carveout: int = 24  # GPU, > 1 rank: SMs the expert GEMMs leave to the exchange (0: none)
-    chunk_sequences: int = 64       # sequences a dense rank reads, computes and writes at once
-    attention_block: int = 512      # query rows per attention block (bounds score memory)
+    micro_batch_tokens: int = checked(4096, AT_LEAST_1)  # tokens per dispatch/combine exchange
+    expert_gemm_carveout: int = checked(24, AT_LEAST_0)  # GPU, > 1 rank: SMs the expert GEMMs leave to the exchange (0: none)
+    chunk_sequences: int = checked(64, AT_LEAST_1)       # sequences a dense rank reads, computes and writes at once
+    attention_block: int = checked(512, AT_LEAST_1)      # query rows per attention block (bounds score memory)
     attention: str = "auto"         # auto | cudnn | tiles: the GPU's attention core (the CPU tiles)
-    pipeline_waves: int = 1         # >1: waves of sequences flow through the blocks one step apart
+    pipeline_waves: int = checked(1, AT_LEAST_1)         # >1: waves of sequences flow through the blocks one step apart
     device: str = "cpu"             # cpu | gpu | auto
     output_dtype: str = "bfloat16"  # dtype of /hidden in the output file
     logits: bool = False            # also write /logits (needs vocab_size > 0)
@@ -149,8 +150,8 @@ class RunConfig:
     transport: str = "auto"         # auto | mpi | mpi-staged | nccl (GPU); the CPU uses mpi
     cuda_aware_mpi: str = "auto"    # auto | yes | no: whether MPI takes device buffers
     balance: bool = False           # move selection biases against load at run time (changes routing)
-    balance_threshold: float = 1.2  # act when a micro-batch's max/mean expert load exceeds this
-    balance_gamma: float = 0.001    # bias step per action: b_e += gamma * sign(mean - load_e)
+    balance_threshold: float = checked(1.2, LOAD_RATIO)  # act when a micro-batch's max/mean expert load exceeds this
+    balance_gamma: float = checked(0.001, POSITIVE)    # bias step per action: b_e += gamma * sign(mean - load_e)
 
 
 @dataclass(frozen=True)
@@ -173,24 +174,9 @@ class Config:
 TABLES = {"model": ModelConfig, "parallel": ParallelConfig, "run": RunConfig}
 
 
-def coerce(table: str, key: str, value: Any, default: Any, where: str) -> Any:
-    """Check one value against the type of its default; ints are accepted for floats."""
-    name = f"{table}.{key}"
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: {name} must be a string, got {value!r}")
-    return value
+def coerce(table: str, key: str, value: Any, default: Any, where: str, rule: Rule | None = None) -> Any:
+    """Check one value against the type of its default and its range rule (config/fields.py)."""
+    return read_value(f"{table}.{key}", value, default, rule, where)
 
 
 def build_table(table: str, values: dict[str, Any], where: str, cls=None):
@@ -202,7 +188,7 @@ def build_table(table: str, values: dict[str, Any], where: str, cls=None):
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{where}: unknown key {table}.{key} (known: {', '.join(known)})")
-        kwargs[key] = coerce(table, key, value, known[key].default, where)
+        kwargs[key] = coerce(table, key, value, known[key].default, where, rule_of(known[key]))
     if table == "model" and not kwargs.get("num_kv_heads"):
         kwargs["num_kv_heads"] = kwargs.get("num_heads", known["num_heads"].default)   # SPEC default
     return cls(**kwargs)
@@ -292,15 +278,11 @@ def _require(cond: bool, where: str, key: str, why: str) -> None:
 
 
 def _validate_model(m: ModelConfig, where: str) -> None:
-    for key in ("hidden_size", "num_layers", "num_heads", "head_dim", "num_experts", "top_k",
-                "moe_ffn_hidden_size"):
-        _require(getattr(m, key) >= 1, where, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
     _require(0 <= m.first_dense_layers <= m.num_layers, where, "model.first_dense_layers",
              f"must be in [0, num_layers={m.num_layers}], got {m.first_dense_layers}")
     if m.first_dense_layers > 0:
         _require(m.dense_ffn_hidden_size >= 1, where, "model.dense_ffn_hidden_size",
                  "must be >= 1 when there are dense blocks")
-    _require(m.num_kv_heads >= 0, where, "model.num_kv_heads", "must be >= 0")
     _require(m.num_heads % m.kv_heads == 0, where, "model.num_kv_heads",
              f"({m.kv_heads}) must divide num_heads ({m.num_heads})")
     _require(m.head_dim % 2 == 0, where, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
@@ -308,13 +290,9 @@ def _validate_model(m: ModelConfig, where: str) -> None:
              f"({m.top_k}) must be <= num_experts ({m.num_experts})")
     _require(m.activation in ACTIVATIONS, where, "model.activation",
              f"must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
-    _require(m.norm_eps > 0, where, "model.norm_eps", "must be > 0")
-    _require(m.rope_theta > 0, where, "model.rope_theta", "must be > 0")
-    _require(m.vocab_size >= 0, where, "model.vocab_size", "must be >= 0")
     _require(m.mlp in MLP_KINDS, where, "model.mlp", f"must be one of {', '.join(MLP_KINDS)}, got {m.mlp!r}")
     _require(m.qk_norm in QK_NORMS, where, "model.qk_norm",
              f"must be one of {', '.join(QK_NORMS)}, got {m.qk_norm!r}")
-    _require(m.shared_expert_ffn_hidden_size >= 0, where, "model.shared_expert_ffn_hidden_size", "must be >= 0")
     _require(not m.shared_expert_gate or m.shared_expert_ffn_hidden_size > 0, where, "model.shared_expert_gate",
              "needs model.shared_expert_ffn_hidden_size > 0 (there is no shared expert to gate)")
     _require(not m.tie_embeddings or m.vocab_size > 0, where, "model.tie_embeddings",
@@ -324,8 +302,6 @@ def _validate_model(m: ModelConfig, where: str) -> None:
 
 
 def _validate_mla(m: ModelConfig, where: str) -> None:
-    for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "rope_original_max_positions"):
-        _require(getattr(m, key) >= 0, where, f"model.{key}", "must be >= 0")
     _require(m.rope_scaling in ROPE_SCALINGS, where, "model.rope_scaling",
              f"must be one of {', '.join(ROPE_SCALINGS)}, got {m.rope_scaling!r}")
     if not m.mla:
@@ -348,28 +324,32 @@ def _validate_router(m: ModelConfig, where: str) -> None:
     _require(m.gate_score in GATE_SCORES, where, "model.gate_score",
              f"must be one of {', '.join(GATE_SCORES)}, got {m.gate_score!r}")
     G = m.expert_groups
-    _require(G >= 1 and m.num_experts % G == 0, where, "model.expert_groups",
-             f"({G}) must be >= 1 and divide num_experts ({m.num_experts})")
+    _require(m.num_experts % G == 0, where, "model.expert_groups",
+             f"({G}) must divide num_experts ({m.num_experts})")
     _require(1 <= m.topk_groups <= G, where, "model.topk_groups", f"must be in [1, expert_groups = {G}]")
     _require(m.top_k <= m.topk_groups * (m.num_experts // G), where, "model.top_k",
              f"({m.top_k}) must be <= the experts of the kept groups ({m.topk_groups * (m.num_experts // G)})")
-    _require(m.routed_scaling_factor > 0, where, "model.routed_scaling_factor", "must be > 0")
+
+
+def _check_rules(cfg: Config) -> None:
+    """Each field's own range again: a Config changed with ``dataclasses.replace`` (the planner's
+    candidates) never went through ``build_table``."""
+    for table in TABLES:
+        values = getattr(cfg, table)
+        for f in fields(values):
+            in_range(f"{table}.{f.name}", getattr(values, f.name), rule_of(f), cfg.source)
 
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the first bad key."""
     where = cfg.source
+    _check_rules(cfg)
     _validate_model(cfg.model, where)
     p, r = cfg.parallel, cfg.run
-    _require(p.dense_ranks >= 0, where, "parallel.dense_ranks", f"must be >= 0, got {p.dense_ranks}")
     _require(p.placement in PLACEMENTS or p.placement.endswith(".h5"), where, "parallel.placement",
              f"must be one of {', '.join(PLACEMENTS)} or a placement file (*.h5), got {p.placement!r}")
-    _require(p.gpus_per_node >= 0, where, "parallel.gpus_per_node", "must be >= 0")
-    _require(p.dp >= 1, where, "parallel.dp", f"must be >= 1, got {p.dp}")
-    _require(p.expert_tp >= 1, where, "parallel.expert_tp", f"must be >= 1, got {p.expert_tp}")
     _require(cfg.model.moe_ffn_hidden_size % p.expert_tp == 0, where, "parallel.expert_tp",
              f"({p.expert_tp}) must divide model.moe_ffn_hidden_size ({cfg.model.moe_ffn_hidden_size})")
-    _require(p.dense_tp >= 1, where, "parallel.dense_tp", f"must be >= 1, got {p.dense_tp}")
     m, T = cfg.model, p.dense_tp
     _require(m.num_heads % T == 0, where, "parallel.dense_tp", f"({T}) must divide model.num_heads ({m.num_heads})")
     _require(m.kv_heads % T == 0 or T % m.kv_heads == 0, where, "parallel.dense_tp",
@@ -379,13 +359,6 @@ def validate(cfg: Config) -> None:
              f"({T}) must divide model.dense_ffn_hidden_size ({m.dense_ffn_hidden_size})")
     _require(1 <= p.dense_stages <= m.num_layers, where, "parallel.dense_stages",
              f"must be in [1, model.num_layers = {m.num_layers}], got {p.dense_stages}")
-    _require(r.micro_batch_tokens >= 1, where, "run.micro_batch_tokens",
-             f"must be >= 1, got {r.micro_batch_tokens}")
-    _require(r.expert_gemm_carveout >= 0, where, "run.expert_gemm_carveout",
-             f"must be >= 0, got {r.expert_gemm_carveout}")
-    _require(r.chunk_sequences >= 1, where, "run.chunk_sequences", f"must be >= 1, got {r.chunk_sequences}")
-    _require(r.attention_block >= 1, where, "run.attention_block", f"must be >= 1, got {r.attention_block}")
-    _require(r.pipeline_waves >= 1, where, "run.pipeline_waves", f"must be >= 1, got {r.pipeline_waves}")
     _require(r.attention in ATTENTION_CORES, where, "run.attention",
              f"must be one of {', '.join(ATTENTION_CORES)}, got {r.attention!r}")
     _require(r.device in DEVICES, where, "run.device", f"must be one of {', '.join(DEVICES)}, got {r.device!r}")
@@ -401,9 +374,6 @@ def validate(cfg: Config) -> None:
              "needs model.vocab_size > 0 (token inputs and an lm_head)")
     _require(m.qk_norm != "full" or T == 1, where, "parallel.dense_tp",
              f"({T}) must be 1 with model.qk_norm = full (the norm spans every head)")
-    _require(r.balance_threshold > 1.0, where, "run.balance_threshold",
-             f"must be > 1 (max/mean load is never below 1), got {r.balance_threshold}")
-    _require(r.balance_gamma > 0.0, where, "run.balance_gamma", f"must be > 0, got {r.balance_gamma}")
 
 
 __all__ = ["Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config",
