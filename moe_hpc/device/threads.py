@@ -2,7 +2,7 @@
 
 NumPy's OpenBLAS starts one thread per core in every process. Under ``mpiexec -n 4`` on a
 4-core node that is 16 threads fighting for 4 cores, and the GEMMs of all ranks slow down
-together (2.5x measured: docs/performance.md). So each rank limits its BLAS/OpenMP pools to
+together (several times over: docs/performance.md). So each rank limits its BLAS/OpenMP pools to
 ``cores // ranks_on_node`` (at least 1) as the run starts, through threadpoolctl, which finds
 the loaded OpenBLAS/MKL/BLIS/OpenMP libraries and calls their own ``set_num_threads``.
 
