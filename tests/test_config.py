@@ -217,3 +217,10 @@ def test_hf_config_json_fields_are_typed_and_ranged(family, key, value, message)
     with pytest.raises(ConfigError) as exc:
         model_table_from_hf(values, "ckpt/config.json")
     assert str(exc.value).startswith(f"ckpt/config.json: {message}"), exc.value
+
+
+def test_pipeline_waves_are_at_most_the_chunks_sequences():
+    """More waves than sequences would be empty waves (and 2^31 of them exhaust memory)."""
+    assert build_config({}, ["run.chunk_sequences=4", "run.pipeline_waves=4"]).run.pipeline_waves == 4
+    with pytest.raises(ConfigError, match=r"run.pipeline_waves \(5\) must be <= run.chunk_sequences \(4\)"):
+        build_config({}, ["run.chunk_sequences=4", "run.pipeline_waves=5"])

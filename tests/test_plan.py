@@ -250,8 +250,8 @@ def test_stage_time_follows_the_engines_lockstep_schedule(tmp_path):
     hand-over); more waves let the stages overlap, but never below the busier stage's work."""
     from moe_hpc.planner.time_model import step_time
     cl = load_cluster(C3904)
-    for waves in (1, 4, 64):
-        cfg = load_config(SEED61, ["parallel.dense_stages=2", f"run.pipeline_waves={waves}"])
+    for waves in (1, 4, 64):     # waves are at most run.chunk_sequences (16 in seed61.toml: raised to 64)
+        cfg = load_config(SEED61, ["parallel.dense_stages=2", "run.chunk_sequences=64", f"run.pipeline_waves={waves}"])
         lay = make_layout(cfg, cl)
         step = step_time(cfg, cl, lay, workload_of(cfg, cl))
         blocks, send = sum(b.seconds for b in step.blocks), step.send_s

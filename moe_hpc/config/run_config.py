@@ -359,6 +359,9 @@ def validate(cfg: Config) -> None:
              f"({T}) must divide model.dense_ffn_hidden_size ({m.dense_ffn_hidden_size})")
     _require(1 <= p.dense_stages <= m.num_layers, where, "parallel.dense_stages",
              f"must be in [1, model.num_layers = {m.num_layers}], got {p.dense_stages}")
+    _require(r.pipeline_waves <= r.chunk_sequences, where, "run.pipeline_waves",
+             f"({r.pipeline_waves}) must be <= run.chunk_sequences ({r.chunk_sequences}): a wave is at least "
+             "one of the chunk's sequences")
     _require(r.attention in ATTENTION_CORES, where, "run.attention",
              f"must be one of {', '.join(ATTENTION_CORES)}, got {r.attention!r}")
     _require(r.device in DEVICES, where, "run.device", f"must be one of {', '.join(DEVICES)}, got {r.device!r}")

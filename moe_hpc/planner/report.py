@@ -90,7 +90,9 @@ def suggestions(cfg, cluster, layout: Deployment, w, memory) -> list[str]:
         return dataclasses.replace(base, run=dataclasses.replace(base.run, **kw))
     out = []
     if worst.activations:
-        chunk = next((c for c in range(cfg.run.chunk_sequences - 1, 0, -1) if fits_with(with_run(chunk_sequences=c))), 0)
+        smallest = cfg.run.pipeline_waves          # a chunk holds at least one sequence per wave
+        chunk = next((c for c in range(cfg.run.chunk_sequences - 1, smallest - 1, -1)
+                      if fits_with(with_run(chunk_sequences=c))), 0)
         if chunk:
             out.append(f"smaller chunks: --set run.chunk_sequences={chunk} fits")
     if worst.token_buffers:
