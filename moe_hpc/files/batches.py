@@ -144,20 +144,6 @@ class OutputLayout:
     logprobs_offset: int = -1     # -1 when no /logprobs
 
 
-def check_output_path(output: str | Path, overwrite: bool) -> None:
-    """Refuse to clobber a complete output; make sure the directory is writable."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output}: output exists (a complete result); pass --overwrite to replace it")
-    if output.is_dir():
-        raise OutputError(f"{output}: output path is a directory")
-    parent = output.parent
-    if not parent.is_dir():
-        raise OutputError(f"{output}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{output}: output directory {parent} is not writable")
-
-
 def _contiguous(f: h5py.File, name: str, shape, dtype) -> h5py.Dataset:
     """Contiguous dataset whose storage exists now, so its file offset is known up front.
 
@@ -296,4 +282,4 @@ def finalize_output(output: str | Path, expert_tokens: np.ndarray, attrs: dict) 
 
 
 __all__ = ["InputBatch", "open_input", "OutputLayout", "OutputWriter", "create_output", "reopen_output",
-           "finalize_output", "logprob_summary", "check_output_path", "INPUT_FORMAT", "OUTPUT_FORMAT"]
+           "finalize_output", "logprob_summary", "INPUT_FORMAT", "OUTPUT_FORMAT"]
