@@ -485,10 +485,9 @@ def test_output_not_a_regular_file_is_refused(make, tmp_path, tiny_files):
     assert os.stat(output).st_mode == kind, "the special file was replaced"
 
 
-@pytest.mark.parametrize("flag", ["--summary", "--trace"])
-def test_report_path_in_missing_dir_is_refused_before_work(flag, tmp_path, tiny_files):
-    report = tmp_path / "no_such_dir" / "report"
-    case = Case(*tiny_files, tmp_path / "out.h5", (report, "does not exist"), (flag, report))
+def test_summary_path_in_missing_dir_is_refused_before_work(tmp_path, tiny_files):
+    report = tmp_path / "no_such_dir" / "summary.json"
+    case = Case(*tiny_files, tmp_path / "out.h5", (report, "does not exist"), ("--summary", report))
     assert_clean_failure(run_cmd(case, 2), 2, case.needles, case.output)
 
 
