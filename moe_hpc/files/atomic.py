@@ -33,7 +33,7 @@ def check_output(path: str | Path, overwrite: bool = False, inputs=(), beside=()
             kind = "a directory" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
             raise OutputError(f"{path}: output path is {kind}; refusing to replace it")
         if not overwrite:
-            raise OutputError(f"{path}: output exists (a complete result); pass --overwrite to replace it")
+            raise OutputError(f"{path}: exists; pass --overwrite to replace it")
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"{path}: output directory {parent} does not exist")
