@@ -485,9 +485,10 @@ def test_output_not_a_regular_file_is_refused(make, tmp_path, tiny_files):
     assert os.stat(output).st_mode == kind, "the special file was replaced"
 
 
-def test_summary_path_in_missing_dir_is_refused_before_work(tmp_path, tiny_files):
+@pytest.mark.parametrize("dry", [(), ("--dry-run",)], ids=["run", "dry-run"])
+def test_summary_path_in_missing_dir_is_refused_before_work(dry, tmp_path, tiny_files):
     report = tmp_path / "no_such_dir" / "summary.json"
-    case = Case(*tiny_files, tmp_path / "out.h5", (report, "does not exist"), ("--summary", report))
+    case = Case(*tiny_files, tmp_path / "out.h5", (report, "does not exist"), ("--summary", report, *dry))
     assert_clean_failure(run_cmd(case, 2), 2, case.needles, case.output)
 
 
@@ -584,6 +585,38 @@ def test_disk_full_names_the_file_and_keeps_the_partial(tiny_files, long_input, 
     rerun = moe_hpc(*args, ranks=2)
     assert rerun.returncode == 0 and "resuming at chunk 3 of 20" in rerun.stderr, rerun.stderr
     assert_same_output(out, uninterrupted(2), tmp_path)
+
+
+# ``moe-hpc`` whose rank 0 finds the disk full when it renames the finished output
+DISK_FULL_AT_THE_END = """
+import errno, os, sys
+from moe_hpc.files import batches
+def publish(tmp, path, durable=True):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+batches.publish = publish
+from moe_hpc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_disk_full_while_finishing_keeps_every_chunk(tiny_files, long_input, uninterrupted, tmp_path):
+    out = tmp_path / "out.h5"
+    args = run_args(tiny_files[0], long_input, out)
+    full = moe_hpc(*args, ranks=2, program=DISK_FULL_AT_THE_END)
+    errors = error_messages(full.stderr)
+    assert full.returncode != 0 and len(errors) == 1, full.stderr
+    for needle in (f"{out}.tmp: cannot finish the output (No space left on device)", "every chunk is kept"):
+        assert needle in errors[0], full.stderr
+    assert "internal error" not in errors[0] and progress_record(out)["chunks_done"] == 20, full.stderr
+    rerun = moe_hpc(*args, ranks=2)
+    assert rerun.returncode == 0 and "all 20 chunk(s) are done" in rerun.stderr, rerun.stderr
+    # the stats written by the failed attempt are replaced, and HDF5 does not reclaim their
+    # space: equal datasets and attributes, not equal bytes
+    with h5py.File(out, "r") as new, h5py.File(uninterrupted(2), "r") as old:
+        for name in ("hidden", "stats/expert_tokens"):
+            np.testing.assert_array_equal(new[name][()], old[name][()])
+        assert {k: str(v) for k, v in new.attrs.items() if k != "wall_time_s"} == \
+            {k: str(v) for k, v in old.attrs.items() if k != "wall_time_s"}
 
 
 def test_error_found_mid_run_keeps_finished_chunks(tiny_files, long_input, uninterrupted, tmp_path):

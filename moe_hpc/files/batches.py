@@ -272,13 +272,17 @@ def logprob_summary(output: str | Path) -> dict:
 def finalize_output(output: str | Path, expert_tokens: np.ndarray, attrs: dict) -> None:
     """Rank 0, after every writer closed: stats and provenance, fsync, atomic rename."""
     tmp = tmp_path_for(output)
-    with h5py.File(tmp, "r+") as f:
-        if "stats" in f:          # a run killed while finalizing, then resumed
-            del f["stats"]
-        f.create_dataset("stats/expert_tokens", data=expert_tokens.astype(np.int64))
-        for key, value in attrs.items():
-            f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-    publish(tmp, output)
+    try:
+        with h5py.File(tmp, "r+") as f:
+            if "stats" in f:          # a run killed while finalizing, then resumed
+                del f["stats"]
+            f.create_dataset("stats/expert_tokens", data=expert_tokens.astype(np.int64))
+            for key, value in attrs.items():
+                f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        publish(tmp, output)
+    except OSError as exc:            # a full disk: every chunk is recorded, a rerun only finishes
+        raise OutputError(f"{tmp}: cannot finish the output ({exc.strerror or short_reason(exc)}); every chunk is kept: "
+                          "rerun the same command to finish it") from None
 
 
 __all__ = ["InputBatch", "open_input", "OutputLayout", "OutputWriter", "create_output", "reopen_output",

@@ -130,7 +130,10 @@ def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progres
     log(f"moe-hpc: {meta.num_sequences} sequences x {meta.seq_len} positions on {topo.size} rank(s) "
         f"({p.dp} x [{len(roles.dense_ranks)} dense, {len(roles.expert_ranks)} expert{tp}], placement "
         f"{engine.placement.kind}, device {engine.backend.name}), {progress.chunks_total} chunk(s)")
-    if progress.chunks_done:
+    if progress.chunks_done == progress.chunks_total:
+        log(f"moe-hpc: all {progress.chunks_total} chunk(s) are done (recorded in "
+            f"{progress_path_for(job.output)}): finishing the output")
+    elif progress.chunks_done:
         log(f"moe-hpc: resuming at chunk {progress.chunks_done + 1} of {progress.chunks_total} "
             f"(recorded in {progress_path_for(job.output)})")
 
