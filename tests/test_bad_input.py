@@ -16,6 +16,10 @@ through ``--set``), a checkpoint whose model table differs from the run's, or a 
 And a rerun never destroys a complete output: without ``--overwrite`` it is refused with an
 error naming the output and the file stays byte-identical; with ``--overwrite`` it is replaced.
 
+The section "issue 21: outputs a user can trust" at the end holds the output-side cases (an
+output that is an input or a special file, report paths, one job per output, a full disk, an
+error found mid-run, the strict summary); docs/guarantees.md lists them all.
+
 Bad files are copies of the session's good ``tiny_files`` edited with h5py.  Each rank runs
 through a small wrapper that prints its own exit status, so "every rank exits non-zero" is
 checked per rank rather than through mpiexec's combined exit code.
