@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .comm.failure import collective, on_rank0
 from .config.errors import Interrupted, MoeHpcError, PeerFailed
+from .config.jsonfile import strict_json
 from .files.atomic import write_text_atomic
 from .placement.greedy import SEARCH_STEPS
 from .runtime.signals import EXIT_INTERRUPTED, StopRequest
@@ -167,14 +168,15 @@ def cmd_run(args, comm) -> None:
     _check_not_singletons(comm)
     job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
               restart=args.restart, progress=args.progress, progress_every=args.progress_every,
-              stop=args.stop, trace=Path(args.trace) if args.trace else None)
+              stop=args.stop, trace=Path(args.trace) if args.trace else None,
+              summary=Path(args.summary) if args.summary else None)
     if args.dry_run:
         from .runtime.dryrun import dry_run
         dry_run(comm, job)
         return
     summary = run_job(comm, job)
     if summary:
-        text = json.dumps({"summary": summary})
+        text = strict_json({"summary": summary})
         print(text, flush=True)
         if args.summary:
             write_text_atomic(args.summary, text + "\n")

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny weights and inputs made once per session, the float64 reference and
 the single-process output every layout is held to, a long input and its uninterrupted outputs
-(the resume tests' reference), and shared-memory cleanup for tests that kill ranks.
+(the resume tests' reference), and shared-memory cleanup for tests that kill ranks and for
+the whole session.
 
 Helpers that are not fixtures (the one launcher, the bad-input contract, interrupting ranks)
 live in helpers.py.
@@ -74,6 +75,15 @@ def uninterrupted(tiny_files, long_input, tmp_path_factory):
             made[(ranks, sets)] = out
         return made[(ranks, sets)]
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stale_shm_after_session():
+    """Killed or aborted ranks (fault tests, internal-error tests) leave MPICH's shared-memory
+    segments in /dev/shm; at the session's end remove those made during it that no process maps."""
+    before = shm_segments()
+    yield
+    remove_stale_shm(before)
 
 
 @pytest.fixture

@@ -16,6 +16,10 @@ through ``--set``), a checkpoint whose model table differs from the run's, or a 
 And a rerun never destroys a complete output: without ``--overwrite`` it is refused with an
 error naming the output and the file stays byte-identical; with ``--overwrite`` it is replaced.
 
+The section "issue 21: outputs a user can trust" at the end holds the output-side cases (an
+output that is an input or a special file, report paths, one job per output, a full disk, an
+error found mid-run, the strict summary); docs/guarantees.md lists them all.
+
 Bad files are copies of the session's good ``tiny_files`` edited with h5py.  Each rank runs
 through a small wrapper that prints its own exit status, so "every rank exits non-zero" is
 checked per rank rather than through mpiexec's combined exit code.
@@ -492,3 +496,293 @@ def test_hf_config_json_bad_field_names_file_and_key(key, value, needle, tmp_pat
     outcome = run_ranks("run", folder, "--weights", folder, "--input", folder / "reference.h5", "--output", out,
                         ranks=2)
     assert_clean_failure(outcome, 2, (folder / "config.json", needle), out)
+# ================================================================== issue 21: outputs a user can trust
+# Inputs are never overwritten, an output that is not a regular file is refused, every path the
+# job writes is checked before any work, one job per output, a full disk or an error found
+# mid-run keeps the finished chunks for resume, and the summary is strict JSON. Every case
+# works on copies in tmp_path: on the code before these checks it destroys what it names.
+
+import errno
+import json
+import signal
+import socket
+import subprocess
+import uuid
+
+from moe_hpc.config.errors import OutputError
+from moe_hpc.files import lock as lock_module
+from moe_hpc.files.lock import OutputLock, lock_path_for
+
+from helpers import (assert_same_output, error_messages, fixture, freeze_ranks, moe_hpc, moe_hpc_cmd,
+                     progress_record, rank_env, run_args, signal_ranks, transform_dataset, wait_for_chunks)
+
+
+def _assert_refused(out: Outcome, ranks: int, needles) -> str:
+    """One clean ``error:`` line naming every needle, every rank non-zero, fast; -> the line."""
+    info = out.describe()
+    assert out.wall_s < FAST_ENOUGH, f"refusal took {out.wall_s:.1f} s{info}"
+    assert out.result.returncode != 0 and "Traceback" not in out.stderr, info
+    assert len(out.rank_codes) == ranks and all(rc != 0 for rc in out.rank_codes.values()), info
+    assert len(out.error_lines) == 1 and "internal error" not in out.error_lines[0], info
+    for needle in needles:
+        assert str(needle) in out.error_lines[0], f"the error line does not name {needle!r}{info}"
+    return out.error_lines[0]
+
+
+def _local_copies(tmp: Path, weights: Path, inputs: Path) -> tuple[Path, Path]:
+    w, i = tmp / "weights.h5", tmp / "inputs.h5"
+    shutil.copy(weights, w)
+    shutil.copy(inputs, i)
+    return w, i
+
+
+@pytest.mark.parametrize("target", ["input", "input-other-spelling", "weights-through-link", "input-tmp"])
+def test_output_that_is_an_input_is_refused(target, tmp_path, tiny_files):
+    weights, inputs = _local_copies(tmp_path, *tiny_files)
+    (tmp_path / "sub").mkdir()
+    if target == "weights-through-link":
+        output = tmp_path / "link.h5"
+        output.symlink_to(weights)
+    else:
+        output = {"input": inputs, "input-other-spelling": tmp_path / "sub" / ".." / "." / "inputs.h5",
+                  "input-tmp": tmp_path / "inputs"}[target]
+    if target == "input-tmp":          # the run's <output>.tmp would be the input
+        shutil.move(inputs, tmp_path / "inputs.tmp")
+        inputs = tmp_path / "inputs.tmp"
+    before = {p: p.read_bytes() for p in (weights, inputs)}
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output, "--overwrite",
+                    ranks=2)
+    _assert_refused(out, 2, ("is the same file as", "never replaces an input"))
+    assert all(p.is_file() and p.read_bytes() == data for p, data in before.items()), "an input was changed"
+    assert not Path(str(output) + ".tmp").exists() or target == "input-tmp"
+
+
+def test_output_in_hf_checkpoint_folder_is_refused(tmp_path):
+    folder = tmp_path / "hf_mixtral"
+    shutil.copytree(fixture("mixtral"), folder)
+    shard = folder / "model-00002-of-00003.safetensors"
+    before = shard.read_bytes()
+    out = run_ranks("run", folder, "--weights", folder, "--input", folder / "reference.h5", "--output", shard,
+                    "--overwrite", ranks=2)
+    _assert_refused(out, 2, (shard, "is the same file as"))
+    assert shard.read_bytes() == before
+
+
+def _fifo(tmp: Path) -> Path:
+    path = tmp / "out.h5"
+    os.mkfifo(path)
+    return path
+
+
+def _char_device(tmp: Path) -> Path:
+    """A copy of /dev/null's device node (as root), which the old code turned into a file."""
+    import stat
+    path = tmp / "null"
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except (PermissionError, OSError) as exc:
+        pytest.skip(f"cannot make a device node here ({exc}); the FIFO case covers the check")
+    return path
+
+
+@pytest.mark.parametrize("make", [_fifo, _char_device], ids=["fifo", "device-node"])
+def test_output_not_a_regular_file_is_refused(make, tmp_path, tiny_files):
+    output = make(tmp_path)
+    kind = os.stat(output).st_mode
+    out = run_ranks("run", TINY, "--weights", tiny_files[0], "--input", tiny_files[1], "--output", output,
+                    "--overwrite", ranks=2)
+    _assert_refused(out, 2, (output, "not a regular file"))
+    assert os.stat(output).st_mode == kind, "the special file was replaced"
+
+
+@pytest.mark.parametrize("dry", [(), ("--dry-run",)], ids=["run", "dry-run"])
+def test_summary_path_in_missing_dir_is_refused_before_work(dry, tmp_path, tiny_files):
+    report = tmp_path / "no_such_dir" / "summary.json"
+    case = Case(*tiny_files, tmp_path / "out.h5", (report, "does not exist"), ("--summary", report, *dry))
+    assert_clean_failure(run_cmd(case, 2), 2, case.needles, case.output)
+
+
+def test_summary_that_is_the_output_is_refused(tmp_path, tiny_files):
+    output = tmp_path / "out.h5"
+    case = Case(*tiny_files, output, (output, "is the same file as"), ("--summary", tmp_path / "." / "out.h5"))
+    assert_clean_failure(run_cmd(case, 2), 2, case.needles, case.output)
+
+
+# ------------------------------------------------------------------ one job per output
+
+def test_second_job_on_a_live_output_is_refused(tiny_files, long_input, uninterrupted, tmp_path):
+    """Job A runs; B on the same output (with --restart and another dtype, which used to replace
+    A's file mid-run) is refused naming A's host and pid; A then finishes untouched."""
+    out, tag = tmp_path / "out.h5", uuid.uuid4().hex
+    args = run_args(tiny_files[0], long_input, out)
+    first = subprocess.Popen(moe_hpc_cmd(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=rank_env(MOE_HPC_TEST_TAG=tag))
+    try:
+        wait_for_chunks(out, 1, first)
+        pids = freeze_ranks(tag, 2)             # A cannot finish while B tries
+        try:
+            second = run_ranks(*args, "--restart", "--set", "run.output_dtype=float32", ranks=2)
+        finally:
+            signal_ranks(pids.values(), signal.SIGCONT)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    _assert_refused(second, 2, (out, "another job is writing this output", f"pid {pids[0]}",
+                                f"host {socket.gethostname()}"))
+    assert first.returncode == 0, err
+    assert_same_output(out, uninterrupted(2), tmp_path)
+    assert not lock_path_for(out).exists() and progress_record(out) is None
+
+
+def test_output_lock_excludes_a_second_holder(tmp_path):
+    out = tmp_path / "out.h5"
+    with OutputLock(out):
+        with pytest.raises(OutputError, match=f"another job is writing this output .host {socket.gethostname()}, "
+                                              f"pid {os.getpid()}"):
+            OutputLock(out)
+    assert not lock_path_for(out).exists()
+    OutputLock(out).release()                     # free again once released
+
+
+def test_output_lock_without_flock_checks_the_holder_is_alive(tmp_path, monkeypatch):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_flock)
+    out, host = tmp_path / "out.h5", socket.gethostname()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        lock_path_for(out).write_text(f"{host} {sleeper.pid} 2026-01-01T00:00:00\n")
+        with pytest.raises(OutputError, match=f"pid {sleeper.pid}.*remove {lock_path_for(out)}"):
+            OutputLock(out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with OutputLock(out):                          # its holder is gone: the record is stale
+        assert lock_path_for(out).read_text().split()[:2] == [host, str(os.getpid())]
+
+
+# ------------------------------------------------------------------ errors mid-run keep finished chunks
+
+# ``moe-hpc`` whose rank 1 finds its disk full at its third write (after two finished chunks)
+DISK_FULL = """
+import errno, os, sys
+from mpi4py import MPI
+if MPI.COMM_WORLD.Get_rank() == 1:
+    real, calls = os.pwrite, []
+    def pwrite(fd, data, offset):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+    os.pwrite = pwrite
+from moe_hpc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_disk_full_names_the_file_and_keeps_the_partial(tiny_files, long_input, uninterrupted, tmp_path):
+    out = tmp_path / "out.h5"
+    args = run_args(tiny_files[0], long_input, out)
+    full = moe_hpc(*args, ranks=2, program=DISK_FULL)
+    errors = error_messages(full.stderr)
+    assert full.returncode != 0 and len(errors) == 1, full.stderr
+    for needle in (f"{out}.tmp: cannot write", "No space left on device", "2 of 20 chunks are finished and kept",
+                   "rerun the same command to resume"):
+        assert needle in errors[0], full.stderr
+    assert "internal error" not in errors[0] and "Traceback" not in full.stderr, full.stderr
+    assert progress_record(out)["chunks_done"] == 2
+    rerun = moe_hpc(*args, ranks=2)
+    assert rerun.returncode == 0 and "resuming at chunk 3 of 20" in rerun.stderr, rerun.stderr
+    assert_same_output(out, uninterrupted(2), tmp_path)
+
+
+# ``moe-hpc`` whose rank 0 finds the disk full when it renames the finished output
+DISK_FULL_AT_THE_END = """
+import errno, os, sys
+from moe_hpc.files import batches
+def publish(tmp, path, durable=True):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+batches.publish = publish
+from moe_hpc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_disk_full_while_finishing_keeps_every_chunk(tiny_files, long_input, uninterrupted, tmp_path):
+    out = tmp_path / "out.h5"
+    args = run_args(tiny_files[0], long_input, out)
+    full = moe_hpc(*args, ranks=2, program=DISK_FULL_AT_THE_END)
+    errors = error_messages(full.stderr)
+    assert full.returncode != 0 and len(errors) == 1, full.stderr
+    for needle in (f"{out}.tmp: cannot finish the output (No space left on device)", "every chunk is kept"):
+        assert needle in errors[0], full.stderr
+    assert "internal error" not in errors[0] and progress_record(out)["chunks_done"] == 20, full.stderr
+    rerun = moe_hpc(*args, ranks=2)
+    assert rerun.returncode == 0 and "all 20 chunk(s) are done" in rerun.stderr, rerun.stderr
+    # the stats written by the failed attempt are replaced, and HDF5 does not reclaim their
+    # space: equal datasets and attributes, not equal bytes
+    with h5py.File(out, "r") as new, h5py.File(uninterrupted(2), "r") as old:
+        for name in ("hidden", "stats/expert_tokens"):
+            np.testing.assert_array_equal(new[name][()], old[name][()])
+        assert {k: str(v) for k, v in new.attrs.items() if k != "wall_time_s"} == \
+            {k: str(v) for k, v in old.attrs.items() if k != "wall_time_s"}
+
+
+def test_error_found_mid_run_keeps_finished_chunks(tiny_files, long_input, uninterrupted, tmp_path):
+    """A NaN that appears in the input's last sequence while the run is under way (no check
+    before the work can see it) stops the run with the finished chunks kept; once the input is
+    restored, the rerun resumes them to the uninterrupted output."""
+    inputs, out, tag = tmp_path / "inputs.h5", tmp_path / "out.h5", uuid.uuid4().hex
+    shutil.copy(long_input, inputs)
+    with h5py.File(inputs, "r") as f:
+        S, L, H = f["hidden"].shape
+        where = f["hidden"].id.get_offset() + (S - 1) * L * H * 2        # sequence S-1, position 0
+    stat = os.stat(inputs)
+    args = run_args(tiny_files[0], inputs, out)
+    run = subprocess.Popen(moe_hpc_cmd(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=rank_env(MOE_HPC_TEST_TAG=tag))
+    try:
+        wait_for_chunks(out, 2, run)
+        pids = freeze_ranks(tag, 2)
+        with open(inputs, "r+b") as f:
+            original = os.pread(f.fileno(), 2, where)
+            os.pwrite(f.fileno(), bf16_bits(np.nan).tobytes(), where)
+        signal_ranks(pids.values(), signal.SIGCONT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    errors = error_messages(err)
+    assert run.returncode != 0 and len(errors) == 1, err
+    for needle in (f"{inputs}: /hidden: NaN or Inf at sequence {S - 1}", "chunks are finished and kept in",
+                   "rerun the same command to resume"):
+        assert needle in errors[0], err
+    done = progress_record(out)["chunks_done"]
+    assert done >= 2 and out.with_name("out.h5.tmp").exists() and not out.exists()
+    with open(inputs, "r+b") as f:                 # the input restored, as a file system would
+        os.pwrite(f.fileno(), original, where)
+    os.utime(inputs, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    rerun = moe_hpc(*args, ranks=2)
+    assert rerun.returncode == 0 and f"resuming at chunk {done + 1} of 20" in rerun.stderr, rerun.stderr
+    assert_same_output(out, uninterrupted(2), tmp_path)
+
+
+# ------------------------------------------------------------------ the summary is strict JSON
+
+def _no_nan(constant):
+    raise AssertionError(f"the summary is not strict JSON: it holds {constant}")
+
+
+def test_summary_of_an_all_padding_input_is_strict_json(tmp_path):
+    """Every sequence one token long: no token has a next one, so no perplexity: null, not NaN."""
+    folder = fixture("mixtral")
+    inputs, out, summary = tmp_path / "inputs.h5", tmp_path / "out.h5", tmp_path / "summary.json"
+    edited(folder / "reference.h5", inputs, transform_dataset("lengths", np.ones_like))
+    r = moe_hpc("run", folder, "--weights", folder, "--input", inputs, "--output", out, "--summary", summary,
+                "--set", "run.logprobs=true", "--progress", "off")
+    assert r.returncode == 0, r.stderr
+    for text in (r.stdout, summary.read_text()):
+        values = json.loads(text, parse_constant=_no_nan)["summary"]
+        assert values["perplexity"] is None and values["mean_logprob"] is None
+        assert values["predicted_tokens"] == 0

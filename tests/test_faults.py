@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 from helpers import (assert_same_output, kill_rank_midway, moe_hpc, moe_hpc_cmd, needs_mpiexec,
                      progress_record, rank_env, run_args, wait_for_chunks)
@@ -73,3 +74,29 @@ def test_raising_rank_ends_job_within_bound(tiny_files, long_input, uninterrupte
     assert len(errors) == 1 and "internal error on rank 1" in errors[0] and "planted fault" in errors[0], r.stderr
     assert r.wall_s < FAULT_BOUND_S + 5, f"the job took {r.wall_s:.1f} s (start-up included)"
     _resume_matches(args, 2, out, uninterrupted(2), tmp_path)
+
+
+# ---------------------------------------------------------------- what the test session leaves behind
+
+pytest_plugins = ["pytester"]
+
+
+def test_session_removes_the_shm_segments_left_during_it(pytester, monkeypatch):
+    """A killed or aborted rank leaves its /dev/shm/mpich_shm_* segment (about 4 MB each); the
+    session fixture in conftest.py removes those made during the session that no process maps.
+    An inner session with this suite's conftest leaves one such segment and must clean it."""
+    tests = Path(__file__).parent
+    monkeypatch.setenv("PYTHONPATH", str(tests))
+    pytester.makeconftest((tests / "conftest.py").read_text())
+    segment = Path("/dev/shm") / f"mpich_shm_test{uuid.uuid4().hex[:8]}_0"
+    pytester.makepyfile(f"""
+        from pathlib import Path
+        def test_leaves_a_segment():
+            Path({str(segment)!r}).write_bytes(b"a killed rank's segment")
+    """)
+    try:
+        result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1)
+        assert not segment.exists(), "the session left its stale MPICH segment in /dev/shm"
+    finally:
+        segment.unlink(missing_ok=True)

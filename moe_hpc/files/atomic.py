@@ -13,14 +13,53 @@ from pathlib import Path
 from ..config.errors import OutputError
 
 
-def refuse_existing(path: str | Path, overwrite: bool) -> None:
-    """Before writing a new file: a complete one at ``path`` is never replaced unasked, and its
-    directory must exist (one error naming the path)."""
+def check_output(path: str | Path, overwrite: bool = False, inputs=(), beside=()) -> None:
+    """Before any work: ``path``, its ``.tmp`` and the files ``beside`` it may be written.
+
+    Refused, one error naming the path: a path that is one of ``inputs`` (the job's input files
+    and its other outputs; through a link or any other spelling; a folder among them stands for
+    every file in it), an existing path
+    that is not a regular file (a directory, a device such as /dev/null, a FIFO), a complete
+    file without ``overwrite``, and a directory that is missing or not writable.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: directory {path.parent} does not exist")
+    for written in (path, tmp_path_for(path), *map(Path, beside)):
+        source = _same_file_among(written, inputs)
+        if source is not None:
+            raise OutputError(f"{written}: is the same file as {source}, which this job reads (or also "
+                              "writes); an output never replaces an input: choose another output path")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            kind = "a directory" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+            raise OutputError(f"{path}: output path is {kind}; refusing to replace it")
+        if not overwrite:
+            raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{path}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: output directory {parent} is not writable")
+
+
+def _same_file_among(path: Path, inputs) -> Path | None:
+    """The one of ``inputs`` that ``path`` is, spelled any way or linked (a folder among them:
+    any file in it), or None."""
+    for source in map(Path, inputs):
+        if path.resolve() == source.resolve():
+            return source
+        if not path.exists():
+            continue
+        try:
+            candidates = sorted(source.iterdir()) if source.is_dir() else [source]
+        except OSError:            # an unreadable input is reported by its reader, not here
+            continue
+        for candidate in candidates:
+            try:
+                if os.path.samefile(path, candidate):
+                    return candidate
+            except OSError:
+                continue
+    return None
 
 
 def tmp_path_for(path: str | Path) -> Path:
@@ -66,4 +105,4 @@ def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> Non
         tmp.write_text(text)
 
 
-__all__ = ["refuse_existing", "tmp_path_for", "fsync_path", "publish", "atomic_path", "write_text_atomic"]
+__all__ = ["check_output", "tmp_path_for", "fsync_path", "publish", "atomic_path", "write_text_atomic"]

@@ -144,20 +144,6 @@ class OutputLayout:
     logprobs_offset: int = -1     # -1 when no /logprobs
 
 
-def check_output_path(output: str | Path, overwrite: bool) -> None:
-    """Refuse to clobber a complete output; make sure the directory is writable."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output}: output exists (a complete result); pass --overwrite to replace it")
-    if output.is_dir():
-        raise OutputError(f"{output}: output path is a directory")
-    parent = output.parent
-    if not parent.is_dir():
-        raise OutputError(f"{output}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{output}: output directory {parent} is not writable")
-
-
 def _contiguous(f: h5py.File, name: str, shape, dtype) -> h5py.Dataset:
     """Contiguous dataset whose storage exists now, so its file offset is known up front.
 
@@ -286,14 +272,18 @@ def logprob_summary(output: str | Path) -> dict:
 def finalize_output(output: str | Path, expert_tokens: np.ndarray, attrs: dict) -> None:
     """Rank 0, after every writer closed: stats and provenance, fsync, atomic rename."""
     tmp = tmp_path_for(output)
-    with h5py.File(tmp, "r+") as f:
-        if "stats" in f:          # a run killed while finalizing, then resumed
-            del f["stats"]
-        f.create_dataset("stats/expert_tokens", data=expert_tokens.astype(np.int64))
-        for key, value in attrs.items():
-            f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
-    publish(tmp, output)
+    try:
+        with h5py.File(tmp, "r+") as f:
+            if "stats" in f:          # a run killed while finalizing, then resumed
+                del f["stats"]
+            f.create_dataset("stats/expert_tokens", data=expert_tokens.astype(np.int64))
+            for key, value in attrs.items():
+                f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        publish(tmp, output)
+    except OSError as exc:            # a full disk: every chunk is recorded, a rerun only finishes
+        raise OutputError(f"{tmp}: cannot finish the output ({exc.strerror or short_reason(exc)}); every chunk is kept: "
+                          "rerun the same command to finish it") from None
 
 
 __all__ = ["InputBatch", "open_input", "OutputLayout", "OutputWriter", "create_output", "reopen_output",
-           "finalize_output", "logprob_summary", "check_output_path", "INPUT_FORMAT", "OUTPUT_FORMAT"]
+           "finalize_output", "logprob_summary", "INPUT_FORMAT", "OUTPUT_FORMAT"]

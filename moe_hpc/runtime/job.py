@@ -14,7 +14,10 @@ import numpy as np
 
 from ..config.errors import InputError
 from ..config.run_config import Config
-from ..files.batches import check_output_path, open_input
+from ..files.atomic import check_output
+from ..files.batches import open_input
+from ..files.lock import lock_path_for
+from .resume import progress_path_for
 from .signals import StopRequest
 
 
@@ -31,6 +34,7 @@ class Job:
     progress_every: float = 10.0      # seconds between progress lines
     stop: StopRequest | None = None   # signals noted by the CLI; None: never stop early
     trace: Path | None = None         # also record a routing trace here (``--trace``)
+    summary: Path | None = None       # the CLI also writes the JSON summary here (``--summary``)
 
 
 @dataclass(frozen=True)
@@ -69,11 +73,19 @@ def chunk_tokens(lengths: np.ndarray, num_dense: int, chunk_sequences: int) -> t
     return tuple(totals)
 
 
+def check_outputs(job: Job) -> None:
+    """Every path the job will write, before any work: none is an input, each can be written."""
+    inputs = (job.weights, job.input)
+    check_output(job.output, job.overwrite, inputs, beside=(progress_path_for(job.output), lock_path_for(job.output)))
+    if job.trace is not None:
+        check_output(job.trace, job.overwrite, inputs + (job.output,))
+    if job.summary is not None:       # a summary is a report, rewritten by every run
+        check_output(job.summary, True, inputs + (job.output,))
+
+
 def check_setup(job: Job, num_dense: int) -> InputMeta:
     """Rank 0: the output may be written, the input is readable; its shape and chunk sizes."""
-    check_output_path(job.output, job.overwrite)
-    if job.trace is not None:
-        check_output_path(job.trace, job.overwrite)
+    check_outputs(job)
     cfg = job.cfg
     batch = open_input(job.input, cfg.model.hidden_size, cfg.model.vocab_size)
     try:
@@ -85,4 +97,4 @@ def check_setup(job: Job, num_dense: int) -> InputMeta:
         batch.close()
 
 
-__all__ = ["Job", "InputMeta", "sequence_range", "num_chunks", "chunk_slice", "chunk_tokens", "check_setup"]
+__all__ = ["Job", "InputMeta", "sequence_range", "num_chunks", "chunk_slice", "chunk_tokens", "check_outputs", "check_setup"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..config.errors import ResumeError
+from ..config.errors import MoeHpcError, OutputError, PeerFailed, ResumeError
 from ..config.roles import RoleLayout
 from ..config.run_config import Config
 from ..files.atomic import atomic_path, tmp_path_for
@@ -71,8 +71,12 @@ class Progress:
 
 def save_progress(output: str | Path, progress: Progress) -> None:
     """Atomically replace the record (rank 0, after the chunk's bytes are durable)."""
-    with atomic_path(progress_path_for(output), durable=True) as tmp:
-        tmp.write_text(progress.to_json())
+    path = progress_path_for(output)
+    try:
+        with atomic_path(path, durable=True) as tmp:
+            tmp.write_text(progress.to_json())
+    except OSError as exc:     # a full disk: the previous record stays, and stays true
+        raise OutputError(f"{path}: cannot write the progress record ({exc.strerror})") from None
 
 
 def load_progress(output: str | Path) -> Progress:
@@ -95,6 +99,18 @@ def discard_partial(output: str | Path) -> None:
             path.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def kept_for_resume(exc: MoeHpcError, chunks_done: int, chunks_total: int, output: str | Path) -> MoeHpcError:
+    """An error found mid-run, as the same error that says the finished chunks stay for a rerun
+    to resume (and that no longer discards them)."""
+    note = (f" ({chunks_done} of {chunks_total} chunks are finished and kept in {tmp_path_for(output)}: "
+            "rerun the same command to resume after them)")
+    if isinstance(exc, PeerFailed):
+        return PeerFailed(str(exc) + note, discards_partial=False)
+    kept = type(exc)(str(exc) + note)
+    kept.discards_partial = False
+    return kept
 
 
 def _difference(old: dict, new: dict) -> str | None:
@@ -142,4 +158,4 @@ def resume_point(output: str | Path, fp: dict, chunks_total: int, restart: bool)
 
 
 __all__ = ["Progress", "PROGRESS_FORMAT", "fingerprint", "file_identity", "progress_path_for",
-           "save_progress", "load_progress", "discard_partial", "check_partial", "resume_point"]
+           "save_progress", "load_progress", "discard_partial", "kept_for_resume", "check_partial", "resume_point"]

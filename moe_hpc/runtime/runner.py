@@ -3,8 +3,10 @@
 Every step that can fail on some ranks only runs under ``comm.failure.collective``, so a bad file
 seen by one rank stops all ranks together.  The output grows in ``<output>.tmp``; after each
 chunk is durable on every writer, rank 0 records it in ``<output>.progress.json``
-(``resume.py``), so a run stopped by a signal, a dead rank or a time limit resumes where it
-stopped.  Only errors that doom the output (bad inputs) remove the partial output.
+(``resume.py``), so a run stopped by a signal, a dead rank, a time limit or an error found
+mid-run resumes where it stopped.  Only errors that doom the output (bad inputs) found before
+the first chunk is finished remove the partial output.  Rank 0 holds ``<output>.lock`` for the
+job's life (``files/lock.py``): one job per output.
 """
 from __future__ import annotations
 
@@ -18,20 +20,22 @@ import numpy as np
 from .. import __version__
 from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology, ranks_sharing_cores
-from ..config.errors import Interrupted, MoeHpcError
+from ..config.errors import Interrupted, MoeHpcError, OutputError
 from ..config.roles import RoleLayout, check_layout
 from ..device.backend import make_backend
 from ..device.threads import limit_blas_threads
 from ..files.batches import (OutputWriter, create_output, finalize_output, logprob_summary, open_input,
                              reopen_output)
 from ..files.checkpoint import Checkpoint
+from ..files.lock import OutputLock
 from ..moe.balance import REPORT_WINDOW, Balancer
 from ..placement.file import make_placement
 from ..placement.traces import TraceRecorder, write_trace
 from .engine import Engine
 from .job import InputMeta, Job, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
-from .resume import Progress, discard_partial, fingerprint, progress_path_for, resume_point, save_progress
+from .resume import (Progress, discard_partial, fingerprint, kept_for_resume, progress_path_for, resume_point,
+                     save_progress)
 from .signals import StopRequest, signal_name
 
 
@@ -85,10 +89,12 @@ def run_job(comm, job: Job, log=_log) -> dict:
     collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp, p.dense_stages,
                debug=job.debug)
     topo = build_topology(comm, job.cfg)
-    world, owned = topo.world, False
+    world, owned, lock = topo.world, False, None
     try:
+        meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
+        lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
         threads = limit_blas_threads(*ranks_sharing_cores(topo.node))
-        engine, meta = _prepare(topo, job)
+        engine = _prepare(topo, job)
         _attach(engine, job, engine.placement, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
@@ -103,19 +109,20 @@ def run_job(comm, job: Job, log=_log) -> dict:
             discard_partial(job.output)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         topo.free()
 
 
-def _prepare(topo, job: Job) -> tuple[Engine, InputMeta]:
-    """Check the output path and input (rank 0), pick the device, place and load the experts."""
+def _prepare(topo, job: Job) -> Engine:
+    """Pick the device, place and load the experts."""
     cfg, world = job.cfg, topo.world
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
-    meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
     backend = sync(make_backend, cfg.run.device, topo.local_rank)
     placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
     engine = Engine(cfg, topo, backend, placement)
     sync(_load, engine, job)
-    return engine, meta
+    return engine
 
 
 def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress, threads: str) -> None:
@@ -125,7 +132,10 @@ def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progres
     log(f"moe-hpc: {meta.num_sequences} sequences x {meta.seq_len} positions on {topo.size} rank(s) "
         f"({p.dp} x [{len(roles.dense_ranks)} dense, {len(roles.expert_ranks)} expert{tp}], placement "
         f"{engine.placement.kind}, device {engine.backend.name}), {progress.chunks_total} chunk(s), {threads}")
-    if progress.chunks_done:
+    if progress.chunks_done == progress.chunks_total:
+        log(f"moe-hpc: all {progress.chunks_total} chunk(s) are done (recorded in "
+            f"{progress_path_for(job.output)}): finishing the output")
+    elif progress.chunks_done:
         log(f"moe-hpc: resuming at chunk {progress.chunks_done + 1} of {progress.chunks_total} "
             f"(recorded in {progress_path_for(job.output)})")
 
@@ -207,13 +217,18 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
                 raise Interrupted(f"stopped by {signal_name(signum)} after chunk {c} of {chunks}; "
                                   f"progress is in {progress_path_for(job.output)}: rerun the same "
                                   "command to resume")
-            dense_io.chunk(c)
-            world.Reduce(engine.router.expert_tokens, counts, root=0)
-            engine.times.chunk_ends.append(time.perf_counter())
-            if topo.rank == 0:
-                progress = dataclasses.replace(progress, chunks_done=c + 1,
-                                               expert_tokens=base + counts)
-            on_rank0(world, save_progress, job.output, progress, debug=job.debug)
+            try:
+                dense_io.chunk(c)
+                world.Reduce(engine.router.expert_tokens, counts, root=0)
+                engine.times.chunk_ends.append(time.perf_counter())
+                if topo.rank == 0:
+                    progress = dataclasses.replace(progress, chunks_done=c + 1,
+                                                   expert_tokens=base + counts)
+                on_rank0(world, save_progress, job.output, progress, debug=job.debug)
+            except MoeHpcError as exc:
+                if exc.discards_partial and c == 0:     # nothing finished: nothing worth keeping
+                    raise
+                raise kept_for_resume(exc, c, chunks, job.output) from exc
             if reporter:
                 reporter.chunk_done(c)
     return progress.expert_tokens if topo.rank == 0 else counts
@@ -275,13 +290,16 @@ def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits, 
     TP member that is not its group's leader has nothing to write (writer None)."""
     if writer is None or hidden is None:
         return
-    if hidden.shape[0]:
-        writer.write_hidden(s0, backend.to_host(hidden))
-        if logits is not None:
-            writer.write_logits(s0, backend.to_host(logits))
-        if logprobs is not None:
-            writer.write_logprobs(s0, logprobs)
-    writer.sync()
+    try:
+        if hidden.shape[0]:
+            writer.write_hidden(s0, backend.to_host(hidden))
+            if logits is not None:
+                writer.write_logits(s0, backend.to_host(logits))
+            if logprobs is not None:
+                writer.write_logprobs(s0, logprobs)
+        writer.sync()
+    except OSError as exc:      # a full disk or quota, a lost file server: the user's to fix
+        raise OutputError(f"{writer.layout.tmp_path}: cannot write sequences {s0}.. ({exc.strerror})") from None
 
 
 __all__ = ["run_job"]

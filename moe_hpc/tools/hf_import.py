@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config.run_config import ModelConfig, build_config
 from ..device.dtypes import BF16
-from ..files.atomic import atomic_path, refuse_existing, write_text_atomic
+from ..files.atomic import atomic_path, check_output, write_text_atomic
 from ..files.checkpoint import CHECKPOINT_FORMAT, OPTIONAL, Checkpoint, global_shapes, layer_shapes
 from ..files.h5 import write_float
 
@@ -71,7 +71,7 @@ def import_hf(folder: str | Path, config_out: str | Path, weights_out: str | Pat
     """Convert checkpoint directory ``folder``; -> its model. Progress lines go to ``log``."""
     folder, config_out, weights_out = Path(folder), Path(config_out), Path(weights_out)
     for path in (config_out, weights_out):
-        refuse_existing(path, overwrite)
+        check_output(path, overwrite, inputs=(folder,))
     from ..files.hf_tensors import HFTensors
     model = HFTensors(folder).stored_model()
     build_config({"model": vars(model)}, where=str(folder / "config.json"))      # the run would check it so

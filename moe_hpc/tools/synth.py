@@ -17,7 +17,7 @@ import numpy as np
 from ..config.errors import ConfigError, OutputError
 from ..config.run_config import ModelConfig
 from ..device.dtypes import BF16
-from ..files.atomic import atomic_path, refuse_existing
+from ..files.atomic import atomic_path, check_output
 from ..files.batches import INPUT_FORMAT
 from ..files.checkpoint import CHECKPOINT_FORMAT, global_shapes, layer_shapes
 from ..files.h5 import write_float
@@ -94,7 +94,7 @@ def write_checkpoint(path: str | Path, m: ModelConfig, seed: int = 0, overwrite:
         raise ConfigError("init-weights does not make MLA (DeepSeek-V3) checkpoints yet; run a Hugging Face "
                           "checkpoint of the family (docs/models.md)")
     path = Path(path)
-    refuse_existing(path, overwrite)
+    check_output(path, overwrite)
     rng, extra = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -128,7 +128,7 @@ def write_inputs(path: str | Path, m: ModelConfig, sequences: int, seq_len: int,
     """Write a synthetic ``moe_hpc.input/1`` batch: /hidden ~ N(0, 1) (or /tokens when the
     model has a vocabulary), and /lengths in [1, seq_len] when ``ragged``."""
     path = Path(path)
-    refuse_existing(path, overwrite)
+    check_output(path, overwrite)
     if sequences < 1 or seq_len < 1:
         raise OutputError(f"{path}: --sequences and --seq-len must be >= 1")
     rng = np.random.default_rng(seed)
