@@ -384,3 +384,96 @@ def test_rerun_with_overwrite_replaces_output(complete_output, tmp_path, tiny_fi
     with h5py.File(output, "r") as new, h5py.File(complete_output, "r") as old:
         assert new.attrs["format"] == "moe_hpc.output/1"
         np.testing.assert_array_equal(new["hidden"][()], old["hidden"][()])
+
+
+# ------------------------------------------------------------------ issue 21 (items 4, 8): every input
+# value is checked before any compute, by the run and its dry run alike; sequences longer than the
+# model's max_position_embeddings are refused unless run.allow_long_sequences says otherwise
+
+MIXTRAL = Path(__file__).resolve().parent / "fixtures" / "hf_mixtral"    # max_position_embeddings 64
+
+
+def mixtral_tokens(path: Path, tokens: np.ndarray, lengths: np.ndarray) -> Path:
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "moe_hpc.input/1"
+        f["tokens"], f["lengths"] = tokens, lengths
+    return path
+
+
+def late_bad_token(tmp: Path) -> tuple[Path, tuple]:
+    """8 sequences of the Mixtral fixture; the last holds token 999 (vocab 256)."""
+    with h5py.File(MIXTRAL / "reference.h5", "r") as f:
+        tokens, lengths = f["tokens"][()][[0, 1, 2, 3] * 2], f["lengths"][()][[0, 1, 2, 3] * 2]
+    tokens[7, 3] = 999
+    return mixtral_tokens(tmp / "late_token.h5", tokens, lengths), ("token 999", "sequence 7", "vocab_size=256")
+
+
+def late_nan(tmp: Path, long_input: Path) -> tuple[Path, tuple]:
+    """The 40-sequence tiny input with a NaN in its last sequence."""
+    bad = edited(long_input, tmp / "late_nan.h5", set_value("hidden", (39, 0, 0), np.nan))
+    return bad, ("NaN or Inf", "sequence 39")
+
+
+def bad_value_run(kind: str, tmp: Path, tiny_files, long_input, *extra) -> tuple[Outcome, tuple, Path]:
+    if kind == "token":
+        inputs, needles = late_bad_token(tmp)
+        args = [MIXTRAL, "--weights", MIXTRAL]
+    else:
+        inputs, needles = late_nan(tmp, long_input)
+        args = [TINY, "--weights", tiny_files[0]]
+    output = tmp / "out.h5"
+    out = run_ranks("run", *args, "--input", inputs, "--output", output, "--set", "run.chunk_sequences=1",
+                    "--progress", "off", *extra, ranks=2)
+    return out, needles, output
+
+
+@pytest.mark.parametrize("kind", ["token", "nan"])
+def test_a_bad_value_late_in_the_input_stops_the_run_before_any_compute(kind, tmp_path, tiny_files, long_input):
+    out, needles, output = bad_value_run(kind, tmp_path, tiny_files, long_input)
+    assert_clean_failure(out, 2, needles, output)
+    # the run's start line follows loading: a bad value must be found before it, not in its chunk
+    assert "moe-hpc: " not in out.stderr, f"the run started computing before the bad value was found{out.describe()}"
+
+
+@pytest.mark.parametrize("kind", ["token", "nan"])
+def test_the_dry_run_checks_every_value_like_the_run(kind, tmp_path, tiny_files, long_input):
+    out, needles, output = bad_value_run(kind, tmp_path, tiny_files, long_input, "--dry-run")
+    assert_clean_failure(out, 2, needles, output)
+
+
+def test_the_dry_run_says_what_it_checked(tmp_path, long_input, tiny_files):
+    out = run_ranks("run", TINY, "--weights", tiny_files[0], "--input", long_input, "--output", tmp_path / "o.h5",
+                    "--dry-run", "--set", "parallel.dense_ranks=1", ranks=2)
+    assert out.result.returncode == 0, out.describe()
+    assert ("input: all 40 sequences checked before any compute by 1 dense rank(s)" in out.result.stdout
+            and "hidden values finite" in out.result.stdout), out.describe()
+
+
+def too_long(tmp: Path) -> Path:
+    """Two sequences of 80 positions, the first 70 tokens long: past the fixture's 64."""
+    return mixtral_tokens(tmp / "long.h5", np.ones((2, 80), np.int64), np.array([70, 10]))
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
+def test_a_sequence_past_max_position_embeddings_is_refused(dry, tmp_path):
+    output = tmp_path / "out.h5"
+    out = run_ranks("run", MIXTRAL, "--weights", MIXTRAL, "--input", too_long(tmp_path), "--output", output,
+                    *(["--dry-run"] if dry else []), ranks=2)
+    assert_clean_failure(out, 2, ("sequence 0 has 70 tokens", "max_position_embeddings = 64",
+                                  "run.allow_long_sequences"), output)
+
+
+def test_the_position_limit_from_the_toml_model_table(tmp_path, tiny_files):
+    """model.max_position_embeddings in a TOML config (a checkpoint that does not know it agrees)."""
+    weights, inputs = tiny_files
+    output = tmp_path / "out.h5"
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output,
+                    "--set", "model.max_position_embeddings=8", ranks=2)
+    assert_clean_failure(out, 2, ("max_position_embeddings = 8", "run.allow_long_sequences"), output)
+
+
+def test_allow_long_sequences_runs_them(tmp_path):
+    output = tmp_path / "out.h5"
+    out = run_ranks("run", MIXTRAL, "--weights", MIXTRAL, "--input", too_long(tmp_path), "--output", output,
+                    "--set", "run.allow_long_sequences=true", "--progress", "off", ranks=2)
+    assert out.result.returncode == 0 and output.exists(), out.describe()

@@ -166,7 +166,8 @@ def model_table_from_hf(c: dict[str, Any], where: str) -> dict[str, Any]:
     layers = int(_get(c, "num_hidden_layers", where))
     table = {"num_layers": layers, "vocab_size": int(_get(c, "vocab_size", where)), "mlp": "gated",
              "activation": ACTIVATIONS[act], "norm_eps": float(_get(c, "rms_norm_eps", where, 1e-6)),
-             "tie_embeddings": bool(c.get("tie_word_embeddings", False)), **_attention(c, where, family)}
+             "tie_embeddings": bool(c.get("tie_word_embeddings", False)), **_attention(c, where, family),
+             "max_position_embeddings": int(_get(c, "max_position_embeddings", where, 0))}
     table["top_k"] = int(_get(c, "num_experts_per_tok", where))
     _quantization(c, where)
     if family == "deepseek_v3":

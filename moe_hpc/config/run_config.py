@@ -78,6 +78,7 @@ class ModelConfig:
     expert_groups: int = 1          # group-limited routing: experts in this many equal groups
     topk_groups: int = 1            # ... of which the best this many are kept (by top-2 score sums)
     routed_scaling_factor: float = 1.0   # the routed experts' combine weights are multiplied by it
+    max_position_embeddings: int = 0     # longest sequence the model was trained for (0: not known)
 
     @property
     def ffn_kind(self) -> str:
@@ -151,6 +152,7 @@ class RunConfig:
     balance: bool = False           # move selection biases against load at run time (changes routing)
     balance_threshold: float = 1.2  # act when a micro-batch's max/mean expert load exceeds this
     balance_gamma: float = 0.001    # bias step per action: b_e += gamma * sign(mean - load_e)
+    allow_long_sequences: bool = False   # run sequences past model.max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,7 @@ def _validate_model(m: ModelConfig, where: str) -> None:
     _require(m.norm_eps > 0, where, "model.norm_eps", "must be > 0")
     _require(m.rope_theta > 0, where, "model.rope_theta", "must be > 0")
     _require(m.vocab_size >= 0, where, "model.vocab_size", "must be >= 0")
+    _require(m.max_position_embeddings >= 0, where, "model.max_position_embeddings", "must be >= 0")
     _require(m.mlp in MLP_KINDS, where, "model.mlp", f"must be one of {', '.join(MLP_KINDS)}, got {m.mlp!r}")
     _require(m.qk_norm in QK_NORMS, where, "model.qk_norm",
              f"must be one of {', '.join(QK_NORMS)}, got {m.qk_norm!r}")
