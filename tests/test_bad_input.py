@@ -477,3 +477,38 @@ def test_allow_long_sequences_runs_them(tmp_path):
     out = run_ranks("run", MIXTRAL, "--weights", MIXTRAL, "--input", too_long(tmp_path), "--output", output,
                     "--set", "run.allow_long_sequences=true", "--progress", "off", ranks=2)
     assert out.result.returncode == 0 and output.exists(), out.describe()
+
+
+# ------------------------------------------------------------------ issue 21 (item 12): a model that does not
+# fit its GPUs is refused before loading, with the planner's figure, the free memory and the
+# smallest layout that fits (run.memory_limit_gib stands in for a GPU's free memory on the CPU)
+
+def tiny_limit_between(ranks_short: int, ranks_enough: int) -> float:
+    """A memory limit (GiB) that ``ranks_enough`` ranks of the tiny model fit and ``ranks_short`` do not."""
+    from moe_hpc.config.cluster import GIB
+    from moe_hpc.config.run_config import load_config
+    from moe_hpc.planner.fit import rank_memory
+    cfg = load_config(TINY)
+    need = {n: max(m.total for m in rank_memory(cfg, n, 24)) for n in (ranks_short, ranks_enough)}
+    assert need[ranks_enough] < need[ranks_short]
+    return (need[ranks_short] + need[ranks_enough]) / 2 / GIB
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
+def test_a_model_that_does_not_fit_is_refused_before_loading(dry, tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    output = tmp_path / "out.h5"
+    limit = tiny_limit_between(3, 4)            # 2 ranks and 3 do not fit; 4 do
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output,
+                    "--set", f"run.memory_limit_gib={limit!r}", *(["--dry-run"] if dry else []), ranks=2)
+    assert_clean_failure(out, 2, ("the model does not fit: rank 0 needs 2.00 GiB (dense weights",
+                                  "of 2.00 GiB free", "smallest layout that fits: 4 ranks"), output)
+
+
+def test_the_dry_run_prints_the_memory_comparison(tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", tmp_path / "o.h5",
+                    "--dry-run", "--set", "run.memory_limit_gib=4", ranks=2)
+    assert out.result.returncode == 0, out.describe()
+    assert "memory: rank 0 needs 2.00 GiB" in out.result.stdout and "of 4.00 GiB free: fits" in out.result.stdout, \
+        out.describe()

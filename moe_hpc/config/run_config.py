@@ -153,6 +153,7 @@ class RunConfig:
     balance_threshold: float = 1.2  # act when a micro-batch's max/mean expert load exceeds this
     balance_gamma: float = 0.001    # bias step per action: b_e += gamma * sign(mean - load_e)
     allow_long_sequences: bool = False   # run sequences past model.max_position_embeddings
+    memory_limit_gib: float = 0.0   # >0: GiB a rank may use at most (the planner's check; also on the CPU)
 
 
 @dataclass(frozen=True)
@@ -406,6 +407,7 @@ def validate(cfg: Config) -> None:
              f"({T}) must be 1 with model.qk_norm = full (the norm spans every head)")
     _require(r.balance_threshold > 1.0, where, "run.balance_threshold",
              f"must be > 1 (max/mean load is never below 1), got {r.balance_threshold}")
+    _require(r.memory_limit_gib >= 0.0, where, "run.memory_limit_gib", f"must be >= 0, got {r.memory_limit_gib}")
     _require(r.balance_gamma > 0.0, where, "run.balance_gamma", f"must be > 0, got {r.balance_gamma}")
 
 

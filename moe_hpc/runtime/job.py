@@ -10,11 +10,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..config.errors import InputError
 from ..config.run_config import Config
+from ..device.backend import free_memory_bytes
 from ..files.batches import check_output_path, open_input
 from .signals import StopRequest
 
@@ -32,6 +34,9 @@ class Job:
     progress_every: float = 10.0      # seconds between progress lines
     stop: StopRequest | None = None   # signals noted by the CLI; None: never stop early
     trace: Path | None = None         # also record a routing trace here (``--trace``)
+    # planner.fit.check_memory, handed in by the CLI (the runtime may not import the planner):
+    # (cfg, world size, rank in its replica, world rank, seq_len, free bytes | None) -> MemoryFit
+    memory_check: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,14 @@ def check_input_share(job: Job, topo) -> float:
     return check_input_values(job, dense.index(topo.rank), len(dense))
 
 
+def check_fit(job: Job, topo, backend, seq_len: int):
+    """This rank's planned memory against its device's free memory (``Job.memory_check``), before
+    any weight is loaded: a MemoryFit, or None when the job has no check."""
+    if job.memory_check is None:
+        return None
+    return job.memory_check(job.cfg, topo.size, topo.group_rank, topo.rank, seq_len, free_memory_bytes(backend))
+
+
 def checked_input_line(meta: InputMeta, job: Job, dense: int, seconds: float) -> str:
     """The dry run's line saying what ``check_input_values`` made sure of."""
     m = job.cfg.model
@@ -125,4 +138,4 @@ def checked_input_line(meta: InputMeta, job: Job, dense: int, seconds: float) ->
 
 
 __all__ = ["Job", "InputMeta", "sequence_range", "num_chunks", "chunk_slice", "chunk_tokens", "check_setup",
-           "check_input_values", "check_input_share", "checked_input_line"]
+           "check_input_values", "check_input_share", "checked_input_line", "check_fit"]

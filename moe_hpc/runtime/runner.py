@@ -28,7 +28,7 @@ from ..moe.balance import REPORT_WINDOW, Balancer
 from ..placement.file import make_placement
 from ..placement.traces import TraceRecorder, write_trace
 from .engine import Engine
-from .job import InputMeta, Job, check_input_share, check_setup, chunk_slice, sequence_range
+from .job import InputMeta, Job, check_fit, check_input_share, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
 from .resume import Progress, discard_partial, fingerprint, progress_path_for, resume_point, save_progress
 from .signals import StopRequest, signal_name
@@ -111,6 +111,7 @@ def _prepare(topo, job: Job) -> tuple[Engine, InputMeta]:
     meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
     sync(check_input_share, job, topo)       # every value, before any weight is loaded
     backend = sync(make_backend, cfg.run.device, topo.local_rank)
+    sync(check_fit, job, topo, backend, meta.seq_len)      # refuse a model too large before loading it
     placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
     engine = Engine(cfg, topo, backend, placement)
     sync(_load, engine, job)
