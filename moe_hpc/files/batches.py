@@ -27,6 +27,7 @@ from .h5 import check_float_dataset, check_format, open_h5, read_float, short_re
 INPUT_FORMAT = "moe_hpc.input/1"
 OUTPUT_FORMAT = "moe_hpc.output/1"
 CHECK_BLOCK_BYTES = 64 << 20      # input bytes read at a time by InputBatch.check_values
+BF16_EXPONENT = 0x7F80            # a bf16 whose exponent bits are all set is NaN or Inf
 
 
 
@@ -61,8 +62,7 @@ class InputBatch:
                                  f"{pos} is outside [0, vocab_size={vocab_size})")
             return np.where(valid, tokens, 0)
         x = read_float(self.file["hidden"], where, np.s_[s0:s1])
-        finite = np.isfinite(x.astype(np.float32))
-        bad = valid[:, :, None] & ~finite
+        bad = valid[:, :, None] & ((x.view(np.uint16) & BF16_EXPONENT) == BF16_EXPONENT)   # NaN or Inf
         if bad.any():
             s, pos, _ = np.argwhere(bad)[0]
             raise InputError(f"{where}: NaN or Inf at sequence {s0 + s}, position {pos}")
