@@ -163,13 +163,15 @@ def _check_not_singletons(comm) -> None:
 
 def cmd_run(args, comm) -> None:
     from .runtime.job import Job
+    from .planner.fit import check_memory
     from .runtime.runner import run_job
     cfg = _load_config(args, comm)
     _check_not_singletons(comm)
     job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
               restart=args.restart, progress=args.progress, progress_every=args.progress_every,
               stop=args.stop, trace=Path(args.trace) if args.trace else None,
-              summary=Path(args.summary) if args.summary else None)
+              summary=Path(args.summary) if args.summary else None,
+              memory_check=check_memory)
     if args.dry_run:
         from .runtime.dryrun import dry_run
         dry_run(comm, job)

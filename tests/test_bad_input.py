@@ -786,3 +786,129 @@ def test_summary_of_an_all_padding_input_is_strict_json(tmp_path):
         values = json.loads(text, parse_constant=_no_nan)["summary"]
         assert values["perplexity"] is None and values["mean_logprob"] is None
         assert values["predicted_tokens"] == 0
+# ------------------------------------------------------------------ issue 21 (items 4, 8): every input
+# value is checked before any compute, by the run and its dry run alike; sequences longer than the
+# model's max_position_embeddings are refused unless run.allow_long_sequences says otherwise
+
+MIXTRAL = Path(__file__).resolve().parent / "fixtures" / "hf_mixtral"    # max_position_embeddings 64
+
+
+def mixtral_tokens(path: Path, tokens: np.ndarray, lengths: np.ndarray) -> Path:
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "moe_hpc.input/1"
+        f["tokens"], f["lengths"] = tokens, lengths
+    return path
+
+
+def late_bad_token(tmp: Path) -> tuple[Path, tuple]:
+    """8 sequences of the Mixtral fixture; the last holds token 999 (vocab 256)."""
+    with h5py.File(MIXTRAL / "reference.h5", "r") as f:
+        tokens, lengths = f["tokens"][()][[0, 1, 2, 3] * 2], f["lengths"][()][[0, 1, 2, 3] * 2]
+    tokens[7, 3] = 999
+    return mixtral_tokens(tmp / "late_token.h5", tokens, lengths), ("token 999", "sequence 7", "vocab_size=256")
+
+
+def late_nan(tmp: Path, long_input: Path) -> tuple[Path, tuple]:
+    """The 40-sequence tiny input with a NaN in its last sequence."""
+    bad = edited(long_input, tmp / "late_nan.h5", set_value("hidden", (39, 0, 0), np.nan))
+    return bad, ("NaN or Inf", "sequence 39")
+
+
+def bad_value_run(kind: str, tmp: Path, tiny_files, long_input, *extra) -> tuple[Outcome, tuple, Path]:
+    if kind == "token":
+        inputs, needles = late_bad_token(tmp)
+        args = [MIXTRAL, "--weights", MIXTRAL]
+    else:
+        inputs, needles = late_nan(tmp, long_input)
+        args = [TINY, "--weights", tiny_files[0]]
+    output = tmp / "out.h5"
+    out = run_ranks("run", *args, "--input", inputs, "--output", output, "--set", "run.chunk_sequences=1",
+                    "--progress", "off", *extra, ranks=2)
+    return out, needles, output
+
+
+@pytest.mark.parametrize("kind", ["token", "nan"])
+def test_a_bad_value_late_in_the_input_stops_the_run_before_any_compute(kind, tmp_path, tiny_files, long_input):
+    out, needles, output = bad_value_run(kind, tmp_path, tiny_files, long_input)
+    assert_clean_failure(out, 2, needles, output)
+    # the run's start line follows loading: a bad value must be found before it, not in its chunk
+    assert "moe-hpc: " not in out.stderr, f"the run started computing before the bad value was found{out.describe()}"
+
+
+@pytest.mark.parametrize("kind", ["token", "nan"])
+def test_the_dry_run_checks_every_value_like_the_run(kind, tmp_path, tiny_files, long_input):
+    out, needles, output = bad_value_run(kind, tmp_path, tiny_files, long_input, "--dry-run")
+    assert_clean_failure(out, 2, needles, output)
+
+
+def test_the_dry_run_says_what_it_checked(tmp_path, long_input, tiny_files):
+    out = run_ranks("run", TINY, "--weights", tiny_files[0], "--input", long_input, "--output", tmp_path / "o.h5",
+                    "--dry-run", "--set", "parallel.dense_ranks=1", ranks=2)
+    assert out.result.returncode == 0, out.describe()
+    assert ("input: all 40 sequences checked before any compute by 1 dense rank(s)" in out.result.stdout
+            and "hidden values finite" in out.result.stdout), out.describe()
+
+
+def too_long(tmp: Path) -> Path:
+    """Two sequences of 80 positions, the first 70 tokens long: past the fixture's 64."""
+    return mixtral_tokens(tmp / "long.h5", np.ones((2, 80), np.int64), np.array([70, 10]))
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
+def test_a_sequence_past_max_position_embeddings_is_refused(dry, tmp_path):
+    output = tmp_path / "out.h5"
+    out = run_ranks("run", MIXTRAL, "--weights", MIXTRAL, "--input", too_long(tmp_path), "--output", output,
+                    *(["--dry-run"] if dry else []), ranks=2)
+    assert_clean_failure(out, 2, ("sequence 0 has 70 tokens", "max_position_embeddings = 64",
+                                  "run.allow_long_sequences"), output)
+
+
+def test_the_position_limit_from_the_toml_model_table(tmp_path, tiny_files):
+    """model.max_position_embeddings in a TOML config (a checkpoint that does not know it agrees)."""
+    weights, inputs = tiny_files
+    output = tmp_path / "out.h5"
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output,
+                    "--set", "model.max_position_embeddings=8", ranks=2)
+    assert_clean_failure(out, 2, ("max_position_embeddings = 8", "run.allow_long_sequences"), output)
+
+
+def test_allow_long_sequences_runs_them(tmp_path):
+    output = tmp_path / "out.h5"
+    out = run_ranks("run", MIXTRAL, "--weights", MIXTRAL, "--input", too_long(tmp_path), "--output", output,
+                    "--set", "run.allow_long_sequences=true", "--progress", "off", ranks=2)
+    assert out.result.returncode == 0 and output.exists(), out.describe()
+
+
+# ------------------------------------------------------------------ issue 21 (item 12): a model that does not
+# fit its GPUs is refused before loading, with the planner's figure, the free memory and the
+# smallest layout that fits (run.memory_limit_gib stands in for a GPU's free memory on the CPU)
+
+def tiny_limit_between(ranks_short: int, ranks_enough: int) -> float:
+    """A memory limit (GiB) that ``ranks_enough`` ranks of the tiny model fit and ``ranks_short`` do not."""
+    from moe_hpc.config.cluster import GIB
+    from moe_hpc.config.run_config import load_config
+    from moe_hpc.planner.fit import rank_memory
+    cfg = load_config(TINY)
+    need = {n: max(m.total for m in rank_memory(cfg, n, 24)) for n in (ranks_short, ranks_enough)}
+    assert need[ranks_enough] < need[ranks_short]
+    return (need[ranks_short] + need[ranks_enough]) / 2 / GIB
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
+def test_a_model_that_does_not_fit_is_refused_before_loading(dry, tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    output = tmp_path / "out.h5"
+    limit = tiny_limit_between(3, 4)            # 2 ranks and 3 do not fit; 4 do
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output,
+                    "--set", f"run.memory_limit_gib={limit!r}", *(["--dry-run"] if dry else []), ranks=2)
+    assert_clean_failure(out, 2, ("the model does not fit: rank 0 needs 2.00 GiB (dense weights",
+                                  "of 2.00 GiB free", "smallest layout that fits: 4 ranks"), output)
+
+
+def test_the_dry_run_prints_the_memory_comparison(tmp_path, tiny_files):
+    weights, inputs = tiny_files
+    out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", tmp_path / "o.h5",
+                    "--dry-run", "--set", "run.memory_limit_gib=4", ranks=2)
+    assert out.result.returncode == 0, out.describe()
+    assert "memory: rank 0 needs 2.00 GiB" in out.result.stdout and "of 4.00 GiB free: fits" in out.result.stdout, \
+        out.describe()

@@ -380,3 +380,16 @@ def test_gpu_runs_hf_checkpoints_like_transformers(tmp_path, family, ranks):
     valid = np.arange(want.shape[1])[None, :] < lengths[:, None]
     err = np.linalg.norm(got[valid] - want[valid], axis=-1) / np.linalg.norm(want[valid], axis=-1)
     assert np.median(err) < 2e-2 and np.mean(err > 5e-2) <= 0.05, (np.median(err), np.mean(err > 5e-2))
+
+
+@needs_gpu
+def test_bench_refuses_a_model_larger_than_the_gpu_before_loading():
+    """Issue 21 item 12: the 61-layer seed model (~264 GiB on one GPU) is refused in seconds with
+    the planner's figure, the GPU's free memory and the smallest rank count that fits."""
+    r = moe_hpc("bench", "--config", REPO / "inputs" / "seed61.toml", "--model-layers", "61", "--iters", "1",
+                timeout=300)
+    assert r.returncode == 1 and len(r.error_lines) == 1, r.stderr
+    line = r.error_lines[0]
+    assert "the model does not fit: rank 0 needs" in line and "GiB free" in line, line
+    assert "smallest layout that fits:" in line and "internal error" not in line, line
+    assert r.wall_s < 120, f"the refusal took {r.wall_s:.0f} s"

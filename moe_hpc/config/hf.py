@@ -198,7 +198,8 @@ def model_table_from_hf(c: dict[str, Any], where: str) -> dict[str, Any]:
     layers = _int(c, "num_hidden_layers", where)
     table = {"num_layers": layers, "vocab_size": _int(c, "vocab_size", where), "mlp": "gated",
              "activation": ACTIVATIONS[act], "norm_eps": _float(c, "rms_norm_eps", where, 1e-6),
-             "tie_embeddings": _flag(c, "tie_word_embeddings", where, False), **_attention(c, where, family)}
+             "tie_embeddings": _flag(c, "tie_word_embeddings", where, False), **_attention(c, where, family),
+             "max_position_embeddings": _int(c, "max_position_embeddings", where, 0, rule=AT_LEAST_0)}
     table["top_k"] = _int(c, "num_experts_per_tok", where)
     _quantization(c, where)
     if family == "deepseek_v3":

@@ -79,6 +79,7 @@ class ModelConfig:
     expert_groups: int = checked(1, AT_LEAST_1)          # group-limited routing: experts in this many equal groups
     topk_groups: int = checked(1, AT_LEAST_1)            # ... of which the best this many are kept (by top-2 score sums)
     routed_scaling_factor: float = checked(1.0, POSITIVE)   # the routed experts' combine weights are multiplied by it
+    max_position_embeddings: int = checked(0, AT_LEAST_0)   # longest sequence the model was trained for (0: not known)
 
     @property
     def ffn_kind(self) -> str:
@@ -152,6 +153,8 @@ class RunConfig:
     balance: bool = False           # move selection biases against load at run time (changes routing)
     balance_threshold: float = checked(1.2, LOAD_RATIO)  # act when a micro-batch's max/mean expert load exceeds this
     balance_gamma: float = checked(0.001, POSITIVE)    # bias step per action: b_e += gamma * sign(mean - load_e)
+    allow_long_sequences: bool = False   # run sequences past model.max_position_embeddings
+    memory_limit_gib: float = checked(0.0, AT_LEAST_0)   # >0: GiB a rank may use at most (the planner's check; also on the CPU)
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,15 @@ def make_backend(device: str, local_rank: int = 0) -> Backend:
     return Backend("gpu", cupy)
 
 
+def free_memory_bytes(backend: Backend) -> int | None:
+    """Bytes this rank's device can still allocate: CUDA's free memory plus what CuPy's pool
+    holds unused; None on the CPU (no limit known)."""
+    if backend.name != "gpu":
+        return None
+    free, _ = backend.xp.cuda.runtime.memGetInfo()
+    return int(free) + int(backend.xp.get_default_memory_pool().free_bytes())
+
+
 def words(array):
     """The raw 16-bit words of a bf16 (or uint16) array: copies, MPI and NCCL need no bf16 type."""
     return array.view(np.uint16)

@@ -26,6 +26,8 @@ from .h5 import check_float_dataset, check_format, open_h5, read_float, short_re
 
 INPUT_FORMAT = "moe_hpc.input/1"
 OUTPUT_FORMAT = "moe_hpc.output/1"
+CHECK_BLOCK_BYTES = 64 << 20      # input bytes read at a time by InputBatch.check_values
+BF16_EXPONENT = 0x7F80            # a bf16 whose exponent bits are all set is NaN or Inf
 
 
 
@@ -60,12 +62,28 @@ class InputBatch:
                                  f"{pos} is outside [0, vocab_size={vocab_size})")
             return np.where(valid, tokens, 0)
         x = read_float(self.file["hidden"], where, np.s_[s0:s1])
-        finite = np.isfinite(x.astype(np.float32))
-        bad = valid[:, :, None] & ~finite
+        bad = valid[:, :, None] & ((x.view(np.uint16) & BF16_EXPONENT) == BF16_EXPONENT)   # NaN or Inf
         if bad.any():
             s, pos, _ = np.argwhere(bad)[0]
             raise InputError(f"{where}: NaN or Inf at sequence {s0 + s}, position {pos}")
         return np.where(valid[:, :, None], x, np.zeros((), BF16))
+
+    def check_values(self, s0: int, s1: int, hidden_size: int, vocab_size: int) -> None:
+        """Sequences [s0, s1) pass ``read_chunk``'s checks (tokens in range, no NaN/Inf at
+        valid positions): read a block of about ``CHECK_BLOCK_BYTES`` at a time, so the whole
+        input can be checked before any compute without holding it in memory."""
+        row_bytes = self.file[self.kind].dtype.itemsize * self.seq_len * (hidden_size if self.kind == "hidden" else 1)
+        step = max(1, CHECK_BLOCK_BYTES // row_bytes)
+        for a in range(s0, s1, step):
+            self.read_chunk(a, min(s1, a + step), hidden_size, vocab_size)
+
+    def check_positions(self, max_positions: int) -> None:
+        """No sequence is longer than the model's ``max_position_embeddings`` (0: no limit known)."""
+        if max_positions and (self.lengths > max_positions).any():
+            s = int(np.argmax(self.lengths > max_positions))
+            raise InputError(f"{self.path}: sequence {s} has {self.lengths[s]} tokens, more than the model's "
+                             f"max_position_embeddings = {max_positions}; set run.allow_long_sequences = true "
+                             "to run it past the length the model was trained for")
 
     def close(self) -> None:
         self.file.close()

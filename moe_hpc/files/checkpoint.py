@@ -286,6 +286,8 @@ class Checkpoint:
 def check_models_match(stored: ModelConfig, model: ModelConfig, where: str) -> None:
     """The checkpoint's own model table must equal the run config's, key by key."""
     for key, value in vars(model).items():
+        if key == "max_position_embeddings" and 0 in (value, stored.max_position_embeddings):
+            continue      # a limit on the input, not the math: one side not knowing it is no mismatch
         ours, theirs = (value, getattr(stored, key)) if key != "num_kv_heads" else (model.kv_heads, stored.kv_heads)
         if ours != theirs:
             raise InputError(f"{where}: checkpoint has model.{key} = {theirs!r} but "

@@ -19,7 +19,7 @@ from ..device.backend import make_backend
 from ..files.batches import open_input
 from ..files.checkpoint import Checkpoint
 from ..placement.file import make_placement
-from .job import Job, check_setup, num_chunks, sequence_range
+from .job import Job, check_fit, check_input_share, check_setup, checked_input_line, num_chunks, sequence_range
 from .resume import check_partial, fingerprint
 
 
@@ -91,12 +91,17 @@ def dry_run(comm, job: Job, log=print) -> dict:
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
     try:
         meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
+        checked = world.gather(sync(check_input_share, job, topo), root=0)   # the run's own check
         backend = sync(make_backend, cfg.run.device, topo.local_rank)
+        fit = world.gather(sync(check_fit, job, topo, backend, meta.seq_len), root=0)    # the run's own check
         placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
         sync(_check_files, job, topo.is_dense)
         partial = on_rank0(world, _partial_state, job, meta, topo.roles, debug=job.debug)
         rows = world.gather(_rank_row(topo, backend, placement, meta.num_sequences), root=0)
         if rank == 0:
+            log(checked_input_line(meta, job, len(topo.dense_world_ranks), max(checked)))
+            if fit[0] is not None:
+                log("memory: " + min(fit, key=lambda f: f.headroom).text() + ": fits")
             log(format_layout(rows, meta, job, placement, partial))
         return {"rows": rows, "partial": partial} if rank == 0 else {}
     finally:

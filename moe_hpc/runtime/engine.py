@@ -283,7 +283,8 @@ class Engine:
         logits = None
         if self.cfg.run.logits:
             logits = matmul_bf16(out, self.globals["lm_head"], xp)
-            zero_rows(logits.reshape(s * L, -1), pad)
+            # by V, not -1: a rank holding no sequence in this chunk has s = 0
+            zero_rows(logits.reshape(s * L, self.cfg.model.vocab_size), pad)
         self.times.add("final_norm", t0)
         return out, logits
 

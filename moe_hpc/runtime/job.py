@@ -7,13 +7,16 @@ for the largest block, so the collectives of a chunk match on all ranks.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..config.errors import InputError
 from ..config.run_config import Config
+from ..device.backend import free_memory_bytes
 from ..files.atomic import check_output
 from ..files.batches import open_input
 from ..files.lock import lock_path_for
@@ -35,6 +38,9 @@ class Job:
     stop: StopRequest | None = None   # signals noted by the CLI; None: never stop early
     trace: Path | None = None         # also record a routing trace here (``--trace``)
     summary: Path | None = None       # the CLI also writes the JSON summary here (``--summary``)
+    # planner.fit.check_memory, handed in by the CLI (the runtime may not import the planner):
+    # (cfg, world size, rank in its replica, world rank, seq_len, free bytes | None) -> MemoryFit
+    memory_check: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class InputMeta:
     num_sequences: int
     seq_len: int
     chunk_tokens: tuple[int, ...]     # [chunks] valid tokens per chunk, summed over dense ranks
+    kind: str = "hidden"              # the input's dataset: hidden | tokens
 
 
 def sequence_range(dense_index: int, num_dense: int, num_sequences: int) -> tuple[int, int]:
@@ -91,10 +98,56 @@ def check_setup(job: Job, num_dense: int) -> InputMeta:
     try:
         if cfg.run.logprobs and batch.kind != "tokens":
             raise InputError(f"{job.input}: run.logprobs needs token inputs (/tokens), this file has /{batch.kind}")
+        if not cfg.run.allow_long_sequences:
+            batch.check_positions(cfg.model.max_position_embeddings)
         return InputMeta(batch.num_sequences, batch.seq_len,
-                         chunk_tokens(batch.lengths, num_dense, cfg.run.chunk_sequences))
+                         chunk_tokens(batch.lengths, num_dense, cfg.run.chunk_sequences), batch.kind)
     finally:
         batch.close()
 
 
-__all__ = ["Job", "InputMeta", "sequence_range", "num_chunks", "chunk_slice", "chunk_tokens", "check_outputs", "check_setup"]
+def check_input_values(job: Job, part: int, parts: int) -> float:
+    """Part ``part`` of ``parts`` of the input's sequences holds no bad value (a token out of
+    range, NaN/Inf at a valid position), read block by block: run by every dense rank before
+    any weight is loaded, so a bad value near the end cannot cost the work before it.
+    Returns the seconds it took."""
+    t0 = time.perf_counter()
+    m = job.cfg.model
+    batch = open_input(job.input, m.hidden_size, m.vocab_size)
+    try:
+        batch.check_values(*sequence_range(part, parts, batch.num_sequences), m.hidden_size, m.vocab_size)
+    finally:
+        batch.close()
+    return time.perf_counter() - t0
+
+
+def check_input_share(job: Job, topo) -> float:
+    """``check_input_values`` on this rank's share, the input split over every dense rank
+    (expert-only ranks may not see the input): the seconds it took, 0 on expert-only ranks."""
+    if not topo.is_dense:
+        return 0.0
+    dense = topo.dense_world_ranks
+    return check_input_values(job, dense.index(topo.rank), len(dense))
+
+
+def check_fit(job: Job, topo, backend, seq_len: int):
+    """This rank's planned memory against its device's free memory (``Job.memory_check``), before
+    any weight is loaded: a MemoryFit, or None when the job has no check."""
+    if job.memory_check is None:
+        return None
+    return job.memory_check(job.cfg, topo.size, topo.group_rank, topo.rank, seq_len, free_memory_bytes(backend))
+
+
+def checked_input_line(meta: InputMeta, job: Job, dense: int, seconds: float) -> str:
+    """The dry run's line saying what ``check_input_values`` made sure of."""
+    m = job.cfg.model
+    limit = m.max_position_embeddings if not job.cfg.run.allow_long_sequences else 0
+    return (f"input: all {meta.num_sequences} sequences checked before any compute by {dense} dense rank(s) in "
+            f"{seconds:.2f} s: lengths in [0, L = {meta.seq_len}]"
+            + (f" and <= max_position_embeddings = {limit}" if limit else "")
+            + ", at every valid position " + (f"tokens in [0, vocab_size = {m.vocab_size})" if meta.kind == "tokens"
+                                              else "hidden values finite (no NaN or Inf)"))
+
+
+__all__ = ["Job", "InputMeta", "sequence_range", "num_chunks", "chunk_slice", "chunk_tokens", "check_outputs", "check_setup",
+           "check_input_values", "check_input_share", "checked_input_line", "check_fit"]

@@ -32,7 +32,7 @@ from ..moe.balance import REPORT_WINDOW, Balancer
 from ..placement.file import make_placement
 from ..placement.traces import TraceRecorder, write_trace
 from .engine import Engine
-from .job import InputMeta, Job, check_setup, chunk_slice, sequence_range
+from .job import InputMeta, Job, check_fit, check_input_share, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
 from .resume import (Progress, discard_partial, fingerprint, kept_for_resume, progress_path_for, resume_point,
                      save_progress)
@@ -94,7 +94,7 @@ def run_job(comm, job: Job, log=_log) -> dict:
         meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
         lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
         threads = limit_blas_threads(*ranks_sharing_cores(topo.node))
-        engine = _prepare(topo, job)
+        engine = _prepare(topo, job, meta)
         _attach(engine, job, engine.placement, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
@@ -114,11 +114,13 @@ def run_job(comm, job: Job, log=_log) -> dict:
         topo.free()
 
 
-def _prepare(topo, job: Job) -> Engine:
+def _prepare(topo, job: Job, meta: InputMeta) -> Engine:
     """Pick the device, place and load the experts."""
     cfg, world = job.cfg, topo.world
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
+    sync(check_input_share, job, topo)       # every value, before any weight is loaded
     backend = sync(make_backend, cfg.run.device, topo.local_rank)
+    sync(check_fit, job, topo, backend, meta.seq_len)      # refuse a model too large before loading it
     placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
     engine = Engine(cfg, topo, backend, placement)
     sync(_load, engine, job)

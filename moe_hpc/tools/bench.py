@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from ..comm.exchange import expert_slots, peer_major, slot_capacity
+from ..comm.failure import collective
 from ..comm.topology import build_topology
 from ..config.errors import ConfigError
 from ..config.run_config import load_config
-from ..device.backend import make_backend
+from ..device.backend import free_memory_bytes, make_backend
 from ..device.datasheet import HOPPER_BF16_TFLOPS, datasheet_for
 from ..device.dtypes import BF16
 from ..files.atomic import write_text_atomic
@@ -42,6 +43,7 @@ from ..files.checkpoint import DenseLayer, Expert
 from ..model.flops import model_flops
 from ..moe.expert_tp import tensor_parallel_experts
 from ..placement.file import make_placement
+from ..planner.fit import check_memory, with_chunk
 from ..runtime.engine import Engine
 from .dense_bench import dense_figures
 from .plain_ep import PlainEpLayer
@@ -324,6 +326,13 @@ def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
             "dense": dense_figures(engine, S, L, timer, cp)}
 
 
+def _shrunk(args, overrides: list[str]):
+    """The config of the whole-model bench: the preset cut to ``--model-layers`` blocks."""
+    m = load_config(args.config, overrides).model
+    return load_config(args.config, overrides + [f"model.num_layers={args.model_layers}",
+                                                 f"model.first_dense_layers={min(m.first_dense_layers, args.model_layers - 1)}"])
+
+
 def run_bench(comm, args, log=print) -> dict:
     overrides = ["run.device=gpu", f"run.transport={args.transport}",
                  f"parallel.expert_tp={args.expert_tp}", f"parallel.dp={args.dp}",
@@ -335,6 +344,10 @@ def run_bench(comm, args, log=print) -> dict:
                           "moe-hpc run (docs/models.md)")
     topo = build_topology(comm, cfg)
     backend = make_backend("gpu", topo.local_rank)
+    shrunk = _shrunk(args, overrides) if args.model_layers else None
+    if shrunk is not None:           # the whole model must fit: refuse it now, not after minutes of filling
+        collective(topo.world, check_memory, with_chunk(shrunk, args.sequences), topo.size, topo.group_rank,
+                   topo.rank, args.seq_len, free_memory_bytes(backend))
     cp = backend.xp
     timer = Timer(cp, topo.world, args.warmup, args.iters)
     engine = Engine(cfg, topo, backend, make_placement(cfg.model, topo.num_expert_slots, "shared"))
@@ -342,10 +355,7 @@ def run_bench(comm, args, log=print) -> dict:
               "transport": engine.exchange.transport_name, "config": args.config, "sets": list(args.set or []),
               "layer": bench_layer(engine, args, timer, cp)}
     engine.close()
-    if args.model_layers:
-        m = cfg.model
-        shrunk = load_config(args.config, overrides + [f"model.num_layers={args.model_layers}",
-                                                       f"model.first_dense_layers={min(m.first_dense_layers, args.model_layers - 1)}"])
+    if shrunk is not None:
         cp.get_default_memory_pool().free_all_blocks()
         engine = Engine(shrunk, topo, backend, make_placement(shrunk.model, topo.num_expert_slots, "shared"))
         result["model"] = bench_model(engine, args, timer, cp)
