@@ -30,10 +30,10 @@ CASES = {
     # 2 dense TP groups of 2, experts split in TP pairs: group 0 ([0,1)) is empty in chunk 2
     "mixtral-dense_tp-expert_tp": ("mixtral", [0, 1, 2], 4, ["parallel.dense_tp=2", "parallel.expert_tp=2",
                                                          "run.chunk_sequences=1"]),
-    # 2 pipelines of 2 stages, 2 waves: pipeline 0 ([0,1)) is empty in chunk 2, and a chunk of
-    # one sequence leaves one wave empty in every chunk
-    "qwen3_moe-stages-waves": ("qwen3_moe", [0, 1, 2], 4, ["parallel.dense_stages=2", "run.pipeline_waves=2",
-                                                          "run.chunk_sequences=1"]),
+    # 2 pipelines of 2 stages, 2 waves, 2-sequence chunks of 5 sequences: chunk 2 holds one
+    # sequence, so pipeline 0 runs one wave empty and pipeline 1 holds nothing
+    "qwen3_moe-stages-waves": ("qwen3_moe", [0, 1, 2, 0, 1], 4, ["parallel.dense_stages=2", "run.pipeline_waves=2",
+                                                                "run.chunk_sequences=2"]),
     # 2 data-parallel replicas of 1 dense + 1 expert rank: replica 0 ([0,1)) is empty in chunk 2
     "qwen2_moe-dp-split-roles": ("qwen2_moe", [0, 1, 2], 4, ["parallel.dp=2", "parallel.dense_ranks=1",
                                                             "run.chunk_sequences=1"]),

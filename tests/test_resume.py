@@ -43,7 +43,8 @@ def interrupt(args, ranks: int, output, signum) -> subprocess.CompletedProcess:
     (signal.SIGUSR1, 2, ()),
     (signal.SIGTERM, 3, ("--set", "parallel.dense_ranks=1")),
     (signal.SIGTERM, 4, ("--set", "parallel.dense_ranks=2", "--set", "parallel.dense_tp=2")),
-    (signal.SIGUSR1, 4, ("--set", "parallel.dense_stages=2", "--set", "run.pipeline_waves=2")),
+    (signal.SIGUSR1, 4, ("--set", "parallel.dense_stages=2", "--set", "run.pipeline_waves=2",
+                         "--set", "run.chunk_sequences=2")),     # a wave holds at least one sequence
     (signal.SIGTERM, 4, ("--set", "parallel.dense_tp=2", "--set", "parallel.dense_stages=2")),
     (signal.SIGTERM, 4, ("--set", "parallel.dense_ranks=2", "--set", "parallel.dense_stages=2",
                          "--set", "parallel.expert_tp=2")),
