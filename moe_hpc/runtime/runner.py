@@ -27,6 +27,7 @@ from ..files.checkpoint import Checkpoint
 from ..moe.balance import REPORT_WINDOW, Balancer
 from ..placement.file import make_placement
 from ..placement.traces import TraceRecorder, write_trace
+from .assemble import assemble, load_weights, wire
 from .engine import Engine
 from .job import InputMeta, Job, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
@@ -54,19 +55,17 @@ def _open_output(job: Job, meta: InputMeta, roles: RoleLayout):
     return layout, progress
 
 
-def _attach(engine: Engine, job: Job, placement, log) -> None:
-    """The optional passengers of a run: the load balancer and the trace recorder."""
+def _passengers(job: Job, topo, backend, placement, log) -> dict:
+    """The optional passengers of a run, for the MoE layer: the load balancer and the trace recorder."""
     run = job.cfg.run
-    if run.balance:
-        engine.router.balancer = Balancer(placement, job.cfg.model.top_k, run.balance_threshold, run.balance_gamma,
-                                   engine.topo.world, engine.backend.to_host, engine.xp, log)
-    if job.trace is not None:
-        engine.router.trace = TraceRecorder(job.cfg.model)
+    balancer = Balancer(placement, job.cfg.model.top_k, run.balance_threshold, run.balance_gamma, topo.world,
+                        backend.to_host, backend.xp, log) if run.balance else None
+    return {"balancer": balancer, "trace": TraceRecorder(job.cfg.model) if job.trace is not None else None}
 
 
-def _load(engine: Engine, job: Job) -> None:
+def _load(job: Job, topo, placement, backend, wiring):
     with Checkpoint(job.weights, job.cfg.model) as ckpt:
-        engine.load(ckpt)
+        return load_weights(job.cfg, topo, placement, backend, wiring, ckpt)
 
 
 def _log(text: str) -> None:
@@ -86,8 +85,7 @@ def run_job(comm, job: Job, log=_log) -> dict:
     topo = build_topology(comm, job.cfg)
     world, owned = topo.world, False
     try:
-        engine, meta = _prepare(topo, job)
-        _attach(engine, job, engine.placement, log if topo.rank == 0 else (lambda text: None))
+        engine, meta = _prepare(topo, job, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
         owned = True
@@ -104,16 +102,17 @@ def run_job(comm, job: Job, log=_log) -> dict:
         topo.free()
 
 
-def _prepare(topo, job: Job) -> tuple[Engine, InputMeta]:
+def _prepare(topo, job: Job, log) -> tuple[Engine, InputMeta]:
     """Check the output path and input (rank 0), pick the device, place and load the experts."""
     cfg, world = job.cfg, topo.world
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
     meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
     backend = sync(make_backend, cfg.run.device, topo.local_rank)
     placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
-    engine = Engine(cfg, topo, backend, placement)
-    sync(_load, engine, job)
-    return engine, meta
+    wiring = wire(cfg, topo, backend)
+    weights = sync(_load, job, topo, placement, backend, wiring)
+    return assemble(cfg, topo, backend, placement, wiring, weights,
+                    **_passengers(job, topo, backend, placement, log)), meta
 
 
 def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress) -> None:
@@ -133,8 +132,8 @@ def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats
     """Finalize the output (stats, provenance, rename) and return rank 0's summary."""
     topo, world = engine.topo, engine.topo.world
     times = world.gather(dict(engine.times.seconds), root=0)
-    idle = world.gather(engine.expert_idle_fraction() if topo.is_expert else None, root=0)
-    router = engine.router
+    idle = world.gather(engine.moe.idle_fraction if topo.is_expert else None, root=0)
+    router = engine.moe.router
     trace = router.trace.gather(world, topo.dense_world_ranks) if router.trace else None
     engine.close()
     wall = time.perf_counter() - t_start
@@ -197,16 +196,16 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
     stop = job.stop or StopRequest()
     reporter = ProgressLog(meta.chunk_tokens, progress.chunks_done, job.progress, job.progress_every) \
         if topo.rank == 0 else None
-    base, counts = progress.expert_tokens, np.zeros_like(engine.router.expert_tokens)
-    with _DenseIO(engine, job, meta, layout) as dense_io:
+    base, counts = progress.expert_tokens, np.zeros_like(engine.moe.router.expert_tokens)
+    with _RankChunks(engine, job, meta, layout) as rank_chunks:
         for c in range(progress.chunks_done, chunks):
             signum = stop.agreed(world)      # every rank sees the same answer: all stop here
             if signum:
                 raise Interrupted(f"stopped by {signal_name(signum)} after chunk {c} of {chunks}; "
                                   f"progress is in {progress_path_for(job.output)}: rerun the same "
                                   "command to resume")
-            dense_io.chunk(c)
-            world.Reduce(engine.router.expert_tokens, counts, root=0)
+            rank_chunks.chunk(c)
+            world.Reduce(engine.moe.router.expert_tokens, counts, root=0)
             engine.times.chunk_ends.append(time.perf_counter())
             if topo.rank == 0:
                 progress = dataclasses.replace(progress, chunks_done=c + 1,
@@ -217,7 +216,7 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
     return progress.expert_tokens if topo.rank == 0 else counts
 
 
-class _DenseIO:
+class _RankChunks:
     """One rank's part of a chunk: a dense rank reads, computes and writes its sequences; an
     expert-only rank serves the chunk's MoE blocks. Opens the input and output on enter."""
 
@@ -227,7 +226,7 @@ class _DenseIO:
         self.layout, self.meta = layout, meta
         self.batch = self.writer = None
 
-    def __enter__(self) -> "_DenseIO":
+    def __enter__(self) -> "_RankChunks":
         topo, m = self.engine.topo, self.job.cfg.model
         if not topo.is_dense:
             self.sync(lambda: None)
