@@ -175,5 +175,5 @@ def slot_rows(rows, experts, padding: float):
     return int(out) if out.ndim == 0 else out
 
 
-__all__ = ["Exchange", "Handle", "RowLayout", "peer_major", "expert_slots", "slot_capacity",
+__all__ = ["Exchange", "Handle", "RowLayout", "peer_major", "slot_major", "slot_capacity",
            "slot_rows", "displacements", "SLOT_ROUND"]

@@ -100,7 +100,7 @@ def activation_bytes(m: ModelConfig, w: Workload, attention_block: int, dense_tp
 
 
 def token_buffer_bytes(m: ModelConfig, w: Workload, send_rows: int, recv_extent: int, tp: int = 1) -> int:
-    """The Exchange's buffers (moe/block.py): two slots per direction (one when a single
+    """The Exchange's buffers (moe/layer.py): two slots per direction (one when a single
     micro-batch), [rows, H] bf16 each, plus one [extent, F] hidden buffer for the expert GEMMs.
 
     send_rows: rows a dense rank routes per micro-batch (T_mb * k); recv_extent: slot-padded
