@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..device.backend import matmul_bf16, words
-from ..device.dtypes import BF16
 from ..device.kernels import add_rmsnorm, take_rows
 from .attention import attention
 from .layers import mlp, token_logprobs

@@ -43,7 +43,6 @@ class Wiring:
 def wire(cfg, topo, backend) -> Wiring:
     """Collective over the world (the attention choice is agreed on by every rank)."""
     m = cfg.model
-    set_expert_gemm_carveout(cfg.run.expert_gemm_carveout if topo.exchange.Get_size() > 1 else 0, backend.xp)
     transport = make_transport(cfg.run.transport, topo.exchange, m.hidden_size, backend, cfg.run.cuda_aware_mpi)
     exchange = Exchange(topo.exchange, m.hidden_size, backend, transport)
     tp_group = None if topo.tp is None else make_group(topo.tp, backend)
@@ -52,6 +51,7 @@ def wire(cfg, topo, backend) -> Wiring:
     # (run.attention = cudnn without cuDNN fails on the dense ranks alone: everyone must stop)
     flash, core = collective(topo.world, lambda: choose_attention(cfg.run.attention, backend, topo.rank == 0)
                              if topo.is_dense else (None, "tiles"))
+    set_expert_gemm_carveout(cfg.run.expert_gemm_carveout if topo.exchange.Get_size() > 1 else 0, backend.xp)
     return Wiring(exchange, tp_group, dense_group, flash, core)
 
 

@@ -58,9 +58,10 @@ def _open_output(job: Job, meta: InputMeta, roles: RoleLayout):
 def _passengers(job: Job, topo, backend, placement, log) -> dict:
     """The optional passengers of a run, for the MoE layer: the load balancer and the trace recorder."""
     run = job.cfg.run
+    trace = TraceRecorder(job.cfg.model) if job.trace is not None else None
     balancer = Balancer(placement, job.cfg.model.top_k, run.balance_threshold, run.balance_gamma, topo.world,
                         backend.to_host, backend.xp, log) if run.balance else None
-    return {"balancer": balancer, "trace": TraceRecorder(job.cfg.model) if job.trace is not None else None}
+    return {"balancer": balancer, "trace": trace}
 
 
 def _load(job: Job, topo, placement, backend, wiring):

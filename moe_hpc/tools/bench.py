@@ -155,51 +155,16 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     ids = cp.asarray(engine.topo.rank * T + np.arange(T))
     moe = engine.moe
     t_layer = timer(lambda: moe([(layer, m, ids)]))
-    ex, experts = moe.exchange, moe.experts
     layouts, sends = moe.last_layout.receives, moe.last_layout.sends
     rows = [_random(cp, (lay.extent, H), 1.0) for lay in layouts]
     outs = [cp.empty_like(r) for r in rows]
-    if moe.tp is None:
-        t_experts = timer(lambda: [experts.forward(r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
-    else:       # partners compute on the leader's rows: time the whole TP step on every member
-        t_experts = timer(lambda: [tensor_parallel_experts(moe.tp, moe.tp_group, engine.backend, experts, r, lay, o,
-                                                           ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
-
-    some = experts.experts[0]                        # every expert has the same shapes
-
-    def plain_gemms():
-        """One plain cuBLAS product pair per expert over exactly its rows (no padding)."""
-        for lay, r in zip(layouts, rows):
-            for s, n in enumerate(lay.counts.sum(axis=0).tolist()):
-                if n:
-                    base = int(lay.offsets[0, s])
-                    cp.matmul(cp.matmul(r[base:base + n], some.w1), some.w2)
-    t_cublas = timer(plain_gemms)
-    send_bufs = [_random(cp, (s.rows, H), 1.0) for s in sends]
-    routes = ex.prepare(list(zip(sends, layouts)))       # as the layer does, once per step
-
-    def exchange_alone():
-        for sl, sb, rl, rb, ob, route in zip(sends, send_bufs, layouts, rows, outs, routes):
-            ex.post(sb, sl, rb, rl, route).wait()
-            ex.post(ob, rl, sb, sl, route).wait()
-    t_exchange = timer(exchange_alone)
-    me = engine.topo.exchange.Get_rank()
-    moved = int(sum(s.rows - s.per_peer[me] for s in sends)) * H * 2 * 2        # both directions
-    per_peer = sum(s.per_peer for s in sends)
-    flat_send = peer_major(per_peer[:, None])
-    flat_recv = peer_major(sum(r.per_peer for r in layouts)[:, None])
-    big_send = _random(cp, (flat_send.rows, H), 1.0)
-    big_recv = cp.empty((flat_recv.rows, H), BF16)
-
-    def a2a():
-        ex.post(big_send, flat_send, big_recv, flat_recv).wait()
-        ex.post(big_recv, flat_recv, big_send, flat_send).wait()
-    t_a2a = timer(a2a)
+    t_experts, t_cublas = _expert_times(engine, layouts, rows, outs, timer, cp)
+    t_exchange, t_a2a, moved = _exchange_times(engine, sends, layouts, rows, outs, timer, cp)
     phases = _local_phases(engine, layer, m, ids, timer, cp)
     timeline = layer_timeline(engine, layer, m, ids, cp) if isinstance(moe.hook, StepTimeline) else None
     t_plain = None                              # the plain layer has no tensor parallelism
     if moe.tp is None:
-        plain = PlainEpLayer(engine.topo.exchange, cp, moe.tables, experts, moe.gates[layer].gate, cfg.top_k,
+        plain = PlainEpLayer(engine.topo.exchange, cp, moe.tables, moe.experts, moe.gates[layer].gate, cfg.top_k,
                              cfg.normalize_topk, (layer - cfg.first_dense_layers) * cfg.num_experts)
         t_plain = timer(lambda: plain(m))
         plain.close()
@@ -229,6 +194,53 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
         "local_phases_ms": phases,
         **({"timeline_rank0": timeline} if timeline is not None else {}),
     }
+
+
+def _expert_times(engine: Engine, layouts, rows, outs, timer: Timer, cp) -> tuple[float, float]:
+    """The layer's expert step over the received layouts alone, and its cuBLAS ceiling."""
+    moe = engine.moe
+    if moe.tp is None:
+        t_experts = timer(lambda: [experts.forward(r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
+    else:       # partners compute on the leader's rows: time the whole TP step on every member
+        t_experts = timer(lambda: [tensor_parallel_experts(moe.tp, moe.tp_group, engine.backend, experts, r, lay, o,
+                                                           ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
+
+    some = experts.experts[0]                        # every expert has the same shapes
+
+    def plain_gemms():
+        """One plain cuBLAS product pair per expert over exactly its rows (no padding)."""
+        for lay, r in zip(layouts, rows):
+            for s, n in enumerate(lay.counts.sum(axis=0).tolist()):
+                if n:
+                    base = int(lay.offsets[0, s])
+                    cp.matmul(cp.matmul(r[base:base + n], some.w1), some.w2)
+    return t_experts, timer(plain_gemms)
+
+
+def _exchange_times(engine: Engine, sends, layouts, rows, outs, timer: Timer, cp) -> tuple[float, float, int]:
+    """Dispatch + combine of the layer's rows alone, one plain all-to-all of the same bytes, and
+    the bytes this rank moved (both directions)."""
+    ex, H = engine.moe.exchange, engine.cfg.model.hidden_size
+    send_bufs = [_random(cp, (s.rows, H), 1.0) for s in sends]
+    routes = ex.prepare(list(zip(sends, layouts)))       # as the layer does, once per step
+
+    def exchange_alone():
+        for sl, sb, rl, rb, ob, route in zip(sends, send_bufs, layouts, rows, outs, routes):
+            ex.post(sb, sl, rb, rl, route).wait()
+            ex.post(ob, rl, sb, sl, route).wait()
+    t_exchange = timer(exchange_alone)
+    me = engine.topo.exchange.Get_rank()
+    moved = int(sum(s.rows - s.per_peer[me] for s in sends)) * H * 2 * 2        # both directions
+    per_peer = sum(s.per_peer for s in sends)
+    flat_send = peer_major(per_peer[:, None])
+    flat_recv = peer_major(sum(r.per_peer for r in layouts)[:, None])
+    big_send = _random(cp, (flat_send.rows, H), 1.0)
+    big_recv = cp.empty((flat_recv.rows, H), BF16)
+
+    def a2a():
+        ex.post(big_send, flat_send, big_recv, flat_recv).wait()
+        ex.post(big_recv, flat_recv, big_send, flat_send).wait()
+    return t_exchange, timer(a2a), moved
 
 
 class StepTimeline:
