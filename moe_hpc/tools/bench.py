@@ -199,6 +199,7 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
 def _expert_times(engine: Engine, layouts, rows, outs, timer: Timer, cp) -> tuple[float, float]:
     """The layer's expert step over the received layouts alone, and its cuBLAS ceiling."""
     moe = engine.moe
+    ex, experts = moe.exchange, moe.experts
     if moe.tp is None:
         t_experts = timer(lambda: [experts.forward(r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
     else:       # partners compute on the leader's rows: time the whole TP step on every member
