@@ -33,13 +33,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"moe-hpc {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="verb", required=True)
+    _init_weights_parser(sub)
+    _make_inputs_parser(sub)
+    _run_parser(sub)
+    _bench_parser(sub)
+    _scaling_report_parser(sub)
+    _make_trace_parser(sub)
+    _place_parser(sub)
+    _plan_parser(sub)
+    _import_hf_parser(sub)
+    _demo_parser(sub)
+    return p
 
+
+def _init_weights_parser(sub) -> None:
     w = sub.add_parser("init-weights", help="write a synthetic checkpoint")
     w.add_argument("config")
     w.add_argument("-o", "--output", required=True)
     w.add_argument("--seed", type=int, default=0)
     _common(w)
 
+
+def _make_inputs_parser(sub) -> None:
     i = sub.add_parser("make-inputs", help="write a synthetic input batch")
     i.add_argument("config")
     i.add_argument("-o", "--output", required=True)
@@ -49,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--ragged", action="store_true", help="also write /lengths (random in [1, L])")
     _common(i)
 
+
+def _run_parser(sub) -> None:
     r = sub.add_parser("run", help="run inference (under mpiexec/srun, or as one process)")
     r.add_argument("config")
     r.add_argument("--weights", required=True)
@@ -66,11 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", help="also record a routing trace (HDF5) here")
     _common(r)
 
+
+def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="time one MoE layer and the shrunk model on GPUs, with ceilings")
     from .tools.bench import add_arguments
     add_arguments(b)
     b.add_argument("--debug", action="store_true", help="show tracebacks")
 
+
+def _scaling_report_parser(sub) -> None:
     s = sub.add_parser("scaling-report", help="table and PNG plot of a scaling study's run summaries")
     s.add_argument("results", help="folder of *.json run summaries (jobs/scaling_study.sh writes them)")
     s.add_argument("--table", metavar="PATH", help="write the Markdown table here (default: stdout)")
@@ -78,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--title", default="moe_hpc scaling", help="plot title")
     s.add_argument("--debug", action="store_true", help="show tracebacks")
 
+
+def _make_trace_parser(sub) -> None:
     t = sub.add_parser("make-trace", help="write a synthetic routing trace (skew, clusters, drift)")
     t.add_argument("config")
     t.add_argument("--cluster", required=True, help="cluster TOML (its GPU count is the world size)")
@@ -88,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"(default {value})")
     _common(t)
 
+
+def _place_parser(sub) -> None:
     pl = sub.add_parser("place", help="plan expert placement from a trace; compare formula, greedy, optimised")
     pl.add_argument("config")
     pl.add_argument("--cluster", required=True, help="cluster TOML")
@@ -101,10 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the report as JSON too")
     _common(pl)
 
+
+def _plan_parser(sub) -> None:
     pn = sub.add_parser("plan", help="plan a deployment: layout, memory, time, DAGs (no GPU, no MPI run)")
     from .planner.report import add_arguments as add_plan_arguments
     add_plan_arguments(pn)
 
+
+def _import_hf_parser(sub) -> None:
     h = sub.add_parser("import-hf", help="convert a Hugging Face checkpoint directory to a run config + HDF5 weights")
     h.add_argument("folder", help="directory with config.json and *.safetensors")
     h.add_argument("--config", required=True, help="run config (TOML) to write: its [model] table")
@@ -112,10 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     h.add_argument("--debug", action="store_true", help="show tracebacks")
 
+
+def _demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="make tiny weights and inputs if missing, run, check vs reference")
     d.add_argument("--dir", default="demo", help="where the demo files go (default: ./demo)")
     _common(d)
-    return p
 
 
 def _common(p: argparse.ArgumentParser) -> None:

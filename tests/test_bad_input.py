@@ -503,7 +503,6 @@ def test_hf_config_json_bad_field_names_file_and_key(key, value, needle, tmp_pat
 # works on copies in tmp_path: on the code before these checks it destroys what it names.
 
 import errno
-import json
 import signal
 import socket
 import subprocess

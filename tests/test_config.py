@@ -116,12 +116,13 @@ def test_dense_tp_shards_heads_kv_heads_and_columns():
     assert sorted(h for r in range(4) for h in head_range(m, 4, r)) == list(range(8))
     lm = local_model(m, 4)
     assert (lm.num_heads, lm.kv_heads, lm.dense_ffn_hidden_size) == (2, 1, 3)
-    from moe_hpc.files.checkpoint import DenseLayer
+    from moe_hpc.model.weights import AttentionWeights, BlockWeights, MlpWeights
     z = np.zeros
-    layer = DenseLayer(attn_norm=z(16), wq=z((16, 32)), wk=z((16, 8)), wv=z((16, 8)), wo=z((32, 16)), mlp_norm=z(16),
-                       w1=z((16, 12)), b1=z(12), w2=z((12, 16)))
+    layer = BlockWeights(AttentionWeights(attn_norm=z(16), wq=z((16, 32)), wk=z((16, 8)), wv=z((16, 8)),
+                                          wo=z((32, 16)), mlp_norm=z(16)), MlpWeights(z((16, 12)), z(12), z((12, 16)), None))
     s = shard_dense_layer(layer, m, 4, 3)
-    assert (s.wq.shape, s.wk.shape, s.wo.shape, s.w1.shape, s.b1.shape, s.w2.shape) == \
+    a, f = s.attention, s.mlp
+    assert (a.wq.shape, a.wk.shape, a.wo.shape, f.w1.shape, f.b1.shape, f.w2.shape) == \
         ((16, 8), (16, 4), (8, 16), (16, 3), (3,), (3, 16))
 
 

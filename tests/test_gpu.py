@@ -263,17 +263,17 @@ def test_cudnn_attention_matches_numpy(S, L, nh, nkv, D):
     """The fused path (QKV GEMM, RoPE kernel, cuDNN SDPA) against the tiled NumPy attention:
     MHA and GQA, head sizes 64 and 128, lengths that are not a multiple of any tile."""
     from moe_hpc.config.run_config import build_config
-    from moe_hpc.files.checkpoint import DenseLayer
+    from moe_hpc.model.weights import AttentionWeights
     from moe_hpc.model.attention import attention, fuse_qkv
     flash = _needs_cudnn()
     H = 256
     cfg = build_config({}, [f"model.hidden_size={H}", f"model.num_heads={nh}", f"model.num_kv_heads={nkv}",
                             f"model.head_dim={D}"]).model       # a real model config: every field the code reads
-    w = DenseLayer(attn_norm=None, mlp_norm=None, wq=bf((H, nh * D), H ** -0.5), wk=bf((H, nkv * D), H ** -0.5),
-                   wv=bf((H, nkv * D), H ** -0.5), wo=bf((nh * D, H), (nh * D) ** -0.5))
+    w = AttentionWeights(attn_norm=None, mlp_norm=None, wq=bf((H, nh * D), H ** -0.5), wk=bf((H, nkv * D), H ** -0.5),
+                         wv=bf((H, nkv * D), H ** -0.5), wo=bf((nh * D, H), (nh * D) ** -0.5))
     a = bf((S, L, H))
     want = attention(a, w, cfg, block=64)
-    dev_w = fuse_qkv(DenseLayer(**{k: None if v is None else cp.asarray(v) for k, v in vars(w).items()}), cp)
+    dev_w = fuse_qkv(AttentionWeights(**{k: None if v is None else cp.asarray(v) for k, v in vars(w).items()}), cp)
     calls = []
 
     class Counted:                        # the fused kernel must be what ran, not the tiled fallback

@@ -151,6 +151,16 @@ def test_engine_matches_transformers(family, layout, imported, tmp_path):
     assert summary["perplexity"] == pytest.approx(np.exp(-summary["mean_logprob"]), rel=1e-5)
 
 
+def test_logprob_time_is_its_own_phase(tmp_path):
+    """The next-token log-probs are timed as ``logprobs`` in the summary, not inside ``final_norm``."""
+    out, summary = tmp_path / "out.h5", tmp_path / "summary.json"
+    r = moe_hpc("run", fixture("mixtral"), "--weights", fixture("mixtral"), "--input", fixture("mixtral") / "reference.h5",
+                "--output", out, "--set", "run.logprobs=true", "--progress", "off", "--summary", summary)
+    assert r.returncode == 0, r.stderr
+    phases = json.loads(summary.read_text())["summary"]["phases_s"]
+    assert "logprobs" in phases and "final_norm" in phases
+
+
 # ---------------------------------------------------------------- broken checkpoints
 
 def broken_copy(family: str, tmp_path: Path, edit) -> Path:

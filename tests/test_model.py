@@ -4,15 +4,15 @@ import math
 import numpy as np
 import pytest
 
-from moe_hpc.comm.exchange import expert_slots, peer_major
+from moe_hpc.comm.exchange import peer_major, slot_major
 from moe_hpc.config.run_config import build_config
 from moe_hpc.device.dtypes import BF16
 from moe_hpc.device.kernels import activation
-from moe_hpc.files.checkpoint import DenseLayer
+from moe_hpc.model.weights import AttentionWeights
 from moe_hpc.model import reference as ref
 from moe_hpc.model.attention import attention
 from moe_hpc.model.layers import apply_rope, mlp, rmsnorm, rope_tables
-from moe_hpc.model.router import route
+from moe_hpc.model.gate import gate
 from moe_hpc.moe.dispatch import plan_dispatch, route_tables
 from moe_hpc.runtime.job import num_chunks, sequence_range
 
@@ -55,9 +55,9 @@ def test_rope_matches_spec_formula():
 
 
 def _attn_weights(H, nh, nkv, D):
-    return DenseLayer(attn_norm=None, mlp_norm=None, wq=bf((H, nh * D), H ** -0.5),
-                      wk=bf((H, nkv * D), H ** -0.5), wv=bf((H, nkv * D), H ** -0.5),
-                      wo=bf((nh * D, H), (nh * D) ** -0.5))
+    return AttentionWeights(attn_norm=None, mlp_norm=None, wq=bf((H, nh * D), H ** -0.5),
+                            wk=bf((H, nkv * D), H ** -0.5), wv=bf((H, nkv * D), H ** -0.5),
+                            wo=bf((nh * D, H), (nh * D) ** -0.5))
 
 
 @pytest.mark.parametrize("nkv", [4, 2, 1])
@@ -150,13 +150,13 @@ def test_mlp_with_bias():
 
 def test_router_bias_chooses_but_never_weights():
     m = bf((6, 64))
-    gate = bf((64, 8), 0.125)
-    plain = route(m, gate, None, 2, True)
+    weight = bf((64, 8), 0.125)
+    plain = gate(m, weight, None, 2, True)
     bias = np.zeros(8, np.float32)
     bias[5] = 10.0        # forces expert 5 into every token's choice
-    biased = route(m, gate, bias, 2, False)
+    biased = gate(m, weight, bias, 2, False)
     assert (biased.experts[:, 0] == 5).all()
-    logits = m.astype(np.float32) @ gate.astype(np.float32)
+    logits = m.astype(np.float32) @ weight.astype(np.float32)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(biased.weights[:, 0], p[:, 5], rtol=1e-6)
@@ -165,7 +165,7 @@ def test_router_bias_chooses_but_never_weights():
 
 def test_router_ties_pick_lower_index():
     m = np.zeros((1, 4), BF16)
-    r = route(m, np.zeros((4, 6), BF16), None, 2, True)
+    r = gate(m, np.zeros((4, 6), BF16), None, 2, True)
     assert r.experts.tolist() == [[0, 1]]
 
 
@@ -209,7 +209,7 @@ def test_route_tables_slots_follow_hosted_order():
 
 def test_layouts_and_scatter():
     counts = np.array([[2, 0, 1], [0, 3, 1]])     # [peer, slot]
-    pm, em = peer_major(counts), expert_slots(counts, np.arange(3), capacity=4)
+    pm, em = peer_major(counts), slot_major(counts, np.arange(3), capacity=4)
     assert pm.offsets.tolist() == [[0, 2, 2], [3, 3, 6]]
     assert em.offsets.tolist() == [[0, 4, 8], [2, 4, 9]] and em.extent == 12
     scatter = em.peer_major_scatter()
@@ -227,8 +227,8 @@ def test_sequence_split_covers_everything_once(S, D, C):
 
 
 def test_local_experts_compute_only_busy_slots():
-    from moe_hpc.comm.exchange import expert_slots, slot_capacity
-    from moe_hpc.files.checkpoint import Expert
+    from moe_hpc.comm.exchange import slot_capacity, slot_major
+    from moe_hpc.model.weights import Expert
     from moe_hpc.model.experts import LocalExperts
     H, F, S = 16, 32, 5
     local = LocalExperts("silu")
@@ -240,7 +240,7 @@ def test_local_experts_compute_only_busy_slots():
     counts = np.array([[0, 3, 0, 1, 2], [0, 1, 0, 0, 4]])      # [peers, slots]: slots 1, 3, 4 busy
     active = LocalExperts.active_slots(counts, S)
     assert active.tolist() == [-1, 0, -1, 1, 2]
-    layout = expert_slots(counts, active, slot_capacity(counts[:, active >= 0]))
+    layout = slot_major(counts, active, slot_capacity(counts[:, active >= 0]))
     assert layout.extent == 3 * 8                               # padding only for busy slots
     rows = bf((layout.extent, H))
     out = local.forward(rows, layout, np.zeros((layout.extent, H), BF16), lambda n, s, r, w: np.empty((r, w), BF16))
@@ -253,10 +253,10 @@ def test_local_experts_compute_only_busy_slots():
 def test_permute_blocks_and_peer_major_tables():
     """The exchange's block tables: moving peer-major rows into a slot layout and back is the
     identity, and a peer-major layout says so."""
-    from moe_hpc.comm.exchange import expert_slots, peer_major
+    from moe_hpc.comm.exchange import peer_major, slot_major
     from moe_hpc.device.kernels import permute_blocks
     counts = np.array([[2, 0, 1], [1, 3, 0]])          # 2 peers x 3 slots
-    pm, slots = peer_major(counts), expert_slots(counts, np.arange(3), capacity=4)
+    pm, slots = peer_major(counts), slot_major(counts, np.arange(3), capacity=4)
     assert pm.is_peer_major and not slots.is_peer_major
     rows = np.arange(7 * 4, dtype=np.uint16).reshape(7, 4).view(BF16)
     landed = np.zeros((slots.extent, 4), BF16)

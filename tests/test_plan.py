@@ -279,7 +279,7 @@ def test_pipeline_stages_split_the_dense_weights(tmp_path):
 
 
 def test_dense_weights_count_the_head_for_logprobs_and_a_tied_copy():
-    """engine.load reads lm_head for logits or log-probs; a tied head is a transposed copy of
+    """load_weights reads lm_head for logits or log-probs; a tied head is a transposed copy of
     embed on the last stage: both are memory the planner must count."""
     tied = build_config({"model": {"vocab_size": 100, "tie_embeddings": True}}, where="<t>").model
     H, V = tied.hidden_size, tied.vocab_size

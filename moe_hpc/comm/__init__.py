@@ -1,5 +1,5 @@
 """Ranks talking: the communicators (``Topology``, made once), the token exchange with its
 buffers and handles, its transports (MPI, staged MPI, NCCL), and collective error agreement.
 
-May import: device, config. Not files or model (siblings).
+May import: device, config. Not model (a sibling) or files (above).
 """

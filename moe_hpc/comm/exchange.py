@@ -76,7 +76,7 @@ def peer_major(counts: np.ndarray) -> RowLayout:
     return RowLayout(counts, displacements(counts.reshape(-1)).reshape(counts.shape), int(counts.sum()))
 
 
-def expert_slots(counts: np.ndarray, slot_of_expert: np.ndarray, capacity: int) -> RowLayout:
+def slot_major(counts: np.ndarray, slot_of_expert: np.ndarray, capacity: int) -> RowLayout:
     """Receiver's order for grouped GEMMs: local expert slot s owns rows [s*C, s*C + n_s), its
     sources one after another; the rest of each slot is padding that is computed, never sent.
 
@@ -175,5 +175,5 @@ def slot_rows(rows, experts, padding: float):
     return int(out) if out.ndim == 0 else out
 
 
-__all__ = ["Exchange", "Handle", "RowLayout", "peer_major", "expert_slots", "slot_capacity",
+__all__ = ["Exchange", "Handle", "RowLayout", "peer_major", "slot_major", "slot_capacity",
            "slot_rows", "displacements", "SLOT_ROUND"]

@@ -1,5 +1,6 @@
-"""HDF5 in and out: input batches, outputs written in place, checkpoints, the bf16 codec, and the
-one atomic-write helper every file this project writes goes through.
+"""HDF5 in and out: input batches, outputs written in place, checkpoints (read into
+``model.weights``' types), the bf16 codec, and the one atomic-write helper every file this
+project writes goes through.
 
-May import: device, config.
+May import: model, comm, device, config.
 """

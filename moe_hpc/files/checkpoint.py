@@ -5,7 +5,6 @@ weights; expert ranks the slices ``experts/w1[e]`` ... of the experts they host.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -14,6 +13,7 @@ import numpy as np
 from ..config.errors import ConfigError, InputError
 from ..config.run_config import ModelConfig, model_from_json
 from ..device.dtypes import BF16
+from ..model.weights import AttentionWeights, BlockWeights, Expert, GateWeights, MlpWeights, fuse_gate_up
 from .h5 import check_format, open_h5, read_float
 
 CHECKPOINT_FORMAT = "moe_hpc.checkpoint/1"
@@ -86,57 +86,6 @@ def global_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
         if not m.tie_embeddings:                 # tied: the head is embed transposed
             shapes["lm_head"] = (m.hidden_size, m.vocab_size)
     return shapes
-
-
-def fuse_gate_up(w1, w3):
-    """A gated MLP's gate [.., H, F] and up [.., H, F] projections side by side -> [.., H, 2F],
-    so one GEMM makes both halves (kernels: activation kind "gated-*")."""
-    return w1 if w3 is None else np.concatenate([w1, w3], axis=-1)
-
-
-@dataclass
-class DenseLayer:
-    """Weights of one block that a dense rank needs. Arrays bf16-valued (see Backend.weight_dtype).
-    Shapes as in ``layer_shapes``; a gated MLP's w1 is [gate | up] once the engine fused it."""
-    attn_norm: np.ndarray
-    wq: np.ndarray
-    wk: np.ndarray
-    wv: np.ndarray
-    wo: np.ndarray
-    mlp_norm: np.ndarray
-    wq_a: np.ndarray | None = None    # MLA (checkpoint._mla_shapes): q latent [H, Rq], its norm, [Rq, nh D]
-    q_a_norm: np.ndarray | None = None
-    wq_b: np.ndarray | None = None
-    wkv_a: np.ndarray | None = None   # MLA: [H, Rkv + rope] latent and shared RoPE key, its norm [Rkv]
-    kv_a_norm: np.ndarray | None = None
-    wkv_b: np.ndarray | None = None   # MLA: [Rkv, nh (nope + v)] each head's k_nope and v
-    bq: np.ndarray | None = None      # q/k/v biases (Qwen2-MoE)
-    bk: np.ndarray | None = None
-    bv: np.ndarray | None = None
-    q_norm: np.ndarray | None = None  # [D] per head or [nh*D] whole (model.qk_norm)
-    k_norm: np.ndarray | None = None
-    w1: np.ndarray | None = None      # dense MLP
-    b1: np.ndarray | None = None
-    w2: np.ndarray | None = None
-    b2: np.ndarray | None = None
-    w3: np.ndarray | None = None      # gated dense MLP's up projection, until fused into w1
-    gate: np.ndarray | None = None    # MoE gate [H, E]
-    gate_bias: np.ndarray | None = None   # [E] fp32 selection offsets (never weights)
-    expert_b2: np.ndarray | None = None   # [E, H] the experts' output biases, added at the combine
-    shared_w1: np.ndarray | None = None   # shared expert [H, Fs] (gate | up once fused), [Fs, H]
-    shared_w3: np.ndarray | None = None
-    shared_w2: np.ndarray | None = None
-    shared_gate: np.ndarray | None = None  # [H]: the shared expert is scaled by sigmoid(m . shared_gate)
-    wqkv: np.ndarray | None = None    # [H, (nh + 2 kv) D] wq|wk|wv fused (GPU flash path; see fuse_qkv)
-
-
-@dataclass
-class Expert:
-    """One expert MLP: w1 [H, F] ([H, 2F] gate | up when gated), b1 [F] | None, w2 [F, H], b2 [H] | None."""
-    w1: np.ndarray
-    b1: np.ndarray | None
-    w2: np.ndarray
-    b2: np.ndarray | None
 
 
 class H5Tensors:
@@ -240,22 +189,20 @@ class Checkpoint:
         array = array.astype(BF16, copy=False)           # the engine's weights are bf16 values
         return array if dtype is None else array.astype(dtype)
 
-    def read_dense_layer(self, layer: int, dtype) -> DenseLayer:
+    def read_dense_layer(self, layer: int, dtype) -> BlockWeights:
         shapes = layer_shapes(self.model, layer)
         get = lambda n: self._read(f"layers/{layer}/{n}", shapes[n], n in OPTIONAL, dtype=dtype) \
             if n in shapes else None
-        out = DenseLayer(**{n: get(n) for n in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "bq", "bk", "bv",
-                                                "q_norm", "k_norm", "wq_a", "q_a_norm", "wq_b", "wkv_a",
-                                                "kv_a_norm", "wkv_b")})
-        if self.model.is_moe(layer):
-            out.gate = get("gate")
-            # selection offsets keep their stored precision (DeepSeek-V3's correction bias is fp32)
-            out.gate_bias = self._read(f"layers/{layer}/gate_bias", shapes["gate_bias"], True, keep=True)
-            out.shared_w1, out.shared_w3, out.shared_w2 = get("shared/w1"), get("shared/w3"), get("shared/w2")
-            out.shared_gate = get("shared_gate")
-        else:
-            out.w1, out.b1, out.w2, out.b2, out.w3 = get("w1"), get("b1"), get("w2"), get("b2"), get("w3")
-        return out
+        attention = AttentionWeights(**{n: get(n) for n in (
+            "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "bq", "bk", "bv", "q_norm", "k_norm", "wq_a", "q_a_norm",
+            "wq_b", "wkv_a", "kv_a_norm", "wkv_b")})
+        if not self.model.is_moe(layer):
+            return BlockWeights(attention, mlp=MlpWeights(get("w1"), get("b1"), get("w2"), get("b2"), get("w3")))
+        gate = get("gate")
+        # selection offsets keep their stored precision (DeepSeek-V3's correction bias is fp32)
+        gate_bias = self._read(f"layers/{layer}/gate_bias", shapes["gate_bias"], True, keep=True)
+        return BlockWeights(attention, gate=GateWeights(gate, gate_bias, get("shared/w1"), get("shared/w3"),
+                                                        get("shared/w2"), get("shared_gate")))
 
     def read_expert(self, layer: int, expert: int, dtype, shard: int = 0, shards: int = 1) -> Expert:
         """One expert, or its ``shard``-th of ``shards`` tensor-parallel pieces: w1 (and w3) and
@@ -294,5 +241,5 @@ def check_models_match(stored: ModelConfig, model: ModelConfig, where: str) -> N
                              f"the run config has {ours!r}")
 
 
-__all__ = ["Checkpoint", "DenseLayer", "Expert", "H5Tensors", "open_tensors", "layer_shapes", "global_shapes",
-           "check_models_match", "fuse_gate_up", "CHECKPOINT_FORMAT", "OPTIONAL"]
+__all__ = ["Checkpoint", "H5Tensors", "open_tensors", "layer_shapes", "global_shapes", "check_models_match",
+           "CHECKPOINT_FORMAT", "OPTIONAL"]

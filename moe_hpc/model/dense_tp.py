@@ -34,10 +34,21 @@ def local_model(m: ModelConfig, tp: int) -> ModelConfig:
                                dense_ffn_hidden_size=m.dense_ffn_hidden_size // tp)
 
 
-def shard_dense_layer(layer, m: ModelConfig, tp: int, rank: int):
-    """A block's dense weights (checkpoint.DenseLayer: wq [H, nh D], wk/wv [H, kv D], wo
-    [nh D, H], w1 [H, Fd], b1 [Fd], w2 [Fd, H], ...; under MLA wq or wq_b [.., nh D], wkv_b
-    [Rkv, nh (nope + v)], wo [nh v, H]) -> member ``rank``'s shard of them."""
+def shard_dense_layer(block, m: ModelConfig, tp: int, rank: int):
+    """A block's weights (weights.BlockWeights: attention wq [H, nh D], wk/wv [H, kv D], wo
+    [nh D, H]; mlp w1 [H, Fd], b1 [Fd], w2 [Fd, H], ...; under MLA wq or wq_b [.., nh D], wkv_b
+    [Rkv, nh (nope + v)], wo [nh v, H]) -> member ``rank``'s shard of them (the gate whole)."""
+    mlp = block.mlp
+    if mlp is not None:
+        per = mlp.w1.shape[1] // tp
+        f = slice(rank * per, (rank + 1) * per)
+        mlp = dataclasses.replace(mlp, w1=mlp.w1[:, f].copy(), w2=mlp.w2[f, :].copy(),
+                                  b1=None if mlp.b1 is None else mlp.b1[f].copy(),
+                                  w3=None if mlp.w3 is None else mlp.w3[:, f].copy())
+    return dataclasses.replace(block, attention=_shard_attention(block.attention, m, tp, rank), mlp=mlp)
+
+
+def _shard_attention(layer, m: ModelConfig, tp: int, rank: int):
     D = m.head_dim
     q, kv = head_range(m, tp, rank), kv_range(m, tp, rank)
     cols = lambda r, width=D: slice(r.start * width, r.stop * width)
@@ -52,13 +63,7 @@ def shard_dense_layer(layer, m: ModelConfig, tp: int, rank: int):
     for name, heads in (("bq", q), ("bk", kv), ("bv", kv)):      # q/k/v biases go with their heads
         if getattr(layer, name) is not None:
             shard[name] = getattr(layer, name)[cols(heads)]
-    if layer.w1 is not None:
-        per = layer.w1.shape[1] // tp
-        f = slice(rank * per, (rank + 1) * per)
-        shard.update(w1=layer.w1[:, f], w2=layer.w2[f, :], b1=None if layer.b1 is None else layer.b1[f],
-                     w3=None if layer.w3 is None else layer.w3[:, f])
-    return dataclasses.replace(layer, **{k: v.copy() for k, v in shard.items() if v is not None},
-                               **({"b1": None} if layer.w1 is not None and layer.b1 is None else {}))
+    return dataclasses.replace(layer, **{k: v.copy() for k, v in shard.items() if v is not None})
 
 
 __all__ = ["head_range", "kv_range", "local_model", "shard_dense_layer"]

@@ -57,7 +57,7 @@ class LocalExperts:
         return np.where(busy, np.cumsum(busy) - 1, -1)
 
     def forward(self, rows, layout, out, workspace):
-        """rows: [extent, H] bf16 in ``layout`` (exchange.expert_slots over ``active_slots``) ->
+        """rows: [extent, H] bf16 in ``layout`` (exchange.slot_major over ``active_slots``) ->
         ``out`` [extent, H] (bf16, or fp32 for tensor-parallel partials), without the output
         bias b2 (the combine adds it). ``workspace(name, slot, rows, width)`` lends [extent, F].
         Runs of consecutive busy slots are one strided-batched GEMM each."""

@@ -1,6 +1,6 @@
-"""One MoE exchange step: the gate (``Router``, which owns the balancing state and counters),
-the dispatch plan, run-time balancing, tensor parallelism inside experts, and the
-double-buffered block that composes them with the exchange and the experts.
+"""The MoE layer (``MoeLayer``): its router (gate, counters, balancer, trace), the micro-batch
+count and dispatch layout, run-time balancing, tensor parallelism inside experts, composed with
+the exchange, the experts and the shared expert into a layer that returns the finished output.
 
 May import: placement, comm, model, files, device, config.
 """

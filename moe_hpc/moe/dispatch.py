@@ -6,16 +6,20 @@ several blocks at once (the cross-layer pipeline). Counts are per (rank, slot on
 not per expert: at 3,904 ranks a per-expert count matrix would be 3,712 times larger. A
 replicated expert's tokens are spread over its replicas by global token index (sequence * L +
 position) modulo the replica count: data-dependent only, never split-dependent; a load
-balancer may choose instead (``replica``). Array functions on the ``xp`` seam, no MPI.
+balancer may choose instead (``replica``). Array functions on the ``xp`` seam; the micro-batch
+count and the step's row layouts (``DispatchLayout``) have their one home here too.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..comm.exchange import displacements
+from ..comm.agree import agree_max
+from ..comm.exchange import RowLayout, displacements, peer_major, slot_capacity, slot_major
 from ..device.kernels import dispatch_plan
+from ..model.experts import LocalExperts
 
 
 @dataclass
@@ -76,4 +80,34 @@ def plan_dispatch(experts, token_ids, tables: RouteTables, micro_batch_tokens: i
     return DispatchPlan(order, positions, counts, starts)
 
 
-__all__ = ["RouteTables", "route_tables", "DispatchPlan", "plan_dispatch"]
+def micro_batch_count(comm, rows: int, micro_batch_tokens: int) -> int:
+    """Collective over ``comm``: micro-batches of an exchange step (or of a balancer's routing),
+    the busiest rank's, so every rank runs the same loop and the collectives match."""
+    return agree_max(comm, math.ceil(rows / micro_batch_tokens))
+
+
+@dataclass
+class DispatchLayout:
+    """One exchange step's row layouts, micro-batch by micro-batch: ``sends[i]`` peer-major (what
+    this rank packs and gets back at the combine), ``receives[i]`` slot-major over the slots that
+    received rows (what its experts read; only those get buffer space and GEMM work)."""
+    sends: list[RowLayout]
+    receives: list[RowLayout]
+
+
+def dispatch_layout(send_counts, recv_counts, num_slots: int, hosted: int) -> DispatchLayout:
+    """send_counts, recv_counts: [nmb, P, slots] rows this rank sends / receives per (peer, slot);
+    num_slots: the width of every count row; hosted: the slots this rank's experts fill."""
+    return DispatchLayout([peer_major(c) for c in send_counts],
+                          [_receive_layout(c, num_slots, hosted) for c in recv_counts])
+
+
+def _receive_layout(counts, num_slots: int, hosted: int) -> RowLayout:
+    slots = np.full(num_slots, -1, dtype=np.int64)
+    own = LocalExperts.active_slots(counts, hosted)
+    slots[:own.size] = own
+    return slot_major(counts, slots, slot_capacity(counts[:, slots >= 0]))
+
+
+__all__ = ["RouteTables", "route_tables", "DispatchPlan", "plan_dispatch", "micro_batch_count", "DispatchLayout",
+           "dispatch_layout"]

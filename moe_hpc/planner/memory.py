@@ -40,7 +40,7 @@ def _nbytes(shape: tuple[int, ...], itemsize: int = BF16_BYTES) -> int:
 
 def dense_weight_bytes(m: ModelConfig, logits: bool = False, dense_tp: int = 1, stage: int = 0,
                        stages: int = 1) -> int:
-    """What a dense rank loads (engine.load): its stage's blocks' non-expert weights, every
+    """What a dense rank loads (runtime/assemble.load_weights): its stage's blocks' non-expert weights, every
     expert's output bias (added at the combine), embed on the first stage, final_norm (and
     lm_head when logits or log-probs are on: ``logits``) on the last; with ``dense_tp`` its share of the attention heads
     and dense-MLP columns (model/dense_tp.py)."""
@@ -100,7 +100,7 @@ def activation_bytes(m: ModelConfig, w: Workload, attention_block: int, dense_tp
 
 
 def token_buffer_bytes(m: ModelConfig, w: Workload, send_rows: int, recv_extent: int, tp: int = 1) -> int:
-    """The Exchange's buffers (moe/block.py): two slots per direction (one when a single
+    """The Exchange's buffers (moe/layer.py): two slots per direction (one when a single
     micro-batch), [rows, H] bf16 each, plus one [extent, F] hidden buffer for the expert GEMMs.
 
     send_rows: rows a dense rank routes per micro-batch (T_mb * k); recv_extent: slot-padded
@@ -126,7 +126,7 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
     """[group_size] per-rank memory of one replica (expert_tp: the config's unless given)."""
     m, dense_tp, stages = cfg.model, cfg.parallel.dense_tp, cfg.parallel.dense_stages
     expert_tp = expert_tp or cfg.parallel.expert_tp
-    head = cfg.run.logits or cfg.run.logprobs                        # engine.load reads lm_head for either
+    head = cfg.run.logits or cfg.run.logprobs                        # load_weights reads lm_head for either
     dense_w = [dense_weight_bytes(m, head, dense_tp, s, stages) for s in range(stages)]
     act = activation_bytes(m, w, cfg.run.attention_block, dense_tp)
     send = w.mb_tokens * m.top_k

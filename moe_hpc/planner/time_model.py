@@ -4,7 +4,7 @@ A step of one block on one GPU costs max(FLOPs / rate, bytes / memory rate) plus
 per GPU operation issued (launch) and per host round trip (sync).  A transfer costs latency +
 the bytes of its busiest link over that link's bandwidth, on the link model the placement
 optimiser uses (``placement/links.py``: NVLink ports inside a node, the node's rails between).  The MoE block's
-double-buffered loop over n micro-batches (moe/block.py) takes
+double-buffered loop over n micro-batches (moe/layer.py) takes
 
     t_moe = fill + max(n * c, (n - 1) * x) + loss * min(n * c, (n - 1) * x)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from ..comm.agree import host_name
 from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology
 from ..config.errors import OutputError
@@ -37,10 +38,9 @@ def _check_files(job: Job, is_dense: bool) -> None:
 
 def _rank_row(topo, backend, placement, num_sequences: int) -> dict:
     """This rank's line of the layout table."""
-    from mpi4py import MPI
     seqs = sequence_range(topo.dense_index, topo.num_dense, num_sequences) if topo.is_dense else None
     device = "cpu" if backend.name == "cpu" else f"gpu {backend.xp.cuda.Device().id}"
-    return {"rank": topo.rank, "host": MPI.Get_processor_name(), "node": topo.node_of_rank[topo.rank],
+    return {"rank": topo.rank, "host": host_name(), "node": topo.node_of_rank[topo.rank],
             "local": topo.local_rank, "role": " ".join(filter(None, (topo.roles.role_of(topo.group_rank),
                                                                     topo.roles.dense_part(topo.group_rank)))),
             "device": device,

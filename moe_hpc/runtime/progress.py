@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 # The phases the engine and runner time on each rank (engine.PhaseTimes), in a token's order.
-PHASES = ("attention", "dense_mlp", "gating", "exchange", "experts", "final_norm", "io")
+PHASES = ("attention", "dense_mlp", "gating", "exchange", "experts", "final_norm", "logprobs", "io")
 
 
 def hms(seconds: float) -> str:

@@ -31,6 +31,7 @@ from ..files.lock import OutputLock
 from ..moe.balance import REPORT_WINDOW, Balancer
 from ..placement.file import make_placement
 from ..placement.traces import TraceRecorder, write_trace
+from .assemble import assemble, load_weights, wire
 from .engine import Engine
 from .job import InputMeta, Job, check_fit, check_input_share, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
@@ -59,19 +60,18 @@ def _open_output(job: Job, meta: InputMeta, roles: RoleLayout):
     return layout, progress
 
 
-def _attach(engine: Engine, job: Job, placement, log) -> None:
-    """The optional passengers of a run: the load balancer and the trace recorder."""
+def _passengers(job: Job, topo, backend, placement, log) -> dict:
+    """The optional passengers of a run, for the MoE layer: the load balancer and the trace recorder."""
     run = job.cfg.run
-    if run.balance:
-        engine.router.balancer = Balancer(placement, job.cfg.model.top_k, run.balance_threshold, run.balance_gamma,
-                                   engine.topo.world, engine.backend.to_host, engine.xp, log)
-    if job.trace is not None:
-        engine.router.trace = TraceRecorder(job.cfg.model)
+    trace = TraceRecorder(job.cfg.model) if job.trace is not None else None
+    balancer = Balancer(placement, job.cfg.model.top_k, run.balance_threshold, run.balance_gamma, topo.world,
+                        backend.to_host, backend.xp, log) if run.balance else None
+    return {"balancer": balancer, "trace": trace}
 
 
-def _load(engine: Engine, job: Job) -> None:
+def _load(job: Job, topo, placement, backend, wiring):
     with Checkpoint(job.weights, job.cfg.model) as ckpt:
-        engine.load(ckpt)
+        return load_weights(job.cfg, topo, placement, backend, wiring, ckpt)
 
 
 def _log(text: str) -> None:
@@ -94,8 +94,7 @@ def run_job(comm, job: Job, log=_log) -> dict:
         meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
         lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
         threads = limit_blas_threads(*ranks_sharing_cores(topo.node))
-        engine = _prepare(topo, job, meta)
-        _attach(engine, job, engine.placement, log if topo.rank == 0 else (lambda text: None))
+        engine = _prepare(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
         owned = True
@@ -114,17 +113,18 @@ def run_job(comm, job: Job, log=_log) -> dict:
         topo.free()
 
 
-def _prepare(topo, job: Job, meta: InputMeta) -> Engine:
-    """Pick the device, place and load the experts."""
+def _prepare(topo, job: Job, meta: InputMeta, log) -> Engine:
+    """Check every input value, pick the device, check the memory, place and load the experts."""
     cfg, world = job.cfg, topo.world
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
     sync(check_input_share, job, topo)       # every value, before any weight is loaded
     backend = sync(make_backend, cfg.run.device, topo.local_rank)
     sync(check_fit, job, topo, backend, meta.seq_len)      # refuse a model too large before loading it
     placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
-    engine = Engine(cfg, topo, backend, placement)
-    sync(_load, engine, job)
-    return engine
+    wiring = wire(cfg, topo, backend)
+    weights = sync(_load, job, topo, placement, backend, wiring)
+    return assemble(cfg, topo, backend, placement, wiring, weights,
+                    **_passengers(job, topo, backend, placement, log))
 
 
 def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress, threads: str) -> None:
@@ -147,8 +147,8 @@ def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats
     """Finalize the output (stats, provenance, rename) and return rank 0's summary."""
     topo, world = engine.topo, engine.topo.world
     times = world.gather(dict(engine.times.seconds), root=0)
-    idle = world.gather(engine.expert_idle_fraction() if topo.is_expert else None, root=0)
-    router = engine.router
+    idle = world.gather(engine.moe.idle_fraction if topo.is_expert else None, root=0)
+    router = engine.moe.router
     trace = router.trace.gather(world, topo.dense_world_ranks) if router.trace else None
     engine.close()
     wall = time.perf_counter() - t_start
@@ -211,8 +211,8 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
     stop = job.stop or StopRequest()
     reporter = ProgressLog(meta.chunk_tokens, progress.chunks_done, job.progress, job.progress_every) \
         if topo.rank == 0 else None
-    base, counts = progress.expert_tokens, np.zeros_like(engine.router.expert_tokens)
-    with _DenseIO(engine, job, meta, layout) as dense_io:
+    base, counts = progress.expert_tokens, np.zeros_like(engine.moe.router.expert_tokens)
+    with _RankChunks(engine, job, meta, layout) as rank_chunks:
         for c in range(progress.chunks_done, chunks):
             signum = stop.agreed(world)      # every rank sees the same answer: all stop here
             if signum:
@@ -220,8 +220,8 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
                                   f"progress is in {progress_path_for(job.output)}: rerun the same "
                                   "command to resume")
             try:
-                dense_io.chunk(c)
-                world.Reduce(engine.router.expert_tokens, counts, root=0)
+                rank_chunks.chunk(c)
+                world.Reduce(engine.moe.router.expert_tokens, counts, root=0)
                 engine.times.chunk_ends.append(time.perf_counter())
                 if topo.rank == 0:
                     progress = dataclasses.replace(progress, chunks_done=c + 1,
@@ -236,7 +236,7 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
     return progress.expert_tokens if topo.rank == 0 else counts
 
 
-class _DenseIO:
+class _RankChunks:
     """One rank's part of a chunk: a dense rank reads, computes and writes its sequences; an
     expert-only rank serves the chunk's MoE blocks. Opens the input and output on enter."""
 
@@ -246,7 +246,7 @@ class _DenseIO:
         self.layout, self.meta = layout, meta
         self.batch = self.writer = None
 
-    def __enter__(self) -> "_DenseIO":
+    def __enter__(self) -> "_RankChunks":
         topo, m = self.engine.topo, self.job.cfg.model
         if not topo.is_dense:
             self.sync(lambda: None)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import signal
 
+from ..comm.agree import agree_max
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_INTERRUPTED = 75
 
@@ -32,8 +34,7 @@ class StopRequest:
 
     def agreed(self, comm) -> int:
         """Collective: the signal any rank got (the highest number), or 0."""
-        from mpi4py import MPI
-        return comm.allreduce(self.signum, op=MPI.MAX)
+        return agree_max(comm, self.signum)
 
 
 def signal_name(signum: int) -> str:

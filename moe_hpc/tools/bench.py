@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..comm.exchange import expert_slots, peer_major, slot_capacity
+from ..comm.agree import agree_max
+from ..comm.exchange import peer_major
 from ..comm.failure import collective
 from ..comm.topology import build_topology
 from ..config.errors import ConfigError
@@ -39,11 +40,15 @@ from ..device.backend import free_memory_bytes, make_backend
 from ..device.datasheet import HOPPER_BF16_TFLOPS, datasheet_for
 from ..device.dtypes import BF16
 from ..files.atomic import write_text_atomic
-from ..files.checkpoint import DenseLayer, Expert
+from ..model.experts import LocalExperts
+from ..model.attention import fuse_qkv
 from ..model.flops import model_flops
+from ..model.weights import AttentionWeights, BlockWeights, Expert, GateWeights, MlpWeights, prepare_block
 from ..moe.expert_tp import tensor_parallel_experts
+from ..moe.router import run_step
 from ..placement.file import make_placement
 from ..planner.fit import check_memory, with_chunk
+from ..runtime.assemble import RankWeights, assemble, wire
 from ..runtime.engine import Engine
 from .dense_bench import dense_figures
 from .plain_ep import PlainEpLayer
@@ -77,34 +82,49 @@ def _random(cp, shape, std):
     return (cp.random.standard_normal(shape, dtype=cp.float32) * std).astype(BF16)
 
 
-def _finish_fill(engine: Engine, cp) -> None:
-    """Stack the experts and give the dense side every expert's output bias."""
-    m = engine.cfg.model
-    engine.local_experts.stack()
-    engine.moe.expert_b2 = _random(cp, (m.num_moe_layers * m.num_experts, m.hidden_size), 0.02)
+def _random_weights(cfg, topo, placement, flash, layers, cp) -> RankWeights:
+    """Random device weights for ``layers``: what this rank's roles hold, with every expert's
+    output bias for the dense side."""
+    m = cfg.model
+    out = RankWeights(experts=LocalExperts(m.ffn_kind, cp))
+    for layer in layers:
+        out.blocks[layer] = _random_block(m, topo, placement, layer, out.experts, flash, cp)
+    out.experts.stack()
+    out.expert_b2 = _random(cp, (m.num_moe_layers * m.num_experts, m.hidden_size), 0.02)
+    out.final_norm = cp.ones(m.hidden_size, cp.float32).astype(BF16)
+    return out
 
 
-def _fill_layer(engine: Engine, layer: int, cp) -> None:
-    """Random device weights for one block: what this rank's roles hold."""
-    m = engine.cfg.model
+def _random_block(m, topo, placement, layer: int, experts: LocalExperts, flash, cp) -> BlockWeights:
+    """One block's random weights (and this rank's experts of it, added to ``experts``)."""
     H, D = m.hidden_size, m.head_dim
     s = H ** -0.5
     ones = cp.ones(H, cp.float32).astype(BF16)
-    w = DenseLayer(attn_norm=ones, mlp_norm=ones,
-                   wq=_random(cp, (H, m.num_heads * D), s), wk=_random(cp, (H, m.kv_heads * D), s),
-                   wv=_random(cp, (H, m.kv_heads * D), s), wo=_random(cp, (m.num_heads * D, H), 0.02))
+    attention = AttentionWeights(attn_norm=ones, mlp_norm=ones, wq=_random(cp, (H, m.num_heads * D), s),
+                                 wk=_random(cp, (H, m.kv_heads * D), s), wv=_random(cp, (H, m.kv_heads * D), s),
+                                 wo=_random(cp, (m.num_heads * D, H), 0.02))
+    block = BlockWeights(attention)
     if m.is_moe(layer):
-        w.gate = _random(cp, (H, m.num_experts), s)
-        F = m.moe_ffn_hidden_size // engine.topo.expert_tp     # this rank's column block
-        for f in engine.placement.hosted()[engine.topo.expert_slot]:
+        block.gate = GateWeights(_random(cp, (H, m.num_experts), s))
+        F = m.moe_ffn_hidden_size // topo.expert_tp     # this rank's column block
+        for f in placement.hosted()[topo.expert_slot]:
             if f // m.num_experts == layer - m.first_dense_layers:
-                engine.local_experts.add(f, Expert(
-                    _random(cp, (H, F), s), _random(cp, F, 0.02), _random(cp, (F, H), F ** -0.5), None))
+                experts.add(f, Expert(_random(cp, (H, F), s), _random(cp, F, 0.02), _random(cp, (F, H), F ** -0.5),
+                                      None))
     else:
         Fd = m.dense_ffn_hidden_size
-        w.w1, w.b1 = _random(cp, (H, Fd), s), _random(cp, Fd, 0.02)
-        w.w2, w.b2 = _random(cp, (Fd, H), Fd ** -0.5), _random(cp, H, 0.02)
-    engine.install_dense(layer, w)
+        block.mlp = MlpWeights(_random(cp, (H, Fd), s), _random(cp, Fd, 0.02), _random(cp, (Fd, H), Fd ** -0.5),
+                               _random(cp, H, 0.02))
+    fuse = (lambda a: fuse_qkv(a, cp)) if flash is not None else (lambda a: a)
+    return prepare_block(block, lambda b: b, lambda a: a, fuse)
+
+
+def _engine(cfg, topo, backend, layers, hook=run_step) -> Engine:
+    """A bench engine: the run's own assembly over random weights (shared placement)."""
+    placement = make_placement(cfg.model, topo.num_expert_slots, "shared")
+    wiring = wire(cfg, topo, backend)
+    weights = _random_weights(cfg, topo, placement, wiring.flash, layers, backend.xp)
+    return assemble(cfg, topo, backend, placement, wiring, weights, hook=hook)
 
 
 class Timer:
@@ -124,30 +144,64 @@ class Timer:
             end.synchronize()
             if i >= self.warmup:
                 times.append(cp.cuda.get_elapsed_time(start, end) * 1e-3)
-        return self.comm.allreduce(statistics.median(times), op=_max())
-
-
-def _max():
-    from mpi4py import MPI
-    return MPI.MAX
+        return agree_max(self.comm, statistics.median(times))
 
 
 def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
+    """The engine's MoE layer (block ``first_dense_layers``) and its parts, each timed alone on
+    the token counts of the layer's last call (its ``DispatchLayout``)."""
     cfg = engine.cfg.model
     layer = cfg.first_dense_layers
-    _fill_layer(engine, layer, cp)
-    _finish_fill(engine, cp)
     T, H, F = args.tokens, cfg.hidden_size, cfg.moe_ffn_hidden_size
     m = _random(cp, (T, H), 1.0)
     ids = cp.asarray(engine.topo.rank * T + np.arange(T))
-    t_layer = timer(lambda: engine.moe.layer(layer, m, ids))
-    recv_counts = engine.moe.last_recv_counts                     # [nmb, P, E] of the last call
-    send_counts = engine.moe.last_send_counts
-    ex, experts, moe = engine.exchange, engine.local_experts, engine.moe
-    slots = np.where(np.arange(moe.tables.num_slots) < experts.num_slots, np.arange(moe.tables.num_slots), -1)
-    layouts = [expert_slots(c, slots, slot_capacity(c[:, slots >= 0])) for c in recv_counts]
+    moe = engine.moe
+    t_layer = timer(lambda: moe([(layer, m, ids)]))
+    layouts, sends = moe.last_layout.receives, moe.last_layout.sends
     rows = [_random(cp, (lay.extent, H), 1.0) for lay in layouts]
     outs = [cp.empty_like(r) for r in rows]
+    t_experts, t_cublas = _expert_times(engine, layouts, rows, outs, timer, cp)
+    t_exchange, t_a2a, moved = _exchange_times(engine, sends, layouts, rows, outs, timer, cp)
+    phases = _local_phases(engine, layer, m, ids, timer, cp)
+    timeline = layer_timeline(engine, layer, m, ids, cp) if isinstance(moe.hook, StepTimeline) else None
+    t_plain = None                              # the plain layer has no tensor parallelism
+    if moe.tp is None:
+        plain = PlainEpLayer(engine.topo.exchange, cp, moe.tables, moe.experts, moe.gates[layer].gate, cfg.top_k,
+                             cfg.normalize_topk, (layer - cfg.first_dense_layers) * cfg.num_experts)
+        t_plain = timer(lambda: plain(m))
+        plain.close()
+    received = int(sum(lay.rows for lay in layouts))
+    padded = int(sum(lay.extent for lay in layouts))
+    tp = engine.topo.expert_tp
+    if moe.tp is not None:                      # every TP member computes on its leader's rows
+        received, padded = moe.tp.bcast((received, padded), root=0)
+    flops = 2 * 2 * received * H * (F // tp)    # this GPU's share: F / tp columns
+    big_m = 16384
+    a, b = _random(cp, (big_m, H), 1.0), _random(cp, (H, F), H ** -0.5)
+    t_big = timer(lambda: cp.matmul(a, b))
+    comm = engine.topo.world
+    return {
+        "tokens_per_gpu": T, "micro_batches": len(layouts), "rows_received_max": agree_max(comm, received),
+        "slot_padding": padded / max(received, 1) - 1,
+        "t_layer_ms": t_layer * 1e3, "t_experts_ms": t_experts * 1e3, "t_cublas_ms": t_cublas * 1e3,
+        "t_exchange_ms": t_exchange * 1e3, "t_a2a_ms": t_a2a * 1e3, "t_plain_ep_ms": t_plain and t_plain * 1e3,
+        "speedup_vs_plain_ep": t_plain and t_plain / t_layer,
+        "tokens_per_s_per_gpu": T / t_layer,
+        "expert_tflops": flops / t_experts / 1e12, "cublas_same_shapes_tflops": flops / t_cublas / 1e12,
+        "gemm_vs_cublas": t_cublas / t_experts,
+        "cublas_16384x7168x2048_tflops": 2 * big_m * H * F / t_big / 1e12,
+        "exchange_gb_s_per_gpu": moved / t_exchange / 1e9, "a2a_gb_s_per_gpu": moved / t_a2a / 1e9,
+        "overlap_efficiency": max(t_exchange, t_experts) / t_layer,
+        "peak_pool_gib": agree_max(comm, cp.get_default_memory_pool().total_bytes()) / 2**30,
+        "local_phases_ms": phases,
+        **({"timeline_rank0": timeline} if timeline is not None else {}),
+    }
+
+
+def _expert_times(engine: Engine, layouts, rows, outs, timer: Timer, cp) -> tuple[float, float]:
+    """The layer's expert step over the received layouts alone, and its cuBLAS ceiling."""
+    moe = engine.moe
+    ex, experts = moe.exchange, moe.experts
     if moe.tp is None:
         t_experts = timer(lambda: [experts.forward(r, lay, o, ex.buffer) for r, lay, o in zip(rows, layouts, outs)])
     else:       # partners compute on the leader's rows: time the whole TP step on every member
@@ -159,12 +213,17 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     def plain_gemms():
         """One plain cuBLAS product pair per expert over exactly its rows (no padding)."""
         for lay, r in zip(layouts, rows):
-            C = lay.extent // max(1, int((slots >= 0).sum()))
-            for s, n in enumerate(lay.counts.sum(axis=0)[slots >= 0].tolist()):
+            for s, n in enumerate(lay.counts.sum(axis=0).tolist()):
                 if n:
-                    cp.matmul(cp.matmul(r[s * C:s * C + n], some.w1), some.w2)
-    t_cublas = timer(plain_gemms)
-    sends = [peer_major(c) for c in send_counts]
+                    base = int(lay.offsets[0, s])
+                    cp.matmul(cp.matmul(r[base:base + n], some.w1), some.w2)
+    return t_experts, timer(plain_gemms)
+
+
+def _exchange_times(engine: Engine, sends, layouts, rows, outs, timer: Timer, cp) -> tuple[float, float, int]:
+    """Dispatch + combine of the layer's rows alone, one plain all-to-all of the same bytes, and
+    the bytes this rank moved (both directions)."""
+    ex, H = engine.moe.exchange, engine.cfg.model.hidden_size
     send_bufs = [_random(cp, (s.rows, H), 1.0) for s in sends]
     routes = ex.prepare(list(zip(sends, layouts)))       # as the layer does, once per step
 
@@ -184,89 +243,48 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     def a2a():
         ex.post(big_send, flat_send, big_recv, flat_recv).wait()
         ex.post(big_recv, flat_recv, big_send, flat_send).wait()
-    t_a2a = timer(a2a)
-    phases = _local_phases(engine, layer, m, ids, timer, cp)
-    timeline = layer_timeline(engine, layer, m, ids, cp) if getattr(args, "timeline", False) else None
-    t_plain = None                              # the plain layer has no tensor parallelism
-    if moe.tp is None:
-        plain = PlainEpLayer(engine.topo.exchange, cp, moe.tables, experts, engine.dense[layer].gate, cfg.top_k,
-                             cfg.normalize_topk, (layer - cfg.first_dense_layers) * cfg.num_experts)
-        t_plain = timer(lambda: plain(m))
-        plain.close()
-    received = int(sum(lay.rows for lay in layouts))
-    padded = int(sum(lay.extent for lay in layouts))
-    tp = engine.topo.expert_tp
-    if moe.tp is not None:                      # every TP member computes on its leader's rows
-        received, padded = moe.tp.bcast((received, padded), root=0)
-    flops = 2 * 2 * received * H * (F // tp)    # this GPU's share: F / tp columns
-    big_m = 16384
-    a, b = _random(cp, (big_m, H), 1.0), _random(cp, (H, F), H ** -0.5)
-    t_big = timer(lambda: cp.matmul(a, b))
-    comm = engine.topo.world
-    return {
-        "tokens_per_gpu": T, "micro_batches": len(layouts), "rows_received_max": comm.allreduce(received, op=_max()),
-        "slot_padding": padded / max(received, 1) - 1,
-        "t_layer_ms": t_layer * 1e3, "t_experts_ms": t_experts * 1e3, "t_cublas_ms": t_cublas * 1e3,
-        "t_exchange_ms": t_exchange * 1e3, "t_a2a_ms": t_a2a * 1e3, "t_plain_ep_ms": t_plain and t_plain * 1e3,
-        "speedup_vs_plain_ep": t_plain and t_plain / t_layer,
-        "tokens_per_s_per_gpu": T / t_layer,
-        "expert_tflops": flops / t_experts / 1e12, "cublas_same_shapes_tflops": flops / t_cublas / 1e12,
-        "gemm_vs_cublas": t_cublas / t_experts,
-        "cublas_16384x7168x2048_tflops": 2 * big_m * H * F / t_big / 1e12,
-        "exchange_gb_s_per_gpu": moved / t_exchange / 1e9, "a2a_gb_s_per_gpu": moved / t_a2a / 1e9,
-        "overlap_efficiency": max(t_exchange, t_experts) / t_layer,
-        "peak_pool_gib": comm.allreduce(cp.get_default_memory_pool().total_bytes(), op=_max()) / 2**30,
-        "local_phases_ms": phases,
-        **({"timeline_rank0": timeline} if timeline is not None else {}),
-    }
+    return t_exchange, timer(a2a), moved
+
+
+class StepTimeline:
+    """The MoE layer's timing hook for ``--timeline``: while ``events`` is a list, each step of a
+    call is bracketed by CUDA events on the compute stream (a transfer's end by an event on the
+    transport's stream, behind its work); otherwise each step just runs."""
+
+    def __init__(self, cp):
+        self.cp, self.events, self.transport_stream = cp, None, None
+
+    def __call__(self, label: str, fn, *args, **kwargs):
+        if self.events is None:
+            return fn(*args, **kwargs)
+        start, host = self.cp.cuda.Event(), time.perf_counter()
+        start.record()
+        out = fn(*args, **kwargs)
+        end = self.cp.cuda.Event()
+        end.record(self.transport_stream if label == "transfer" else None)
+        self.events.append((label, start, end, host, time.perf_counter()))
+        return out
 
 
 def layer_timeline(engine: Engine, layer: int, m, ids, cp) -> list[dict]:
     """One layer call with CUDA events around each step: when each started and ended on the GPU,
     in ms from the call's start, and when the host called and left each (host_*: a step whose GPU
     start trails its host call waited for the GPU; one whose host call trails the previous GPU
-    end left the GPU idle). Compute-stream steps (route, plan, pack, experts, combine) carry
-    their own start and end; a transfer's start is when it was posted (a point on the compute
-    stream) and its end is its done event on the transport's stream. For finding what waits on
-    what; it instruments the objects of this one engine only."""
-    import moe_hpc.moe.block as block
-    events, t0 = [], cp.cuda.Event()
-
-    def timed(label, fn, end_of=None):
-        def run(*a, **k):
-            start, host = cp.cuda.Event(), time.perf_counter()
-            start.record()
-            out = fn(*a, **k)
-            end = end_of(out) if end_of else cp.cuda.Event()
-            if not end_of:
-                end.record()
-            events.append((label, start, end, host, time.perf_counter()))
-            return out
-        return run
-
-    def transfer_end(_state):
-        """A timing event behind the transfer's work on the transport's stream (its own done
-        event is made without timing)."""
-        end = cp.cuda.Event()
-        end.record(engine.exchange.transport.stream)
-        return end
-
-    saved = [(block, "take_rows"), (block, "combine_rows"), (block, "plan_dispatch"),
-             (engine.local_experts, "forward"), (engine.router, "_route_part"), (engine.exchange.transport, "start"),
-             (engine.exchange, "exchange_counts"), (engine.exchange, "prepare")]
-    originals = [getattr(obj, name) for obj, name in saved]
-    labels = ["pack", "combine", "plan", "experts", "route", "transfer", "counts", "prepare"]
+    end left the GPU idle). Compute-stream steps (route, plan, counts, prepare, pack, experts,
+    combine) carry their own start and end; a transfer's start is when it was posted (a point on
+    the compute stream) and its end is an event on the transport's stream. For finding what waits
+    on what; the steps are timed through the layer's hook (``StepTimeline``)."""
+    hook, t0 = engine.moe.hook, cp.cuda.Event()
+    hook.events, hook.transport_stream = [], engine.moe.exchange.transport.stream
     try:
-        for (obj, name), fn, label in zip(saved, originals, labels):
-            setattr(obj, name, timed(label, fn, transfer_end if label == "transfer" else None))
         t0.record()
         h0 = time.perf_counter()
-        engine.moe.layer(layer, m, ids)
+        engine.moe([(layer, m, ids)])
         cp.cuda.get_current_stream().synchronize()
         cp.cuda.Device().synchronize()
+        events = hook.events
     finally:
-        for (obj, name), fn in zip(saved, originals):
-            setattr(obj, name, fn)
+        hook.events = None
     ms = lambda e: cp.cuda.get_elapsed_time(t0, e)
     return [{"step": label, "start_ms": round(ms(s), 3), "end_ms": round(ms(e), 3),
              "host_call_ms": round((a - h0) * 1e3, 3), "host_return_ms": round((b - h0) * 1e3, 3)}
@@ -276,31 +294,27 @@ def layer_timeline(engine: Engine, layer: int, m, ids, cp) -> list[dict]:
 def _local_phases(engine: Engine, layer: int, m, ids, timer: Timer, cp) -> dict:
     """The layer's work that is neither exchange nor expert GEMMs, each step timed alone."""
     from ..device.kernels import combine, take_rows
-    from ..model.router import route
+    from ..model.gate import gate
     from ..moe.dispatch import plan_dispatch
-    cfg, e = engine.cfg.model, engine
-    w, k, T = e.dense[layer], cfg.top_k, m.shape[0]
-    routing = route(m, w.gate, None, k, cfg.normalize_topk, cp)
+    cfg, e, moe = engine.cfg.model, engine, engine.moe
+    w, k, T = moe.gates[layer], cfg.top_k, m.shape[0]
+    routing = gate(m, w.gate, None, k, cfg.normalize_topk, cp)
     flat = routing.experts.astype(np.int64) + (layer - cfg.first_dense_layers) * cfg.num_experts
-    plan_args = (flat, cp.asarray(ids), e.moe.tables, e.cfg.run.micro_batch_tokens,
-                 -(-T // e.cfg.run.micro_batch_tokens), e.topo.exchange.Get_size(), cp, cp.asnumpy)
+    plan_args = (flat, cp.asarray(ids), moe.tables, moe.micro_batch_tokens, moe.micro_batches(T),
+                 e.topo.exchange.Get_size(), cp, cp.asnumpy)
     plan = plan_dispatch(*plan_args)
     packed = cp.empty((T * k, cfg.hidden_size), BF16)
     back = _random(cp, (T * k, cfg.hidden_size), 1.0)
     f = cp.empty((T, cfg.hidden_size), BF16)
-    return {"gate_topk": timer(lambda: route(m, w.gate, None, k, cfg.normalize_topk, cp)) * 1e3,
+    return {"gate_topk": timer(lambda: gate(m, w.gate, None, k, cfg.normalize_topk, cp)) * 1e3,
             "plan_and_counts_d2h": timer(lambda: plan_dispatch(*plan_args)) * 1e3,
             "pack_rows": timer(lambda: take_rows(m, plan.order // k, out=packed)) * 1e3,
             "weighted_combine": timer(lambda: combine(back, plan.positions, routing.weights, flat,
-                                                      e.moe.expert_b2, out=f)) * 1e3}
+                                                      moe.expert_b2, out=f)) * 1e3}
 
 
 def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
     m = engine.cfg.model
-    for layer in range(m.num_layers):
-        _fill_layer(engine, layer, cp)
-    _finish_fill(engine, cp)
-    engine.globals["final_norm"] = cp.ones(m.hidden_size, cp.float32).astype(BF16)
     S, L = args.sequences, args.seq_len
     x = (np.random.default_rng(engine.topo.rank).standard_normal((S, L, m.hidden_size), dtype=np.float32)).astype(BF16)
     lengths = np.full(S, L)
@@ -350,14 +364,15 @@ def run_bench(comm, args, log=print) -> dict:
                    topo.rank, args.seq_len, free_memory_bytes(backend))
     cp = backend.xp
     timer = Timer(cp, topo.world, args.warmup, args.iters)
-    engine = Engine(cfg, topo, backend, make_placement(cfg.model, topo.num_expert_slots, "shared"))
+    hook = StepTimeline(cp) if getattr(args, "timeline", False) else run_step
+    engine = _engine(cfg, topo, backend, [cfg.model.first_dense_layers], hook)
     result = {"ranks": topo.size, "expert_tp": args.expert_tp, "dp": args.dp, "device": backend.device_name(),
-              "transport": engine.exchange.transport_name, "config": args.config, "sets": list(args.set or []),
+              "transport": engine.wiring.exchange.transport_name, "config": args.config, "sets": list(args.set or []),
               "layer": bench_layer(engine, args, timer, cp)}
     engine.close()
     if shrunk is not None:
         cp.get_default_memory_pool().free_all_blocks()
-        engine = Engine(shrunk, topo, backend, make_placement(shrunk.model, topo.num_expert_slots, "shared"))
+        engine = _engine(shrunk, topo, backend, range(shrunk.model.num_layers))
         result["model"] = bench_model(engine, args, timer, cp)
         engine.close()
     if topo.rank == 0:

@@ -45,24 +45,25 @@ def _core_peak_bytes(engine, layer: int, S: int, L: int, cp) -> int:
     of its own, which keeps (and so counts) the most it held at once. A first call outside that
     pool builds what outlives the call (RoPE tables, cuDNN's graph and workspace), so nothing
     long-lived is taken from the temporary pool and both shapes are measured alike."""
-    m, w = engine.attn_model, engine.dense[layer]
+    block = engine.attention[layer]
+    m, w, flash = block.local, block.weights, block.flash
     a = (cp.random.standard_normal((S, L, engine.cfg.model.hidden_size), dtype=cp.float32)).astype(BF16)
-    attention(a, w, m, engine.cfg.run.attention_block, cp, None, engine.flash)   # cached tables, workspace
+    attention(a, w, m, engine.cfg.run.attention_block, cp, None, flash)   # cached tables, workspace
     pool = cp.cuda.MemoryPool()
     cp.cuda.Device().synchronize()
     with cp.cuda.using_allocator(pool.malloc):
-        attention(a, w, m, engine.cfg.run.attention_block, cp, None, engine.flash)
+        attention(a, w, m, engine.cfg.run.attention_block, cp, None, flash)
         cp.cuda.Device().synchronize()
     return pool.total_bytes()
 
 
 def dense_figures(engine, S: int, L: int, timer, cp) -> dict:
     """Attention and projection figures on block 0's weights at [S, L] tokens per GPU."""
-    m = engine.attn_model
+    block = engine.attention[0]
+    m, w, flash = block.local, block.weights, block.flash
     H, nh, nkv, D = engine.cfg.model.hidden_size, m.num_heads, m.kv_heads, m.head_dim
-    w = engine.dense[0]
     a = (cp.random.standard_normal((S, L, H), dtype=cp.float32)).astype(BF16)
-    t_attention = timer(lambda: attention(a, w, m, engine.cfg.run.attention_block, cp, None, engine.flash))
+    t_attention = timer(lambda: attention(a, w, m, engine.cfg.run.attention_block, cp, None, flash))
     W = (nh + 2 * nkv) * D
     flat = a.reshape(S * L, H)
     qkv_w = w.wqkv if w.wqkv is not None else cp.concatenate([w.wq, w.wk, w.wv], axis=1)
@@ -75,14 +76,14 @@ def dense_figures(engine, S: int, L: int, timer, cp) -> dict:
     per_token = flops_per_token(m, L)              # the one count the MFU and the planner use
     proj_flops, core_flops = (S * L * per_token[k] for k in ("projections", "attention_core"))
     t_core = None
-    if engine.flash is not None and w.wqkv is not None:
+    if flash is not None and w.wqkv is not None:
         qkv = cp.matmul(flat, w.wqkv).reshape(S, L, W)
         out = cp.empty((S, L, nh * D), BF16)
-        t_core = timer(lambda: engine.flash(qkv, out, nh, nkv, D, softmax_scale(m)))
+        t_core = timer(lambda: flash(qkv, out, nh, nkv, D, softmax_scale(m)))
     t_torch = torch_sdpa_seconds(S, L, nh, nkv, D)
     # equal tokens, four times the length: a core that holds [L, L] scores would grow 4x
     half_tokens = max(1, S // 4)
-    return {"attention_core": engine.attention_core, "shape": {"S": S, "L": L, "heads": nh, "kv_heads": nkv, "D": D},
+    return {"attention_core": engine.wiring.attention_core, "shape": {"S": S, "L": L, "heads": nh, "kv_heads": nkv, "D": D},
             "t_attention_block_ms": t_attention * 1e3,
             "t_attention_core_ms": None if t_core is None else t_core * 1e3,
             "attention_core_tflops": None if t_core is None else core_flops / t_core / 1e12,

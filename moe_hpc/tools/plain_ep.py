@@ -14,7 +14,7 @@ import numpy as np
 from ..comm.nccl import nccl_communicator
 from ..device.dtypes import BF16, F32
 from ..device.kernels import activation
-from ..model.router import route
+from ..model.gate import gate
 
 
 def _u16(a):
@@ -50,7 +50,7 @@ class PlainEpLayer:
         """x: [T, H] bf16 -> [T, H] bf16 (the routed experts' weighted sum, without b2)."""
         cp, k = self.cp, self.k
         T, H = x.shape
-        r = route(x, self.gate, None, k, self.normalize, cp)
+        r = gate(x, self.gate, None, k, self.normalize, cp)
         flat = r.experts.reshape(-1).astype(cp.int64) + self.first_flat
         dest = self.tables.holders[flat, 0]
         slot = self.tables.slot[flat, 0].astype(cp.int32)

@@ -4,35 +4,35 @@
 (m*E + e over all MoE blocks, so one step may carry several blocks), combine weights and, with
 run-time balancing, the replica of each choice.  It keeps what routing learns over a run: the
 per-expert token counts (``expert_tokens``), the balancer's biases (``balancer``) and the
-routing trace (``trace``); the runner attaches the last two when asked for.
+routing trace (``trace``), both handed in at construction.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from ..config.run_config import ModelConfig
 from ..device.dtypes import BF16, F32
 from ..device.kernels import count_into
-from ..model.router import route
+from ..model.gate import gate
 from .balance import with_bias
+from .dispatch import micro_batch_count
 
 
-def _mpi():
-    from mpi4py import MPI
-    return MPI
+def run_step(label: str, fn, *args, **kwargs):
+    """The default timing hook: just run the step (a tool's hook may time it, by ``label``)."""
+    return fn(*args, **kwargs)
 
 
 class Router:
-    """gates: block index -> that block's dense weights (``.gate`` [H, E], ``.gate_bias`` [E]),
-    filled when the rank loads; world: every rank (the balancer's collectives span the run)."""
-    balancer = None     # balance.Balancer when run.balance is on
-    trace = None        # traces.TraceRecorder under ``moe-hpc run --trace``
+    """gates: block index -> that block's weights.GateWeights (``.gate`` [H, E], ``.gate_bias``
+    [E]) on this rank; world: every rank (the balancer's collectives span the run); balancer:
+    balance.Balancer when run.balance is on; trace: traces.TraceRecorder under ``--trace``."""
 
-    def __init__(self, model: ModelConfig, micro_batch_tokens: int, gates, backend, world):
+    def __init__(self, model: ModelConfig, micro_batch_tokens: int, gates, backend, world, balancer=None,
+                 trace=None, hook=run_step):
         self.model, self.micro_batch_tokens = model, micro_batch_tokens
         self.gates, self.backend, self.xp, self.world = gates, backend, backend.xp, world
+        self.balancer, self.trace, self.hook = balancer, trace, hook
         # counted where the choices are (the device): reading them here would stall every step
         self._tokens = self.xp.zeros((model.num_moe_layers, model.num_experts), dtype=np.int64)
 
@@ -51,17 +51,17 @@ class Router:
         replica = None
         if self.balancer is not None:
             mbt = self.micro_batch_tokens
-            nmb = self.world.allreduce(math.ceil(T / mbt), op=_mpi().MAX)
+            nmb = micro_batch_count(self.world, T, mbt)
             bounds = [(min(T, i * mbt), min(T, (i + 1) * mbt)) for i in range(nmb)]
             w = self.gates.get(layer)
-            gate = lambda x, bias: route(x, w.gate, with_bias(w.gate_bias, bias, xp), k, cfg.normalize_topk, xp,
+            choose = lambda x, bias: gate(x, w.gate, with_bias(w.gate_bias, bias, xp), k, cfg.normalize_topk, xp,
                                           cfg.gate_rule)
-            experts, weights, replica = self.balancer.route(layer, m, self.backend.to_host(tok), bounds, gate)
+            experts, weights, replica = self.balancer.route(layer, m, self.backend.to_host(tok), bounds, choose)
             experts = xp.asarray(experts)
             weights = xp.zeros((0, k), F32) if weights is None else weights
         elif T:
             w = self.gates[layer]
-            r = route(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp, cfg.gate_rule)
+            r = gate(m, w.gate, w.gate_bias, k, cfg.normalize_topk, xp, cfg.gate_rule)
             experts, weights = r.experts, r.weights
         else:
             experts, weights = xp.zeros((0, k), np.int64), xp.zeros((0, k), F32)
@@ -78,7 +78,7 @@ class Router:
         k = cfg.top_k
         rows, experts, weights, ids, replicas = [], [], [], [], []
         for layer, m, tok in parts:
-            ex, w, rep = self._route_part(layer, m, tok)
+            ex, w, rep = self.hook("route", self._route_part, layer, m, tok)
             if rep is not None:
                 replicas.append(rep)
             if not m.shape[0]:
@@ -101,4 +101,4 @@ class Router:
         return m, xp.concatenate(experts), xp.concatenate(weights), xp.concatenate(ids), replica
 
 
-__all__ = ["Router"]
+__all__ = ["Router", "run_step"]

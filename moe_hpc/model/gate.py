@@ -20,13 +20,13 @@ class Routing:
     weights: object
 
 
-def route(m, gate, bias, top_k: int, normalize: bool, xp=np, rule=None) -> Routing:
-    """m: [T, H] bf16, gate: [H, E], bias: [E] fp32 | None -> Routing. All gate math in fp32:
+def gate(m, weight, bias, top_k: int, normalize: bool, xp=np, rule=None) -> Routing:
+    """m: [T, H] bf16, weight: [H, E] (the gate), bias: [E] fp32 | None -> Routing. All gate math in fp32:
     the logits straight from the GEMM's fp32 accumulator, then softmax and top-k in one kernel.
     rule: the model's ``gate_rule`` (sigmoid scores, groups, weight scale), None for SPEC's."""
-    logits = matmul_f32out(m, gate)
+    logits = matmul_f32out(m, weight)
     return Routing(*gate_topk(logits, None if bias is None else xp.asarray(bias, dtype=F32), top_k, normalize,
                               **(rule or {})))
 
 
-__all__ = ["Routing", "route"]
+__all__ = ["Routing", "gate"]

@@ -1,0 +1,101 @@
+"""Block objects per kind, each holding its weights (``weights.py``): the engine composes them.
+
+nanoGPT's ``Block`` in pieces that fit the wavefront: ``AttentionBlock`` adds attention to the
+residual stream and returns the block's normed MLP input at the valid positions; a dense block's
+``MlpBlock`` or the MoE layer (``moe/layer.py``) turns that into the block's output, which the
+engine adds back.  ``Embedding`` starts the stream, ``OutputHead`` ends it (final norm, logits,
+log-probs).  The attention block is where generation's KV cache will live.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..device.backend import matmul_bf16, words
+from ..device.kernels import add_rmsnorm, take_rows
+from .attention import attention
+from .layers import mlp, token_logprobs
+
+
+class AttentionBlock:
+    """weights: AttentionWeights (this dense-TP member's shard); model: the whole model; local:
+    the model as this member holds it (``dense_tp.local_model``); block: the tiled core's tile;
+    reduce: the dense-TP group's sum or None; flash: the fused core or None."""
+
+    def __init__(self, weights, model, local, block: int, xp, reduce=None, flash=None):
+        self.weights, self.model, self.local, self.block = weights, model, local, block
+        self.xp, self.reduce, self.flash = xp, reduce, flash
+
+    def __call__(self, x, rows):
+        """x: [s, L, H] bf16 residual stream (updated in place); rows: [T] valid flat positions ->
+        the normed MLP input there [T, H] bf16 (padding is never routed)."""
+        w, eps = self.weights, self.model.norm_eps
+        y = attention(add_rmsnorm(x, None, w.attn_norm, eps), w, self.local, self.block, self.xp, self.reduce,
+                      self.flash)
+        h = add_rmsnorm(x, y, w.mlp_norm, eps)      # the residual add, then the MLP's norm
+        return take_rows(h.reshape(-1, self.model.hidden_size), rows)
+
+
+class MlpBlock:
+    """A dense block's MLP. weights: MlpWeights (w1 fused [gate | up] when gated)."""
+
+    def __init__(self, weights, ffn_kind: str, xp, reduce=None):
+        self.weights, self.ffn_kind, self.xp, self.reduce = weights, ffn_kind, xp, reduce
+
+    def __call__(self, h):
+        """h: [T, H] bf16 normed MLP input -> [T, H] bf16."""
+        w = self.weights
+        return mlp(h, w.w1, w.b1, w.w2, w.b2, self.ffn_kind, self.xp, self.reduce)
+
+
+class Embedding:
+    """embed: [V, H] bf16 on the device."""
+
+    def __init__(self, embed, xp):
+        self.embed, self.xp = embed, xp
+
+    def __call__(self, tokens):
+        """tokens: [s, L] ints -> [s, L, H] bf16."""
+        H = self.embed.shape[1]
+        return take_rows(self.embed, self.xp.asarray(tokens.reshape(-1))).reshape(*tokens.shape, H)
+
+
+class OutputHead:
+    """The last stage's end of the stream. final_norm: [H]; lm_head: [H, V] or None."""
+
+    def __init__(self, final_norm, lm_head, model, backend):
+        self.final_norm, self.lm_head, self.model = final_norm, lm_head, model
+        self.backend, self.xp = backend, backend.xp
+
+    def __call__(self, x, valid: np.ndarray, logits: bool):
+        """x: [s, L, H] bf16; valid: [s, L] bool -> (hidden [s, L, H] bf16 with padding zeroed,
+        logits [s, L, V] bf16 (padding zeroed) or None)."""
+        s, L = valid.shape
+        out = add_rmsnorm(x, None, self.final_norm, self.model.norm_eps)
+        pad = self.xp.asarray(np.flatnonzero(~valid.reshape(-1)))
+        words(out.reshape(-1, self.model.hidden_size))[pad] = 0
+        if not logits:
+            return out, None
+        scores = matmul_bf16(out, self.lm_head, self.xp)
+        words(scores.reshape(s * L, self.model.vocab_size))[pad] = 0   # by V: a rank may hold no sequence (s = 0)
+        return out, scores
+
+    def logprobs(self, out, tokens: np.ndarray, lengths: np.ndarray, rows_per_step: int = 1024):
+        """out: [s, L, H] bf16 final hidden states; tokens: [s, L] host ints -> [s, L] float32
+        host: log p(tokens[:, t+1]) at position t, NaN at each sequence's last position and at
+        padding. ``rows_per_step`` positions at a time, so [rows, V] fp32 logits are the most
+        this ever holds, whatever the chunk."""
+        xp = self.xp
+        s, L, H = out.shape
+        has_next = np.arange(L)[None, :] < lengths[:, None] - 1
+        rows = np.flatnonzero(has_next)                   # flat positions; row + 1 is the next token
+        targets = tokens.reshape(-1)[rows + 1]
+        result = np.full(s * L, np.nan, np.float32)
+        flat = out.reshape(-1, H)
+        for a in range(0, rows.size, rows_per_step):
+            r = rows[a:a + rows_per_step]
+            lp = token_logprobs(take_rows(flat, xp.asarray(r)), self.lm_head, xp.asarray(targets[a:a + r.size]), xp)
+            result[r] = self.backend.to_host(lp)
+        return result.reshape(s, L)
+
+
+__all__ = ["AttentionBlock", "MlpBlock", "Embedding", "OutputHead"]
