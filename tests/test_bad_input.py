@@ -480,6 +480,16 @@ def test_huge_set_value_is_a_config_error(tmp_path, tiny_files):
     assert_clean_failure(run_cmd(case, 2), 2, case.needles, case.output)
 
 
+def test_model_size_set_against_the_checkpoint_is_refused_before_placement(tmp_path, tiny_files):
+    """A mistyped model size is refused by the checkpoint's model table before the placement is
+    built for it (which, at 10^8 experts, ran out of memory as an internal error)."""
+    weights, inputs = tiny_files
+    case = Case(weights, inputs, tmp_path / "out.h5",
+                ("checkpoint has model.num_experts = 8 but the run config has 100000000",),
+                ("--set", "model.num_experts=100000000"))
+    assert_clean_failure(run_cmd(case, 2), 2, case.needles, case.output)
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("num_local_experts", "eight", "num_local_experts must be an integer, got 'eight'"),
     ("num_local_experts", 8.5, "num_local_experts must be an integer, got 8.5"),
@@ -496,6 +506,8 @@ def test_hf_config_json_bad_field_names_file_and_key(key, value, needle, tmp_pat
     outcome = run_ranks("run", folder, "--weights", folder, "--input", folder / "reference.h5", "--output", out,
                         ranks=2)
     assert_clean_failure(outcome, 2, (folder / "config.json", needle), out)
+
+
 # ================================================================== issue 21: outputs a user can trust
 # Inputs are never overwritten, an output that is not a regular file is refused, every path the
 # job writes is checked before any work, one job per output, a full disk or an error found

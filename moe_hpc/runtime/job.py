@@ -19,6 +19,7 @@ from ..config.run_config import Config
 from ..device.backend import free_memory_bytes
 from ..files.atomic import check_output
 from ..files.batches import open_input
+from ..files.checkpoint import Checkpoint
 from ..files.lock import lock_path_for
 from .resume import progress_path_for
 from .signals import StopRequest
@@ -91,9 +92,14 @@ def check_outputs(job: Job) -> None:
 
 
 def check_setup(job: Job, num_dense: int) -> InputMeta:
-    """Rank 0: the output may be written, the input is readable; its shape and chunk sizes."""
+    """Rank 0: the output may be written, the checkpoint is this model's, the input is readable;
+    its shape and chunk sizes."""
     check_outputs(job)
     cfg = job.cfg
+    # the checkpoint's model table before placement: a mistyped --set model.num_experts must be
+    # refused by name here, not found as an allocation the size of that table
+    with Checkpoint(job.weights, cfg.model):
+        pass
     batch = open_input(job.input, cfg.model.hidden_size, cfg.model.vocab_size)
     try:
         if cfg.run.logprobs and batch.kind != "tokens":
