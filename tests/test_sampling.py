@@ -127,10 +127,10 @@ def test_tokens_do_not_depend_on_row_order_or_batch_company():
     t2, l2 = pick_tokens(logits[perm], seq[perm], step[perm], params)
     assert t2.tolist() == tokens[perm].tolist() and l2.tolist() == logprobs[perm].tolist()
     for r in range(9):                                      # each row alone, and among strangers
-        alone, _ = pick_tokens(logits[r:r + 1], seq[r:r + 1], step[r:r + 1], params)
+        alone, lp_alone = pick_tokens(logits[r:r + 1], seq[r:r + 1], step[r:r + 1], params)
         company = np.concatenate([rng.normal(size=(3, 64)).astype(np.float32), logits[r:r + 1]])
-        mixed, _ = pick_tokens(company, np.array([90, 91, 92, seq[r]]), np.array([0, 1, 2, step[r]]), params)
-        assert alone[0] == mixed[3] == tokens[r]
+        mixed, lp_mixed = pick_tokens(company, np.array([90, 91, 92, seq[r]]), np.array([0, 1, 2, step[r]]), params)
+        assert alone[0] == mixed[3] == tokens[r] and lp_alone[0] == lp_mixed[3] == logprobs[r]
     varied = [pick_tokens(logits[:1], np.array([s]), np.array([0]), params)[0][0] for s in range(40)]
     assert len(set(varied)) > 3, "the sequence id must key the draw"
 

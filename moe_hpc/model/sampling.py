@@ -72,36 +72,43 @@ def uniforms(seed: int, seq_ids: np.ndarray, step: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- one row's distribution
 
-def _ranked(z: np.ndarray, m: int) -> np.ndarray:
-    """Ids of the ``m`` largest of ``z`` [V] (more when values tie at the m-th), sorted by value
-    descending, then by id: one deterministic order whatever the partition's internals."""
-    if m < len(z):
-        cut = np.partition(z, len(z) - m)[len(z) - m]
-        ids = np.flatnonzero(z >= cut)
+def _ranked(x: np.ndarray, m: int) -> np.ndarray:
+    """Ids of the ``m`` largest of ``x`` [V] (more when values tie at the m-th), sorted by value
+    descending, then by id: one deterministic order whatever the partition's internals. Ranked
+    on the fp32 logits themselves: dividing by a temperature keeps the order."""
+    if m < len(x):
+        cut = np.partition(x, len(x) - m)[len(x) - m]
+        ids = np.flatnonzero(x >= cut)
     else:
-        ids = np.arange(len(z))
-    return ids[np.lexsort((ids, -z[ids]))]
+        ids = np.arange(len(x))
+    return ids[np.lexsort((ids, -x[ids]))]
 
 
 def kept_tokens(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """The tokens sampling may draw for one row and their renormalised probabilities.
 
     logits: [V] float32 -> (ids [m] int64 in the draw's order, probs [m] float64 summing to 1).
-    Ties are ranked by id, so at a top-k or top-p boundary the lower id is kept.
+    Ties are ranked by id, so at a top-k or top-p boundary the lower id is kept. With neither
+    top-k nor top-p every id is kept, in id order (no sort: any fixed order draws the same law).
+    Probabilities are float64 of ``logits / temperature``; only the candidates are sorted.
     """
-    z = logits.astype(np.float64) / params.temperature
-    V = len(z)
+    x, t = np.asarray(logits, np.float32), params.temperature
+    V = len(x)
     k = params.top_k if 0 < params.top_k < V else V
-    m = k if (k < V or params.top_p >= 1) else min(V, FIRST_CANDIDATES)
-    weights_all = np.exp(z - z.max())
+    top = np.float64(x.max()) / t
+    if k == V and params.top_p >= 1:
+        weights = np.exp(x.astype(np.float64) / t - top)
+        return np.arange(V), weights / weights.sum()
+    m, total = (k if k < V else min(V, FIRST_CANDIDATES)), None
     while True:
-        ids = _ranked(z, m)[:k]
-        weights = weights_all[ids]
+        ids = _ranked(x, m)[:k]
+        weights = np.exp(x[ids].astype(np.float64) / t - top)
         if params.top_p >= 1:
             return ids, weights / weights.sum()
         # top-p's mass is that of the top-k set (all V when top-k is off), summed in the
         # ranked order: the same prefix sums whatever m was, so growing m changes nothing.
-        total = weights.sum() if k < V else weights_all.sum()
+        if total is None:
+            total = weights.sum() if k < V else np.exp(x.astype(np.float64) / t - top).sum()
         cumulative = np.cumsum(weights) / total
         reached = np.flatnonzero(cumulative >= params.top_p)
         if len(reached) or len(ids) >= k:
@@ -118,11 +125,13 @@ def _draw(ids: np.ndarray, probs: np.ndarray, u: float) -> int:
 
 
 def log_softmax_at(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """log-softmax of the unmodified logits [n, V] at ``tokens`` [n]: [n] float32 (computed in float64)."""
-    x = logits.astype(np.float64)
-    top = x.max(axis=1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
-    return (x[np.arange(len(x)), tokens] - lse).astype(np.float32)
+    """log-softmax of the unmodified logits [n, V] float32 at ``tokens`` [n]: [n] float32.
+
+    exp in fp32 (the logits' own precision; 20x faster than float64 at V = 129k), summed in float64.
+    """
+    top = logits.max(axis=1)
+    lse = top.astype(np.float64) + np.log(np.exp(logits - top[:, None]).sum(axis=1, dtype=np.float64))
+    return (logits[np.arange(len(logits)), tokens].astype(np.float64) - lse).astype(np.float32)
 
 
 def pick_tokens(logits: np.ndarray, seq_ids: np.ndarray, step: np.ndarray,
