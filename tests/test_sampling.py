@@ -172,3 +172,10 @@ def test_check_sampling_accepts_the_edges():
     for params in (SamplingParams(), SamplingParams(temperature=2.0, top_k=0, top_p=1.0, seed=-3),
                    SamplingParams(temperature=1e-3, top_k=1, top_p=1e-9)):
         check_sampling(params)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0, top_k=5, top_p=0.9)])
+def test_no_rows_gives_empty_arrays(params):
+    """A rank whose sequences have all finished still takes part in the step, with no rows."""
+    tokens, logprobs = pick_tokens(np.zeros((0, 10), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), params)
+    assert (tokens.dtype, tokens.shape, logprobs.dtype, logprobs.shape) == (np.int32, (0,), np.float32, (0,))
