@@ -179,3 +179,11 @@ def test_no_rows_gives_empty_arrays(params):
     """A rank whose sequences have all finished still takes part in the step, with no rows."""
     tokens, logprobs = pick_tokens(np.zeros((0, 10), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), params)
     assert (tokens.dtype, tokens.shape, logprobs.dtype, logprobs.shape) == (np.int32, (0,), np.float32, (0,))
+
+
+def test_uniforms_bits_are_pinned():
+    """The draws' bits are part of the contract (a resumed or upgraded run repeats its tokens):
+    these values are SplitMix64 chained over (seed, sequence, step) as first released."""
+    got = uniforms(0, np.array([0, 1, 2 ** 40]), np.array([0, 0, 7]))
+    assert [float(v).hex() for v in got] == ["0x1.1c13ade1c7e5cp-3", "0x1.1396e6040319ep-2", "0x1.38229c2eec7d5p-1"]
+    assert float(uniforms(np.int64(-3), np.array([5]), np.array([1]))[0]).hex() == "0x1.0428340638e44p-3"

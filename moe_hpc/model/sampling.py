@@ -6,7 +6,8 @@ most probable tokens whose mass reaches p), renormalises and draws.  The draw fo
 ``s`` at step ``i`` uses one uniform number that is a pure function of (seed, s, i), and every
 row is computed alone, so a token never depends on ranks, roles, chunking, batching or row order.
 
-All of it runs on the host in NumPy: a step's logits are [n, V] fp32, small next to the step.
+All of it runs on the host in NumPy over the step's [n, V] fp32 logits, a row at a time where
+rows differ in what they keep (docs/sampling.md gives the cost).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def uniforms(seed: int, seq_ids: np.ndarray, step: np.ndarray) -> np.ndarray:
     folded in, so neighbouring sequences and steps get unrelated numbers.
     """
     with np.errstate(over="ignore"):
-        h = _splitmix64(np.full(len(seq_ids), seed & MASK64, np.uint64))
+        h = _splitmix64(np.full(len(seq_ids), int(seed) & MASK64, np.uint64))
         h = _splitmix64(h ^ np.asarray(seq_ids, np.int64).astype(np.uint64))
         h = _splitmix64(h ^ np.asarray(step, np.int64).astype(np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53     # the top 53 bits: exact in a double
