@@ -273,3 +273,20 @@ def test_variants_match_the_float64_reference(case, tmp_path):
     err = np.linalg.norm(logits - ref.logits, axis=-1)[valid] / np.linalg.norm(ref.logits, axis=-1)[valid]
     assert np.median(err) < SYNTH_GATED_MEDIAN
     assert np.isfinite(logprobs).sum() == (lengths - 1).sum()
+
+
+def test_generate_fixture_script_imports_without_torch_and_cuts_six_prompts():
+    """tests/fixtures/make_generate_fixtures.py runs on the device only, but must import here
+    (torch and transformers inside its functions) and cut prompts the fixtures can continue."""
+    import importlib.util
+    path = fixture("mixtral").parent / "make_generate_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_generate_fixtures", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for family in script.FAMILIES:
+        tokens, lengths = script.prompt_batch(fixture(family) / "reference.h5")
+        _, source, _ = reference(family)
+        positions = json.loads((fixture(family) / "config.json").read_text())["max_position_embeddings"]
+        assert len(set(lengths.tolist())) == 6 and lengths.max() + script.NEW_TOKENS <= positions
+        for s, (row, n) in enumerate(script.PROMPTS):
+            assert tokens[s, :n].tolist() == source[row, :n].tolist() and not tokens[s, n:].any()

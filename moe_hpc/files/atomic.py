@@ -100,9 +100,9 @@ def atomic_path(path: str | Path, durable: bool = True):
 
 
 def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> None:
-    """A small text file (JSON, a table, a DOT graph), all or nothing."""
+    """A small text file (JSON, a table, a DOT graph), all or nothing, in UTF-8 whatever the locale."""
     with atomic_path(path, durable) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 __all__ = ["check_output", "tmp_path_for", "fsync_path", "publish", "atomic_path", "write_text_atomic"]
