@@ -291,3 +291,14 @@ def test_dense_weights_count_the_head_for_logprobs_and_a_tied_copy():
     without = plan_memory(off, cl, make_layout(off, cl), workload_of(off, cl))
     dense = lambda mem: max(g.memory.dense_weights for g in mem)
     assert dense(with_head) - dense(without) == 7168 * 1000 * 2
+
+
+def test_smallest_fit_searches_past_a_world_of_64_ranks_or_more():
+    """A world already at the one-by-one search's end still gets counts past it (it raised
+    IndexError at 64 ranks, an internal error instead of the refusal)."""
+    from moe_hpc.config.run_config import load_config
+    from moe_hpc.planner.fit import rank_memory, smallest_fit
+    cfg = load_config(REPO / "inputs" / "seed61.toml", [])
+    need = max(m.total for m in rank_memory(cfg, 64, 4096))
+    found = smallest_fit(cfg, 64, 4096, need - 1)
+    assert found is None or found > 64

@@ -76,7 +76,8 @@ def smallest_fit(cfg: Config, world_size: int, seq_len: int, free: int) -> int |
     if min(_unspread(m) for m in rank_memory(cfg, world_size, seq_len) if m.dense_weights) > free:
         return None
     step = cfg.parallel.dp
-    counts = list(range(world_size + step, max(world_size, ONE_BY_ONE) + 1, step))
+    # at least one count past the world, however large the world already is
+    counts = list(range(world_size + step, max(world_size + step, ONE_BY_ONE) + 1, step))
     while counts[-1] < MOST_RANKS:           # past ONE_BY_ONE, doubling (each plan takes longer)
         counts.append(2 * counts[-1])
     return next((n for n in counts if _fits_with(cfg, n, seq_len, free)), None)
