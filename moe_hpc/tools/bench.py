@@ -15,7 +15,8 @@ Layer figures:
   overlap     max(t_exchange, t_experts) / t_layer (1.0: the shorter one is fully hidden)
   t_plain     the same layer written the plain way (tools/plain_ep.py: sort, counts to the host,
               one all-to-all of rows, per-expert GEMMs, all-to-all back, no overlap); the
-              speedup is t_plain / t_layer
+              speedup is t_plain / t_layer (not timed with expert TP, nor with ranks sharing a GPU,
+              which NCCL refuses: the ``ipc`` transport's one-GPU correctness set-up)
 
 With ``--expert-tp t`` the experts alone include the TP group's broadcast and fp32 reduction, and
 expert FLOPs count the work each GPU did: its F / t columns of the leader's rows.
@@ -165,7 +166,9 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     phases = _local_phases(engine, layer, m, ids, timer, cp)
     timeline = layer_timeline(engine, layer, m, ids, cp) if isinstance(moe.hook, StepTimeline) else None
     t_plain = None                              # the plain layer has no tensor parallelism
-    if moe.tp is None:
+    # nor does it run with ranks sharing a GPU (NCCL refuses that; the ipc transport's correctness set-up)
+    shared_gpu = agree_max(engine.topo.world, int(engine.topo.node.Get_size() > cp.cuda.runtime.getDeviceCount()))
+    if moe.tp is None and not shared_gpu:
         plain = PlainEpLayer(engine.topo.exchange, cp, moe.tables, moe.experts, moe.gates[layer].gate, cfg.top_k,
                              cfg.normalize_topk, (layer - cfg.first_dense_layers) * cfg.num_experts)
         t_plain = timer(lambda: plain(m))
@@ -396,7 +399,7 @@ def format_table(r: dict) -> str:
             ("exchange alone: ms, GB/s per GPU", f"{L['t_exchange_ms']:.2f}, {L['exchange_gb_s_per_gpu']:.0f}"),
             ("  plain all-to-all: ms, GB/s", f"{L['t_a2a_ms']:.2f}, {L['a2a_gb_s_per_gpu']:.0f}"),
             ("overlap efficiency", f"{L['overlap_efficiency']:.2f}"),
-            ("plain EP layer: ms (ours faster by)", "n/a with expert TP" if L["t_plain_ep_ms"] is None else
+            ("plain EP layer: ms (ours faster by)", "n/a (expert TP or a shared GPU)" if L["t_plain_ep_ms"] is None else
              f"{L['t_plain_ep_ms']:.2f} ({L['speedup_vs_plain_ep']:.2f}x)"),
             ("peak pool GiB per GPU", f"{L['peak_pool_gib']:.1f}"),
             ("local steps ms (gate, plan, pack, combine)",
