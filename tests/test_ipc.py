@@ -1,7 +1,8 @@
 """The ``ipc`` transport's host side, on the CPU: its block tables, offsets exchange and region
 arithmetic, checked by simulating every rank with NumPy (the put kernel's twin is one slice
 assignment per table block) against the MPI transports' way of moving the same rows (land peer
-by peer, then scatter).  The device side runs in tests/test_gpu.py."""
+by peer, then scatter); and the transport object's glue on one rank over fake device memory.
+The device side runs in tests/test_gpu.py."""
 import numpy as np
 import pytest
 
@@ -124,3 +125,155 @@ def test_ipc_on_the_cpu_backend_is_a_config_error():
     from moe_hpc.device.backend import Backend
     with pytest.raises(ConfigError, match=r"run.transport = 'ipc' needs the GPU backend"):
         make_transport("ipc", None, 64, Backend("cpu", np))
+
+
+# ------------------------------------------------------------- the transport's glue, one rank
+
+class _Heap:
+    """Fake device memory: one host byte array; a "device pointer" is an offset into it (+ 4096,
+    so no pointer is 0)."""
+    BASE = 4096
+
+    def __init__(self, nbytes=1 << 20):
+        self.bytes, self.top = np.zeros(nbytes, np.uint8), self.BASE
+
+    def malloc(self, n):
+        ptr, self.top = self.top, self.top + -(-n // 256) * 256
+        return ptr
+
+    def view(self, ptr, shape, dtype):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return _Dev(self, self.bytes[ptr - self.BASE:ptr - self.BASE + n].view(dtype).reshape(shape))
+
+
+class _Dev(np.ndarray):
+    """A host array that answers ``.data.ptr`` with its fake device address."""
+
+    def __new__(cls, heap, array):
+        out = array.view(cls)
+        out.heap = heap
+        return out
+
+    def __array_finalize__(self, obj):
+        self.heap = getattr(obj, "heap", None)
+
+    @property
+    def data(self):
+        from types import SimpleNamespace
+        origin = self.heap.bytes.__array_interface__["data"][0]
+        return SimpleNamespace(ptr=self.__array_interface__["data"][0] - origin + _Heap.BASE)
+
+
+def _fake_gpu(monkeypatch):
+    """A Backend whose xp is just enough CuPy over a _Heap, and the three kernels as NumPy."""
+    from types import SimpleNamespace
+
+    from moe_hpc.device import peer_rows
+    heap, calls = _Heap(), []
+
+    def memset(ptr, value, n):
+        heap.bytes[ptr - heap.BASE:ptr - heap.BASE + n] = value
+
+    def memcpy(dst, src, n, kind, stream):
+        heap.bytes[dst - heap.BASE:dst - heap.BASE + n] = heap.bytes[src - heap.BASE:src - heap.BASE + n].copy()
+        calls.append("copy-out")
+
+    runtime = SimpleNamespace(malloc=heap.malloc, memset=memset, deviceSynchronize=lambda: None, free=lambda p: None,
+                              ipcGetMemHandle=lambda p: b"h%d" % p, ipcOpenMemHandle=lambda h: int(h[1:]),
+                              ipcCloseMemHandle=lambda p: None, memcpyAsync=memcpy)
+    cuda = SimpleNamespace(runtime=runtime, UnownedMemory=lambda ptr, size, owner: ptr,
+                           MemoryPointer=lambda mem, off: mem + off)
+    xp = SimpleNamespace(cuda=cuda, asarray=np.asarray,
+                         ndarray=lambda shape, dtype, memptr: heap.view(memptr, shape, dtype))
+
+    class Stream:
+        ptr = 0
+
+        def wait_event(self, event):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    backend = SimpleNamespace(name="gpu", xp=xp, new_stream=lambda high_priority=False: Stream(),
+                              record=lambda stream=None: "event", current_stream=lambda: Stream())
+
+    def flags(bases, rank):
+        return heap.view(int(bases[rank]), (3,), np.uint64)       # one rank: READY, DONE, ARRIVE
+
+    def ready(bases, me, peers, seq):
+        flags(bases, me)[me] = seq
+        calls.append("ready")
+
+    def put(src, bases, area, table, blocks, me, peers, seq):
+        assert flags(bases, me)[0] >= seq, "put before every peer was ready"
+        rb = src.shape[1] * src.dtype.itemsize
+        for p, s, d, n in np.asarray(table).T:
+            dst = int(bases[p]) + area + int(d) * rb
+            heap.bytes[dst - heap.BASE:dst - heap.BASE + int(n) * rb] = src[s:s + n].view(np.uint8).reshape(-1)
+        flags(bases, me)[peers + me] = seq
+        calls.append("put")
+
+    def wait(bases, me, peers, seq):
+        assert flags(bases, me)[peers] >= seq, "waited past a transfer that had not arrived"
+        calls.append("wait")
+
+    monkeypatch.setattr(peer_rows, "signal_ready", ready)
+    monkeypatch.setattr(peer_rows, "put_rows", put)
+    monkeypatch.setattr(peer_rows, "wait_done", wait)
+    return backend, heap, calls
+
+
+class _OneRank(_Comm):
+    def __init__(self):
+        super().__init__(1, 1)
+
+    def allgather(self, x):
+        return [x]
+
+    def Alltoall(self, send, recv):
+        recv[...] = send
+
+    def Barrier(self):
+        pass
+
+
+def test_one_rank_transfers_land_in_the_exchange_buffers_and_come_back(monkeypatch):
+    """The transport's host glue on fake device memory: mapped receive buffers, prepared tables,
+    growth at prepare, a transfer into an unmapped buffer (spare area, then one copy out)."""
+    from moe_hpc.comm.exchange import Exchange
+    from moe_hpc.comm.ipc import IpcTransport
+    from moe_hpc.device.dtypes import BF16
+    backend, heap, calls = _fake_gpu(monkeypatch)
+    H, rng = 8, np.random.default_rng(9)
+    transport = IpcTransport(_OneRank(), H, backend)
+    ex = Exchange(_OneRank(), H, backend, transport)
+    lay = layouts(1, 3, 3, np.random.default_rng(4))[0]
+    peer, slots = lay.sends[0], lay.receives[0]
+    assert slots.extent > transport.capacity                # prepare must grow the regions
+    route, = ex.prepare([(peer, slots)])
+    assert transport.capacity >= slots.extent
+    send = heap.view(heap.malloc(peer.rows * H * 2), (peer.rows, H), BF16)
+    send[...] = rng.standard_normal((peer.rows, H)).astype(BF16)
+    recv = ex.buffer("dispatch-recv", 1, slots.extent)
+    assert transport._area_of(recv) == 1                    # the mapped dispatch slot 1
+    rows = ex.post(send, peer, recv, slots, route).wait()
+    expected = np.zeros((slots.extent, H), BF16)
+    scatter = slots.peer_major_scatter()
+    expected[np.arange(peer.rows) if scatter is None else scatter] = np.asarray(send)
+    live = slots.counts.sum(axis=0) > 0                     # padding rows are never written
+    for s in np.nonzero(live)[0]:
+        a, n = int(slots.offsets[0, s]), int(slots.counts[0, s])
+        np.testing.assert_array_equal(np.asarray(rows)[a:a + n], expected[a:a + n])
+    back = ex.buffer("combine-recv", 0, peer.rows)
+    assert transport._area_of(back) == 2
+    np.testing.assert_array_equal(np.asarray(ex.post(rows, slots, back, peer, route).wait()), np.asarray(send))
+    assert calls == ["ready", "put", "wait"] * 2
+    # an unmapped receive buffer: lands in the spare area, copied out once
+    elsewhere = heap.view(heap.malloc(peer.rows * H * 2), (peer.rows, H), BF16)
+    ex.post(send, peer, elsewhere, peer).wait()             # unprepared: its own offsets exchange
+    np.testing.assert_array_equal(np.asarray(elsewhere), np.asarray(send))
+    assert calls[-1] == "copy-out" and transport.seq == 3

@@ -19,7 +19,7 @@ One transfer is three launches on the transport's stream, every rank the same:
     wait:  spin until own DONE[p] >= seq for every p (1 block)
 
 The put kernel has a fixed grid (``PUT_BLOCKS``): it uses that many SMs at most, leaving the rest
-to the expert GEMMs.  Spins sleep (``__nanosleep``) between polls.  Ranks sharing one GPU take
+to the expert GEMMs.  Spins sleep (PTX ``nanosleep``) between polls.  Ranks sharing one GPU take
 turns by time slicing, so each spin gives way to the other process after its slice: correct,
 not fast (a correctness set-up, not a benchmark one).
 """
@@ -35,6 +35,7 @@ FLAG_WORDS_PER_PEER = 2  # READY and DONE; plus one ARRIVE word per region
 
 _SOURCE = r"""
 typedef unsigned long long u64;
+#define POLL_PAUSE() asm volatile("nanosleep.u32 256;")    /* sm_70+: back off between polls */
 
 extern "C" __global__ void moe_peer_ready(const u64* bases, int me, int peers, u64 seq) {
     __threadfence_system();            // the reads queued before this transfer are done
@@ -44,7 +45,7 @@ extern "C" __global__ void moe_peer_ready(const u64* bases, int me, int peers, u
 extern "C" __global__ void moe_peer_wait(const u64* bases, int me, int peers, u64 seq) {
     if (threadIdx.x < peers) {
         volatile u64* done = (volatile u64*)bases[me] + peers + threadIdx.x;
-        while (*done < seq) __nanosleep(256);
+        while (*done < seq) POLL_PAUSE();
     }
     __threadfence_system();
 }
@@ -56,7 +57,7 @@ extern "C" __global__ void moe_peer_put(const T* __restrict__ src, const u64* __
     u64* own = (u64*)bases[me];
     if (threadIdx.x < peers) {         // every peer has armed this transfer
         volatile u64* ready = (volatile u64*)own + threadIdx.x;
-        while (*ready < seq) __nanosleep(256);
+        while (*ready < seq) POLL_PAUSE();
     }
     __syncthreads();
     int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
