@@ -142,7 +142,11 @@ class IpcTransport:
 
     def _allocate(self, total: int) -> bytes:
         rt = self.xp.cuda.runtime
-        self.region = rt.malloc(total)
+        try:
+            self.region = rt.malloc(total)
+        except Exception:                          # CuPy's pool may hold the memory, unused: give it back
+            self.xp.get_default_memory_pool().free_all_blocks()
+            self.region = rt.malloc(total)
         rt.memset(self.region, 0, total)           # flags start at 0: below every seq
         rt.deviceSynchronize()
         return rt.ipcGetMemHandle(self.region)
