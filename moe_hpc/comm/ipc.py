@@ -237,6 +237,8 @@ class IpcTransport:
     def start(self, send, send_layout: RowLayout, recv, recv_layout: RowLayout, route: Route | None = None) -> dict:
         from ..device.peer_rows import put_rows, signal_ready, wait_done
         table = self._table(send_layout, recv_layout, route)      # may grow the regions: first
+        if recv_layout.extent > self.capacity:     # prepare sized every area for its routes: a bug
+            raise RuntimeError(f"ipc transport: {recv_layout.extent} rows exceed its {self.capacity}-row areas")
         area = self._area_of(recv)
         self.seq += 1
         me, P, seq = self.rank, self.size, self.seq
