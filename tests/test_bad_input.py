@@ -307,6 +307,8 @@ CASES = [
     pytest.param(set_case("run.device=tpu", needles=("run.device",)), 2, id="set-bad-value"),
     pytest.param(set_case("parallel.dense_ranks=2", needles=("parallel.dense_ranks",)),
                  2, id="set-dense-ranks-leaves-no-expert-rank"),
+    pytest.param(set_case("run.transport=ipc", needles=("run.transport = 'ipc' needs the GPU backend",)),
+                 2, id="set-ipc-transport-on-cpu"),
 ]
 
 

@@ -125,8 +125,14 @@ class Exchange:
         return self.transport.name
 
     def buffer(self, name: str, slot: int, rows: int, width: int | None = None):
-        """A reusable [rows, width] bf16 buffer; grows by half again when too small."""
+        """A reusable [rows, width] bf16 buffer; grows by half again when too small. A transport
+        that maps receive buffers for its peers (``ipc``) hands out its own for the names it
+        maps (``receive_area``), so rows land where the experts and the combine read them."""
         width = width or self.hidden_size
+        mapped = getattr(self.transport, "receive_area", None)
+        view = mapped(name, slot, rows, width) if mapped is not None else None
+        if view is not None:
+            return view
         key = (name, slot, width)
         buf = self._buffers.get(key)
         if buf is None or buf.shape[0] < rows:

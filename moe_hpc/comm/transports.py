@@ -4,8 +4,10 @@
   memory when the MPI is CUDA-aware);
 - ``mpi-staged``: device -> pinned host copies on the exchange stream, ``Ialltoallv`` on host
   memory, host -> device copies back;
-- ``nccl`` (``nccl.py``): grouped NCCL send/recv, one per (peer, slot) block, so rows land
-  slot-major with no extra copy.
+- ``nccl`` (``nccl.py``): grouped NCCL send/recv, one per peer, and one block permute on each
+  side between peer order and the expert slots;
+- ``ipc`` (``ipc.py``): rows written straight into the peers' receive slots through GPU memory
+  mapped with CUDA IPC (intranode only), no permute on either side.
 
 MPI transports receive peer-major and scatter to slot-major on the exchange stream.  While a
 GPU rank waits for device work before posting, it polls ``Testall`` on the exchanges in flight,
@@ -36,6 +38,9 @@ def make_transport(kind: str, comm, hidden_size: int, backend: Backend, cuda_awa
     if kind == "nccl":
         from .nccl import NcclTransport
         return NcclTransport(comm, hidden_size, backend)
+    if kind == "ipc":
+        from .ipc import IpcTransport
+        return IpcTransport(comm, hidden_size, backend)
     if kind == "mpi" and not aware:
         raise ConfigError("run.transport = 'mpi' on the GPU needs a CUDA-aware MPI, and this one "
                           "does not report CUDA support; use 'mpi-staged' or 'nccl', or set "

@@ -31,7 +31,7 @@ PLACEMENTS = ("auto", "shared", "disjoint")
 DEVICES = ("cpu", "gpu", "auto")
 ATTENTION_CORES = ("auto", "cudnn", "tiles")
 OUTPUT_DTYPES = ("bfloat16", "float32")
-TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl")
+TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl", "ipc")
 LOAD_RATIO = Rule(1, open_low=True, note="max/mean load is never below 1")
 
 
@@ -148,7 +148,7 @@ class RunConfig:
     output_dtype: str = "bfloat16"  # dtype of /hidden in the output file
     logits: bool = False            # also write /logits (needs vocab_size > 0)
     logprobs: bool = False          # also write /logprobs: log p(next input token) [S, L]
-    transport: str = "auto"         # auto | mpi | mpi-staged | nccl (GPU); the CPU uses mpi
+    transport: str = "auto"         # auto | mpi | mpi-staged | nccl | ipc (GPU); the CPU uses mpi
     cuda_aware_mpi: str = "auto"    # auto | yes | no: whether MPI takes device buffers
     balance: bool = False           # move selection biases against load at run time (changes routing)
     balance_threshold: float = checked(1.2, LOAD_RATIO)  # act when a micro-batch's max/mean expert load exceeds this

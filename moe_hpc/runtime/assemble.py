@@ -43,7 +43,9 @@ class Wiring:
 def wire(cfg, topo, backend) -> Wiring:
     """Collective over the world (the attention choice is agreed on by every rank)."""
     m = cfg.model
-    transport = make_transport(cfg.run.transport, topo.exchange, m.hidden_size, backend, cfg.run.cuda_aware_mpi)
+    # a transport the run cannot have (ipc on the CPU, across nodes) is refused on every rank: one error line
+    transport = collective(topo.world, make_transport, cfg.run.transport, topo.exchange, m.hidden_size, backend,
+                           cfg.run.cuda_aware_mpi)
     exchange = Exchange(topo.exchange, m.hidden_size, backend, transport)
     tp_group = None if topo.tp is None else make_group(topo.tp, backend)
     dense_group = None if topo.dense_tp_comm is None else make_group(topo.dense_tp_comm, backend)

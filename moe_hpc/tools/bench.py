@@ -15,7 +15,8 @@ Layer figures:
   overlap     max(t_exchange, t_experts) / t_layer (1.0: the shorter one is fully hidden)
   t_plain     the same layer written the plain way (tools/plain_ep.py: sort, counts to the host,
               one all-to-all of rows, per-expert GEMMs, all-to-all back, no overlap); the
-              speedup is t_plain / t_layer
+              speedup is t_plain / t_layer (not timed with expert TP, nor with ranks sharing a GPU,
+              which NCCL refuses: the ``ipc`` transport's one-GPU correctness set-up)
 
 With ``--expert-tp t`` the experts alone include the TP group's broadcast and fp32 reduction, and
 expert FLOPs count the work each GPU did: its F / t columns of the leader's rows.
@@ -161,11 +162,13 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     rows = [_random(cp, (lay.extent, H), 1.0) for lay in layouts]
     outs = [cp.empty_like(r) for r in rows]
     t_experts, t_cublas = _expert_times(engine, layouts, rows, outs, timer, cp)
-    t_exchange, t_a2a, moved = _exchange_times(engine, sends, layouts, rows, outs, timer, cp)
+    t_exchange, t_a2a, moved = _exchange_times(engine, sends, layouts, outs, timer, cp)
     phases = _local_phases(engine, layer, m, ids, timer, cp)
     timeline = layer_timeline(engine, layer, m, ids, cp) if isinstance(moe.hook, StepTimeline) else None
     t_plain = None                              # the plain layer has no tensor parallelism
-    if moe.tp is None:
+    # nor does it run with ranks sharing a GPU (NCCL refuses that; the ipc transport's correctness set-up)
+    shared_gpu = agree_max(engine.topo.world, int(engine.topo.node.Get_size() > cp.cuda.runtime.getDeviceCount()))
+    if moe.tp is None and not shared_gpu:
         plain = PlainEpLayer(engine.topo.exchange, cp, moe.tables, moe.experts, moe.gates[layer].gate, cfg.top_k,
                              cfg.normalize_topk, (layer - cfg.first_dense_layers) * cfg.num_experts)
         t_plain = timer(lambda: plain(m))
@@ -220,7 +223,7 @@ def _expert_times(engine: Engine, layouts, rows, outs, timer: Timer, cp) -> tupl
     return t_experts, timer(plain_gemms)
 
 
-def _exchange_times(engine: Engine, sends, layouts, rows, outs, timer: Timer, cp) -> tuple[float, float, int]:
+def _exchange_times(engine: Engine, sends, layouts, outs, timer: Timer, cp) -> tuple[float, float, int]:
     """Dispatch + combine of the layer's rows alone, one plain all-to-all of the same bytes, and
     the bytes this rank moved (both directions)."""
     ex, H = engine.moe.exchange, engine.cfg.model.hidden_size
@@ -228,9 +231,11 @@ def _exchange_times(engine: Engine, sends, layouts, rows, outs, timer: Timer, cp
     routes = ex.prepare(list(zip(sends, layouts)))       # as the layer does, once per step
 
     def exchange_alone():
-        for sl, sb, rl, rb, ob, route in zip(sends, send_bufs, layouts, rows, outs, routes):
-            ex.post(sb, sl, rb, rl, route).wait()
-            ex.post(ob, rl, sb, sl, route).wait()
+        """Into the exchange's own receive buffers, as the layer does (the ipc transport maps
+        them for its peers: rows land there, with no copy out)."""
+        for i, (sl, sb, rl, ob, route) in enumerate(zip(sends, send_bufs, layouts, outs, routes)):
+            ex.post(sb, sl, ex.buffer("dispatch-recv", i % 2, rl.extent), rl, route).wait()
+            ex.post(ob, rl, ex.buffer("combine-recv", i % 2, sl.rows), sl, route).wait()
     t_exchange = timer(exchange_alone)
     me = engine.topo.exchange.Get_rank()
     moved = int(sum(s.rows - s.per_peer[me] for s in sends)) * H * 2 * 2        # both directions
@@ -238,11 +243,11 @@ def _exchange_times(engine: Engine, sends, layouts, rows, outs, timer: Timer, cp
     flat_send = peer_major(per_peer[:, None])
     flat_recv = peer_major(sum(r.per_peer for r in layouts)[:, None])
     big_send = _random(cp, (flat_send.rows, H), 1.0)
-    big_recv = cp.empty((flat_recv.rows, H), BF16)
+    flat, = ex.prepare([(flat_send, flat_recv)])         # both sides peer-major: nothing to permute
 
     def a2a():
-        ex.post(big_send, flat_send, big_recv, flat_recv).wait()
-        ex.post(big_recv, flat_recv, big_send, flat_send).wait()
+        there = ex.post(big_send, flat_send, ex.buffer("dispatch-recv", 0, flat_recv.rows), flat_recv, flat).wait()
+        ex.post(there, flat_recv, ex.buffer("combine-recv", 0, flat_send.rows), flat_send, flat).wait()
     return t_exchange, timer(a2a), moved
 
 
@@ -396,7 +401,7 @@ def format_table(r: dict) -> str:
             ("exchange alone: ms, GB/s per GPU", f"{L['t_exchange_ms']:.2f}, {L['exchange_gb_s_per_gpu']:.0f}"),
             ("  plain all-to-all: ms, GB/s", f"{L['t_a2a_ms']:.2f}, {L['a2a_gb_s_per_gpu']:.0f}"),
             ("overlap efficiency", f"{L['overlap_efficiency']:.2f}"),
-            ("plain EP layer: ms (ours faster by)", "n/a with expert TP" if L["t_plain_ep_ms"] is None else
+            ("plain EP layer: ms (ours faster by)", "n/a (expert TP or a shared GPU)" if L["t_plain_ep_ms"] is None else
              f"{L['t_plain_ep_ms']:.2f} ({L['speedup_vs_plain_ep']:.2f}x)"),
             ("peak pool GiB per GPU", f"{L['peak_pool_gib']:.1f}"),
             ("local steps ms (gate, plan, pack, combine)",
