@@ -95,8 +95,12 @@ class OutputLock:
         if not same:          # the holder removed the file between our open and our lock
             os.close(fd)
             return None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder_record().encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder_record().encode(), 0)
+        except OSError as exc:        # a full disk or quota: one error line, the fd not leaked
+            os.close(fd)
+            raise OutputError(f"{self.path}: cannot write the lock record ({exc.strerror})") from None
         return fd
 
     @staticmethod

@@ -92,6 +92,17 @@ def load_progress(output: str | Path) -> Progress:
                           "discard the partial output") from None
 
 
+def finished_chunks(output: str | Path) -> tuple[int, int] | None:
+    """(done, total) from the progress record when at least one chunk is finished, else None
+    (no record, an unreadable one, or none done): the one test of whether a partial output
+    holds work worth keeping."""
+    try:
+        progress = load_progress(output)
+    except ResumeError:
+        return None
+    return (progress.chunks_done, progress.chunks_total) if progress.chunks_done else None
+
+
 def discard_partial(output: str | Path) -> None:
     """Remove ``<output>.tmp`` and its progress record; never masks the error that led here."""
     for path in (tmp_path_for(output), progress_path_for(output)):

@@ -35,8 +35,8 @@ from .assemble import assemble, load_weights, wire
 from .engine import Engine
 from .job import InputMeta, Job, check_fit, check_input_share, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
-from .resume import (Progress, discard_partial, fingerprint, kept_for_resume, progress_path_for, resume_point,
-                     save_progress)
+from .resume import (Progress, discard_partial, fingerprint, finished_chunks, kept_for_resume, progress_path_for,
+                     resume_point, save_progress)
 from .signals import StopRequest, signal_name
 
 
@@ -93,7 +93,8 @@ def run_job(comm, job: Job, log=_log) -> dict:
     try:
         meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
         lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
-        threads = limit_blas_threads(*ranks_sharing_cores(topo.node))
+        cores = ranks_sharing_cores(topo.node)
+        threads = collective(world, limit_blas_threads, *cores, debug=job.debug)
         engine = _prepare(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
@@ -105,6 +106,9 @@ def run_job(comm, job: Job, log=_log) -> dict:
         return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, log)
     except MoeHpcError as exc:
         if owned and topo.rank == 0 and exc.discards_partial:
+            done = finished_chunks(job.output)
+            if done is not None:        # e.g. a resumed run whose input went bad: keep the work
+                raise kept_for_resume(exc, *done, job.output) from exc
             discard_partial(job.output)
         raise
     finally:
