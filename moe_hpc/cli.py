@@ -167,18 +167,21 @@ def _load_config(args, comm):
 
 
 def cmd_init_weights(args, comm) -> None:
+    from .config.run_config import config_files
     from .tools.synth import write_checkpoint
     cfg = _load_config(args, comm)
-    on_rank0(comm, write_checkpoint, args.output, cfg.model, args.seed, args.overwrite, debug=args.debug)
+    on_rank0(comm, write_checkpoint, args.output, cfg.model, args.seed, args.overwrite, config_files(cfg),
+             debug=args.debug)
     if comm.Get_rank() == 0:
         print(f"wrote {args.output}")
 
 
 def cmd_make_inputs(args, comm) -> None:
+    from .config.run_config import config_files
     from .tools.synth import write_inputs
     cfg = _load_config(args, comm)
     on_rank0(comm, write_inputs, args.output, cfg.model, args.sequences, args.seq_len,
-             args.seed, args.ragged, args.overwrite, debug=args.debug)
+             args.seed, args.ragged, args.overwrite, config_files(cfg), debug=args.debug)
     if comm.Get_rank() == 0:
         print(f"wrote {args.output}")
 

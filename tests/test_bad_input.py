@@ -925,3 +925,26 @@ def test_the_dry_run_prints_the_memory_comparison(tmp_path, tiny_files):
     assert out.result.returncode == 0, out.describe()
     assert "memory: rank 0 needs 2.00 GiB" in out.result.stdout and "of 4.00 GiB free: fits" in out.result.stdout, \
         out.describe()
+
+
+@pytest.mark.parametrize("verb", ["run", "init-weights", "make-inputs", "placement-file"])
+def test_an_output_over_the_config_or_placement_file_is_refused(verb, tmp_path, tiny_files):
+    """The config TOML and a placement file are inputs too: no verb writes over them, even
+    with --overwrite."""
+    weights, inputs = _local_copies(tmp_path, *tiny_files)
+    config = tmp_path / "tiny.toml"
+    shutil.copy(TINY, config)
+    if verb == "placement-file":
+        target = tmp_path / "placement.h5"
+        target.write_bytes(b"a placement file stands here")      # the check compares paths, not contents
+        args = ("run", config, "--weights", weights, "--input", inputs, "--output", target,
+                "--set", f"parallel.placement={target}")
+    else:
+        target = config
+        args = {"run": ("run", config, "--weights", weights, "--input", inputs, "--output", target),
+                "init-weights": ("init-weights", config, "-o", target),
+                "make-inputs": ("make-inputs", config, "-o", target, "--sequences", "2", "--seq-len", "4")}[verb]
+    before = target.read_bytes()
+    out = run_ranks(*args, "--overwrite", ranks=1)
+    _assert_refused(out, 1, ("is the same file as", "never replaces an input"))
+    assert target.read_bytes() == before

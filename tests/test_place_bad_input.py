@@ -1,5 +1,7 @@
 """Bad placement, trace and cluster inputs fail by the same contract as test_bad_input.py:
 one ``error:`` line naming the file or key, every rank non-zero, no output and no ``.tmp``."""
+import shutil
+
 import pytest
 
 from moe_hpc.config.run_config import build_config
@@ -138,3 +140,20 @@ def test_run_trace_path_exists(tiny_files, tmp_path):
                         "--trace", trace, ranks=2)
     assert_clean_failure(outcome, 2, (trace,), out)
     assert trace.read_bytes() == b"an older trace"
+
+
+@pytest.mark.parametrize("which", ["trace", "cluster", "config"])
+def test_place_never_writes_over_its_inputs(which, good, tmp_path):
+    """``place -o`` naming its own trace, cluster file or config TOML is refused even with
+    --overwrite (before issue 21's review it replaced the trace)."""
+    for name in ("trace.h5", "cluster.toml"):
+        shutil.copy(good / name, tmp_path / name)
+    config = tmp_path / "tiny.toml"
+    shutil.copy(TINY, config)
+    target = {"trace": tmp_path / "trace.h5", "cluster": tmp_path / "cluster.toml", "config": config}[which]
+    before = target.read_bytes()
+    outcome = run_ranks("place", config, "--cluster", tmp_path / "cluster.toml", "--trace", tmp_path / "trace.h5",
+                        "-o", target, "--overwrite", ranks=1)
+    assert outcome.result.returncode != 0 and len(outcome.error_lines) == 1, outcome.describe()
+    assert "never replaces an input" in outcome.error_lines[0], outcome.describe()
+    assert target.read_bytes() == before

@@ -382,5 +382,14 @@ def validate(cfg: Config) -> None:
              f"({T}) must be 1 with model.qk_norm = full (the norm spans every head)")
 
 
-__all__ = ["Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config",
+
+def config_files(cfg: Config) -> tuple[Path, ...]:
+    """The files this config was read from (the TOML, an HF folder's config.json) and the ones
+    it names as inputs (a placement file): an output may never be one of them."""
+    named = [cfg.source]
+    if cfg.parallel.placement.endswith(".h5"):
+        named.append(cfg.parallel.placement)
+    return tuple(Path(n) for n in named if n and not n.startswith("<") and Path(n).exists())
+
+__all__ = ["config_files", "Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config",
            "parse_override", "model_from_json", "validate", "build_table", "read_toml", "TABLES"]

@@ -11,7 +11,7 @@ import time
 from ..config.cluster import Cluster, load_cluster
 from ..config.errors import InputError
 from ..config.roles import dense_gpus, role_layout
-from ..config.run_config import Config, ModelConfig
+from ..config.run_config import Config, ModelConfig, config_files
 from ..files.atomic import check_output
 from .file import make_placement, save_placement
 from .greedy import SEARCH_STEPS, greedy_placement, slot_budget
@@ -85,7 +85,7 @@ def place(cfg: Config, cluster_path, trace_path, steps: int = SEARCH_STEPS,
 def place_to_file(cfg: Config, cluster_path, trace_path, output, steps: int, seconds: float,
                   overwrite: bool) -> dict:
     """``moe-hpc place``: the report, with the optimised placement saved at ``output``."""
-    check_output(output, overwrite)
+    check_output(output, overwrite, (*config_files(cfg), cluster_path, trace_path))
     placements, report = place(cfg, cluster_path, trace_path, steps, seconds)
     save_placement(output, placements["optimised"], cfg.model, report)
     return report

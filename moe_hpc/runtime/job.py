@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..config.errors import InputError
-from ..config.run_config import Config
+from ..config.run_config import Config, config_files
 from ..device.backend import free_memory_bytes
 from ..files.atomic import check_output
 from ..files.batches import open_input
@@ -83,7 +83,7 @@ def chunk_tokens(lengths: np.ndarray, num_dense: int, chunk_sequences: int) -> t
 
 def check_outputs(job: Job) -> None:
     """Every path the job will write, before any work: none is an input, each can be written."""
-    inputs = (job.weights, job.input)
+    inputs = (job.weights, job.input, *config_files(job.cfg))
     check_output(job.output, job.overwrite, inputs, beside=(progress_path_for(job.output), lock_path_for(job.output)))
     if job.trace is not None:
         check_output(job.trace, job.overwrite, inputs + (job.output,))

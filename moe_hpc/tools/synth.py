@@ -88,13 +88,14 @@ def _bf16_dataset(group, name, shape):
 
 
 
-def write_checkpoint(path: str | Path, m: ModelConfig, seed: int = 0, overwrite: bool = False) -> None:
-    """Write a synthetic ``moe_hpc.checkpoint/1`` file for model ``m``."""
+def write_checkpoint(path: str | Path, m: ModelConfig, seed: int = 0, overwrite: bool = False,
+                     inputs: tuple = ()) -> None:
+    """Write a synthetic ``moe_hpc.checkpoint/1`` file for model ``m`` (never over one of ``inputs``)."""
     if m.mla:
         raise ConfigError("init-weights does not make MLA (DeepSeek-V3) checkpoints yet; run a Hugging Face "
                           "checkpoint of the family (docs/models.md)")
     path = Path(path)
-    check_output(path, overwrite)
+    check_output(path, overwrite, inputs)
     rng, extra = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -124,11 +125,11 @@ def write_checkpoint(path: str | Path, m: ModelConfig, seed: int = 0, overwrite:
 
 
 def write_inputs(path: str | Path, m: ModelConfig, sequences: int, seq_len: int, seed: int = 0,
-                 ragged: bool = False, overwrite: bool = False) -> None:
+                 ragged: bool = False, overwrite: bool = False, inputs: tuple = ()) -> None:
     """Write a synthetic ``moe_hpc.input/1`` batch: /hidden ~ N(0, 1) (or /tokens when the
     model has a vocabulary), and /lengths in [1, seq_len] when ``ragged``."""
     path = Path(path)
-    check_output(path, overwrite)
+    check_output(path, overwrite, inputs)
     if sequences < 1 or seq_len < 1:
         raise OutputError(f"{path}: --sequences and --seq-len must be >= 1")
     rng = np.random.default_rng(seed)

@@ -24,7 +24,7 @@ import numpy as np
 from ..config.cluster import load_cluster
 from ..config.errors import ConfigError
 from ..config.roles import dense_gpus, role_layout
-from ..config.run_config import Config, ModelConfig
+from ..config.run_config import Config, ModelConfig, config_files
 from ..files.atomic import check_output
 from ..placement.traces import Trace, pair_counts, write_trace
 
@@ -146,7 +146,7 @@ def synthetic_trace(model: ModelConfig, world_size: int, source_ranks, shape: Tr
 
 def make_trace_file(cfg: Config, cluster_path, output, shape: TraceShape, seed: int, overwrite: bool) -> None:
     """``moe-hpc make-trace``: a synthetic trace whose sources are the layout's dense ranks."""
-    check_output(output, overwrite)
+    check_output(output, overwrite, (*config_files(cfg), cluster_path))
     cluster = load_cluster(cluster_path)
     roles = role_layout(cluster.num_gpus, dense_gpus(cluster, cfg.parallel.dense_ranks))
     write_trace(output, synthetic_trace(cfg.model, cluster.num_gpus, roles.dense_ranks, shape, seed))
