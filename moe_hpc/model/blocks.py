@@ -44,7 +44,8 @@ class KvCache:
         else:
             widths = [(local.kv_heads, local.head_dim)] * 2
             self.rope = rope_tables(xp.arange(positions), local.head_dim, local.rope_theta, xp)
-        self.parts = [xp.empty((sequences, positions, *w), BF16) for w in widths]
+        # zeros: positions a shorter sequence never wrote are masked, and 0 * NaN would not be
+        self.parts = [xp.zeros((sequences, positions, *w), BF16) for w in widths]
 
     @property
     def nbytes(self) -> int:

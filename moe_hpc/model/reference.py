@@ -187,11 +187,20 @@ def reference_forward(weights_path, input_path, with_logits: bool = False) -> Re
 class Generated:
     """One sequence's reference continuation: tokens [n] int32, logprobs [n] float64, gaps [n]
     (top-1 minus top-2 float64 logit at each step: below ~1e-2 bf16 may pick the other token),
-    finish reason (0 end-of-sequence, 1 max_new_tokens, 2 max positions)."""
+    margins [n] (the routing margin, as ``Reference.margin``, of the position whose logits pick
+    the step's token: below TIE_MARGIN bf16 may route it to another expert), finish reason (0
+    end-of-sequence, 1 max_new_tokens, 2 max positions)."""
     tokens: np.ndarray
     logprobs: np.ndarray
     gaps: np.ndarray
+    margins: np.ndarray
     finish_reason: int
+
+    def clear_steps(self, gap: float = 1e-2) -> int:
+        """Steps before the first one near a tie (logit gap under ``gap`` or routing margin under
+        TIE_MARGIN): up to there a bf16 engine must pick the very same tokens."""
+        near = np.flatnonzero((self.gaps < gap) | (self.margins < TIE_MARGIN))
+        return int(near[0]) if near.size else len(self.tokens)
 
 
 def reference_generate(weights_path, prompts, max_new_tokens: int, eos=(), params=None,
@@ -204,11 +213,13 @@ def reference_generate(weights_path, prompts, max_new_tokens: int, eos=(), param
     with h5py.File(weights_path, "r") as wf:
         model = _read_model(wf, str(weights_path), with_head=True)
     limit = model.m.max_position_embeddings or np.inf
-    out = []
+    result = []
     for s, prompt in enumerate(prompts):
-        seq, toks, lps, gaps, reason = [int(t) for t in prompt], [], [], [], 1
+        seq, toks, lps, gaps, margins, reason = [int(t) for t in prompt], [], [], [], [], 1
         for i in range(max_new_tokens):
-            logits = _forward(model.embed[np.asarray(seq)], model)[0][-1] @ model.lm_head
+            out, margin = _forward(model.embed[np.asarray(seq)], model)
+            logits = out[-1] @ model.lm_head
+            margins.append(margin[-1])
             top2 = np.sort(logits)[-2:]
             tok, _ = pick_tokens(logits[None].astype(np.float32), np.array([first_seq + s]), np.array([i]), params)
             tok = int(tok[0])
@@ -220,8 +231,8 @@ def reference_generate(weights_path, prompts, max_new_tokens: int, eos=(), param
             if len(seq) >= limit and i + 1 < max_new_tokens:
                 reason = 2
                 break
-        out.append(Generated(np.array(toks, np.int32), np.array(lps), np.array(gaps), reason))
-    return out
+        result.append(Generated(np.array(toks, np.int32), np.array(lps), np.array(gaps), np.array(margins), reason))
+    return result
 
 
 def _ffn(h, g, prefix: str, m: ModelConfig, e=None):
