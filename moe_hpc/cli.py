@@ -228,12 +228,16 @@ def cmd_run(args, comm) -> None:
         from .runtime.dryrun import dry_run
         dry_run(comm, job)
         return
-    summary = run_job(comm, job)
+    _print_summary(run_job(comm, job), args.summary)
+
+
+def _print_summary(summary: dict, path) -> None:
+    """Rank 0's summary as one JSON line on stdout, and in ``path`` when given (others: {})."""
     if summary:
         text = strict_json({"summary": summary})
         print(text, flush=True)
-        if args.summary:
-            write_text_atomic(args.summary, text + "\n")
+        if path:
+            write_text_atomic(path, text + "\n")
 
 
 def _generate_overrides(args) -> list[str]:
@@ -260,12 +264,7 @@ def cmd_generate(args, comm) -> None:
     job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
               restart=args.restart, progress=args.progress, progress_every=args.progress_every, stop=args.stop,
               summary=Path(args.summary) if args.summary else None, memory_check=check_memory, eos=eos)
-    summary = generate_job(comm, job)
-    if summary:
-        text = strict_json({"summary": summary})
-        print(text, flush=True)
-        if args.summary:
-            write_text_atomic(args.summary, text + "\n")
+    _print_summary(generate_job(comm, job), args.summary)
 
 
 def cmd_scaling_report(args, comm) -> None:

@@ -343,4 +343,5 @@ def read_output_hidden(path) -> np.ndarray:
         return _f64(f["hidden"])
 
 
-__all__ = ["Reference", "reference_forward", "Generated", "reference_generate", "compare", "Agreement", "read_output_hidden", "TIE_MARGIN"]
+__all__ = ["Reference", "reference_forward", "Generated", "reference_generate", "compare", "Agreement",
+           "read_output_hidden", "TIE_MARGIN"]

@@ -20,7 +20,7 @@ from .. import __version__
 from ..comm.agree import agree_max
 from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology, ranks_sharing_cores
-from ..config.errors import ConfigError, InputError, MoeHpcError
+from ..config.errors import ConfigError, InputError
 from ..config.roles import check_layout
 from ..device.threads import limit_blas_threads
 from ..files.batches import finalize_output, open_input
@@ -31,8 +31,8 @@ from ..model.blocks import CacheAt
 from ..model.sampling import SamplingParams, pick_tokens
 from .job import InputMeta, Job, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, phase_summary
-from .resume import Progress, discard_partial, fingerprint, progress_path_for, resume_point, save_progress
-from .runner import prepare_engine, stream_chunks
+from .resume import Progress, fingerprint, progress_path_for, resume_point, save_progress
+from .runner import JobScope, prepare_engine, stream_chunks
 
 
 def generate_config(cfg, log):
@@ -212,27 +212,18 @@ def generate_job(comm, job: Job, log=None) -> dict:
     job = dataclasses.replace(job, cfg=collective(comm, generate_config, job.cfg,
                                                   log if comm.Get_rank() == 0 else (lambda text: None)))
     topo = build_topology(comm, job.cfg)
-    world, owned, lock = topo.world, False, None
-    try:
+    world = topo.world
+    with JobScope(topo, job) as scope:
         meta = world.bcast(on_rank0(world, check_prompts, job, topo.num_dense, debug=job.debug), root=0)
-        lock = on_rank0(world, OutputLock, job.output, debug=job.debug)
+        scope.lock = on_rank0(world, OutputLock, job.output, debug=job.debug)
         limit_blas_threads(*ranks_sharing_cores(topo.node))
         engine = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
         progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug), root=0)
-        owned = True
-        N = job.cfg.generate.max_new_tokens
+        scope.owned = True
         reporter = _reporter(job, meta, progress, log) if topo.rank == 0 else None
         t_loop = time.perf_counter()
         stats = stream_chunks(engine, job, meta, None, progress, _GenerateChunks, reporter)
-        return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop)
-    except MoeHpcError as exc:
-        if owned and topo.rank == 0 and exc.discards_partial:
-            discard_partial(job.output)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
-        topo.free()
+        return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, reporter)
 
 
 def _reporter(job: Job, meta: InputMeta, progress: Progress, log) -> ProgressLog:
@@ -246,7 +237,10 @@ def _reporter(job: Job, meta: InputMeta, progress: Progress, log) -> ProgressLog
     return ProgressLog(bound, progress.chunks_done, job.progress, job.progress_every, unit="generated tokens")
 
 
-def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_start: float, loop_s: float) -> dict:
+def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_start: float, loop_s: float,
+            reporter: ProgressLog | None) -> dict:
+    """Finalize the output; rank 0's summary (the rates over this run's groups: a resumed run's
+    earlier groups are in the output, not in its times)."""
     topo, world = engine.topo, engine.topo.world
     times = world.gather(dict(engine.times.seconds), root=0)
     engine.close()
@@ -257,14 +251,15 @@ def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_star
     on_rank0(world, _finalize, job.output, stats, attrs, debug=job.debug)
     if topo.rank != 0:
         return {}
-    prompt = sum(meta.chunk_tokens[progress.chunks_done:])
+    prompt, generated = sum(meta.chunk_tokens[progress.chunks_done:]), reporter.done - reporter.start_done
     prefill, decode = engine.times.seconds["prefill"], engine.times.seconds["decode"]
     return {"output": str(job.output), "sequences": meta.num_sequences, "prompt_tokens": sum(meta.chunk_tokens),
             **done, "groups": progress.chunks_total, "resumed_at_group": progress.chunks_done, "ranks": topo.size,
             "device": engine.backend.name, "wall_time_s": round(time.perf_counter() - t_start, 4),
             "loop_time_s": round(loop_s, 4),
             "prompt_tokens_per_s": round(prompt / prefill, 2) if prefill > 0 else 0.0,
-            "generated_tokens_per_s": round(done["generated_tokens"] / decode, 2) if decode > 0 else 0.0,
+            "generated_tokens_this_run": generated,
+            "generated_tokens_per_s": round(generated / decode, 2) if decode > 0 else 0.0,
             "phases_s": phase_summary(times)}
 
 

@@ -79,6 +79,27 @@ def _log(text: str) -> None:
     sys.stderr.flush()
 
 
+class JobScope:
+    """Around a job's body on every rank: rank 0's output lock (``lock``, taken by the body
+    before any file is touched), the partial output's fate on an error (removed by rank 0 when
+    the error dooms it and the body had ``owned`` it), and the topology freed at the end."""
+
+    def __init__(self, topo, job: Job):
+        self.topo, self.job, self.lock, self.owned = topo, job, None, False
+
+    def __enter__(self) -> "JobScope":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if isinstance(exc, MoeHpcError) and self.owned and self.topo.rank == 0 and exc.discards_partial:
+                discard_partial(self.job.output)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            self.topo.free()
+
+
 def run_job(comm, job: Job, log=_log) -> dict:
     """Run ``job`` on every rank of ``comm``. Returns rank 0's summary (others: {}).
 
@@ -89,28 +110,20 @@ def run_job(comm, job: Job, log=_log) -> dict:
     collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp, p.dense_stages,
                debug=job.debug)
     topo = build_topology(comm, job.cfg)
-    world, owned, lock = topo.world, False, None
-    try:
+    world = topo.world
+    with JobScope(topo, job) as scope:
         meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
-        lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
+        scope.lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
         threads = limit_blas_threads(*ranks_sharing_cores(topo.node))
         engine = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
-        owned = True
+        scope.owned = True
         if topo.rank == 0:
             _log_start(log, job, meta, engine, progress, threads)
         t_loop = time.perf_counter()
         stats = stream_chunks(engine, job, meta, layout, progress)
         return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, log)
-    except MoeHpcError as exc:
-        if owned and topo.rank == 0 and exc.discards_partial:
-            discard_partial(job.output)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
-        topo.free()
 
 
 def prepare_engine(topo, job: Job, meta: InputMeta, log) -> Engine:
@@ -308,4 +321,4 @@ def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits, 
         raise OutputError(f"{writer.layout.tmp_path}: cannot write sequences {s0}.. ({exc.strerror})") from None
 
 
-__all__ = ["run_job", "prepare_engine", "stream_chunks"]
+__all__ = ["run_job", "prepare_engine", "stream_chunks", "JobScope"]
