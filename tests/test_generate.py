@@ -13,6 +13,7 @@ Layouts are held to the 1-rank output; MPI launches are few (CI has 2 cores).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -21,6 +22,7 @@ import pytest
 
 from helpers import TINY, fixture, moe_hpc, needs_mpiexec
 from moe_hpc.config.run_config import build_config, load_config
+from moe_hpc.model.blocks import AttentionBlock
 from moe_hpc.model.reference import reference_forward, reference_generate
 from moe_hpc.tools.hf_import import import_hf
 from moe_hpc.tools.synth import write_checkpoint, write_inputs
@@ -144,6 +146,18 @@ def test_reference_generator_recomputes_the_forward(models):
     assert all(len(r.tokens) == 2 and r.finish_reason == 1 for r in ref)
 
 
+@pytest.mark.parametrize("name", ["tiny", "deepseek_v3"])
+def test_kv_cache_is_made_once_per_group_shape_and_mla_keeps_the_latent(name):
+    """MHA keeps k and v per kv head; MLA only kv_lora_rank + qk_rope_head_dim values per token
+    and block (never the expanded k and v); a second group of the same shape reuses the cache."""
+    m = build_config({}).model if name == "tiny" else load_config(fixture(name)).model
+    block = AttentionBlock(None, m, m, 64, np)
+    cache = block.allocate(3, 10)
+    per_token = (m.kv_lora_rank + m.qk_rope_head_dim) * 2 if m.mla else 2 * m.kv_heads * m.head_dim * 2
+    assert cache.nbytes == 3 * 10 * per_token
+    assert block.allocate(3, 10) is cache and block.allocate(2, 10) is not cache
+
+
 # ---------------------------------------------------------------- one rank, every family
 
 @pytest.mark.parametrize("name", ["tiny", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
@@ -211,3 +225,27 @@ def test_resume_after_a_stop_gives_identical_tokens(models, one_rank, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at group 2 of 2" in resumed.stderr
     assert_same_tokens(read(out), one_rank("tiny"))
+
+
+def test_end_of_sequence_from_generation_config_stops_and_pads(models, one_rank, tmp_path):
+    """eos_token_id of generation_config.json (a list) ends a sequence at that token, which is
+    kept; the rest is -1 / NaN padding, finish_reason 0; --ignore-eos runs on to N."""
+    want = one_rank("mixtral")
+    eos = int(want["generated"][0, 2])
+    folder = tmp_path / "hf_mixtral"
+    shutil.copytree(fixture("mixtral"), folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 255]}))
+    config, args, ref_weights, _, prompts = models["mixtral"]
+    model = (folder, args, ref_weights, folder, prompts)
+    out = tmp_path / "eos.h5"
+    assert generate(model, out).returncode == 0
+    got = read(out)
+    for s, tokens in enumerate(want["generated"]):
+        hit = np.flatnonzero(np.isin(tokens, [eos, 255]))
+        n = int(hit[0]) + 1 if hit.size else N
+        assert got["generated_lengths"][s] == n and got["finish_reason"][s] == (0 if hit.size else 1)
+        np.testing.assert_array_equal(got["generated"][s, :n], tokens[:n])
+        assert (got["generated"][s, n:] == -1).all() and np.isnan(got["generated_logprobs"][s, n:]).all()
+    assert got["generated_lengths"][0] == 3
+    assert generate(model, tmp_path / "all.h5", "--ignore-eos").returncode == 0
+    assert_same_tokens(read(tmp_path / "all.h5"), want)
