@@ -193,9 +193,10 @@ def one_rank(models, tmp_path_factory):
     ("tiny", 3, ["parallel.dense_ranks=1"]),
     ("tiny", 4, ["run.chunk_sequences=1", "parallel.expert_tp=2", "run.pipeline_waves=1"]),
     ("tiny", 4, ["parallel.dp=2"]),
+    ("tiny", 3, ["parallel.dense_ranks=2", "parallel.dense_stages=2"]),
     ("mixtral", 3, ["parallel.dense_ranks=1", "run.pipeline_waves=2"]),
     ("olmoe", 4, ["run.chunk_sequences=1"]),
-], ids=["tiny-3-split", "tiny-4-expert-tp-empty-ranks", "tiny-4-dp", "mixtral-3-split-waves", "olmoe-4-colocated"])
+], ids=["tiny-3-split", "tiny-4-expert-tp-empty-ranks", "tiny-4-dp", "tiny-3-stages", "mixtral-3-split-waves", "olmoe-4-colocated"])
 def test_layouts_generate_the_one_rank_tokens(name, ranks, sets, models, one_rank, tmp_path):
     out = tmp_path / "out.h5"
     r = generate(models[name], out, *[a for s in sets for a in ("--set", s)], ranks=ranks)

@@ -77,14 +77,15 @@ class Engine:
         return sum(block.allocate(sequences, positions).nbytes for block in self.attention.values())
 
     def forward_cached(self, tokens: np.ndarray, lengths: np.ndarray, at, token_ids: np.ndarray):
-        """Generation's pass (one stage, one wave): tokens [s, L] host ints of sequences at cache
-        rows ``at.rows`` from positions ``at.start`` (a prefill: the prompts, L their longest; a
-        decode step: L = 1), lengths [s] valid positions, token_ids [s, L] global ids (the
-        replicas' choice) -> fp32 logits [s, V] on the host at each one's last valid position."""
-        x = self._stream(tokens, len(lengths), None)
+        """Generation's pass (one wave): tokens [s, L] host ints of sequences at cache rows
+        ``at.rows`` from positions ``at.start`` (a prefill: the prompts, L their longest; a decode
+        step: L = 1; read by the first stage only, later ones receive the stream), lengths [s]
+        valid positions, token_ids [s, L] global ids (the replicas' choice) -> on the last stage
+        fp32 logits [s, V] on the host at each one's last valid position, None on the others."""
+        x = self._stream(tokens if self.first_stage else None, len(lengths), token_ids.shape[1])
         valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
         self._run(x, valid, token_ids, at)
-        return self.head.last_logits(x, lengths - 1)
+        return self.head.last_logits(x, lengths - 1) if self.last_stage else None
 
     def _stream(self, inputs, s: int, seq_len: int | None):
         """The residual stream [s, L, H] bf16: embedded tokens, the hidden inputs, or zeros to be

@@ -17,7 +17,6 @@ import time
 import numpy as np
 
 from .. import __version__
-from ..comm.agree import agree_max
 from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology, ranks_sharing_cores
 from ..config.errors import ConfigError, InputError
@@ -36,12 +35,8 @@ from .runner import JobScope, prepare_engine, stream_chunks
 
 
 def generate_config(cfg, log):
-    """The run config as generation runs it: one wave (cross-layer waves stay off: a decode step
-    is one position per sequence), one pipeline stage (the next token would have to travel from
-    the last stage back to the first: not done yet)."""
-    if cfg.parallel.dense_stages > 1:
-        raise ConfigError(f"{cfg.source}: parallel.dense_stages = {cfg.parallel.dense_stages}: generate runs one "
-                          "pipeline stage only (the picked token would have to travel back to the first stage)")
+    """The run config as generation runs it: a vocabulary, and one wave (cross-layer waves stay
+    off: a decode step is one position per sequence)."""
     if cfg.model.vocab_size == 0:
         raise ConfigError(f"{cfg.source}: generate needs model.vocab_size > 0 (token inputs and an LM head)")
     if cfg.run.pipeline_waves > 1:
@@ -119,30 +114,45 @@ def _stops(tokens, step: int, prompt_lengths, N: int, eos: np.ndarray, limit: in
     return at_eos | (step + 1 == N) | at_limit, reason
 
 
+def share_picks(world, owner: int | None, picks):
+    """Collective over the world, once per decode step: each sequence owner's still active rows
+    [n] and their new tokens [n], from the rank that picked them (the leader of the last pipeline
+    stage, ``owner`` its dense_index; None elsewhere) to every rank of its pipeline and TP group
+    -> {owner: (rows, tokens)}, or None when no rank has an active sequence left."""
+    entries = world.allgather(None if owner is None else (owner, picks))
+    table = dict(e for e in entries if e is not None)
+    return table if any(len(rows) for rows, _ in table.values()) else None
+
+
 def decode_group(engine, world, tokens: np.ndarray, lengths: np.ndarray, s0: int, job: Job) -> _Group:
     """A dense rank's group (its sequences s0.., maybe none): tokens [s, L] prompts, lengths [s]
-    -> its generated tokens. Collective over the world: one exchange per MoE block and step."""
-    cfg, N = job.cfg, job.cfg.generate.max_new_tokens
+    -> its generated tokens (on the last stage). Collective over the world: one exchange per
+    MoE block and step, one ``share_picks`` per step."""
+    cfg, N, topo = job.cfg, job.cfg.generate.max_new_tokens, engine.topo
     s, L = tokens.shape
     P, params = L + N, sampling_params(cfg)
     eos = np.asarray(() if cfg.generate.ignore_eos else job.eos, np.int64)
     limit = 0 if cfg.run.allow_long_sequences else cfg.model.max_position_embeddings
-    group, rows = _Group(s, N), np.arange(s)
+    group, rows, none = _Group(s, N), np.arange(s), np.zeros(0, np.int64)
     t0 = time.perf_counter()
     engine.open_cache(s, P)
     logits = engine.forward_cached(tokens, lengths, CacheAt(rows, np.zeros(s, np.int64)),
                                    (s0 + rows)[:, None] * P + np.arange(L)[None, :])
     t0 = engine.times.add("prefill", t0)
     for step in range(N):
-        picked, logprobs = pick_tokens(logits, s0 + rows, np.full(len(rows), step, np.int64), params)
-        stop, reason = _stops(picked, step, lengths[rows], N, eos, limit)
-        group.record(rows, step, picked, logprobs, stop, reason)
-        rows, picked = rows[~stop], picked[~stop]
-        if not agree_max(world, int(rows.size > 0)):       # every rank steps while any has a sequence
+        picks = None
+        if logits is not None:                            # the last stage picks
+            picked, logprobs = pick_tokens(logits, s0 + rows, np.full(len(rows), step, np.int64), params)
+            stop, reason = _stops(picked, step, lengths[rows], N, eos, limit)
+            group.record(rows, step, picked, logprobs, stop, reason)
+            picks = (rows[~stop], picked[~stop].astype(np.int64))
+        active = share_picks(world, topo.dense_index if topo.writes_output else None, picks)
+        if active is None:                                # every rank steps while any has a sequence
             break
+        rows, picked = active.get(topo.dense_index, (none, none))
         pos = lengths[rows] + step
-        logits = engine.forward_cached(picked[:, None].astype(np.int64), np.ones(len(rows), np.int64),
-                                       CacheAt(rows, pos), ((s0 + rows) * P + pos)[:, None])
+        logits = engine.forward_cached(picked[:, None], np.ones(len(rows), np.int64), CacheAt(rows, pos),
+                                       ((s0 + rows) * P + pos)[:, None])
     engine.times.add("decode", t0)
     return group
 
@@ -153,7 +163,7 @@ def serve_group(engine, world, N: int) -> None:
     engine.serve_chunk()
     t0 = engine.times.add("prefill", t0)
     for _ in range(N):
-        if not agree_max(world, 0):
+        if share_picks(world, None, None) is None:
             break
         engine.serve_chunk()
     engine.times.add("decode", t0)
@@ -274,4 +284,4 @@ def _log(text: str) -> None:
     sys.stderr.flush()
 
 
-__all__ = ["generate_job", "decode_group", "serve_group", "check_prompts", "generate_config"]
+__all__ = ["generate_job", "decode_group", "serve_group", "share_picks", "check_prompts", "generate_config"]
