@@ -5,6 +5,9 @@ sequences are cut into p waves that enter the stack one step apart: at step s wa
 block s - w, so one MoE exchange step (``moe/layer.py``) carries tokens of up to p blocks and, with
 the per-layer-disjoint placement, up to p blocks' expert ranks compute at once instead of one.
 The engine only composes: its blocks, MoE layer and stage links are made by ``assemble.py``.
+Generation (``generate.py``) runs the same schedule through ``forward_cached`` with one wave:
+the attention blocks fill and read their KV caches, and the last stage returns the next-token
+logits.
 """
 from __future__ import annotations
 
