@@ -59,7 +59,11 @@ class KvCache:
             part[at] = value
 
     def read(self, rows: np.ndarray, length: int):
-        """The parts of cache rows ``rows`` at positions 0..length-1: [s, length, ...] each."""
+        """The parts of cache rows ``rows`` (ascending) at positions 0..length-1: [s, length, ...]
+        each; views while the rows are consecutive (every sequence of the group still active),
+        a gathered copy once some have finished."""
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            return tuple(part[rows[0]:rows[-1] + 1, :length] for part in self.parts)
         r = self.xp.asarray(rows)
         return tuple(part[r, :length] for part in self.parts)
 
