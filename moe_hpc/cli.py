@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     _init_weights_parser(sub)
     _make_inputs_parser(sub)
     _run_parser(sub)
+    _generate_parser(sub)
     _bench_parser(sub)
     _scaling_report_parser(sub)
     _make_trace_parser(sub)
@@ -82,6 +83,27 @@ def _run_parser(sub) -> None:
     r.add_argument("--summary", metavar="PATH", help="also write the JSON summary to PATH")
     r.add_argument("--trace", help="also record a routing trace (HDF5) here")
     _common(r)
+
+
+# generate's flags, each the [generate] config key of the same name (docs/generate.md)
+GENERATE_FLAGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+
+
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="continue each prompt of a token batch by up to N new tokens")
+    g.add_argument("config", help="run config (TOML) or a Hugging Face checkpoint directory")
+    g.add_argument("--weights", required=True)
+    g.add_argument("--input", required=True, help="HDF5 token batch: /tokens [S, L], /lengths (the prompts)")
+    g.add_argument("--output", required=True)
+    for name, kind in GENERATE_FLAGS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"generate.{name}")
+    g.add_argument("--ignore-eos", action="store_true", help="generate.ignore_eos = true")
+    g.add_argument("--restart", action="store_true",
+                   help="discard a partial output (<output>.tmp + .progress.json) instead of resuming it")
+    g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto")
+    g.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS")
+    g.add_argument("--summary", metavar="PATH", help="also write the JSON summary to PATH")
+    _common(g)
 
 
 def _bench_parser(sub) -> None:
@@ -209,12 +231,43 @@ def cmd_run(args, comm) -> None:
         from .runtime.dryrun import dry_run
         dry_run(comm, job)
         return
-    summary = run_job(comm, job)
+    _print_summary(run_job(comm, job), args.summary)
+
+
+def _print_summary(summary: dict, path) -> None:
+    """Rank 0's summary as one JSON line on stdout, and in ``path`` when given (others: {})."""
     if summary:
         text = strict_json({"summary": summary})
         print(text, flush=True)
-        if args.summary:
-            write_text_atomic(args.summary, text + "\n")
+        if path:
+            write_text_atomic(path, text + "\n")
+
+
+def _generate_overrides(args) -> list[str]:
+    """generate's flags as ``--set generate.KEY=VALUE`` overrides, checked like the config's keys."""
+    sets = [f"generate.{name}={getattr(args, name)!r}" for name in GENERATE_FLAGS if getattr(args, name) is not None]
+    return sets + (["generate.ignore_eos=true"] if args.ignore_eos else [])
+
+
+def _eos_ids(args) -> tuple[int, ...]:
+    """End-of-sequence ids of the Hugging Face directory given as config or weights, if any."""
+    from .config.hf import eos_token_ids, is_hf_dir
+    folder = next((p for p in (args.config, args.weights) if is_hf_dir(p)), None)
+    return eos_token_ids(folder) if folder is not None else ()
+
+
+def cmd_generate(args, comm) -> None:
+    from .planner.fit import check_memory
+    from .runtime.generate import generate_job
+    from .runtime.job import Job
+    args.set = args.set + _generate_overrides(args)
+    cfg = _load_config(args, comm)
+    _check_not_singletons(comm)
+    eos = collective(comm, _eos_ids, args, debug=args.debug)
+    job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
+              restart=args.restart, progress=args.progress, progress_every=args.progress_every, stop=args.stop,
+              summary=Path(args.summary) if args.summary else None, memory_check=check_memory, eos=eos)
+    _print_summary(generate_job(comm, job), args.summary)
 
 
 def cmd_scaling_report(args, comm) -> None:
@@ -296,6 +349,7 @@ def cmd_plan(args, comm) -> None:
 
 
 COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "run": cmd_run,
+            "generate": cmd_generate,
             "demo": cmd_demo, "bench": cmd_bench, "scaling-report": cmd_scaling_report,
             "make-trace": cmd_make_trace, "place": cmd_place,
             "plan": cmd_plan, "import-hf": cmd_import_hf}
@@ -304,7 +358,7 @@ COMMANDS = {"init-weights": cmd_init_weights, "make-inputs": cmd_make_inputs, "r
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     # Before MPI starts: a stop signal from then on is noted, never fatal.
-    args.stop = StopRequest().install() if args.verb == "run" else None
+    args.stop = StopRequest().install() if args.verb in ("run", "generate") else None
     comm = None
     try:
         comm = _world() if args.verb != "scaling-report" else None

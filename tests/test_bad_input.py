@@ -948,3 +948,54 @@ def test_an_output_over_the_config_or_placement_file_is_refused(verb, tmp_path, 
     out = run_ranks(*args, "--overwrite", ranks=1)
     _assert_refused(out, 1, ("is the same file as", "never replaces an input"))
     assert target.read_bytes() == before
+
+# ------------------------------------------------------------------ issue 23: moe-hpc generate
+# Each case gets one error: line naming the flag's key, the sequence or the layout, and nothing
+# is written (tests/test_generate.py holds the good runs).
+
+def _prompts(tmp: Path, lengths, L: int = 10) -> Path:
+    return mixtral_tokens(tmp / "prompts.h5", np.ones((len(lengths), L), np.int64), np.array(lengths))
+
+
+GENERATE_BAD = {
+    "no-new-tokens": (["--max-new-tokens", "0"], ("generate.max_new_tokens must be >= 1, got 0",)),
+    "negative-temperature": (["--temperature", "-0.5"], ("generate.temperature must be >= 0, got -0.5",)),
+    "negative-top-k": (["--top-k", "-1"], ("generate.top_k must be >= 0, got -1",)),
+    "top-p-zero": (["--top-p", "0"], ("generate.top_p must be in (0, 1]", "got 0.0")),
+    "top-p-above-one": (["--top-p", "1.5"], ("generate.top_p must be in (0, 1]", "got 1.5")),
+}
+
+
+@pytest.mark.parametrize("case", GENERATE_BAD, ids=list(GENERATE_BAD))
+def test_generate_bad_setting_is_one_error(case, tmp_path):
+    flags, needles = GENERATE_BAD[case]
+    output = tmp_path / "out.h5"
+    out = run_ranks("generate", MIXTRAL, "--weights", MIXTRAL, "--input", _prompts(tmp_path, [3, 4]),
+                    "--output", output, "--max-new-tokens", "4", *flags, ranks=2)
+    assert_clean_failure(out, 2, needles, output)
+
+
+def test_generate_empty_prompt_is_refused(tmp_path):
+    output = tmp_path / "out.h5"
+    out = run_ranks("generate", MIXTRAL, "--weights", MIXTRAL, "--input", _prompts(tmp_path, [3, 0]),
+                    "--output", output, "--max-new-tokens", "4", ranks=2)
+    assert_clean_failure(out, 2, ("sequence 1 has an empty prompt",), output)
+
+
+def test_generate_past_max_positions_is_refused(tmp_path):
+    """A prompt of 60 + 8 new tokens passes the Mixtral fixture's 64 positions."""
+    output = tmp_path / "out.h5"
+    out = run_ranks("generate", MIXTRAL, "--weights", MIXTRAL, "--input", _prompts(tmp_path, [4, 60], L=60),
+                    "--output", output, "--max-new-tokens", "8", ranks=2)
+    assert_clean_failure(out, 2, ("sequence 1: its prompt of 60 tokens plus generate.max_new_tokens = 8",
+                                  "max_position_embeddings = 64"), output)
+
+
+@pytest.mark.parametrize("vocab, needle", [(256, "generate needs token prompts (/tokens), this file has /hidden"),
+                                           (0, "generate needs model.vocab_size > 0")], ids=["hidden", "no-vocab"])
+def test_generate_needs_tokens_and_a_vocabulary(vocab, needle, tmp_path, tiny_files):
+    weights, inputs = tiny_files          # /hidden inputs of a model without a vocabulary
+    output = tmp_path / "out.h5"
+    out = run_ranks("generate", TINY, "--weights", weights, "--input", inputs, "--output", output,
+                    "--set", f"model.vocab_size={vocab}", ranks=2)
+    assert_clean_failure(out, 2, (needle,), output)

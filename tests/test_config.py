@@ -89,7 +89,7 @@ def test_config_roundtrips_through_json():
     back = build_config(json.loads(cfg.to_json()), where=cfg.source)
     assert back == cfg
     assert back.model.num_experts == 16 and back.run.balance_gamma == 0.5 and back.parallel.placement == "shared"
-    assert set(json.loads(cfg.to_json())) == {"model", "parallel", "run"}
+    assert set(json.loads(cfg.to_json())) == {"model", "parallel", "run", "generate"}
 
 
 def test_dense_tp_layouts_are_checked_against_the_rank_count():

@@ -254,5 +254,19 @@ def hf_model_table(folder: str | Path) -> tuple[dict[str, Any], str, str]:
     return model_table_from_hf(values, where), values["model_type"], where
 
 
-__all__ = ["FAMILIES", "HF_CONFIG", "is_hf_dir", "read_hf_config", "model_table_from_hf", "hf_model_table",
+def eos_token_ids(folder: str | Path) -> tuple[int, ...]:
+    """The checkpoint's end-of-sequence ids: ``eos_token_id`` (one id or a list) of its
+    generation_config.json, else of its config.json; () when neither gives one."""
+    for name in ("generation_config.json", HF_CONFIG):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        value = read_json_object(path, "Hugging Face config").get("eos_token_id")
+        ids = value if isinstance(value, list) else [] if value is None else [value]
+        if ids:
+            return tuple(read_value(f"eos_token_id[{i}]", v, 0, AT_LEAST_0, str(path)) for i, v in enumerate(ids))
+    return ()
+
+
+__all__ = ["FAMILIES", "HF_CONFIG", "is_hf_dir", "eos_token_ids", "read_hf_config", "model_table_from_hf", "hf_model_table",
            "rope_interleave", "fp8_block"]

@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigError
-from .fields import AT_LEAST_0, AT_LEAST_1, POSITIVE, Rule, checked, in_range, read_value, rule_of
+from .fields import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Rule, checked, in_range, read_value, rule_of
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 MLP_KINDS = ("plain", "gated")
@@ -158,10 +158,22 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    """``moe-hpc generate``: how many tokens to add and how each is picked (docs/generate.md)."""
+    max_new_tokens: int = checked(16, AT_LEAST_1)        # N: tokens added to each prompt at most
+    ignore_eos: bool = False        # keep going past end-of-sequence ids
+    temperature: float = checked(0.0, AT_LEAST_0)      # 0: greedy (argmax); > 0: sample from logits / T
+    top_k: int = checked(0, AT_LEAST_0)                  # sampling: keep the k most likely tokens (0: all)
+    top_p: float = checked(1.0, FRACTION)               # sampling: the smallest set of mass >= p (1: all)
+    seed: int = checked(0, AT_LEAST_0)                   # sampling: the counter-based generator's key
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     source: str = "<defaults>"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -174,7 +186,7 @@ class Config:
         return dataclasses.replace(self, model=model)
 
 
-TABLES = {"model": ModelConfig, "parallel": ParallelConfig, "run": RunConfig}
+TABLES = {"model": ModelConfig, "parallel": ParallelConfig, "run": RunConfig, "generate": GenerateConfig}
 
 
 def coerce(table: str, key: str, value: Any, default: Any, where: str, rule: Rule | None = None) -> Any:
@@ -221,7 +233,7 @@ def build_config(tables: dict[str, Any], overrides: list[str] = (), where: str =
     """Make a validated Config from parsed TOML tables plus ``--set`` overrides."""
     unknown = set(tables) - set(TABLES)
     if unknown:
-        raise ConfigError(f"{where}: unknown table [{sorted(unknown)[0]}] (known: model, parallel, run)")
+        raise ConfigError(f"{where}: unknown table [{sorted(unknown)[0]}] (known: {', '.join(TABLES)})")
     for name in TABLES:
         if not isinstance(tables.get(name, {}), dict):
             raise ConfigError(f"{where}: [{name}] must be a table")
@@ -391,5 +403,5 @@ def config_files(cfg: Config) -> tuple[Path, ...]:
         named.append(cfg.parallel.placement)
     return tuple(Path(n) for n in named if n and not n.startswith("<") and Path(n).exists())
 
-__all__ = ["config_files", "Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config", "build_config",
+__all__ = ["config_files", "Config", "ModelConfig", "ParallelConfig", "RunConfig", "GenerateConfig", "load_config", "build_config",
            "parse_override", "model_from_json", "validate", "build_table", "read_toml", "TABLES"]

@@ -22,7 +22,7 @@ from ..device.backend import matmul_bf16
 from ..device.dtypes import BF16, F32
 from ..device.kernels import matmul_f32out, rope_heads
 from .layers import apply_rope, project_qkv, rope_tables
-from .mla import mla_qkv, softmax_scale
+from .mla import mla_expand, mla_latent, mla_qkv, mla_query, softmax_scale
 
 
 def attention(a, w, cfg, block: int, xp=np, reduce=None, flash=None):
@@ -41,11 +41,59 @@ def attention(a, w, cfg, block: int, xp=np, reduce=None, flash=None):
         o = _fused_core(a, w, cfg, flash, xp)
     else:
         o = _tiled_core(a, w, cfg, block, xp)
+    return _project_out(o, w, xp, reduce)
+
+
+def _project_out(o, w, xp, reduce):
+    """o: [S, L, nh Dv] bf16 heads' outputs -> [S, L, H] bf16 through wo (summed over a dense-TP
+    group by ``reduce``, rounded once)."""
+    S, L, _ = o.shape
     if reduce is None:
         return matmul_bf16(o, w.wo, xp)
     partial = matmul_f32out(xp.ascontiguousarray(o.reshape(S * L, -1)), w.wo)
     reduce(partial)
     return partial.astype(BF16).reshape(S, L, -1)
+
+
+def cached_attention(a, w, cfg, cache, at, block: int, xp=np, reduce=None):
+    """Attention that fills and reads a KV cache (generation). a: [S, L, H] bf16 normed input of
+    sequences whose cache rows are ``at.rows`` [S] and whose first position is ``at.start`` [S]
+    (host ints); cache: ``blocks.KvCache``. Prefill (L > 1, every start 0) attends over its own
+    keys as ``attention`` does and keeps them; a decode step (L = 1) keeps its key and attends
+    over the cache up to its own position -> [S, L, H] bf16, equal to ``attention`` over the
+    whole sequence so far up to bf16 rounding."""
+    S, L, _ = a.shape
+    positions = xp.asarray(at.start[:, None] + np.arange(L))            # [S, L]
+    cos, sin = (t[positions] for t in cache.rope)
+    if cfg.mla:
+        q = mla_query(a, w, cfg, cos, sin, xp)
+        keys = mla_latent(a, w, cfg, cos, sin, xp)                      # (normed latent, RoPE key)
+    else:
+        q, k, v = project_qkv(a, w, cfg, xp)
+        q, keys = apply_rope(q, cos, sin, xp), (apply_rope(k, cos, sin, xp), v)
+    cache.put(at.rows, at.start, keys)
+    if L == 1:
+        keys = cache.read(at.rows, int(at.start.max()) + 1)
+    k, v = mla_expand(*keys, w, cfg, xp) if cfg.mla else keys
+    if L == 1:
+        o = decode_attention(q, k, v, xp.asarray(at.start), softmax_scale(cfg), xp)
+    else:
+        o = tiled_attention(q, k, v, softmax_scale(cfg), block, xp)
+    return _project_out(o, w, xp, reduce)
+
+
+def decode_attention(q, k, v, last, scale: float, xp):
+    """One new position per sequence over its cached keys. q: [S, 1, nh, D], k: [S, Lk, kv, D],
+    v: [S, Lk, kv, Dv] bf16; last: [S] ints, sequence s sees keys 0..last[s] -> [S, 1, nh Dv] bf16."""
+    S, _, nh, D = q.shape
+    Lk, nkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    q32 = q.astype(F32).reshape(S, nkv, nh // nkv, D) * F32.type(scale)
+    s = xp.matmul(q32, k.astype(F32).transpose(0, 2, 3, 1))             # [S, kv, g, Lk]
+    seen = (xp.arange(Lk)[None, :] <= last[:, None])[:, None, None, :]
+    s = xp.where(seen, s, F32.type(-np.inf))
+    p = xp.exp(s - s.max(axis=-1, keepdims=True))
+    o = xp.matmul(p, v.astype(F32).transpose(0, 2, 1, 3)) / p.sum(axis=-1, keepdims=True)
+    return o.astype(BF16).reshape(S, 1, nh * Dv)
 
 
 def choose_attention(choice: str, backend, announce: bool):
@@ -145,4 +193,4 @@ def _query_block(q, k, v, q0: int, block: int, xp):
     return (acc / norm).astype(BF16)
 
 
-__all__ = ["attention", "choose_attention", "fuse_qkv", "tiled_attention"]
+__all__ = ["attention", "cached_attention", "decode_attention", "choose_attention", "fuse_qkv", "tiled_attention"]

@@ -4,16 +4,68 @@ nanoGPT's ``Block`` in pieces that fit the wavefront: ``AttentionBlock`` adds at
 residual stream and returns the block's normed MLP input at the valid positions; a dense block's
 ``MlpBlock`` or the MoE layer (``moe/layer.py``) turns that into the block's output, which the
 engine adds back.  ``Embedding`` starts the stream, ``OutputHead`` ends it (final norm, logits,
-log-probs).  The attention block is where generation's KV cache will live.
+log-probs).  For generation the attention block holds its ``KvCache``, allocated once per
+group of sequences (``allocate``) and filled by the prefill, then read by every decode step.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..device.backend import matmul_bf16, words
-from ..device.kernels import add_rmsnorm, take_rows
-from .attention import attention
-from .layers import mlp, token_logprobs
+from ..device.dtypes import BF16
+from ..device.kernels import add_rmsnorm, matmul_f32out, take_rows
+from .attention import attention, cached_attention
+from .layers import mlp, rope_tables, token_logprobs
+from .mla import rope_table
+
+
+@dataclass(frozen=True)
+class CacheAt:
+    """Where a forward pass meets the KV cache: its sequences' cache rows [s] and the position of
+    each one's first input position [s] (host int64: 0 in the prefill, the sequence's length so
+    far in a decode step)."""
+    rows: np.ndarray
+    start: np.ndarray
+
+
+class KvCache:
+    """One attention block's keys for ``sequences`` sequences of up to ``positions`` positions,
+    bf16, allocated once: MHA/GQA k and v [S, P, kv, D] (this dense-TP member's kv heads); MLA the
+    normed latent [S, P, kv_lora_rank] and the shared RoPE key [S, P, qk_rope_head_dim], never the
+    expanded k and v. ``rope`` holds the cos/sin tables of positions 0..P-1."""
+
+    def __init__(self, local, sequences: int, positions: int, xp):
+        self.shape, self.xp = (sequences, positions), xp
+        if local.mla:
+            widths = [(local.kv_lora_rank,), (local.qk_rope_head_dim,)]
+            self.rope = rope_table(local, positions, xp)
+        else:
+            widths = [(local.kv_heads, local.head_dim)] * 2
+            self.rope = rope_tables(xp.arange(positions), local.head_dim, local.rope_theta, xp)
+        # zeros: positions a shorter sequence never wrote are masked, and 0 * NaN would not be
+        self.parts = [xp.zeros((sequences, positions, *w), BF16) for w in widths]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.parts)
+
+    def put(self, rows: np.ndarray, start: np.ndarray, values) -> None:
+        """values: per part [s, L, ...] -> the cache at rows x positions start..start+L-1."""
+        L = values[0].shape[1]
+        at = self.xp.asarray(rows[:, None]), self.xp.asarray(start[:, None] + np.arange(L))
+        for part, value in zip(self.parts, values):
+            part[at] = value
+
+    def read(self, rows: np.ndarray, length: int):
+        """The parts of cache rows ``rows`` (ascending) at positions 0..length-1: [s, length, ...]
+        each; views while the rows are consecutive (every sequence of the group still active),
+        a gathered copy once some have finished."""
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            return tuple(part[rows[0]:rows[-1] + 1, :length] for part in self.parts)
+        r = self.xp.asarray(rows)
+        return tuple(part[r, :length] for part in self.parts)
 
 
 class AttentionBlock:
@@ -24,13 +76,26 @@ class AttentionBlock:
     def __init__(self, weights, model, local, block: int, xp, reduce=None, flash=None):
         self.weights, self.model, self.local, self.block = weights, model, local, block
         self.xp, self.reduce, self.flash = xp, reduce, flash
+        self.cache = None
 
-    def __call__(self, x, rows):
-        """x: [s, L, H] bf16 residual stream (updated in place); rows: [T] valid flat positions ->
-        the normed MLP input there [T, H] bf16 (padding is never routed)."""
+    def allocate(self, sequences: int, positions: int) -> KvCache:
+        """The KV cache for a group of ``sequences`` of up to ``positions`` positions, made once
+        (kept while the next group has the same shape)."""
+        if self.cache is None or self.cache.shape != (sequences, positions):
+            self.cache = None               # free the old one before making the new
+            self.cache = KvCache(self.local, sequences, positions, self.xp)
+        return self.cache
+
+    def __call__(self, x, rows, at: CacheAt | None = None):
+        """x: [s, L, H] bf16 residual stream (updated in place); rows: [T] valid flat positions;
+        at: where x meets the KV cache (generation) or None -> the normed MLP input there [T, H]
+        bf16 (padding is never routed)."""
         w, eps = self.weights, self.model.norm_eps
-        y = attention(add_rmsnorm(x, None, w.attn_norm, eps), w, self.local, self.block, self.xp, self.reduce,
-                      self.flash)
+        a = add_rmsnorm(x, None, w.attn_norm, eps)
+        if at is None:
+            y = attention(a, w, self.local, self.block, self.xp, self.reduce, self.flash)
+        else:
+            y = cached_attention(a, w, self.local, self.cache, at, self.block, self.xp, self.reduce)
         h = add_rmsnorm(x, y, w.mlp_norm, eps)      # the residual add, then the MLP's norm
         return take_rows(h.reshape(-1, self.model.hidden_size), rows)
 
@@ -79,6 +144,14 @@ class OutputHead:
         words(scores.reshape(s * L, self.model.vocab_size))[pad] = 0   # by V: a rank may hold no sequence (s = 0)
         return out, scores
 
+    def last_logits(self, x, positions: np.ndarray):
+        """x: [s, L, H] bf16 residual stream; positions: [s] host ints -> fp32 logits [s, V] on the
+        host at each sequence's ``positions`` (final norm, then the LM head, never rounded to bf16)."""
+        s, L, H = x.shape
+        rows = take_rows(x.reshape(-1, H), self.xp.asarray(np.arange(s) * L + positions))
+        out = add_rmsnorm(rows, None, self.final_norm, self.model.norm_eps)
+        return self.backend.to_host(matmul_f32out(out, self.lm_head))
+
     def logprobs(self, out, tokens: np.ndarray, lengths: np.ndarray, rows_per_step: int = 1024):
         """out: [s, L, H] bf16 final hidden states; tokens: [s, L] host ints -> [s, L] float32
         host: log p(tokens[:, t+1]) at position t, NaN at each sequence's last position and at
@@ -98,4 +171,4 @@ class OutputHead:
         return result.reshape(s, L)
 
 
-__all__ = ["AttentionBlock", "MlpBlock", "Embedding", "OutputHead"]
+__all__ = ["CacheAt", "KvCache", "AttentionBlock", "MlpBlock", "Embedding", "OutputHead"]

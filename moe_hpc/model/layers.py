@@ -84,10 +84,11 @@ def rope_tables(positions, head_dim: int, theta: float, xp=np):
 
 
 def apply_rope(x, cos, sin, xp=np):
-    """x: [..., L, heads, D] bf16; rotate the two halves of D (SPEC's half-split form) -> bf16."""
+    """x: [..., L, heads, D] bf16; rotate the two halves of D (SPEC's half-split form) -> bf16.
+    cos, sin: [L, D/2] fp32 shared by every sequence, or [S, L, D/2] each sequence's own."""
     half = x.shape[-1] // 2
     x32 = x.astype(F32)
-    c, s = cos[:, None, :], sin[:, None, :]
+    c, s = cos[..., None, :], sin[..., None, :]
     lo, hi = x32[..., :half], x32[..., half:]
     out = xp.empty_like(x32)
     out[..., :half] = lo * c - hi * s

@@ -66,26 +66,52 @@ def _tables(m: ModelConfig, L: int, xp):
     return xp.asarray((np.cos(angles) * scale).astype(F32)), xp.asarray((np.sin(angles) * scale).astype(F32))
 
 
-def mla_qkv(a, w, m: ModelConfig, xp=np):
-    """a: [S, L, H] bf16 (normed input); w: DenseLayer with the MLA weights; m: the (member's)
-    model -> q, k [S, L, nh, head_dim] and v [S, L, nh, v_head_dim] bf16, RoPE applied."""
+def rope_table(m: ModelConfig, positions: int, xp=np):
+    """cos, sin [positions, rope/2] fp32 of the model's RoPE (scaled), positions 0.. positions-1."""
+    return _tables(m, positions, xp)
+
+
+def mla_query(a, w, m: ModelConfig, cos, sin, xp=np):
+    """a: [S, L, H] bf16 -> q [S, L, nh, head_dim] bf16, its rope part turned by cos, sin
+    ([L, rope/2] or [S, L, rope/2])."""
     S, L, _ = a.shape
-    nh, D, R, Rkv = m.num_heads, m.head_dim, m.qk_rope_head_dim, m.kv_lora_rank
+    D, R = m.head_dim, m.qk_rope_head_dim
     if w.wq_b is not None:
         q = matmul_bf16(rmsnorm(matmul_bf16(a, w.wq_a, xp), w.q_a_norm, MLA_NORM_EPS, xp), w.wq_b, xp)
     else:
         q = matmul_bf16(a, w.wq, xp)
-    q = q.reshape(S, L, nh, D)
+    q = q.reshape(S, L, m.num_heads, D)
+    q[..., D - R:] = apply_rope(q[..., D - R:], cos, sin, xp)
+    return q
+
+
+def mla_latent(a, w, m: ModelConfig, cos, sin, xp=np):
+    """a: [S, L, H] bf16 -> (c [S, L, kv_lora_rank] the normed k/v latent, k_rope [S, L, rope]
+    the shared RoPE key, turned): what a KV cache keeps of MLA, per token."""
+    Rkv = m.kv_lora_rank
     latent = matmul_bf16(a, w.wkv_a, xp)                                # [S, L, Rkv + R]
     c = xp.ascontiguousarray(latent[..., :Rkv])                         # the GPU's norm kernel reads rows densely
-    kv = matmul_bf16(rmsnorm(c, w.kv_a_norm, MLA_NORM_EPS, xp), w.wkv_b, xp)
-    kv = kv.reshape(S, L, nh, D - R + m.v_head_dim)
-    cos, sin = _tables(m, L, xp)
-    k = xp.empty((S, L, nh, D), dtype=q.dtype)
+    k_rope = apply_rope(latent[..., None, Rkv:], cos, sin, xp)[..., 0, :]
+    return rmsnorm(c, w.kv_a_norm, MLA_NORM_EPS, xp), k_rope
+
+
+def mla_expand(c, k_rope, w, m: ModelConfig, xp=np):
+    """c: [S, L, Rkv], k_rope: [S, L, rope] -> k [S, L, nh, head_dim] (each head's k_nope | the
+    shared k_rope) and v [S, L, nh, v_head_dim] bf16, through wkv_b."""
+    S, L, _ = c.shape
+    nh, D, R = m.num_heads, m.head_dim, m.qk_rope_head_dim
+    kv = matmul_bf16(c, w.wkv_b, xp).reshape(S, L, nh, D - R + m.v_head_dim)
+    k = xp.empty((S, L, nh, D), dtype=kv.dtype)
     k[..., :D - R] = kv[..., :D - R]
-    k[..., D - R:] = apply_rope(latent[..., None, Rkv:], cos, sin, xp)  # one RoPE key for all heads
-    q[..., D - R:] = apply_rope(q[..., D - R:], cos, sin, xp)
-    return q, k, xp.ascontiguousarray(kv[..., D - R:])
+    k[..., D - R:] = k_rope[:, :, None, :]                              # one RoPE key for all heads
+    return k, xp.ascontiguousarray(kv[..., D - R:])
 
 
-__all__ = ["mla_qkv", "softmax_scale", "rope_frequencies"]
+def mla_qkv(a, w, m: ModelConfig, xp=np):
+    """a: [S, L, H] bf16 (normed input); w: DenseLayer with the MLA weights; m: the (member's)
+    model -> q, k [S, L, nh, head_dim] and v [S, L, nh, v_head_dim] bf16, RoPE applied."""
+    cos, sin = _tables(m, a.shape[1], xp)
+    return (mla_query(a, w, m, cos, sin, xp), *mla_expand(*mla_latent(a, w, m, cos, sin, xp), w, m, xp))
+
+
+__all__ = ["mla_qkv", "mla_query", "mla_latent", "mla_expand", "rope_table", "softmax_scale", "rope_frequencies"]

@@ -130,40 +130,109 @@ class Reference:
     logits: np.ndarray | None = None
 
 
+@dataclass
+class _Model:
+    """A checkpoint read into float64: its config, per-block weight dicts, final norm, embed, LM head."""
+    m: ModelConfig
+    layers: list
+    final_norm: np.ndarray
+    embed: np.ndarray | None
+    lm_head: np.ndarray | None
+
+
+def _read_model(wf, where: str, with_head: bool) -> _Model:
+    m = model_from_json(wf.attrs["config"], where)
+    layers = [{k: _f64(v) for k, v in _flatten(wf[f"layers/{l}"]).items()} for l in range(m.num_layers)]
+    embed = _f64(wf["embed"]) if "embed" in wf else None
+    lm_head = None if not with_head else embed.T if m.tie_embeddings else _f64(wf["lm_head"])
+    return _Model(m, layers, _f64(wf["final_norm"]), embed, lm_head)
+
+
+def _forward(x, model: _Model):
+    """x: [n, H] one sequence's inputs -> (out [n, H] after the final norm, margin [n])."""
+    m, margin = model.m, np.full(x.shape[0], np.inf)
+    for l, g in enumerate(model.layers):
+        x = x + _attention(_rmsnorm(x, g["attn_norm"], m.norm_eps), g, m)
+        h = _rmsnorm(x, g["mlp_norm"], m.norm_eps)
+        if m.is_moe(l):
+            f, mg = _moe(h, g, m)
+            margin = np.minimum(margin, mg)
+        else:
+            f = _ffn(h, g, "", m)
+        x = x + f
+    return _rmsnorm(x, model.final_norm, m.norm_eps), margin
+
+
 def reference_forward(weights_path, input_path, with_logits: bool = False) -> Reference:
     """Run the float64 reference over the whole input file."""
     with h5py.File(weights_path, "r") as wf, h5py.File(input_path, "r") as inf:
-        m = model_from_json(wf.attrs["config"], str(weights_path))
-        layers = [{k: _f64(v) for k, v in _flatten(wf[f"layers/{l}"]).items()} for l in range(m.num_layers)]
-        final_norm = _f64(wf["final_norm"])
-        if "hidden" in inf:
-            x_all = _f64(inf["hidden"])
-        else:
-            x_all = _f64(wf["embed"])[np.asarray(inf["tokens"][()])]
+        model = _read_model(wf, str(weights_path), with_logits)
+        x_all = _f64(inf["hidden"]) if "hidden" in inf else model.embed[np.asarray(inf["tokens"][()])]
         S, L = x_all.shape[:2]
         lengths = np.asarray(inf["lengths"][()]) if "lengths" in inf else np.full(S, L)
-        lm_head = None if not with_logits else _f64(wf["embed"]).T if m.tie_embeddings else _f64(wf["lm_head"])
     hidden = np.zeros_like(x_all)
     margin = np.full((S, L), np.inf)
-    logits = None if lm_head is None else np.zeros((S, L, lm_head.shape[1]))
+    logits = None if model.lm_head is None else np.zeros((S, L, model.lm_head.shape[1]))
     for s in range(S):
         n = int(lengths[s])
         if n == 0:
             continue
-        x = x_all[s, :n]
-        for l, g in enumerate(layers):
-            x = x + _attention(_rmsnorm(x, g["attn_norm"], m.norm_eps), g, m)
-            h = _rmsnorm(x, g["mlp_norm"], m.norm_eps)
-            if m.is_moe(l):
-                f, mg = _moe(h, g, m)
-                margin[s, :n] = np.minimum(margin[s, :n], mg)
-            else:
-                f = _ffn(h, g, "", m)
-            x = x + f
-        hidden[s, :n] = _rmsnorm(x, final_norm, m.norm_eps)
+        hidden[s, :n], margin[s, :n] = _forward(x_all[s, :n], model)
         if logits is not None:
-            logits[s, :n] = hidden[s, :n] @ lm_head
+            logits[s, :n] = hidden[s, :n] @ model.lm_head
     return Reference(hidden, margin, logits)
+
+
+@dataclass
+class Generated:
+    """One sequence's reference continuation: tokens [n] int32, logprobs [n] float64, gaps [n]
+    (top-1 minus top-2 float64 logit at each step: below ~1e-2 bf16 may pick the other token),
+    margins [n] (the routing margin, as ``Reference.margin``, of the position whose logits pick
+    the step's token: below TIE_MARGIN bf16 may route it to another expert), finish reason (0
+    end-of-sequence, 1 max_new_tokens, 2 max positions)."""
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    gaps: np.ndarray
+    margins: np.ndarray
+    finish_reason: int
+
+    def clear_steps(self, gap: float = 1e-2) -> int:
+        """Steps before the first one near a tie (logit gap under ``gap`` or routing margin under
+        TIE_MARGIN): up to there a bf16 engine must pick the very same tokens."""
+        near = np.flatnonzero((self.gaps < gap) | (self.margins < TIE_MARGIN))
+        return int(near[0]) if near.size else len(self.tokens)
+
+
+def reference_generate(weights_path, prompts, max_new_tokens: int, eos=(), params=None,
+                       first_seq: int = 0) -> list[Generated]:
+    """Greedy (or ``params``'s) continuations of each prompt (a list of int arrays), recomputing
+    the whole prompt + tokens so far at every step: no cache, SPEC's "Generation" read literally.
+    Sequence s draws as global sequence ``first_seq + s``."""
+    from .sampling import SamplingParams, pick_tokens
+    params = params or SamplingParams()
+    with h5py.File(weights_path, "r") as wf:
+        model = _read_model(wf, str(weights_path), with_head=True)
+    limit = model.m.max_position_embeddings or np.inf
+    result = []
+    for s, prompt in enumerate(prompts):
+        seq, toks, lps, gaps, margins, reason = [int(t) for t in prompt], [], [], [], [], 1
+        for i in range(max_new_tokens):
+            out, margin = _forward(model.embed[np.asarray(seq)], model)
+            logits = out[-1] @ model.lm_head
+            margins.append(margin[-1])
+            top2 = np.sort(logits)[-2:]
+            tok, _ = pick_tokens(logits[None].astype(np.float32), np.array([first_seq + s]), np.array([i]), params)
+            tok = int(tok[0])
+            lz = logits.max() + np.log(np.exp(logits - logits.max()).sum())
+            seq.append(tok), toks.append(tok), lps.append(logits[tok] - lz), gaps.append(top2[1] - top2[0])
+            if tok in eos:
+                reason = 0
+                break
+            if len(seq) >= limit and i + 1 < max_new_tokens:
+                reason = 2
+                break
+        result.append(Generated(np.array(toks, np.int32), np.array(lps), np.array(gaps), np.array(margins), reason))
+    return result
 
 
 def _ffn(h, g, prefix: str, m: ModelConfig, e=None):
@@ -274,4 +343,5 @@ def read_output_hidden(path) -> np.ndarray:
         return _f64(f["hidden"])
 
 
-__all__ = ["Reference", "reference_forward", "compare", "Agreement", "read_output_hidden", "TIE_MARGIN"]
+__all__ = ["Reference", "reference_forward", "Generated", "reference_generate", "compare", "Agreement",
+           "read_output_hidden", "TIE_MARGIN"]

@@ -76,8 +76,9 @@ def stage_of(cfg, topo) -> tuple[int, range]:
     return topo.stage, stage_blocks(cfg.model.num_layers, topo.roles.dense_stages)[topo.stage]
 
 
-def load_weights(cfg, topo, placement, backend, wiring: Wiring, ckpt) -> RankWeights:
-    """Read what this rank's roles need (collective-safe: raises InputError on bad data)."""
+def load_weights(cfg, topo, placement, backend, wiring: Wiring, ckpt, head: bool = False) -> RankWeights:
+    """Read what this rank's roles need (collective-safe: raises InputError on bad data); ``head``:
+    the last stage also needs the LM head (generation), whatever run.logits and run.logprobs say."""
     m, dtype, put = cfg.model, backend.weight_dtype, backend.asarray
     out = RankWeights(experts=LocalExperts(m.ffn_kind, backend.xp))
     if topo.is_dense:
@@ -95,19 +96,19 @@ def load_weights(cfg, topo, placement, backend, wiring: Wiring, ckpt) -> RankWei
             if layer in blocks:
                 out.blocks[layer] = prepare_block(ckpt.read_dense_layer(layer, dtype), shard, put, fuse)
         out.expert_b2 = put(np.concatenate(b2s)) if b2s else None
-        _load_globals(cfg, stage, topo.roles.dense_stages, ckpt, out, put, dtype)
+        _load_globals(cfg, stage, topo.roles.dense_stages, ckpt, out, put, dtype, head)
     if topo.is_expert and m.num_moe_layers:
         _load_experts(cfg, topo, placement, ckpt, out.experts, put, dtype)
     return out
 
 
-def _load_globals(cfg, stage: int, stages: int, ckpt, out: RankWeights, put, dtype) -> None:
+def _load_globals(cfg, stage: int, stages: int, ckpt, out: RankWeights, put, dtype, head: bool) -> None:
     m, last = cfg.model, stage == stages - 1
     if last:
         out.final_norm = put(ckpt.read_global("final_norm", dtype))
     if m.vocab_size and stage == 0:
         out.embed = put(ckpt.read_global("embed", BF16))
-    if m.vocab_size and (cfg.run.logits or cfg.run.logprobs) and last:
+    if m.vocab_size and (cfg.run.logits or cfg.run.logprobs or head) and last:
         out.lm_head = put(ckpt.read_global("lm_head", dtype))
 
 

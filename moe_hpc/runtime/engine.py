@@ -5,6 +5,9 @@ sequences are cut into p waves that enter the stack one step apart: at step s wa
 block s - w, so one MoE exchange step (``moe/layer.py``) carries tokens of up to p blocks and, with
 the per-layer-disjoint placement, up to p blocks' expert ranks compute at once instead of one.
 The engine only composes: its blocks, MoE layer and stage links are made by ``assemble.py``.
+Generation (``generate.py``) runs the same schedule through ``forward_cached`` with one wave:
+the attention blocks fill and read their KV caches, and the last stage returns the next-token
+logits.
 """
 from __future__ import annotations
 
@@ -66,23 +69,45 @@ class Engine:
         stages, whose activations arrive from the stage before: ``seq_len`` gives L then) ->
         (hidden [s, L, H] bf16 with padding zeroed, logits [s, L, V] bf16 or None) on the last
         stage, (None, None) on the others. Dense ranks only."""
-        xp = self.xp
-        if inputs is None:
-            x = xp.zeros((len(lengths), seq_len, self.cfg.model.hidden_size), BF16)
-        else:
-            x = self.embedding(inputs) if inputs.ndim == 2 else xp.asarray(inputs)
+        x = self._stream(inputs, len(lengths), seq_len)
         s, L, _ = x.shape
         valid = np.arange(L)[None, :] < lengths[:, None]
-        token_ids = (first_seq + np.arange(s))[:, None] * L + np.arange(L)[None, :]
-        waves = [(a, b, xp.asarray(np.flatnonzero(valid[a:b])), xp.asarray(token_ids[a:b][valid[a:b]]))
-                 for a, b in self.waves(s)]
-        for step in self.schedule():
-            self._step(x, step, waves)
-        if self.link is not None:
-            self.link.wait_sends()
+        self._run(x, valid, (first_seq + np.arange(s))[:, None] * L + np.arange(L)[None, :])
         return self._final(x, valid) if self.last_stage else (None, None)
 
-    def _step(self, x, step, waves) -> None:
+    def open_cache(self, sequences: int, positions: int) -> int:
+        """Every attention block's KV cache for a group of sequences (generation) -> its bytes."""
+        return sum(block.allocate(sequences, positions).nbytes for block in self.attention.values())
+
+    def forward_cached(self, tokens: np.ndarray, lengths: np.ndarray, at, token_ids: np.ndarray):
+        """Generation's pass (one wave): tokens [s, L] host ints of sequences at cache rows
+        ``at.rows`` from positions ``at.start`` (a prefill: the prompts, L their longest; a decode
+        step: L = 1; read by the first stage only, later ones receive the stream), lengths [s]
+        valid positions, token_ids [s, L] global ids (the replicas' choice) -> on the last stage
+        fp32 logits [s, V] on the host at each one's last valid position, None on the others."""
+        x = self._stream(tokens if self.first_stage else None, len(lengths), token_ids.shape[1])
+        valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
+        self._run(x, valid, token_ids, at)
+        return self.head.last_logits(x, lengths - 1) if self.last_stage else None
+
+    def _stream(self, inputs, s: int, seq_len: int | None):
+        """The residual stream [s, L, H] bf16: embedded tokens, the hidden inputs, or zeros to be
+        filled by the stage before."""
+        if inputs is None:
+            return self.xp.zeros((s, seq_len, self.cfg.model.hidden_size), BF16)
+        return self.embedding(inputs) if inputs.ndim == 2 else self.xp.asarray(inputs)
+
+    def _run(self, x, valid: np.ndarray, token_ids: np.ndarray, at=None) -> None:
+        """Every step of the schedule over x (in place)."""
+        xp = self.xp
+        waves = [(a, b, xp.asarray(np.flatnonzero(valid[a:b])), xp.asarray(token_ids[a:b][valid[a:b]]))
+                 for a, b in self.waves(x.shape[0])]
+        for step in self.schedule():
+            self._step(x, step, waves, at)
+        if self.link is not None:
+            self.link.wait_sends()
+
+    def _step(self, x, step, waves, at=None) -> None:
         """One wavefront step: each active wave through its block here; the MoE blocks of the
         step (another stage's join with no tokens) in one exchange; waves leaving move on."""
         m, parts, owners = self.cfg.model, [], []
@@ -95,7 +120,7 @@ class Engine:
                 continue
             if layer == self.blocks.start and not self.first_stage:
                 self.link.receive(x, a, b)
-            h = self._attend(x, a, b, rows, layer)
+            h = self._attend(x, a, b, rows, layer, at)
             if m.is_moe(layer):
                 parts.append((layer, h, ids))
                 owners.append(w)
@@ -111,12 +136,13 @@ class Engine:
             if layer == self.blocks.stop - 1 and not self.last_stage:
                 self.link.send(x, *waves[w][:2])
 
-    def _attend(self, x, a: int, b: int, rows, layer: int):
-        """Block ``layer``'s attention for sequences [a, b) -> their normed MLP input [T_w, H]."""
+    def _attend(self, x, a: int, b: int, rows, layer: int, at=None):
+        """Block ``layer``'s attention for sequences [a, b) (at: the KV cache's place, generation
+        with one wave) -> their normed MLP input [T_w, H]."""
         if b == a:
             return self.moe.empty_rows()
         t0 = time.perf_counter()
-        h = self.attention[layer](x[a:b], rows)
+        h = self.attention[layer](x[a:b], rows, at)
         self.times.add("attention", t0)
         return h
 

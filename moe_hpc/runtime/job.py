@@ -42,6 +42,7 @@ class Job:
     # planner.fit.check_memory, handed in by the CLI (the runtime may not import the planner):
     # (cfg, world size, rank in its replica, world rank, seq_len, free bytes | None) -> MemoryFit
     memory_check: Callable | None = None
+    eos: tuple[int, ...] | None = None   # generation (``moe-hpc generate``): end-of-sequence ids; None: a run
 
 
 @dataclass(frozen=True)

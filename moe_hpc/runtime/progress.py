@@ -32,19 +32,20 @@ class ProgressLog:
     """
 
     def __init__(self, chunk_tokens, first: int, mode: str = "auto", every: float = 10.0,
-                 stream=None, clock=time.monotonic):
+                 stream=None, clock=time.monotonic, unit: str = "tokens"):
         self.stream = stream or sys.stderr
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "lines"
-        self.mode, self.every, self.clock = mode, every, clock
+        self.mode, self.every, self.clock, self.unit = mode, every, clock, unit
         self.chunk_tokens = [int(t) for t in chunk_tokens]
         self.done = self.start_done = sum(self.chunk_tokens[:first])
         self.total = sum(self.chunk_tokens)
         self.t0, self.last = clock(), -float("inf")
         self.drawn = 0                # length of the bar on screen: a shorter one must cover it
 
-    def chunk_done(self, chunk: int) -> None:
-        self.done += self.chunk_tokens[chunk]
+    def chunk_done(self, chunk: int, tokens: int | None = None) -> None:
+        """``tokens``: what the chunk did, when its count up front was a bound (generation)."""
+        self.done += self.chunk_tokens[chunk] if tokens is None else tokens
         now = self.clock()
         final = chunk + 1 == len(self.chunk_tokens)
         if self.mode == "off" or (now - self.last < self.every and not final and self.mode == "lines"):
@@ -67,7 +68,7 @@ class ProgressLog:
         rate, eta = self._rate_eta(now)
         n = len(self.chunk_tokens)
         return (f"progress: chunk {chunk + 1}/{n} ({100 * self.done / max(self.total, 1):.1f}%), "
-                f"{self.done}/{self.total} tokens, {rate:.0f} tokens/s, "
+                f"{self.done}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s, "
                 f"elapsed {hms(now - self.t0)}, ETA {hms(eta)}")
 
     def bar(self, chunk: int, now: float, width: int = 30) -> str:

@@ -71,12 +71,36 @@ def _passengers(job: Job, topo, backend, placement, log) -> dict:
 
 def _load(job: Job, topo, placement, backend, wiring):
     with Checkpoint(job.weights, job.cfg.model) as ckpt:
-        return load_weights(job.cfg, topo, placement, backend, wiring, ckpt)
+        return load_weights(job.cfg, topo, placement, backend, wiring, ckpt, head=job.eos is not None)
 
 
 def _log(text: str) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
+
+
+class JobScope:
+    """Around a job's body on every rank: rank 0's output lock (``lock``, taken by the body
+    before any file is touched), the partial output's fate on an error (removed by rank 0 when
+    the error dooms it and the body had ``owned`` it), and the topology freed at the end."""
+
+    def __init__(self, topo, job: Job):
+        self.topo, self.job, self.lock, self.owned = topo, job, None, False
+
+    def __enter__(self) -> "JobScope":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if isinstance(exc, MoeHpcError) and self.owned and self.topo.rank == 0 and exc.discards_partial:
+                done = finished_chunks(self.job.output)
+                if done is not None:        # e.g. a resumed run whose input went bad: keep the work
+                    raise kept_for_resume(exc, *done, self.job.output) from exc
+                discard_partial(self.job.output)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            self.topo.free()
 
 
 def run_job(comm, job: Job, log=_log) -> dict:
@@ -89,35 +113,24 @@ def run_job(comm, job: Job, log=_log) -> dict:
     collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp, p.dense_stages,
                debug=job.debug)
     topo = build_topology(comm, job.cfg)
-    world, owned, lock = topo.world, False, None
-    try:
+    world = topo.world
+    with JobScope(topo, job) as scope:
         meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
-        lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
+        scope.lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
         cores = ranks_sharing_cores(topo.node)
         threads = collective(world, limit_blas_threads, *cores, debug=job.debug)
-        engine = _prepare(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
+        engine = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
-        owned = True
+        scope.owned = True
         if topo.rank == 0:
             _log_start(log, job, meta, engine, progress, threads)
         t_loop = time.perf_counter()
-        stats = _stream_chunks(engine, job, meta, layout, progress)
+        stats = stream_chunks(engine, job, meta, layout, progress)
         return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, log)
-    except MoeHpcError as exc:
-        if owned and topo.rank == 0 and exc.discards_partial:
-            done = finished_chunks(job.output)
-            if done is not None:        # e.g. a resumed run whose input went bad: keep the work
-                raise kept_for_resume(exc, *done, job.output) from exc
-            discard_partial(job.output)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
-        topo.free()
 
 
-def _prepare(topo, job: Job, meta: InputMeta, log) -> Engine:
+def prepare_engine(topo, job: Job, meta: InputMeta, log) -> Engine:
     """Check every input value, pick the device, check the memory, place and load the experts."""
     cfg, world = job.cfg, topo.world
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
@@ -204,8 +217,12 @@ def _finalize(output: Path, stats: np.ndarray, attrs: dict, trace=None, trace_pa
     progress_path_for(output).unlink(missing_ok=True)   # after the rename: the output is whole
 
 
-def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: Progress) -> np.ndarray:
+def stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: Progress, rank_chunks=None,
+                  reporter=None) -> np.ndarray:
     """Chunks ``progress.chunks_done ..`` on every rank: read, compute, write, record.
+    ``rank_chunks``: a rank's part of a chunk (``_RankChunks``, a run's, unless given: generation's);
+    ``reporter``: rank 0's progress (a ProgressLog of the chunks' tokens unless given), told
+    ``chunk_done(c, tokens)`` with what ``rank_chunks.chunk(c)`` returned (None: the chunk's own count).
 
     Returns (rank 0) expert_tokens [moe_layers, experts] int64 summed over ranks and all chunks,
     the resumed ones included; zeros elsewhere.
@@ -213,10 +230,10 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
     topo, world = engine.topo, engine.topo.world
     chunks = progress.chunks_total
     stop = job.stop or StopRequest()
-    reporter = ProgressLog(meta.chunk_tokens, progress.chunks_done, job.progress, job.progress_every) \
-        if topo.rank == 0 else None
+    if reporter is None and topo.rank == 0:
+        reporter = ProgressLog(meta.chunk_tokens, progress.chunks_done, job.progress, job.progress_every)
     base, counts = progress.expert_tokens, np.zeros_like(engine.moe.router.expert_tokens)
-    with _RankChunks(engine, job, meta, layout) as rank_chunks:
+    with (rank_chunks or _RankChunks)(engine, job, meta, layout) as rank_chunks:
         for c in range(progress.chunks_done, chunks):
             signum = stop.agreed(world)      # every rank sees the same answer: all stop here
             if signum:
@@ -224,7 +241,7 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
                                   f"progress is in {progress_path_for(job.output)}: rerun the same "
                                   "command to resume")
             try:
-                rank_chunks.chunk(c)
+                done = rank_chunks.chunk(c)
                 world.Reduce(engine.moe.router.expert_tokens, counts, root=0)
                 engine.times.chunk_ends.append(time.perf_counter())
                 if topo.rank == 0:
@@ -235,8 +252,8 @@ def _stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: 
                 if exc.discards_partial and c == 0:     # nothing finished: nothing worth keeping
                     raise
                 raise kept_for_resume(exc, c, chunks, job.output) from exc
-            if reporter:
-                reporter.chunk_done(c)
+            if reporter and topo.rank == 0:
+                reporter.chunk_done(c, done)
     return progress.expert_tokens if topo.rank == 0 else counts
 
 
@@ -308,4 +325,4 @@ def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits, 
         raise OutputError(f"{writer.layout.tmp_path}: cannot write sequences {s0}.. ({exc.strerror})") from None
 
 
-__all__ = ["run_job"]
+__all__ = ["run_job", "prepare_engine", "stream_chunks", "JobScope"]

@@ -1,0 +1,287 @@
+"""``moe-hpc generate``: continue each prompt of a token batch by up to N tokens (SPEC,
+"Generation"; docs/generate.md).
+
+A run's machinery carries it (runner.py): the same set-up, failure agreement, output lock,
+chunks as the groups of sequences that are recorded and resumed, stop signals between groups.
+Per group a dense rank allocates every attention block's KV cache once, runs one prefill over
+the prompts, then decode steps in which all its still active sequences step together, one new
+position each; every rank joins every step's MoE exchanges (a rank with no active sequence, or
+an expert-only one, with no tokens) until no rank has an active sequence left.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import numpy as np
+
+from .. import __version__
+from ..comm.failure import collective, on_rank0
+from ..comm.topology import build_topology, ranks_sharing_cores
+from ..config.errors import ConfigError, InputError
+from ..config.roles import check_layout
+from ..device.threads import limit_blas_threads
+from ..files.batches import finalize_output, open_input
+from ..files.generated import (FINISH_EOS, FINISH_LENGTH, FINISH_POSITIONS, create_generated,
+                               generated_summary, reopen_generated, write_generated)
+from ..files.lock import OutputLock
+from ..model.blocks import CacheAt
+from ..model.sampling import SamplingParams, pick_tokens
+from .job import InputMeta, Job, check_setup, chunk_slice, sequence_range
+from .progress import ProgressLog, phase_summary
+from .resume import Progress, fingerprint, progress_path_for, resume_point, save_progress
+from .runner import JobScope, prepare_engine, stream_chunks
+
+
+def generate_config(cfg, log):
+    """The run config as generation runs it: a vocabulary, and one wave (cross-layer waves stay
+    off: a decode step is one position per sequence)."""
+    if cfg.model.vocab_size == 0:
+        raise ConfigError(f"{cfg.source}: generate needs model.vocab_size > 0 (token inputs and an LM head)")
+    if cfg.run.pipeline_waves > 1:
+        log(f"moe-hpc: generate runs run.pipeline_waves = 1 (was {cfg.run.pipeline_waves}): cross-layer waves "
+            "stay off during decode")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, pipeline_waves=1))
+    return cfg
+
+
+def sampling_params(cfg) -> SamplingParams:
+    g = cfg.generate
+    return SamplingParams(g.temperature, g.top_k, g.top_p, g.seed)
+
+
+def check_prompts(job: Job, num_dense: int) -> InputMeta:
+    """Rank 0: the run's checks of paths and input, then generation's: token prompts, none
+    empty, none so long that prompt + max_new_tokens passes max_position_embeddings."""
+    cfg = job.cfg
+    meta = check_setup(dataclasses.replace(job, cfg=dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, allow_long_sequences=True))), num_dense)
+    if meta.kind != "tokens":
+        raise InputError(f"{job.input}: generate needs token prompts (/tokens), this file has /{meta.kind}")
+    batch = open_input(job.input, cfg.model.hidden_size, cfg.model.vocab_size)
+    lengths = batch.lengths
+    batch.close()
+    if (lengths == 0).any():
+        raise InputError(f"{job.input}: sequence {int(np.argmax(lengths == 0))} has an empty prompt "
+                         "(/lengths is 0): there is no last token to continue from")
+    N, limit = cfg.generate.max_new_tokens, cfg.model.max_position_embeddings
+    if limit and not cfg.run.allow_long_sequences and (lengths + N > limit).any():
+        s = int(np.argmax(lengths + N > limit))
+        raise InputError(f"{job.input}: sequence {s}: its prompt of {lengths[s]} tokens plus generate.max_new_tokens"
+                         f" = {N} passes the model's max_position_embeddings = {limit}; shorten one or set "
+                         "run.allow_long_sequences = true")
+    return meta
+
+
+def _open_output(job: Job, meta: InputMeta, roles):
+    """Rank 0: resume ``<output>.tmp`` if its record allows, else lay it out afresh -> Progress."""
+    m, N = job.cfg.model, job.cfg.generate.max_new_tokens
+    fp = fingerprint(job.cfg, job.weights, job.input, roles) | {"eos": list(job.eos)}
+    chunks = len(meta.chunk_tokens)
+    progress = resume_point(job.output, fp, chunks, job.restart)
+    if progress is not None:
+        reopen_generated(job.output, meta.num_sequences, N)
+        return progress
+    create_generated(job.output, meta.num_sequences, N)
+    progress = Progress(fp, chunks, 0, np.zeros((m.num_moe_layers, m.num_experts), np.int64))
+    save_progress(job.output, progress)
+    return progress
+
+
+class _Group:
+    """One group's results on the host: tokens [s, N] int32 (-1 padding), lengths [s],
+    logprobs [s, N] float32 (NaN padding), finish [s] uint8."""
+
+    def __init__(self, s: int, N: int):
+        self.tokens = np.full((s, N), -1, np.int32)
+        self.logprobs = np.full((s, N), np.nan, np.float32)
+        self.lengths = np.zeros(s, np.int32)
+        self.finish = np.full(s, FINISH_LENGTH, np.uint8)
+
+    def record(self, rows, step: int, tokens, logprobs, stop, reason) -> None:
+        """rows: [n] the active sequences; stop: [n] which of them end here, for ``reason`` [n]."""
+        self.tokens[rows, step], self.logprobs[rows, step], self.lengths[rows] = tokens, logprobs, step + 1
+        self.finish[rows[stop]] = reason[stop]
+
+
+def _stops(tokens, step: int, prompt_lengths, N: int, eos: np.ndarray, limit: int):
+    """tokens: [n] just picked at ``step`` by sequences of ``prompt_lengths`` [n] -> (stop [n],
+    reason [n]): an end-of-sequence id, the N-th token, or the model's last position."""
+    at_eos = np.isin(tokens, eos)
+    at_limit = (prompt_lengths + step + 1 >= limit) if limit else np.zeros(len(tokens), bool)
+    reason = np.where(at_eos, FINISH_EOS, np.where(step + 1 == N, FINISH_LENGTH, FINISH_POSITIONS)).astype(np.uint8)
+    return at_eos | (step + 1 == N) | at_limit, reason
+
+
+def share_picks(world, owner: int | None, picks):
+    """Collective over the world, once per decode step: each sequence owner's still active rows
+    [n] and their new tokens [n], from the rank that picked them (the leader of the last pipeline
+    stage, ``owner`` its dense_index; None elsewhere) to every rank of its pipeline and TP group
+    -> {owner: (rows, tokens)}, or None when no rank has an active sequence left."""
+    entries = world.allgather(None if owner is None else (owner, picks))
+    table = dict(e for e in entries if e is not None)
+    return table if any(len(rows) for rows, _ in table.values()) else None
+
+
+def decode_group(engine, world, tokens: np.ndarray, lengths: np.ndarray, s0: int, job: Job) -> _Group:
+    """A dense rank's group (its sequences s0.., maybe none): tokens [s, L] prompts, lengths [s]
+    -> its generated tokens (on the last stage). Collective over the world: one exchange per
+    MoE block and step, one ``share_picks`` per step."""
+    cfg, N, topo = job.cfg, job.cfg.generate.max_new_tokens, engine.topo
+    s, L = tokens.shape
+    P, params = L + N, sampling_params(cfg)
+    eos = np.asarray(() if cfg.generate.ignore_eos else job.eos, np.int64)
+    limit = 0 if cfg.run.allow_long_sequences else cfg.model.max_position_embeddings
+    group, rows, none = _Group(s, N), np.arange(s), np.zeros(0, np.int64)
+    t0 = time.perf_counter()
+    engine.open_cache(s, P)
+    logits = engine.forward_cached(tokens, lengths, CacheAt(rows, np.zeros(s, np.int64)),
+                                   (s0 + rows)[:, None] * P + np.arange(L)[None, :])
+    t0 = engine.times.add("prefill", t0)
+    for step in range(N):
+        picks = None
+        if logits is not None:                            # the last stage picks
+            picked, logprobs = pick_tokens(logits, s0 + rows, np.full(len(rows), step, np.int64), params)
+            stop, reason = _stops(picked, step, lengths[rows], N, eos, limit)
+            group.record(rows, step, picked, logprobs, stop, reason)
+            picks = (rows[~stop], picked[~stop].astype(np.int64))
+        active = share_picks(world, topo.dense_index if topo.writes_output else None, picks)
+        if active is None:                                # every rank steps while any has a sequence
+            break
+        rows, picked = active.get(topo.dense_index, (none, none))
+        pos = lengths[rows] + step
+        logits = engine.forward_cached(picked[:, None], np.ones(len(rows), np.int64), CacheAt(rows, pos),
+                                       ((s0 + rows) * P + pos)[:, None])
+    engine.times.add("decode", t0)
+    return group
+
+
+def serve_group(engine, world, N: int) -> None:
+    """An expert-only rank's part of a group: the prefill's exchanges, then each decode step's."""
+    t0 = time.perf_counter()
+    engine.serve_chunk()
+    t0 = engine.times.add("prefill", t0)
+    for _ in range(N):
+        if share_picks(world, None, None) is None:
+            break
+        engine.serve_chunk()
+    engine.times.add("decode", t0)
+
+
+class _GenerateChunks:
+    """One rank's part of a group (``runner.stream_chunks``' rank_chunks): a dense rank reads its
+    prompts and decodes them, an expert-only rank serves; rank 0 gathers the writers' rows,
+    writes them durably and returns the group's generated tokens (the progress line's count)."""
+
+    def __init__(self, engine, job: Job, meta: InputMeta, layout=None):
+        self.engine, self.job, self.meta = engine, job, meta
+        self.world = engine.topo.world
+        self.batch = None
+
+    def __enter__(self) -> "_GenerateChunks":
+        topo, m = self.engine.topo, self.job.cfg.model
+        if topo.is_dense:
+            self.batch = collective(self.world, open_input, self.job.input, m.hidden_size, m.vocab_size,
+                                    debug=self.job.debug)
+            self.lo, self.hi = sequence_range(topo.dense_index, topo.num_dense, self.meta.num_sequences)
+        else:
+            collective(self.world, lambda: None, debug=self.job.debug)
+        return self
+
+    def chunk(self, c: int) -> int | None:
+        e, job, m = self.engine, self.job, self.job.cfg.model
+        part = None
+        if self.batch is None:
+            collective(self.world, lambda: None, debug=job.debug)
+            serve_group(e, self.world, job.cfg.generate.max_new_tokens)
+        else:
+            s0, s1 = chunk_slice(self.lo, self.hi, c, job.cfg.run.chunk_sequences)
+            tokens = collective(self.world, self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size,
+                                debug=job.debug)
+            g = decode_group(e, self.world, tokens, self.batch.lengths[s0:s1], s0, job)
+            if e.topo.writes_output and s1 > s0:
+                part = (s0, g.tokens, g.lengths, g.logprobs, g.finish)
+        parts = [p for p in self.world.gather(part, root=0) or [] if p is not None]
+        t0 = time.perf_counter()
+        on_rank0(self.world, write_generated, job.output, parts, debug=job.debug)
+        e.times.add("io", t0)
+        return sum(int(p[2].sum()) for p in parts)
+
+    def __exit__(self, *exc) -> None:
+        if self.batch is not None:
+            self.batch.close()
+
+
+def generate_job(comm, job: Job, log=None) -> dict:
+    """``run_job``'s course for generation (``job.eos`` set): rank 0's summary (others: {})."""
+    t_start, log = time.perf_counter(), log or _log
+    p = job.cfg.parallel
+    collective(comm, check_layout, comm.Get_size(), p.dp, p.dense_ranks, p.expert_tp, p.dense_tp, p.dense_stages,
+               debug=job.debug)
+    job = dataclasses.replace(job, cfg=collective(comm, generate_config, job.cfg,
+                                                  log if comm.Get_rank() == 0 else (lambda text: None)))
+    topo = build_topology(comm, job.cfg)
+    world = topo.world
+    with JobScope(topo, job) as scope:
+        meta = world.bcast(on_rank0(world, check_prompts, job, topo.num_dense, debug=job.debug), root=0)
+        scope.lock = on_rank0(world, OutputLock, job.output, debug=job.debug)
+        limit_blas_threads(*ranks_sharing_cores(topo.node))
+        engine = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
+        progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug), root=0)
+        scope.owned = True
+        reporter = _reporter(job, meta, progress, log) if topo.rank == 0 else None
+        t_loop = time.perf_counter()
+        stats = stream_chunks(engine, job, meta, None, progress, _GenerateChunks, reporter)
+        return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, reporter)
+
+
+def _reporter(job: Job, meta: InputMeta, progress: Progress, log) -> ProgressLog:
+    """Progress in generated tokens; each group's bound up front is its sequences x N."""
+    N, C = job.cfg.generate.max_new_tokens, job.cfg.run.chunk_sequences
+    bound = [min(C, meta.num_sequences) * N] * len(meta.chunk_tokens)
+    if progress.chunks_done:
+        log(f"moe-hpc: resuming at group {progress.chunks_done + 1} of {progress.chunks_total}")
+    log(f"moe-hpc: generate up to {N} tokens for each of {meta.num_sequences} prompts, "
+        f"{len(meta.chunk_tokens)} group(s)")
+    return ProgressLog(bound, progress.chunks_done, job.progress, job.progress_every, unit="generated tokens")
+
+
+def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_start: float, loop_s: float,
+            reporter: ProgressLog | None) -> dict:
+    """Finalize the output; rank 0's summary (the rates over this run's groups: a resumed run's
+    earlier groups are in the output, not in its times)."""
+    topo, world = engine.topo, engine.topo.world
+    times = world.gather(dict(engine.times.seconds), root=0)
+    engine.close()
+    done = on_rank0(world, generated_summary, job.output, debug=job.debug)
+    attrs = {"config": job.cfg.to_json(), "version": __version__, "ranks": topo.size, "roles": topo.describe(),
+             "placement": engine.placement.to_json(), "wall_time_s": time.perf_counter() - t_start,
+             "device": engine.backend.name, "eos_token_ids": list(job.eos)}
+    on_rank0(world, _finalize, job.output, stats, attrs, debug=job.debug)
+    if topo.rank != 0:
+        return {}
+    prompt, generated = sum(meta.chunk_tokens[progress.chunks_done:]), reporter.done - reporter.start_done
+    prefill, decode = engine.times.seconds["prefill"], engine.times.seconds["decode"]
+    return {"output": str(job.output), "sequences": meta.num_sequences, "prompt_tokens": sum(meta.chunk_tokens),
+            **done, "groups": progress.chunks_total, "resumed_at_group": progress.chunks_done, "ranks": topo.size,
+            "device": engine.backend.name, "wall_time_s": round(time.perf_counter() - t_start, 4),
+            "loop_time_s": round(loop_s, 4),
+            "prompt_tokens_per_s": round(prompt / prefill, 2) if prefill > 0 else 0.0,
+            "generated_tokens_this_run": generated,
+            "generated_tokens_per_s": round(generated / decode, 2) if decode > 0 else 0.0,
+            "phases_s": phase_summary(times)}
+
+
+def _finalize(output, stats, attrs) -> None:
+    """Rank 0: stats and provenance, the rename, then the record (the output is whole)."""
+    finalize_output(output, stats, attrs)
+    progress_path_for(output).unlink(missing_ok=True)
+
+
+def _log(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+__all__ = ["generate_job", "decode_group", "serve_group", "share_picks", "check_prompts", "generate_config"]

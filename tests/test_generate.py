@@ -1,0 +1,252 @@
+"""``moe-hpc generate`` (docs/generate.md) against the float64 reference generator.
+
+The oracle is ``model/reference.py: reference_generate`` (full recompute of prompt + tokens so
+far at every step). A bf16 engine must pick the reference's very tokens, step by step, until the
+first step near a tie: the reference's top-1/top-2 logit gap under 1e-2, or the routing margin
+of the position that picks under TIE_MARGIN (bf16 may route it to another expert, SPEC). Past
+that the two may continue differently, so nothing is compared. A second oracle needs no tie
+rule: the log-probability the engine reports for each token (from its KV cache) equals the one
+``moe-hpc run`` computes over prompt + tokens so far in one full forward.
+
+Layouts are held to the 1-rank output; MPI launches are few (CI has 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import TINY, fixture, moe_hpc, needs_mpiexec
+from moe_hpc.config.run_config import build_config, load_config
+from moe_hpc.model.blocks import AttentionBlock
+from moe_hpc.model.reference import reference_forward, reference_generate
+from moe_hpc.tools.hf_import import import_hf
+from moe_hpc.tools.synth import write_checkpoint, write_inputs
+
+N = 8
+DATASETS = ("generated", "generated_lengths", "generated_logprobs", "finish_reason")
+TINY_VOCAB = ["--set", "model.vocab_size=256", "--set", "run.chunk_sequences=3"]
+STOP_AFTER_ONE_GROUP = """
+import sys
+from moe_hpc import cli
+from moe_hpc.runtime import signals
+class StopAfterOneGroup(signals.StopRequest):
+    calls = 0
+    def agreed(self, comm):
+        StopAfterOneGroup.calls += 1
+        return signals.agree_max(comm, 15 if StopAfterOneGroup.calls == 2 else 0)
+cli.StopRequest = StopAfterOneGroup
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> (config for the CLI, extra CLI args, HDF5 weights for the reference, the engine's
+    weights, prompts): the tiny preset with a vocabulary, and four Hugging Face families."""
+    d = tmp_path_factory.mktemp("generate")
+    tiny_w = d / "tiny.h5"
+    cfg = build_config({"model": {"vocab_size": 256}})
+    write_checkpoint(tiny_w, cfg.model, seed=3)
+    out = {"tiny": (TINY, TINY_VOCAB, tiny_w, tiny_w, _prompts(d / "tiny_in.h5", cfg.model, 6))}
+    for family in ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3"):
+        weights = d / f"{family}.h5"
+        import_hf(fixture(family), d / f"{family}.toml", weights, log=lambda text: None)
+        out[family] = (fixture(family), [], weights, fixture(family),
+                       _prompts(d / f"{family}_in.h5", load_config(fixture(family)).model, 8))
+    return out
+
+
+def _prompts(path: Path, model, sequences: int) -> Path:
+    write_inputs(path, model, sequences=sequences, seq_len=10, seed=5, ragged=True)
+    return path
+
+
+def generate(model, output: Path, *extra, ranks=None, program=None):
+    config, args, _, weights, prompts = model
+    r = moe_hpc("generate", config, "--weights", weights, "--input", prompts, "--output", output,
+                "--max-new-tokens", N, "--progress", "off", *args, *extra, ranks=ranks, program=program)
+    return r
+
+
+def assert_same_tokens(got: dict, want: dict) -> None:
+    """Equal tokens, lengths and reasons; log-probs up to fp32 (BLAS blocks a group of 1 and of 3
+    differently)."""
+    for dataset in ("generated", "generated_lengths", "finish_reason"):
+        np.testing.assert_array_equal(got[dataset], want[dataset], err_msg=dataset)
+    np.testing.assert_allclose(got["generated_logprobs"], want["generated_logprobs"], rtol=1e-5)
+
+
+def read(output: Path) -> dict:
+    with h5py.File(output, "r") as f:
+        return {name: f[name][()] for name in DATASETS}
+
+
+def prompts_of(path: Path) -> list[np.ndarray]:
+    with h5py.File(path, "r") as f:
+        tokens, lengths = f["tokens"][()], f["lengths"][()]
+    return [tokens[s, :n] for s, n in enumerate(lengths)]
+
+
+def assert_reference_tokens(got: dict, model) -> int:
+    """The engine's tokens equal the reference's up to each sequence's first near-tie step;
+    returns how many tokens were compared (a test must compare some)."""
+    ref = reference_generate(model[2], prompts_of(model[4]), N)
+    compared = 0
+    for s, r in enumerate(ref):
+        k = r.clear_steps()
+        assert (got["generated"][s, :k] == r.tokens[:k]).all(), (s, k, got["generated"][s], r.tokens)
+        assert np.abs(got["generated_logprobs"][s, :k] - r.logprobs[:k]).max(initial=0) < 5e-2
+        compared += k
+    return compared
+
+
+def assert_steps_equal_full_forward(got: dict, model, tmp: Path) -> None:
+    """Each token's log-probability from the cached decode equals ``run``'s over prompt + tokens."""
+    prompts = prompts_of(model[4])
+    L = max(len(p) for p in prompts) + N
+    tokens, lengths = np.zeros((len(prompts), L), np.int64), np.zeros(len(prompts), np.int64)
+    for s, p in enumerate(prompts):
+        n = got["generated_lengths"][s]
+        seq = np.concatenate([p, got["generated"][s, :n]])
+        tokens[s, :len(seq)], lengths[s] = seq, len(seq)
+    full = tmp / "full.h5"
+    with h5py.File(full, "w") as f:
+        f.attrs["format"] = "moe_hpc.input/1"
+        f["tokens"], f["lengths"] = tokens, lengths
+    out = tmp / "full_out.h5"
+    config, args, _, weights, _ = model
+    r = moe_hpc("run", config, "--weights", weights, "--input", full, "--output", out, "--progress", "off",
+                "--set", "run.logprobs=true", *args)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out, "r") as f:
+        lp = f["logprobs"][()]
+    # log p(token i) is read at the position before it: prompt length - 1 + i
+    diffs = np.concatenate([got["generated_logprobs"][s, :got["generated_lengths"][s]]
+                            - lp[s, len(p) - 1:len(p) - 1 + got["generated_lengths"][s]]
+                            for s, p in enumerate(prompts)])
+    assert np.median(np.abs(diffs)) < 1e-2 and np.mean(np.abs(diffs) < 5e-2) >= 0.9, diffs
+
+
+# ---------------------------------------------------------------- the reference generator
+
+def test_reference_generator_recomputes_the_forward(models):
+    """Step 0's token is the argmax of the reference forward's logits at the prompt's end."""
+    _, _, weights, _, prompts = models["tiny"]
+    ref = reference_generate(weights, prompts_of(prompts), 2)
+    forward = reference_forward(weights, prompts, with_logits=True)
+    with h5py.File(prompts, "r") as f:
+        lengths = f["lengths"][()]
+    first = [int(np.argmax(forward.logits[s, n - 1])) for s, n in enumerate(lengths)]
+    assert [int(r.tokens[0]) for r in ref] == first
+    assert all(len(r.tokens) == 2 and r.finish_reason == 1 for r in ref)
+
+
+@pytest.mark.parametrize("name", ["tiny", "deepseek_v3"])
+def test_kv_cache_is_made_once_per_group_shape_and_mla_keeps_the_latent(name):
+    """MHA keeps k and v per kv head; MLA only kv_lora_rank + qk_rope_head_dim values per token
+    and block (never the expanded k and v); a second group of the same shape reuses the cache."""
+    m = build_config({}).model if name == "tiny" else load_config(fixture(name)).model
+    block = AttentionBlock(None, m, m, 64, np)
+    cache = block.allocate(3, 10)
+    per_token = (m.kv_lora_rank + m.qk_rope_head_dim) * 2 if m.mla else 2 * m.kv_heads * m.head_dim * 2
+    assert cache.nbytes == 3 * 10 * per_token
+    assert block.allocate(3, 10) is cache and block.allocate(2, 10) is not cache
+
+
+# ---------------------------------------------------------------- one rank, every family
+
+@pytest.mark.parametrize("name", ["tiny", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
+def test_greedy_continuations_equal_the_reference(name, models, tmp_path):
+    out = tmp_path / "out.h5"
+    r = generate(models[name], out)
+    assert r.returncode == 0, r.stderr
+    got = read(out)
+    assert assert_reference_tokens(got, models[name]) >= 4
+    assert (got["generated_lengths"] == N).all() and (got["finish_reason"] == 1).all()
+    assert_steps_equal_full_forward(got, models[name], tmp_path)
+    summary = json.loads(r.stdout)["summary"]
+    assert summary["generated_tokens"] == got["generated_lengths"].sum()
+    assert summary["generated_tokens_per_s"] > 0 and summary["prompt_tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------- layouts, resume
+
+@pytest.fixture(scope="module")
+def one_rank(models, tmp_path_factory):
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp("one") / f"{name}.h5"
+            assert generate(models[name], made[name]).returncode == 0
+        return read(made[name])
+    return get
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("name, ranks, sets", [
+    ("tiny", 3, ["parallel.dense_ranks=1"]),
+    ("tiny", 4, ["run.chunk_sequences=1", "parallel.expert_tp=2", "run.pipeline_waves=1"]),
+    ("tiny", 4, ["parallel.dp=2"]),
+    ("tiny", 3, ["parallel.dense_ranks=2", "parallel.dense_stages=2"]),
+    ("mixtral", 3, ["parallel.dense_ranks=1", "run.pipeline_waves=2"]),
+    ("olmoe", 4, ["run.chunk_sequences=1"]),
+], ids=["tiny-3-split", "tiny-4-expert-tp-empty-ranks", "tiny-4-dp", "tiny-3-stages", "mixtral-3-split-waves", "olmoe-4-colocated"])
+def test_layouts_generate_the_one_rank_tokens(name, ranks, sets, models, one_rank, tmp_path):
+    out = tmp_path / "out.h5"
+    r = generate(models[name], out, *[a for s in sets for a in ("--set", s)], ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    assert_same_tokens(read(out), one_rank(name))
+    if "run.pipeline_waves=2" in sets:
+        assert "generate runs run.pipeline_waves = 1" in r.stderr
+
+
+@needs_mpiexec
+def test_dense_tp_generates_the_reference_tokens(models, tmp_path):
+    """Dense TP sums partial outputs in another order: equal to the reference up to ties."""
+    out = tmp_path / "out.h5"
+    r = generate(models["tiny"], out, "--set", "parallel.dense_tp=2", "--set", "parallel.dense_ranks=2", ranks=4)
+    assert r.returncode == 0, r.stderr
+    assert assert_reference_tokens(read(out), models["tiny"]) >= 5
+
+
+@needs_mpiexec
+def test_resume_after_a_stop_gives_identical_tokens(models, one_rank, tmp_path):
+    out = tmp_path / "out.h5"
+    stopped = generate(models["tiny"], out, "--set", "parallel.dense_ranks=1", ranks=3,
+                       program=STOP_AFTER_ONE_GROUP)
+    assert stopped.returncode == 75, stopped.stderr
+    assert not out.exists() and out.with_name("out.h5.progress.json").exists()
+    resumed = generate(models["tiny"], out, "--set", "parallel.dense_ranks=1", ranks=3)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at group 2 of 2" in resumed.stderr
+    assert_same_tokens(read(out), one_rank("tiny"))
+
+
+def test_end_of_sequence_from_generation_config_stops_and_pads(models, one_rank, tmp_path):
+    """eos_token_id of generation_config.json (a list) ends a sequence at that token, which is
+    kept; the rest is -1 / NaN padding, finish_reason 0; --ignore-eos runs on to N."""
+    want = one_rank("mixtral")
+    eos = int(want["generated"][0, 2])
+    folder = tmp_path / "hf_mixtral"
+    shutil.copytree(fixture("mixtral"), folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 255]}))
+    config, args, ref_weights, _, prompts = models["mixtral"]
+    model = (folder, args, ref_weights, folder, prompts)
+    out = tmp_path / "eos.h5"
+    assert generate(model, out).returncode == 0
+    got = read(out)
+    for s, tokens in enumerate(want["generated"]):
+        hit = np.flatnonzero(np.isin(tokens, [eos, 255]))
+        n = int(hit[0]) + 1 if hit.size else N
+        assert got["generated_lengths"][s] == n and got["finish_reason"][s] == (0 if hit.size else 1)
+        np.testing.assert_array_equal(got["generated"][s, :n], tokens[:n])
+        assert (got["generated"][s, n:] == -1).all() and np.isnan(got["generated_logprobs"][s, n:]).all()
+    assert got["generated_lengths"][0] == 3
+    assert generate(model, tmp_path / "all.h5", "--ignore-eos").returncode == 0
+    assert_same_tokens(read(tmp_path / "all.h5"), want)
