@@ -250,3 +250,18 @@ def test_end_of_sequence_from_generation_config_stops_and_pads(models, one_rank,
     assert got["generated_lengths"][0] == 3
     assert generate(model, tmp_path / "all.h5", "--ignore-eos").returncode == 0
     assert_same_tokens(read(tmp_path / "all.h5"), want)
+
+
+@needs_mpiexec
+def test_sampled_tokens_do_not_depend_on_ranks_or_chunking(models, tmp_path):
+    """Each draw is keyed by (seed, sequence, step): 1 rank with 3-sequence groups and 3 ranks
+    with 1-sequence groups draw the same tokens; another seed draws others."""
+    sampling = ["--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "11"]
+    outs = {name: tmp_path / f"{name}.h5" for name in ("one", "three", "seed")}
+    assert generate(models["tiny"], outs["one"], *sampling).returncode == 0
+    r = generate(models["tiny"], outs["three"], *sampling, "--set", "run.chunk_sequences=1",
+                 "--set", "parallel.dense_ranks=2", ranks=3)
+    assert r.returncode == 0, r.stderr
+    assert_same_tokens(read(outs["three"]), read(outs["one"]))
+    assert generate(models["tiny"], outs["seed"], *sampling[:-1], "12").returncode == 0
+    assert (read(outs["seed"])["generated"] != read(outs["one"])["generated"]).any()
