@@ -648,6 +648,18 @@ def test_second_job_on_a_live_output_is_refused(tiny_files, long_input, uninterr
     assert not lock_path_for(out).exists() and progress_record(out) is None
 
 
+def test_dry_run_on_a_held_output_says_what_the_run_would(tmp_path, tiny_files):
+    """The dry run of a job whose output another job holds is refused like the run, naming the
+    holder, and leaves the holder's lock file alone."""
+    weights, inputs = tiny_files
+    output = tmp_path / "out.h5"
+    with OutputLock(output):
+        out = run_ranks("run", TINY, "--weights", weights, "--input", inputs, "--output", output, "--dry-run",
+                        ranks=2)
+        _assert_refused(out, 2, ("another job is writing this output", f"pid {os.getpid()}"))
+        assert lock_path_for(output).exists()
+
+
 def test_output_lock_excludes_a_second_holder(tmp_path):
     out = tmp_path / "out.h5"
     with OutputLock(out):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..config.roles import RoleLayout, check_layout
 from ..config.run_config import Config
 from ..device.threads import usable_cores
+from .agree import agree_min
 
 
 @dataclass
@@ -149,7 +150,7 @@ class Topology:
 
 def _node_ids(world, node) -> tuple[int, ...]:
     """Number the nodes 0.. by their lowest world rank, the same on every rank."""
-    leader = node.allreduce(world.Get_rank(), op=_mpi().MIN)
+    leader = agree_min(node, world.Get_rank())
     leaders = world.allgather(leader)
     order = {lead: i for i, lead in enumerate(sorted(set(leaders)))}
     return tuple(order[lead] for lead in leaders)

@@ -58,6 +58,34 @@ def _alive(record: str) -> bool:
     return True
 
 
+def _held_error(output: Path, record: str, checked_by_record: bool = False) -> OutputError:
+    path = lock_path_for(output)
+    hint = (f"; if that job is known to be over, remove {path}" if checked_by_record else "")
+    return OutputError(f"{output}: another job is writing this output ({_describe(record)}; lock "
+                       f"{path}); wait for it to end or choose another --output{hint}")
+
+
+def check_not_held(output: str | Path) -> None:
+    """The dry run's look at the lock: raises the run's own OutputError when a live job holds
+    it. It creates nothing, and holds a shared lock only for the instant of the test."""
+    output = Path(output)
+    try:
+        fd = os.open(lock_path_for(output), os.O_RDONLY)
+    except OSError:                # no lock file (or none readable): nobody holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise _held_error(output, os.pread(fd, 512, 0).decode(errors="replace")) from None
+    except OSError as exc:
+        record = os.pread(fd, 512, 0).decode(errors="replace")
+        if exc.errno in NO_FLOCK and _alive(record):
+            raise _held_error(output, record, checked_by_record=True) from None
+    finally:
+        os.close(fd)
+
+
 class OutputLock:
     """``OutputLock(output)`` holds the lock (or raises OutputError naming the holder) until
     ``release()``; use it as a context manager or release it in a ``finally``."""
@@ -108,9 +136,7 @@ class OutputLock:
         return os.pread(fd, 512, 0).decode(errors="replace")
 
     def _held(self, record: str, checked_by_record: bool = False) -> OutputError:
-        hint = (f"; if that job is known to be over, remove {self.path}" if checked_by_record else "")
-        return OutputError(f"{self.output}: another job is writing this output ({_describe(record)}; lock "
-                           f"{self.path}); wait for it to end or choose another --output{hint}")
+        return _held_error(self.output, record, checked_by_record)
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (a waiting job then finds a fresh file)."""
@@ -127,4 +153,4 @@ class OutputLock:
         self.release()
 
 
-__all__ = ["OutputLock", "lock_path_for", "holder_record"]
+__all__ = ["OutputLock", "check_not_held", "lock_path_for", "holder_record"]

@@ -26,7 +26,7 @@ from .mla import mla_expand, mla_latent, mla_qkv, mla_query, softmax_scale
 
 
 def attention(a, w, cfg, block: int, xp=np, reduce=None, flash=None):
-    """a: [S, L, H] bf16 (normed input); w: DenseLayer (wq, wk, wv, wo; the MLA weights when
+    """a: [S, L, H] bf16 (normed input); w: AttentionWeights (wq, wk, wv, wo; the MLA weights when
     ``cfg.mla``) -> [S, L, H] bf16.
 
     flash: a fused attention kernel (``device.flash_cudnn``); used when the layer carries the

@@ -38,7 +38,7 @@ def _biased(y, bias):
 
 
 def project_qkv(a, w, cfg, xp=np):
-    """The attention's inputs before RoPE. a: [S, L, H] bf16; w: DenseLayer (wq, wk, wv, their
+    """The attention's inputs before RoPE. a: [S, L, H] bf16; w: AttentionWeights (wq, wk, wv, their
     optional biases bq, bk, bv and q/k norms) -> q [S, L, nh, D], k and v [S, L, kv, D] bf16.
 
     ``cfg.qk_norm``: "head" RMS-normalises each head's D values (weight [D]), "full" the whole
@@ -56,7 +56,7 @@ def project_qkv(a, w, cfg, xp=np):
 
 def shared_expert(m, w, cfg, xp=np):
     """The shared expert of an MoE block, run on the dense rank beside the routed ones.
-    m: [T, H] bf16 (the block's normed MLP input); w: DenseLayer (shared_w1 fused [gate | up],
+    m: [T, H] bf16 (the block's normed MLP input); w: GateWeights (shared_w1 fused [gate | up],
     shared_w2, shared_gate [H] | None) -> [T, H] bf16, scaled by sigmoid(m . shared_gate)."""
     y = expert_mlp(m, w.shared_w1, None, w.shared_w2, cfg.ffn_kind)
     if w.shared_gate is None:

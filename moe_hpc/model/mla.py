@@ -108,7 +108,7 @@ def mla_expand(c, k_rope, w, m: ModelConfig, xp=np):
 
 
 def mla_qkv(a, w, m: ModelConfig, xp=np):
-    """a: [S, L, H] bf16 (normed input); w: DenseLayer with the MLA weights; m: the (member's)
+    """a: [S, L, H] bf16 (normed input); w: AttentionWeights with the MLA weights; m: the (member's)
     model -> q, k [S, L, nh, head_dim] and v [S, L, nh, v_head_dim] bf16, RoPE applied."""
     cos, sin = _tables(m, a.shape[1], xp)
     return (mla_query(a, w, m, cos, sin, xp), *mla_expand(*mla_latent(a, w, m, cos, sin, xp), w, m, xp))

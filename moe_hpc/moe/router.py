@@ -51,6 +51,9 @@ class Router:
         replica = None
         if self.balancer is not None:
             mbt = self.micro_batch_tokens
+            # over the world, not the exchange communicator: the balancer's per-micro-batch bias
+            # updates must happen in the same number of steps on every replica group, so all
+            # biases stay equal (the layer's own count, over its exchange, sizes the transfers)
             nmb = micro_batch_count(self.world, T, mbt)
             bounds = [(min(T, i * mbt), min(T, (i + 1) * mbt)) for i in range(nmb)]
             w = self.gates.get(layer)

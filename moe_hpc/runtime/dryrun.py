@@ -18,6 +18,7 @@ from ..config.errors import OutputError
 from ..config.roles import check_layout
 from ..device.backend import make_backend
 from ..files.batches import open_input
+from ..files.lock import check_not_held
 from ..files.checkpoint import Checkpoint
 from ..placement.file import make_placement
 from .job import Job, check_fit, check_input_share, check_setup, checked_input_line, num_chunks, sequence_range
@@ -49,6 +50,7 @@ def _rank_row(topo, backend, placement, num_sequences: int) -> dict:
 
 
 def _partial_state(job: Job, meta, roles) -> str:
+    check_not_held(job.output)            # the run would be refused: so is its dry run
     progress = check_partial(job.output, fingerprint(job.cfg, job.weights, job.input, roles),
                              len(meta.chunk_tokens), job.restart)
     if progress is None:
