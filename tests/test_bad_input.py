@@ -1007,6 +1007,11 @@ def test_generate_past_max_positions_is_refused(tmp_path):
                                            (0, "generate needs model.vocab_size > 0")], ids=["hidden", "no-vocab"])
 def test_generate_needs_tokens_and_a_vocabulary(vocab, needle, tmp_path, tiny_files):
     weights, inputs = tiny_files          # /hidden inputs of a model without a vocabulary
+    if vocab:                             # weights with the vocabulary, so only the input is wrong
+        from moe_hpc.config.run_config import load_config
+        from moe_hpc.tools.synth import write_checkpoint
+        weights = tmp_path / "vocab_weights.h5"
+        write_checkpoint(weights, load_config(TINY, [f"model.vocab_size={vocab}"]).model, seed=0)
     output = tmp_path / "out.h5"
     out = run_ranks("generate", TINY, "--weights", weights, "--input", inputs, "--output", output,
                     "--set", f"model.vocab_size={vocab}", ranks=2)

@@ -16,12 +16,10 @@ from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology
 from ..config.errors import OutputError
 from ..config.roles import check_layout
-from ..device.backend import make_backend
 from ..files.batches import open_input
 from ..files.lock import check_not_held
 from ..files.checkpoint import Checkpoint
-from ..placement.file import make_placement
-from .job import Job, check_fit, check_input_share, check_setup, checked_input_line, num_chunks, sequence_range
+from .job import Job, check_setup, checked_input_line, num_chunks, preflight, sequence_range
 from .resume import check_partial, fingerprint
 
 
@@ -93,15 +91,14 @@ def dry_run(comm, job: Job, log=print) -> dict:
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
     try:
         meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
-        checked = world.gather(sync(check_input_share, job, topo), root=0)   # the run's own check
-        backend = sync(make_backend, cfg.run.device, topo.local_rank)
-        fit = world.gather(sync(check_fit, job, topo, backend, meta.seq_len), root=0)    # the run's own check
-        placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
+        checked = preflight(topo, job, meta)          # the run's own checks
+        backend, placement = checked.backend, checked.placement
+        seconds, fit = world.gather(checked.check_seconds, root=0), world.gather(checked.fit, root=0)
         sync(_check_files, job, topo.is_dense)
         partial = on_rank0(world, _partial_state, job, meta, topo.roles, debug=job.debug)
         rows = world.gather(_rank_row(topo, backend, placement, meta.num_sequences), root=0)
         if rank == 0:
-            log(checked_input_line(meta, job, len(topo.dense_world_ranks), max(checked)))
+            log(checked_input_line(meta, job, len(topo.dense_world_ranks), max(seconds)))
             if fit[0] is not None:
                 log("memory: " + min(fit, key=lambda f: f.headroom).text() + ": fits")
             log(format_layout(rows, meta, job, placement, partial))

@@ -14,13 +14,15 @@ from typing import Callable
 
 import numpy as np
 
+from ..comm.failure import collective
 from ..config.errors import InputError
 from ..config.run_config import Config, config_files
-from ..device.backend import free_memory_bytes
+from ..device.backend import free_memory_bytes, make_backend
 from ..files.atomic import check_output
 from ..files.batches import open_input
 from ..files.checkpoint import Checkpoint
 from ..files.lock import lock_path_for
+from ..placement.file import make_placement
 from .resume import progress_path_for
 from .signals import StopRequest
 
@@ -156,5 +158,26 @@ def checked_input_line(meta: InputMeta, job: Job, dense: int, seconds: float) ->
                                               else "hidden values finite (no NaN or Inf)"))
 
 
+
+@dataclass
+class Preflight:
+    """What the checks before loading leave behind, for the run and its dry run alike."""
+    backend: object
+    placement: object
+    check_seconds: float          # this rank's share of the input-value check (0 on expert-only ranks)
+    fit: object                   # this rank's MemoryFit, or None when the job has no memory check
+
+
+def preflight(topo, job: Job, meta: InputMeta) -> Preflight:
+    """Every rank, before any weight is loaded: every input value (the dense ranks' shares), the
+    device, the planner's memory against its free memory, the placement. One home, so the dry
+    run checks exactly what the run does."""
+    sync = lambda fn, *a: collective(topo.world, fn, *a, debug=job.debug)
+    seconds = sync(check_input_share, job, topo)
+    backend = sync(make_backend, job.cfg.run.device, topo.local_rank)
+    fit = sync(check_fit, job, topo, backend, meta.seq_len)
+    placement = sync(make_placement, job.cfg.model, topo.num_expert_slots, job.cfg.parallel.placement)
+    return Preflight(backend, placement, seconds, fit)
+
 __all__ = ["Job", "InputMeta", "sequence_range", "num_chunks", "chunk_slice", "chunk_tokens", "check_outputs", "check_setup",
-           "check_input_values", "check_input_share", "checked_input_line", "check_fit"]
+           "check_input_values", "Preflight", "preflight", "check_input_share", "checked_input_line", "check_fit"]

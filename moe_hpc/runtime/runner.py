@@ -22,18 +22,16 @@ from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology, ranks_sharing_cores
 from ..config.errors import Interrupted, MoeHpcError, OutputError
 from ..config.roles import RoleLayout, check_layout
-from ..device.backend import make_backend
 from ..device.threads import limit_blas_threads
 from ..files.batches import (OutputWriter, create_output, finalize_output, logprob_summary, open_input,
                              reopen_output)
 from ..files.checkpoint import Checkpoint
 from ..files.lock import OutputLock
 from ..moe.balance import REPORT_WINDOW, Balancer
-from ..placement.file import make_placement
 from ..placement.traces import TraceRecorder, write_trace
 from .assemble import assemble, load_weights, wire
 from .engine import Engine
-from .job import InputMeta, Job, check_fit, check_input_share, check_setup, chunk_slice, sequence_range
+from .job import InputMeta, Job, check_setup, chunk_slice, preflight, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
 from .resume import (Progress, discard_partial, fingerprint, finished_chunks, kept_for_resume, progress_path_for,
                      resume_point, save_progress)
@@ -134,10 +132,8 @@ def prepare_engine(topo, job: Job, meta: InputMeta, log) -> Engine:
     """Check every input value, pick the device, check the memory, place and load the experts."""
     cfg, world = job.cfg, topo.world
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
-    sync(check_input_share, job, topo)       # every value, before any weight is loaded
-    backend = sync(make_backend, cfg.run.device, topo.local_rank)
-    sync(check_fit, job, topo, backend, meta.seq_len)      # refuse a model too large before loading it
-    placement = sync(make_placement, cfg.model, topo.num_expert_slots, cfg.parallel.placement)
+    checked = preflight(topo, job, meta)
+    backend, placement = checked.backend, checked.placement
     wiring = wire(cfg, topo, backend)
     weights = sync(_load, job, topo, placement, backend, wiring)
     return assemble(cfg, topo, backend, placement, wiring, weights,
