@@ -381,3 +381,45 @@ def logit_errors(logits: np.ndarray, family: str) -> np.ndarray:
 def bf16_values(dset) -> np.ndarray:
     raw = dset[()]
     return (raw.astype(np.uint32) << 16).view(np.float32) if raw.dtype == np.uint16 else raw
+
+
+# ---------------------------------------------------------------- generation (moe-hpc generate)
+
+GENERATED = ("generated", "generated_lengths", "generated_logprobs", "finish_reason")
+
+def read_generated(output: Path) -> dict:
+    with h5py.File(output, "r") as f:
+        return {name: f[name][()] for name in GENERATED}
+
+
+def prompts_of(path: Path) -> list[np.ndarray]:
+    with h5py.File(path, "r") as f:
+        tokens, lengths = f["tokens"][()], f["lengths"][()]
+    return [tokens[s, :n] for s, n in enumerate(lengths)]
+
+
+def assert_steps_equal_full_forward(got: dict, model, tmp: Path, new_tokens: int, *run_args) -> None:
+    """Each token's log-probability from the cached decode equals ``run``'s over prompt + tokens."""
+    prompts = prompts_of(model[4])
+    L = max(len(p) for p in prompts) + new_tokens
+    tokens, lengths = np.zeros((len(prompts), L), np.int64), np.zeros(len(prompts), np.int64)
+    for s, p in enumerate(prompts):
+        n = got["generated_lengths"][s]
+        seq = np.concatenate([p, got["generated"][s, :n]])
+        tokens[s, :len(seq)], lengths[s] = seq, len(seq)
+    full = tmp / "full.h5"
+    with h5py.File(full, "w") as f:
+        f.attrs["format"] = "moe_hpc.input/1"
+        f["tokens"], f["lengths"] = tokens, lengths
+    out = tmp / "full_out.h5"
+    config, args, _, weights, _ = model
+    r = moe_hpc("run", config, "--weights", weights, "--input", full, "--output", out, "--progress", "off",
+                "--set", "run.logprobs=true", *args, *run_args)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out, "r") as f:
+        lp = f["logprobs"][()]
+    # log p(token i) is read at the position before it: prompt length - 1 + i
+    diffs = np.concatenate([got["generated_logprobs"][s, :got["generated_lengths"][s]]
+                            - lp[s, len(p) - 1:len(p) - 1 + got["generated_lengths"][s]]
+                            for s, p in enumerate(prompts)])
+    assert np.median(np.abs(diffs)) < 1e-2 and np.mean(np.abs(diffs) < 5e-2) >= 0.9, diffs

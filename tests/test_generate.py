@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import TINY, fixture, moe_hpc, needs_mpiexec
+from helpers import (TINY, assert_steps_equal_full_forward, fixture, moe_hpc, needs_mpiexec, prompts_of,
+                     read_generated as read)
 from moe_hpc.config.run_config import build_config, load_config
 from moe_hpc.model.blocks import AttentionBlock
 from moe_hpc.model.reference import reference_forward, reference_generate
@@ -28,7 +29,6 @@ from moe_hpc.tools.hf_import import import_hf
 from moe_hpc.tools.synth import write_checkpoint, write_inputs
 
 N = 8
-DATASETS = ("generated", "generated_lengths", "generated_logprobs", "finish_reason")
 TINY_VOCAB = ["--set", "model.vocab_size=256", "--set", "run.chunk_sequences=3"]
 STOP_AFTER_ONE_GROUP = """
 import sys
@@ -81,17 +81,6 @@ def assert_same_tokens(got: dict, want: dict) -> None:
     np.testing.assert_allclose(got["generated_logprobs"], want["generated_logprobs"], rtol=1e-5)
 
 
-def read(output: Path) -> dict:
-    with h5py.File(output, "r") as f:
-        return {name: f[name][()] for name in DATASETS}
-
-
-def prompts_of(path: Path) -> list[np.ndarray]:
-    with h5py.File(path, "r") as f:
-        tokens, lengths = f["tokens"][()], f["lengths"][()]
-    return [tokens[s, :n] for s, n in enumerate(lengths)]
-
-
 def assert_reference_tokens(got: dict, model) -> int:
     """The engine's tokens equal the reference's up to each sequence's first near-tie step;
     returns how many tokens were compared (a test must compare some)."""
@@ -103,33 +92,6 @@ def assert_reference_tokens(got: dict, model) -> int:
         assert np.abs(got["generated_logprobs"][s, :k] - r.logprobs[:k]).max(initial=0) < 5e-2
         compared += k
     return compared
-
-
-def assert_steps_equal_full_forward(got: dict, model, tmp: Path) -> None:
-    """Each token's log-probability from the cached decode equals ``run``'s over prompt + tokens."""
-    prompts = prompts_of(model[4])
-    L = max(len(p) for p in prompts) + N
-    tokens, lengths = np.zeros((len(prompts), L), np.int64), np.zeros(len(prompts), np.int64)
-    for s, p in enumerate(prompts):
-        n = got["generated_lengths"][s]
-        seq = np.concatenate([p, got["generated"][s, :n]])
-        tokens[s, :len(seq)], lengths[s] = seq, len(seq)
-    full = tmp / "full.h5"
-    with h5py.File(full, "w") as f:
-        f.attrs["format"] = "moe_hpc.input/1"
-        f["tokens"], f["lengths"] = tokens, lengths
-    out = tmp / "full_out.h5"
-    config, args, _, weights, _ = model
-    r = moe_hpc("run", config, "--weights", weights, "--input", full, "--output", out, "--progress", "off",
-                "--set", "run.logprobs=true", *args)
-    assert r.returncode == 0, r.stderr
-    with h5py.File(out, "r") as f:
-        lp = f["logprobs"][()]
-    # log p(token i) is read at the position before it: prompt length - 1 + i
-    diffs = np.concatenate([got["generated_logprobs"][s, :got["generated_lengths"][s]]
-                            - lp[s, len(p) - 1:len(p) - 1 + got["generated_lengths"][s]]
-                            for s, p in enumerate(prompts)])
-    assert np.median(np.abs(diffs)) < 1e-2 and np.mean(np.abs(diffs) < 5e-2) >= 0.9, diffs
 
 
 # ---------------------------------------------------------------- the reference generator
@@ -168,7 +130,7 @@ def test_greedy_continuations_equal_the_reference(name, models, tmp_path):
     got = read(out)
     assert assert_reference_tokens(got, models[name]) >= 4
     assert (got["generated_lengths"] == N).all() and (got["finish_reason"] == 1).all()
-    assert_steps_equal_full_forward(got, models[name], tmp_path)
+    assert_steps_equal_full_forward(got, models[name], tmp_path, N)
     summary = json.loads(r.stdout)["summary"]
     assert summary["generated_tokens"] == got["generated_lengths"].sum()
     assert summary["generated_tokens_per_s"] > 0 and summary["prompt_tokens_per_s"] > 0

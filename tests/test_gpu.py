@@ -8,7 +8,7 @@ from moe_hpc.device.backend import cupy_or_none
 from moe_hpc.device.dtypes import BF16
 from moe_hpc.model.reference import compare, read_output_hidden, reference_forward
 
-from helpers import REPO, TINY, moe_hpc, needs_mpiexec
+from helpers import REPO, TINY, assert_steps_equal_full_forward, moe_hpc, needs_mpiexec, read_generated
 
 cp = cupy_or_none()
 needs_gpu = pytest.mark.skipif(cp is None, reason="no CuPy or no CUDA GPU on this machine (CPU CI)")
@@ -427,3 +427,25 @@ def test_bench_refuses_a_model_larger_than_the_gpu_before_loading():
     assert "the model does not fit: rank 0 needs" in line and "GiB free" in line, line
     assert "smallest layout that fits:" in line and "internal error" not in line, line
     assert r.wall_s < 120, f"the refusal took {r.wall_s:.0f} s"
+
+
+@needs_gpu
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_gpu_generate_steps_equal_a_full_forward(tmp_path, family):
+    """``moe-hpc generate`` on the GPU (KV cache; for DeepSeek-V3 the MLA latent cache): each new
+    token's log-probability from the cached decode equals ``run``'s full forward of prompt +
+    tokens so far on the same GPU, the oracle that needs no tie rule (as tests/test_generate.py
+    does on the CPU)."""
+    folder = REPO / "tests" / "fixtures" / f"hf_{family}"
+    prompts, out, new = tmp_path / "prompts.h5", tmp_path / "gen.h5", 8
+    with h5py.File(folder / "reference.h5", "r") as src, h5py.File(prompts, "w") as dst:
+        dst.attrs["format"] = src.attrs["format"]
+        lengths = np.maximum(src["lengths"][()] // 2, 1)
+        dst["tokens"], dst["lengths"] = src["tokens"][()], lengths
+    gpu = ["--set", "run.device=gpu", "--set", "run.transport=nccl"]
+    r = moe_hpc("generate", folder, "--weights", folder, "--input", prompts, "--output", out,
+                "--max-new-tokens", new, "--ignore-eos", "--progress", "off", *gpu)
+    assert r.returncode == 0, r.stderr
+    got = read_generated(out)
+    assert (got["generated_lengths"] == new).all(), got["generated_lengths"]
+    assert_steps_equal_full_forward(got, (folder, [], None, folder, prompts), tmp_path, new, *gpu)
