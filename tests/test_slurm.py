@@ -156,3 +156,28 @@ def test_scaling_study_submits_points_and_report(slurm, tmp_path):
     assert [row.split("|")[1:4] for row in rows] == [
         [" strong ", " 1 ", " 1 "], [" strong ", " 1 ", " 2 "], [" weak ", " 1 ", " 1 "], [" weak ", " 1 ", " 2 "]]
     assert (results / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_generate_job_matches_direct_generate(slurm, tmp_path):
+    """VERB=generate runs ``moe-hpc generate`` through the same job script (jobs/moe_generate.sbatch
+    sets it; the CPU script here, as the test cluster has no GPU): the job's tokens equal a
+    direct one-process generate."""
+    from moe_hpc.config.run_config import build_config
+    from moe_hpc.tools.synth import write_checkpoint, write_inputs
+    from helpers import moe_hpc, read_generated
+    model = build_config({"model": {"vocab_size": 256}}).model
+    weights, prompts = tmp_path / "w.h5", tmp_path / "prompts.h5"
+    write_checkpoint(weights, model, seed=3)
+    write_inputs(prompts, model, sequences=5, seq_len=12, seed=4, ragged=True)
+    sets, gen = "--set model.vocab_size=256 --set run.chunk_sequences=2", "--max-new-tokens 4"
+    direct = tmp_path / "direct.h5"
+    r = moe_hpc("generate", TINY, "--weights", weights, "--input", prompts, "--output", direct, *sets.split(),
+                *gen.split(), "--progress", "off")
+    assert r.returncode == 0, r.stderr
+    out, log = tmp_path / "out.h5", tmp_path / "job.log"
+    env = job_env(weights, prompts, out, VERB="generate", SETS=sets, RUN_ARGS=gen + " --progress off")
+    info = slurm.wait(submit(slurm, "moe_infer_cpu.sbatch", log, env), ended, JOB_TIMEOUT)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()
+    got, want = read_generated(out), read_generated(direct)
+    for name in ("generated", "generated_lengths", "finish_reason"):
+        assert (got[name] == want[name]).all(), name
