@@ -227,7 +227,7 @@ def generate_job(comm, job: Job, log=None) -> dict:
         meta = world.bcast(on_rank0(world, check_prompts, job, topo.num_dense, debug=job.debug), root=0)
         scope.lock = on_rank0(world, OutputLock, job.output, debug=job.debug)
         limit_blas_threads(*ranks_sharing_cores(topo.node))
-        engine = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
+        engine, _ = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
         progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug), root=0)
         scope.owned = True
         reporter = _reporter(job, meta, progress, log) if topo.rank == 0 else None

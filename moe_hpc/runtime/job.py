@@ -15,9 +15,11 @@ from typing import Callable
 import numpy as np
 
 from ..comm.failure import collective
+from ..comm.topology import ranks_sharing_cores
 from ..config.errors import InputError
 from ..config.run_config import Config, config_files
 from ..device.backend import free_memory_bytes, make_backend
+from ..device.threads import limit_blas_threads
 from ..files.atomic import check_output
 from ..files.batches import open_input
 from ..files.checkpoint import Checkpoint
@@ -166,18 +168,20 @@ class Preflight:
     placement: object
     check_seconds: float          # this rank's share of the input-value check (0 on expert-only ranks)
     fit: object                   # this rank's MemoryFit, or None when the job has no memory check
+    threads: str                  # the BLAS threads each rank was given, for the start line
 
 
 def preflight(topo, job: Job, meta: InputMeta) -> Preflight:
-    """Every rank, before any weight is loaded: every input value (the dense ranks' shares), the
+    """Every rank, before any weight is loaded: its BLAS threads, every input value (the dense ranks' shares), the
     device, the planner's memory against its free memory, the placement. One home, so the dry
     run checks exactly what the run does."""
     sync = lambda fn, *a: collective(topo.world, fn, *a, debug=job.debug)
+    threads = sync(limit_blas_threads, *ranks_sharing_cores(topo.node))
     seconds = sync(check_input_share, job, topo)
     backend = sync(make_backend, job.cfg.run.device, topo.local_rank)
     fit = sync(check_fit, job, topo, backend, meta.seq_len)
     placement = sync(make_placement, job.cfg.model, topo.num_expert_slots, job.cfg.parallel.placement)
-    return Preflight(backend, placement, seconds, fit)
+    return Preflight(backend, placement, seconds, fit, threads)
 
 __all__ = ["Job", "InputMeta", "sequence_range", "num_chunks", "chunk_slice", "chunk_tokens", "check_outputs", "check_setup",
            "check_input_values", "Preflight", "preflight", "check_input_share", "checked_input_line", "check_fit"]

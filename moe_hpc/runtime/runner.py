@@ -19,10 +19,9 @@ import numpy as np
 
 from .. import __version__
 from ..comm.failure import collective, on_rank0
-from ..comm.topology import build_topology, ranks_sharing_cores
+from ..comm.topology import build_topology
 from ..config.errors import Interrupted, MoeHpcError, OutputError
 from ..config.roles import RoleLayout, check_layout
-from ..device.threads import limit_blas_threads
 from ..files.batches import (OutputWriter, create_output, finalize_output, logprob_summary, open_input,
                              reopen_output)
 from ..files.checkpoint import Checkpoint
@@ -31,7 +30,7 @@ from ..moe.balance import REPORT_WINDOW, Balancer
 from ..placement.traces import TraceRecorder, write_trace
 from .assemble import assemble, load_weights, wire
 from .engine import Engine
-from .job import InputMeta, Job, check_setup, chunk_slice, preflight, sequence_range
+from .job import InputMeta, Job, Preflight, check_setup, chunk_slice, preflight, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
 from .resume import (Progress, discard_partial, fingerprint, finished_chunks, kept_for_resume, progress_path_for,
                      resume_point, save_progress)
@@ -115,21 +114,19 @@ def run_job(comm, job: Job, log=_log) -> dict:
     with JobScope(topo, job) as scope:
         meta = world.bcast(on_rank0(world, check_setup, job, topo.num_dense, debug=job.debug), root=0)
         scope.lock = on_rank0(world, OutputLock, job.output, debug=job.debug)     # before any file is touched
-        cores = ranks_sharing_cores(topo.node)
-        threads = collective(world, limit_blas_threads, *cores, debug=job.debug)
-        engine = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
+        engine, checked = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
         layout, progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug),
                                        root=0)
         scope.owned = True
         if topo.rank == 0:
-            _log_start(log, job, meta, engine, progress, threads)
+            _log_start(log, job, meta, engine, progress, checked.threads)
         t_loop = time.perf_counter()
         stats = stream_chunks(engine, job, meta, layout, progress)
         return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, log)
 
 
-def prepare_engine(topo, job: Job, meta: InputMeta, log) -> Engine:
-    """Check every input value, pick the device, check the memory, place and load the experts."""
+def prepare_engine(topo, job: Job, meta: InputMeta, log) -> tuple[Engine, Preflight]:
+    """The preflight checks (``job.preflight``), then wire, load and assemble this rank's engine."""
     cfg, world = job.cfg, topo.world
     sync = lambda fn, *a: collective(world, fn, *a, debug=job.debug)
     checked = preflight(topo, job, meta)
@@ -137,7 +134,7 @@ def prepare_engine(topo, job: Job, meta: InputMeta, log) -> Engine:
     wiring = wire(cfg, topo, backend)
     weights = sync(_load, job, topo, placement, backend, wiring)
     return assemble(cfg, topo, backend, placement, wiring, weights,
-                    **_passengers(job, topo, backend, placement, log))
+                    **_passengers(job, topo, backend, placement, log)), checked
 
 
 def _log_start(log, job: Job, meta: InputMeta, engine: Engine, progress: Progress, threads: str) -> None:
