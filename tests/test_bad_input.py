@@ -1059,11 +1059,14 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("case", ["no-tokenizers-library", "completions-exist", "completions-over-the-prompts"])
+@pytest.mark.parametrize("case", ["no-tokenizers-library", "completions-exist", "completions-over-the-prompts",
+                                  "prompt-past-max-positions"])
 def test_generate_prompts_refusals_on_one_process(case, tmp_path):
     """Single process (no mpiexec): the library missing names the extra; an existing OUT.jsonl
-    is refused without --overwrite, and OUT.jsonl never replaces an input (here: the prompts)."""
-    folder, prompts = _text_checkpoint(tmp_path, '{"prompt": "hello world"}')
+    is refused without --overwrite, and OUT.jsonl never replaces an input (here: the prompts); a
+    prompt of 61 tokens (<s> and 60 words) + 4 new past the fixture's 64 positions is named by
+    its line."""
+    folder, prompts = _text_checkpoint(tmp_path, '{"prompt": "hello world"}', json.dumps({"prompt": "cat " * 60}))
     output = tmp_path / "out.h5"
     program, needles = None, ()
     if case == "no-tokenizers-library":
@@ -1071,6 +1074,9 @@ def test_generate_prompts_refusals_on_one_process(case, tmp_path):
     elif case == "completions-exist":
         (tmp_path / "out.jsonl").write_text("{}\n")
         needles = (f"{tmp_path / 'out.jsonl'}: exists; pass --overwrite",)
+    elif case == "prompt-past-max-positions":
+        needles = (f"{prompts}:2: its prompt of 61 tokens plus generate.max_new_tokens = 4",
+                   "max_position_embeddings = 64")
     else:
         prompts = prompts.rename(tmp_path / "out.jsonl")
         needles = (f"{tmp_path / 'out.jsonl'}: is the same file as",)

@@ -67,13 +67,19 @@ def check_prompts(job: Job, num_dense: int) -> InputMeta:
     if (lengths == 0).any():
         raise InputError(f"{job.input}: sequence {int(np.argmax(lengths == 0))} has an empty prompt "
                          "(/lengths is 0): there is no last token to continue from")
+    check_prompt_lengths(lengths, cfg, lambda s: f"{job.input}: sequence {s}")
+    return meta
+
+
+def check_prompt_lengths(lengths: np.ndarray, cfg, where) -> None:
+    """lengths [S]: none so long that prompt + max_new_tokens passes max_position_embeddings
+    (unless run.allow_long_sequences); ``where(s)`` names sequence s in the message."""
     N, limit = cfg.generate.max_new_tokens, cfg.model.max_position_embeddings
     if limit and not cfg.run.allow_long_sequences and (lengths + N > limit).any():
         s = int(np.argmax(lengths + N > limit))
-        raise InputError(f"{job.input}: sequence {s}: its prompt of {lengths[s]} tokens plus generate.max_new_tokens"
+        raise InputError(f"{where(s)}: its prompt of {lengths[s]} tokens plus generate.max_new_tokens"
                          f" = {N} passes the model's max_position_embeddings = {limit}; shorten one or set "
                          "run.allow_long_sequences = true")
-    return meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,8 @@ def tokenize_prompts(job: Job) -> TextPrompts:
     (``open_input``), the output checks and the resume fingerprint are about files, and a rerun
     finds the very batch its partial output was made from (kept unless the tokens changed)."""
     prompts, batch, tokenizer = read_token_prompts(job.prompts, job.tokenizer_dir, job.cfg.model.vocab_size)
+    # named by the prompt's line, and before the batch is written
+    check_prompt_lengths(batch.lengths, job.cfg, lambda s: f"{job.prompts}:{prompts[s].line}")
     keep_or_write_token_batch(job.input, batch)
     return TextPrompts(prompts, tokenizer)
 
@@ -345,5 +353,5 @@ def _log(text: str) -> None:
     sys.stderr.flush()
 
 
-__all__ = ["generate_job", "decode_group", "serve_group", "share_picks", "check_prompts", "check_job", "generate_config",
+__all__ = ["generate_job", "decode_group", "serve_group", "share_picks", "check_prompts", "check_prompt_lengths", "check_job", "generate_config",
            "TextPrompts", "tokenize_prompts", "write_text_completions", "drop_prompt_batch"]
