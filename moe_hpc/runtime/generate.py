@@ -7,6 +7,9 @@ Per group a dense rank allocates every attention block's KV cache once, runs one
 the prompts, then decode steps in which all its still active sequences step together, one new
 position each; every rank joins every step's MoE exchanges (a rank with no active sequence, or
 an expert-only one, with no tokens) until no rank has an active sequence left.
+
+With text prompts (``--prompts``) rank 0 tokenises them into ``<output>.prompts.h5``, the job's
+input, and writes the decoded completions to ``OUT.jsonl`` once every group is written.
 """
 from __future__ import annotations
 
