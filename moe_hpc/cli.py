@@ -90,7 +90,7 @@ GENERATE_FLAGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "to
 
 
 def _generate_parser(sub) -> None:
-    g = sub.add_parser("generate", help="continue each prompt of a token batch by up to N new tokens")
+    g = sub.add_parser("generate", help="continue each prompt (a token batch or text) by up to N new tokens")
     g.add_argument("config", help="run config (TOML) or a Hugging Face checkpoint directory")
     g.add_argument("--weights", required=True)
     # exactly one of the two, checked after MPI starts (_prompt_source) so a mistake is one error line
