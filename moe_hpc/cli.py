@@ -90,10 +90,13 @@ GENERATE_FLAGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "to
 
 
 def _generate_parser(sub) -> None:
-    g = sub.add_parser("generate", help="continue each prompt of a token batch by up to N new tokens")
+    g = sub.add_parser("generate", help="continue each prompt (a token batch or text) by up to N new tokens")
     g.add_argument("config", help="run config (TOML) or a Hugging Face checkpoint directory")
     g.add_argument("--weights", required=True)
-    g.add_argument("--input", required=True, help="HDF5 token batch: /tokens [S, L], /lengths (the prompts)")
+    # exactly one of the two, checked after MPI starts (_prompt_source) so a mistake is one error line
+    g.add_argument("--input", help="HDF5 token batch: /tokens [S, L], /lengths (the prompts)")
+    g.add_argument("--prompts", help="JSON Lines text prompts, one {\"prompt\": \"...\"} per line, tokenised "
+                                     "with the checkpoint's tokenizer.json; completions go to OUT.jsonl")
     g.add_argument("--output", required=True)
     for name, kind in GENERATE_FLAGS.items():
         g.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"generate.{name}")
@@ -251,22 +254,44 @@ def _generate_overrides(args) -> list[str]:
 
 def _eos_ids(args) -> tuple[int, ...]:
     """End-of-sequence ids of the Hugging Face directory given as config or weights, if any."""
-    from .config.hf import eos_token_ids, is_hf_dir
-    folder = next((p for p in (args.config, args.weights) if is_hf_dir(p)), None)
+    from .config.hf import eos_token_ids
+    folder = _hf_folder(args)
     return eos_token_ids(folder) if folder is not None else ()
+
+
+def _hf_folder(args) -> Path | None:
+    """The Hugging Face directory given as config or weights, if any."""
+    from .config.hf import is_hf_dir
+    return next((Path(p) for p in (args.config, args.weights) if is_hf_dir(p)), None)
+
+
+def _prompt_source(args) -> tuple[Path, Path | None, Path | None]:
+    """(the job's input, the prompts file, the tokenizer's folder) from exactly one of --input and
+    --prompts; with --prompts the input is the batch rank 0 tokenises beside the output."""
+    from .files.prompts import prompt_batch_path
+    if (args.input is None) == (args.prompts is None):
+        raise MoeHpcError("generate needs exactly one of --input (an HDF5 token batch) and --prompts "
+                          f"(JSON Lines text prompts), got {'both' if args.input else 'neither'}")
+    if args.input is not None:
+        return Path(args.input), None, None
+    # the checkpoint's folder: the HF directory given, else the folder holding --weights
+    folder = _hf_folder(args) or Path(args.weights).resolve().parent
+    return prompt_batch_path(args.output), Path(args.prompts), folder
 
 
 def cmd_generate(args, comm) -> None:
     from .planner.fit import check_memory
     from .runtime.generate import generate_job
     from .runtime.job import Job
+    source, prompts, tokenizer_dir = collective(comm, _prompt_source, args, debug=args.debug)
     args.set = args.set + _generate_overrides(args)
     cfg = _load_config(args, comm)
     _check_not_singletons(comm)
     eos = collective(comm, _eos_ids, args, debug=args.debug)
-    job = Job(cfg, Path(args.weights), Path(args.input), Path(args.output), args.overwrite, args.debug,
+    job = Job(cfg, Path(args.weights), source, Path(args.output), args.overwrite, args.debug,
               restart=args.restart, progress=args.progress, progress_every=args.progress_every, stop=args.stop,
-              summary=Path(args.summary) if args.summary else None, memory_check=check_memory, eos=eos)
+              summary=Path(args.summary) if args.summary else None, memory_check=check_memory, eos=eos,
+              prompts=prompts, tokenizer_dir=tokenizer_dir)
     _print_summary(generate_job(comm, job), args.summary)
 
 

@@ -96,6 +96,28 @@ def run_args(weights, inputs, output, *extra):
     return ["run", TINY, "--weights", weights, "--input", inputs, "--output", output, *CHUNKED, *extra]
 
 
+# ---------------------------------------------------------------- text prompts
+
+WORDS = ["<unk>", "<s>", "</s>", "hello", "world", "the", "cat", "sat", "on", "mat", "café"]
+BOS, EOS = 1, 2
+
+
+def build_tokenizer(folder, bos: bool = True, size: int = len(WORDS)):
+    """tokenizer.json of a word-level model (WORDS, then w11, w12, ... up to ``size`` ids, so
+    every id a model of that vocabulary generates decodes); with ``bos`` its post-processor
+    prepends <s>. Skips the test when Hugging Face tokenizers (extra [text]) is not installed."""
+    tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face tokenizers is not installed (extra [text])")
+    words = WORDS + [f"w{i}" for i in range(len(WORDS), size)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    if bos:
+        tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    folder.mkdir(exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
 # ---------------------------------------------------------------- outputs
 
 def assert_same_output(a: Path, b: Path, scratch: Path, timing_attr: str = "wall_time_s") -> None:

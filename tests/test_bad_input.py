@@ -37,7 +37,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from helpers import FAST_ENOUGH, TINY, Outcome, assert_clean_failure, edited, needs_mpiexec, run_ranks
+from helpers import (FAST_ENOUGH, TINY, Outcome, assert_clean_failure, build_tokenizer, edited, needs_mpiexec,
+                     run_ranks)
 
 pytestmark = needs_mpiexec
 
@@ -1016,3 +1017,91 @@ def test_generate_needs_tokens_and_a_vocabulary(vocab, needle, tmp_path, tiny_fi
     out = run_ranks("generate", TINY, "--weights", weights, "--input", inputs, "--output", output,
                     "--set", f"model.vocab_size={vocab}", ranks=2)
     assert_clean_failure(out, 2, (needle,), output)
+
+
+# --prompts (text prompts): one error line, every rank non-zero, nothing written: not the output,
+# its tokenised batch, OUT.jsonl nor the lock
+
+def _text_checkpoint(tmp: Path, *prompt_lines: str) -> tuple[Path, Path]:
+    """(a copy of the Mixtral fixture with a word-level tokenizer.json, prompts.jsonl of these lines)."""
+    folder = tmp / "hf_mixtral"
+    shutil.copytree(MIXTRAL, folder)
+    build_tokenizer(folder, size=256)
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(line + "\n" for line in prompt_lines))
+    return folder, prompts
+
+
+def _nothing_written_beside(output: Path) -> None:
+    from moe_hpc.files.prompts import completions_path, prompt_batch_path
+    for path in (output, prompt_batch_path(output), completions_path(output), lock_path_for(output)):
+        assert not path.exists(), f"{path} was written"
+
+
+def _generate_text(folder: Path, prompts: Path, output: Path, *extra, ranks: int) -> Outcome:
+    return run_ranks("generate", folder, "--weights", folder, "--prompts", prompts, "--output", output,
+                     "--max-new-tokens", "4", *extra, ranks=ranks)
+
+
+def test_generate_malformed_prompt_line_is_named_by_number(tmp_path):
+    folder, prompts = _text_checkpoint(tmp_path, '{"prompt": "hello world"}', '{"prompt": "the cat', '{"prompt": "x"}')
+    output = tmp_path / "out.h5"
+    out = _generate_text(folder, prompts, output, ranks=2)
+    assert_clean_failure(out, 2, (f"{prompts}:2", "not a JSON object"), output)
+    _nothing_written_beside(output)
+
+
+def test_generate_prompts_without_tokenizer_json_names_the_folder(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello world"}\n')
+    output = tmp_path / "out.h5"
+    out = _generate_text(MIXTRAL, prompts, output, ranks=2)
+    assert_clean_failure(out, 2, (f"{MIXTRAL}: no tokenizer.json in the checkpoint folder",), output)
+    _nothing_written_beside(output)
+
+
+def test_generate_input_and_prompts_together_is_one_error(tmp_path):
+    folder, prompts = _text_checkpoint(tmp_path, '{"prompt": "hello world"}')
+    output = tmp_path / "out.h5"
+    out = _generate_text(folder, prompts, output, "--input", _prompts(tmp_path, [3]), ranks=2)
+    assert_clean_failure(out, 2, ("generate needs exactly one of --input", "--prompts", "got both"), output)
+    _nothing_written_beside(output)
+
+
+NO_TOKENIZERS = """
+import sys
+sys.modules["tokenizers"] = None          # as if the [text] extra were not installed
+from moe_hpc import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("case", ["no-tokenizers-library", "completions-exist", "completions-over-the-prompts",
+                                  "prompt-past-max-positions"])
+def test_generate_prompts_refusals_on_one_process(case, tmp_path):
+    """Single process (no mpiexec): the library missing names the extra; an existing OUT.jsonl
+    is refused without --overwrite, and OUT.jsonl never replaces an input (here: the prompts); a
+    prompt of 61 tokens (<s> and 60 words) + 4 new past the fixture's 64 positions is named by
+    its line."""
+    folder, prompts = _text_checkpoint(tmp_path, '{"prompt": "hello world"}', json.dumps({"prompt": "cat " * 60}))
+    output = tmp_path / "out.h5"
+    program, needles = None, ()
+    if case == "no-tokenizers-library":
+        program, needles = NO_TOKENIZERS, ("needs Hugging Face's tokenizers library", "moe_hpc[text]")
+    elif case == "completions-exist":
+        (tmp_path / "out.jsonl").write_text("{}\n")
+        needles = (f"{tmp_path / 'out.jsonl'}: exists; pass --overwrite",)
+    elif case == "prompt-past-max-positions":
+        needles = (f"{prompts}:2: its prompt of 61 tokens plus generate.max_new_tokens = 4",
+                   "max_position_embeddings = 64")
+    else:
+        prompts = prompts.rename(tmp_path / "out.jsonl")
+        needles = (f"{tmp_path / 'out.jsonl'}: is the same file as",)
+    before = {p.name for p in tmp_path.iterdir()}
+    r = moe_hpc("generate", folder, "--weights", folder, "--prompts", prompts, "--output", output,
+                "--max-new-tokens", "4", "--overwrite" if case == "completions-over-the-prompts" else "--progress=off",
+                program=program)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert {p.name for p in tmp_path.iterdir()} == before

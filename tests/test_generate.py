@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import (TINY, assert_steps_equal_full_forward, fixture, moe_hpc, needs_mpiexec, prompts_of,
-                     read_generated as read)
+from helpers import (TINY, assert_steps_equal_full_forward, build_tokenizer, fixture, moe_hpc, needs_mpiexec,
+                     prompts_of, read_generated as read)
 from moe_hpc.config.run_config import build_config, load_config
 from moe_hpc.model.blocks import AttentionBlock
 from moe_hpc.model.reference import reference_forward, reference_generate
@@ -227,3 +227,72 @@ def test_sampled_tokens_do_not_depend_on_ranks_or_chunking(models, tmp_path):
     assert_same_tokens(read(outs["three"]), read(outs["one"]))
     assert generate(models["tiny"], outs["seed"], *sampling[:-1], "12").returncode == 0
     assert (read(outs["seed"])["generated"] != read(outs["one"])["generated"]).any()
+
+
+# ---------------------------------------------------------------- text prompts (--prompts)
+
+TEXT_PROMPTS = ["hello world", "the cat sat on the mat", "cat", "the café"]
+
+
+@pytest.fixture
+def text_model(tmp_path):
+    """(a copy of the Mixtral fixture with a word-level tokenizer.json of its 256 ids, prompts.jsonl)."""
+    folder = tmp_path / "hf_mixtral"
+    shutil.copytree(fixture("mixtral"), folder)
+    build_tokenizer(folder, size=load_config(folder).model.vocab_size)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TEXT_PROMPTS))
+    return folder, prompts
+
+
+def generate_text(folder: Path, prompts: Path, output: Path, *extra, ranks=None, program=None):
+    return moe_hpc("generate", folder, "--weights", folder, "--prompts", prompts, "--output", output,
+                   "--max-new-tokens", N, "--progress", "off", "--set", "run.chunk_sequences=2", *extra,
+                   ranks=ranks, program=program)
+
+
+@needs_mpiexec
+def test_text_prompts_give_one_completion_per_prompt_decoding_the_generated_tokens(text_model, tmp_path):
+    """2 ranks from text: OUT.h5 and OUT.jsonl (in order, each line the decoded /generated of its
+    row), the tokenised batch removed; the same tokens as 1 rank from the equivalent token batch."""
+    from moe_hpc.files.prompts import load_tokenizer, read_token_prompts, write_token_batch
+    folder, prompts = text_model
+    out = tmp_path / "out.h5"
+    r = generate_text(folder, prompts, out, ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["summary"]["completions"] == str(tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.h5.prompts.h5").exists() and not (tmp_path / "out.h5.progress.json").exists()
+    got = read(out)
+    tokenizer = load_tokenizer(folder / "tokenizer.json")
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [line["prompt"] for line in lines] == TEXT_PROMPTS
+    for s, line in enumerate(lines):
+        ids = got["generated"][s, :got["generated_lengths"][s]].tolist()
+        assert line["completion"] == tokenizer.decode(ids, skip_special_tokens=True)
+        assert line["finish_reason"] == ("eos", "max_new_tokens", "max_positions")[got["finish_reason"][s]]
+    assert sum(len(line["completion"].split()) for line in lines) >= 2 * len(lines)   # words, not nothing
+    _, batch, _ = read_token_prompts(prompts, folder, 256)
+    write_token_batch(tmp_path / "tokens.h5", batch)
+    r = moe_hpc("generate", folder, "--weights", folder, "--input", tmp_path / "tokens.h5", "--output",
+                tmp_path / "tokens_out.h5", "--max-new-tokens", N, "--progress", "off")
+    assert r.returncode == 0, r.stderr
+    assert_same_tokens(got, read(tmp_path / "tokens_out.h5"))
+    assert not (tmp_path / "tokens_out.jsonl").exists()
+
+
+def test_text_prompts_resume_from_the_kept_batch_with_identical_tokens(text_model, tmp_path):
+    """A stop after the first of two groups keeps OUT.h5.prompts.h5 (untouched by the rerun, so
+    the fingerprint holds); the same command resumes and finishes the same completions."""
+    folder, prompts = text_model
+    whole, out = tmp_path / "whole.h5", tmp_path / "out.h5"
+    assert generate_text(folder, prompts, whole).returncode == 0
+    stopped = generate_text(folder, prompts, out, program=STOP_AFTER_ONE_GROUP)
+    assert stopped.returncode == 75, stopped.stderr
+    batch = tmp_path / "out.h5.prompts.h5"
+    assert batch.exists() and not out.exists() and not (tmp_path / "out.jsonl").exists()
+    resumed = generate_text(folder, prompts, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at group 2 of 2" in resumed.stderr
+    assert not batch.exists()
+    assert_same_tokens(read(out), read(whole))
+    assert (tmp_path / "out.jsonl").read_text(encoding="utf-8") == (tmp_path / "whole.jsonl").read_text(encoding="utf-8")

@@ -1,6 +1,6 @@
 """Text prompts and completions (moe_hpc/files/prompts.py).
 
-The tokenizer is a tiny word-level one built here with Hugging Face's ``tokenizers`` (the
+The tokenizer is a tiny word-level one built by helpers.build_tokenizer with Hugging Face's ``tokenizers`` (the
 ``test`` extra installs it; the tests that need it skip with the reason when it is missing).
 Bad prompt files are unit tests here: each must give one InputError naming the file and line.
 """
@@ -12,28 +12,12 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import BOS, EOS, WORDS, build_tokenizer
 from moe_hpc.config.errors import InputError, MoeHpcError
 from moe_hpc.files.batches import open_input
 from moe_hpc.files.prompts import (FINISH_REASONS, Prompt, completions_path, decode, find_tokenizer, load_tokenizer,
                                    read_prompts, read_token_prompts, token_batch, tokenize, write_completions,
                                    write_token_batch)
-
-WORDS = ["<unk>", "<s>", "</s>", "hello", "world", "the", "cat", "sat", "on", "mat", "café"]
-BOS, EOS = 1, 2
-
-
-def build_tokenizer(folder, bos: bool = True):
-    """tokenizer.json of a word-level model; with ``bos`` its post-processor prepends <s>."""
-    tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face tokenizers is not installed (extra [text])")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    if bos:
-        tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    folder.mkdir(exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
-
 
 def write_lines(path, *lines, end="\n"):
     path.write_bytes(b"".join((l if isinstance(l, bytes) else l.encode()) + end.encode() for l in lines))

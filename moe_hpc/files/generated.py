@@ -73,6 +73,16 @@ def write_generated(output: str | Path, parts) -> None:
         raise OutputError(f"{tmp}: cannot write generated tokens ({short_reason(exc)})") from None
 
 
+def read_generated(output: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank 0, every group written: (generated [S, N], generated_lengths [S], finish_reason [S])
+    of ``<output>.tmp``."""
+    try:
+        with h5py.File(tmp_path_for(output), "r") as f:
+            return f["generated"][()], f["generated_lengths"][()], f["finish_reason"][()]
+    except OSError as exc:
+        raise OutputError(f"{tmp_path_for(output)}: cannot read generated tokens ({short_reason(exc)})") from None
+
+
 def generated_summary(output: str | Path) -> dict:
     """Rank 0, before the rename: how many tokens were generated and their mean per sequence."""
     with h5py.File(tmp_path_for(output), "r") as f:
@@ -80,5 +90,5 @@ def generated_summary(output: str | Path) -> dict:
     return {"generated_tokens": int(lengths.sum()), "mean_generated_length": round(float(lengths.mean()), 4)}
 
 
-__all__ = ["create_generated", "reopen_generated", "write_generated", "generated_summary", "DATASETS",
+__all__ = ["create_generated", "reopen_generated", "write_generated", "read_generated", "generated_summary", "DATASETS",
            "FINISH_EOS", "FINISH_LENGTH", "FINISH_POSITIONS"]

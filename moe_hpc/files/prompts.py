@@ -153,6 +153,30 @@ def read_token_prompts(prompts_path: str | Path, checkpoint_folder: str | Path,
     return prompts, token_batch(tokenize(tokenizer, prompts, prompts_path, vocab_size)), tokenizer
 
 
+def prompt_batch_path(output: str | Path) -> Path:
+    """Where ``generate --prompts`` keeps the tokenised prompts as its input: ``<output>.prompts.h5``
+    beside the output (kept while a partial output may be resumed, removed with the finished one)."""
+    output = Path(output)
+    return output.with_name(output.name + ".prompts.h5")
+
+
+def holds_token_batch(path: str | Path, batch: TokenBatch) -> bool:
+    """``path`` is a readable input file with exactly these tokens and lengths."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (np.array_equal(f["tokens"][()], batch.tokens)
+                    and np.array_equal(f["lengths"][()], batch.lengths))
+    except (OSError, KeyError):
+        return False
+
+
+def keep_or_write_token_batch(path: str | Path, batch: TokenBatch) -> None:
+    """Write the batch unless ``path`` already holds it: a resume's fingerprint includes the input
+    file's identity (its mtime), so a rerun with the same prompts must leave the file untouched."""
+    if not holds_token_batch(path, batch):
+        write_token_batch(path, batch)
+
+
 # ---------------------------------------------------------------- completions out
 
 def completions_path(output: str | Path) -> Path:
@@ -183,4 +207,5 @@ def write_completions(path: str | Path, prompts: list[Prompt], completions: list
 
 __all__ = ["Prompt", "TokenBatch", "FINISH_REASONS", "TOKENIZER_FILE", "read_prompts", "find_tokenizer",
            "load_tokenizer", "tokenize", "token_batch", "write_token_batch", "read_token_prompts",
+           "prompt_batch_path", "holds_token_batch", "keep_or_write_token_batch",
            "completions_path", "decode", "write_completions"]

@@ -7,6 +7,9 @@ Per group a dense rank allocates every attention block's KV cache once, runs one
 the prompts, then decode steps in which all its still active sequences step together, one new
 position each; every rank joins every step's MoE exchanges (a rank with no active sequence, or
 an expert-only one, with no tokens) until no rank has an active sequence left.
+
+With text prompts (``--prompts``) rank 0 tokenises them into ``<output>.prompts.h5``, the job's
+input, and writes the decoded completions to ``OUT.jsonl`` once every group is written.
 """
 from __future__ import annotations
 
@@ -19,16 +22,17 @@ import numpy as np
 from .. import __version__
 from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology, ranks_sharing_cores
-from ..config.errors import ConfigError, InputError
+from ..config.errors import ConfigError, InputError, MoeHpcError
 from ..config.roles import check_layout
-from ..device.threads import limit_blas_threads
 from ..files.batches import finalize_output, open_input
 from ..files.generated import (FINISH_EOS, FINISH_LENGTH, FINISH_POSITIONS, create_generated,
-                               generated_summary, reopen_generated, write_generated)
+                               generated_summary, read_generated, reopen_generated, write_generated)
 from ..files.lock import OutputLock
+from ..files.prompts import (completions_path, decode, keep_or_write_token_batch, read_token_prompts,
+                             write_completions)
 from ..model.blocks import CacheAt
 from ..model.sampling import SamplingParams, pick_tokens
-from .job import InputMeta, Job, check_setup, chunk_slice, sequence_range
+from .job import InputMeta, Job, check_outputs, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, phase_summary
 from .resume import Progress, fingerprint, progress_path_for, resume_point, save_progress
 from .runner import JobScope, prepare_engine, stream_chunks
@@ -65,13 +69,59 @@ def check_prompts(job: Job, num_dense: int) -> InputMeta:
     if (lengths == 0).any():
         raise InputError(f"{job.input}: sequence {int(np.argmax(lengths == 0))} has an empty prompt "
                          "(/lengths is 0): there is no last token to continue from")
+    check_prompt_lengths(lengths, cfg, lambda s: f"{job.input}: sequence {s}")
+    return meta
+
+
+def check_prompt_lengths(lengths: np.ndarray, cfg, where) -> None:
+    """lengths [S]: none so long that prompt + max_new_tokens passes max_position_embeddings
+    (unless run.allow_long_sequences); ``where(s)`` names sequence s in the message."""
     N, limit = cfg.generate.max_new_tokens, cfg.model.max_position_embeddings
     if limit and not cfg.run.allow_long_sequences and (lengths + N > limit).any():
         s = int(np.argmax(lengths + N > limit))
-        raise InputError(f"{job.input}: sequence {s}: its prompt of {lengths[s]} tokens plus generate.max_new_tokens"
+        raise InputError(f"{where(s)}: its prompt of {lengths[s]} tokens plus generate.max_new_tokens"
                          f" = {N} passes the model's max_position_embeddings = {limit}; shorten one or set "
                          "run.allow_long_sequences = true")
-    return meta
+
+
+@dataclasses.dataclass(frozen=True)
+class TextPrompts:
+    """Rank 0's text side of ``--prompts``: the prompts (for OUT.jsonl) and their tokenizer."""
+    prompts: list
+    tokenizer: object
+
+
+def tokenize_prompts(job: Job) -> TextPrompts:
+    """Rank 0, after the output checks and under the lock: read and tokenise ``job.prompts``, and
+    leave the batch at ``job.input`` for the job to read.
+
+    A file rather than an in-memory batch: every dense rank reads its share of the input by path
+    (``open_input``), the output checks and the resume fingerprint are about files, and a rerun
+    finds the very batch its partial output was made from (kept unless the tokens changed)."""
+    prompts, batch, tokenizer = read_token_prompts(job.prompts, job.tokenizer_dir, job.cfg.model.vocab_size)
+    # named by the prompt's line, and before the batch is written
+    check_prompt_lengths(batch.lengths, job.cfg, lambda s: f"{job.prompts}:{prompts[s].line}")
+    keep_or_write_token_batch(job.input, batch)
+    return TextPrompts(prompts, tokenizer)
+
+
+def check_job(job: Job, num_dense: int) -> tuple[InputMeta, TextPrompts | None]:
+    """Rank 0, before any work: ``check_prompts``, after tokenising text prompts if any."""
+    text = tokenize_prompts(job) if job.prompts is not None else None
+    return check_prompts(job, num_dense), text
+
+
+def drop_prompt_batch(job: Job) -> None:
+    """Rank 0, the job failed: the tokenised prompts go unless a partial output kept for resuming needs them."""
+    if job.prompts is not None and not progress_path_for(job.output).exists():
+        job.input.unlink(missing_ok=True)
+
+
+def write_text_completions(job: Job, text: TextPrompts) -> None:
+    """Rank 0, every group written (before the output's rename, so a crash in between leaves
+    a partial output a rerun resumes): OUT.jsonl, one completion per prompt in input order."""
+    generated, lengths, finish = read_generated(job.output)
+    write_completions(completions_path(job.output), text.prompts, decode(text.tokenizer, generated, lengths), finish)
 
 
 def _open_output(job: Job, meta: InputMeta, roles):
@@ -222,18 +272,31 @@ def generate_job(comm, job: Job, log=None) -> dict:
     job = dataclasses.replace(job, cfg=collective(comm, generate_config, job.cfg,
                                                   log if comm.Get_rank() == 0 else (lambda text: None)))
     topo = build_topology(comm, job.cfg)
+    scope = JobScope(topo, job)
+    try:
+        with scope:
+            return _generate(scope, job, log, t_start)
+    except (MoeHpcError, KeyboardInterrupt):
+        if comm.Get_rank() == 0 and scope.lock is not None:   # never another job's batch: only under our lock
+            drop_prompt_batch(job)
+        raise
+
+
+def _generate(scope: JobScope, job: Job, log, t_start: float) -> dict:
+    """The job's body inside its scope: checks, lock, prompts, engine, groups, finish."""
+    topo = scope.topo
     world = topo.world
-    with JobScope(topo, job) as scope:
-        meta = world.bcast(on_rank0(world, check_prompts, job, topo.num_dense, debug=job.debug), root=0)
-        scope.lock = on_rank0(world, OutputLock, job.output, debug=job.debug)
-        limit_blas_threads(*ranks_sharing_cores(topo.node))
-        engine, _ = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
-        progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug), root=0)
-        scope.owned = True
-        reporter = _reporter(job, meta, progress, log) if topo.rank == 0 else None
-        t_loop = time.perf_counter()
-        stats = stream_chunks(engine, job, meta, None, progress, _GenerateChunks, reporter)
-        return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, reporter)
+    on_rank0(world, check_outputs, job, debug=job.debug)
+    scope.lock = on_rank0(world, OutputLock, job.output, debug=job.debug)   # before the prompt batch is written
+    meta, text = on_rank0(world, check_job, job, topo.num_dense, debug=job.debug) or (None, None)
+    meta = world.bcast(meta, root=0)
+    engine, _ = prepare_engine(topo, job, meta, log if topo.rank == 0 else (lambda text: None))
+    progress = world.bcast(on_rank0(world, _open_output, job, meta, topo.roles, debug=job.debug), root=0)
+    scope.owned = True
+    reporter = _reporter(job, meta, progress, log) if topo.rank == 0 else None
+    t_loop = time.perf_counter()
+    stats = stream_chunks(engine, job, meta, None, progress, _GenerateChunks, reporter)
+    return _finish(engine, job, meta, progress, stats, t_start, time.perf_counter() - t_loop, reporter, text)
 
 
 def _reporter(job: Job, meta: InputMeta, progress: Progress, log) -> ProgressLog:
@@ -248,7 +311,7 @@ def _reporter(job: Job, meta: InputMeta, progress: Progress, log) -> ProgressLog
 
 
 def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_start: float, loop_s: float,
-            reporter: ProgressLog | None) -> dict:
+            reporter: ProgressLog | None, text: TextPrompts | None) -> dict:
     """Finalize the output; rank 0's summary (the rates over this run's groups: a resumed run's
     earlier groups are in the output, not in its times)."""
     topo, world = engine.topo, engine.topo.world
@@ -258,9 +321,13 @@ def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_star
     attrs = {"config": job.cfg.to_json(), "version": __version__, "ranks": topo.size, "roles": topo.describe(),
              "placement": engine.placement.to_json(), "wall_time_s": time.perf_counter() - t_start,
              "device": engine.backend.name, "eos_token_ids": list(job.eos)}
-    on_rank0(world, _finalize, job.output, stats, attrs, debug=job.debug)
+    if job.prompts is not None:
+        on_rank0(world, write_text_completions, job, text, debug=job.debug)
+    on_rank0(world, _finalize, job, stats, attrs, debug=job.debug)
     if topo.rank != 0:
         return {}
+    if job.prompts is not None:
+        done["completions"] = str(completions_path(job.output))
     prompt, generated = sum(meta.chunk_tokens[progress.chunks_done:]), reporter.done - reporter.start_done
     prefill, decode = engine.times.seconds["prefill"], engine.times.seconds["decode"]
     return {"output": str(job.output), "sequences": meta.num_sequences, "prompt_tokens": sum(meta.chunk_tokens),
@@ -273,10 +340,13 @@ def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_star
             "phases_s": phase_summary(times)}
 
 
-def _finalize(output, stats, attrs) -> None:
-    """Rank 0: stats and provenance, the rename, then the record (the output is whole)."""
-    finalize_output(output, stats, attrs)
-    progress_path_for(output).unlink(missing_ok=True)
+def _finalize(job: Job, stats, attrs) -> None:
+    """Rank 0: stats and provenance, the rename, then the record and the tokenised prompts (the
+    output is whole)."""
+    finalize_output(job.output, stats, attrs)
+    progress_path_for(job.output).unlink(missing_ok=True)
+    if job.prompts is not None:
+        job.input.unlink(missing_ok=True)
 
 
 def _log(text: str) -> None:
@@ -284,4 +354,5 @@ def _log(text: str) -> None:
     sys.stderr.flush()
 
 
-__all__ = ["generate_job", "decode_group", "serve_group", "share_picks", "check_prompts", "generate_config"]
+__all__ = ["generate_job", "decode_group", "serve_group", "share_picks", "check_prompts", "check_prompt_lengths", "check_job", "generate_config",
+           "TextPrompts", "tokenize_prompts", "write_text_completions", "drop_prompt_batch"]

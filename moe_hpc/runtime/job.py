@@ -24,6 +24,7 @@ from ..files.atomic import check_output
 from ..files.batches import open_input
 from ..files.checkpoint import Checkpoint
 from ..files.lock import lock_path_for
+from ..files.prompts import completions_path
 from ..placement.file import make_placement
 from .resume import progress_path_for
 from .signals import StopRequest
@@ -47,6 +48,10 @@ class Job:
     # (cfg, world size, rank in its replica, world rank, seq_len, free bytes | None) -> MemoryFit
     memory_check: Callable | None = None
     eos: tuple[int, ...] | None = None   # generation (``moe-hpc generate``): end-of-sequence ids; None: a run
+    # ``generate --prompts``: the JSON Lines prompts and the folder of their tokenizer.json; the
+    # input is then the tokenised batch that rank 0 writes at ``prompt_batch_path(output)``
+    prompts: Path | None = None
+    tokenizer_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,15 @@ def chunk_tokens(lengths: np.ndarray, num_dense: int, chunk_sequences: int) -> t
 
 def check_outputs(job: Job) -> None:
     """Every path the job will write, before any work: none is an input, each can be written."""
-    inputs = (job.weights, job.input, *config_files(job.cfg))
-    check_output(job.output, job.overwrite, inputs, beside=(progress_path_for(job.output), lock_path_for(job.output)))
+    beside = (progress_path_for(job.output), lock_path_for(job.output))
+    if job.prompts is None:
+        inputs = (job.weights, job.input, *config_files(job.cfg))
+    else:                             # job.input is then written beside the output, as is OUT.jsonl
+        inputs = (job.weights, job.prompts, job.tokenizer_dir, *config_files(job.cfg))
+        beside += (job.input,)
+    check_output(job.output, job.overwrite, inputs, beside=beside)
+    if job.prompts is not None:
+        check_output(completions_path(job.output), job.overwrite, inputs + (job.output,))
     if job.trace is not None:
         check_output(job.trace, job.overwrite, inputs + (job.output,))
     if job.summary is not None:       # a summary is a report, rewritten by every run
