@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..comm.failure import collective, on_rank0
-from ..comm.topology import build_topology, ranks_sharing_cores
+from ..comm.topology import build_topology
 from ..config.errors import ConfigError, InputError, MoeHpcError
 from ..config.roles import check_layout
 from ..files.batches import finalize_output, open_input
