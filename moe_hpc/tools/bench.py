@@ -20,6 +20,9 @@ Layer figures:
 
 With ``--expert-tp t`` the experts alone include the TP group's broadcast and fp32 reduction, and
 expert FLOPs count the work each GPU did: its F / t columns of the leader's rows.
+
+With ``--decode`` the shrunk model also steps generation's decode against its HBM roofline
+(``decode_bench.py``).
 """
 from __future__ import annotations
 
