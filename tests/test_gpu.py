@@ -131,6 +131,22 @@ def test_bench_runs_the_ipc_transport_on_two_ranks(tmp_path):
     assert layer["layer"]["t_exchange_ms"] > 0 and layer["layer"]["t_a2a_ms"] > 0
 
 
+
+@needs_gpu
+def test_bench_decode_steps_the_shrunk_model_and_reports_its_roofline(tmp_path):
+    """``--decode`` on the tiny preset: a prefill, greedy steps, the ``decode`` figures."""
+    import json
+    out = tmp_path / "bench_decode.json"
+    r = moe_hpc("bench", "--config", TINY, "--tokens", "512", "--iters", "1", "--warmup", "2", "--model-layers", "3",
+                "--sequences", "2", "--seq-len", "32", "--decode", "--decode-batch", "4", "--prompt-len", "16",
+                "--new-tokens", "8", "--json", out)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())["decode"]
+    assert (d["batch"], d["prompt_len"], d["new_tokens"], d["timed_steps"]) == (4, 16, 8, 5)
+    assert d["step_ms"] > 0 and d["roofline_ms"] > 0 and d["ratio"] == d["step_ms"] / d["roofline_ms"]
+    assert d["kv_cache_gib"] * 2 ** 30 == 4 * 24 * 3 * 2 * 4 * 16 * 2        # s x P x blocks x (k, v) x kv x D x bf16
+    assert "decode: step ms / HBM roofline ms" in r.stdout
+
 PARALLEL = [(2, ["parallel.expert_tp=2"]), (4, ["parallel.expert_tp=2"]), (2, ["parallel.dp=2"]),
             (4, ["parallel.dp=2"]), (4, ["parallel.dp=2", "parallel.expert_tp=2"]),
             (4, ["parallel.dense_ranks=1", "parallel.placement=disjoint"]),

@@ -71,6 +71,13 @@ def expert_weight_bytes(m: ModelConfig, experts: int, tp: int = 1) -> int:
     return experts * math.ceil(one / tp)
 
 
+def kv_cache_bytes_per_token(m: ModelConfig) -> int:
+    """One position's KV cache in one attention block (model/blocks.KvCache, bf16): k and v of
+    every kv head for MHA/GQA; the normed latent and the shared RoPE key for MLA."""
+    width = m.kv_lora_rank + m.qk_rope_head_dim if m.mla else 2 * m.kv_heads * m.head_dim
+    return width * BF16_BYTES
+
+
 def activation_bytes(m: ModelConfig, w: Workload, attention_block: int, dense_tp: int = 1) -> int:
     """Peak activations of a dense rank for one chunk (T tokens), following the runner's code.
 
@@ -162,4 +169,4 @@ def fits(memory: list[GpuMemory], cluster: Cluster) -> bool:
 
 
 __all__ = ["Memory", "GpuMemory", "plan_memory", "fits", "dense_weight_bytes", "expert_weight_bytes",
-           "activation_bytes", "token_buffer_bytes", "GIB"]
+           "kv_cache_bytes_per_token", "activation_bytes", "token_buffer_bytes", "GIB"]

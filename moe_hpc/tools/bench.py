@@ -20,6 +20,9 @@ Layer figures:
 
 With ``--expert-tp t`` the experts alone include the TP group's broadcast and fp32 reduction, and
 expert FLOPs count the work each GPU did: its F / t columns of the leader's rows.
+
+With ``--decode`` the shrunk model also steps generation's decode against its HBM roofline
+(``decode_bench.py``).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from ..placement.file import make_placement
 from ..planner.fit import check_memory, with_chunk
 from ..runtime.assemble import RankWeights, assemble, wire
 from ..runtime.engine import Engine
+from .decode_bench import add_decode_arguments, bench_decode, check_decode_arguments, decode_overrides, decode_rows
 from .dense_bench import dense_figures
 from .plain_ep import PlainEpLayer
 
@@ -74,6 +78,7 @@ def add_arguments(p) -> None:
                    help="also time the whole model shrunk to this many blocks (0: skip)")
     p.add_argument("--sequences", type=int, default=4, help="sequences per GPU for the whole model")
     p.add_argument("--seq-len", type=int, default=1024)
+    add_decode_arguments(p)
     p.add_argument("--timeline", action="store_true",
                    help="also record one layer call's GPU timeline (CUDA events on both streams; rank 0's in the JSON)")
     p.add_argument("--json", help="write every figure here (rank 0)")
@@ -85,7 +90,7 @@ def _random(cp, shape, std):
 
 def _random_weights(cfg, topo, placement, flash, layers, cp) -> RankWeights:
     """Random device weights for ``layers``: what this rank's roles hold, with every expert's
-    output bias for the dense side."""
+    output bias for the dense side (and an embedding and LM head when the model has a vocabulary)."""
     m = cfg.model
     out = RankWeights(experts=LocalExperts(m.ffn_kind, cp))
     for layer in layers:
@@ -93,6 +98,9 @@ def _random_weights(cfg, topo, placement, flash, layers, cp) -> RankWeights:
     out.experts.stack()
     out.expert_b2 = _random(cp, (m.num_moe_layers * m.num_experts, m.hidden_size), 0.02)
     out.final_norm = cp.ones(m.hidden_size, cp.float32).astype(BF16)
+    if m.vocab_size:
+        out.embed = _random(cp, (m.vocab_size, m.hidden_size), 1.0)
+        out.lm_head = _random(cp, (m.hidden_size, m.vocab_size), m.hidden_size ** -0.5)
     return out
 
 
@@ -357,6 +365,9 @@ def run_bench(comm, args, log=print) -> dict:
                  f"parallel.expert_tp={args.expert_tp}", f"parallel.dp={args.dp}",
                  f"run.micro_batch_tokens={math.ceil(args.tokens / args.micro_batches)}", "parallel.placement=shared"]
     overrides += list(getattr(args, "set", []) or [])
+    decode = getattr(args, "decode", False)
+    if decode:
+        check_decode_arguments(args)
     cfg = load_config(args.config, overrides)
     if cfg.model.mla:
         raise ConfigError("moe-hpc bench does not time MLA (DeepSeek-V3) attention yet; its blocks run through "
@@ -379,6 +390,13 @@ def run_bench(comm, args, log=print) -> dict:
         cp.get_default_memory_pool().free_all_blocks()
         engine = _engine(shrunk, topo, backend, range(shrunk.model.num_layers))
         result["model"] = bench_model(engine, args, timer, cp)
+        engine.close()
+    if decode:
+        del engine
+        cp.get_default_memory_pool().free_all_blocks()
+        stepped = _shrunk(args, decode_overrides(overrides))
+        engine = _engine(stepped, topo, backend, range(stepped.model.num_layers))
+        result["decode"] = bench_decode(engine, args, cp)
         engine.close()
     if topo.rank == 0:
         log(format_table(result))
@@ -414,6 +432,8 @@ def format_table(r: dict) -> str:
                  ("model: sequences x length per GPU, peak pool GiB",
                   f"{M['sequences_per_gpu']} x {M['seq_len']}, {M['peak_pool_gib']:.1f}")]
         rows += _dense_rows(M["dense"])
+    if "decode" in r:
+        rows += decode_rows(r["decode"])
     width = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
 
