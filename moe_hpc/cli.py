@@ -8,6 +8,7 @@ with more than one rank the job is aborted so no rank is left waiting in a colle
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -290,7 +291,8 @@ def cmd_generate(args, comm) -> None:
     eos = collective(comm, _eos_ids, args, debug=args.debug)
     job = Job(cfg, Path(args.weights), source, Path(args.output), args.overwrite, args.debug,
               restart=args.restart, progress=args.progress, progress_every=args.progress_every, stop=args.stop,
-              summary=Path(args.summary) if args.summary else None, memory_check=check_memory, eos=eos,
+              summary=Path(args.summary) if args.summary else None, eos=eos,
+              memory_check=functools.partial(check_memory, generate=True),     # with the KV cache
               prompts=prompts, tokenizer_dir=tokenizer_dir)
     _print_summary(generate_job(comm, job), args.summary)
 

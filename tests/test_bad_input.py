@@ -1019,6 +1019,30 @@ def test_generate_needs_tokens_and_a_vocabulary(vocab, needle, tmp_path, tiny_fi
     assert_clean_failure(out, 2, (needle,), output)
 
 
+def test_generate_whose_kv_cache_does_not_fit_is_refused_with_the_sequences_that_do(tmp_path):
+    """One process (no mpiexec): under a limit the weights fit but 64 sequences' KV cache of
+    10 + 4 positions does not: one error line naming the cache and the group size that fits,
+    nothing written; that group size then runs."""
+    from moe_hpc.config.cluster import GIB
+    from moe_hpc.config.run_config import load_config
+    from moe_hpc.planner.fit import rank_memory
+    need = rank_memory(load_config(MIXTRAL, ["generate.max_new_tokens=4"]), 1, 10, 4)[0]
+    one = need.kv_cache // 64
+    limit = f"run.memory_limit_gib={(need.total - need.kv_cache + 20.5 * one) / GIB!r}"
+    inputs, output = _prompts(tmp_path, [3, 4]), tmp_path / "out.h5"
+    before = {p.name for p in tmp_path.iterdir()}
+    run = lambda *extra: moe_hpc("generate", MIXTRAL, "--weights", MIXTRAL, "--input", inputs, "--output", output,
+                                 "--max-new-tokens", "4", "--progress=off", "--set", limit, *extra)
+    r = run()
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "the model does not fit" in lines[0] and "KV cache for 64 sequences x 14 positions" in lines[0], lines[0]
+    assert "20 sequences per group fit (--set run.chunk_sequences=20)" in lines[0], lines[0]
+    assert {p.name for p in tmp_path.iterdir()} == before
+    r = run("--set", "run.chunk_sequences=20")
+    assert r.returncode == 0 and output.exists(), r.stderr
+
+
 # --prompts (text prompts): one error line, every rank non-zero, nothing written: not the output,
 # its tokenised batch, OUT.jsonl nor the lock
 

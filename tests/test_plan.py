@@ -302,3 +302,37 @@ def test_smallest_fit_searches_past_a_world_of_64_ranks_or_more():
     need = max(m.total for m in rank_memory(cfg, 64, 4096))
     found = smallest_fit(cfg, 64, 4096, need - 1)
     assert found is None or found > 64
+
+
+def test_kv_cache_by_hand_for_the_tiny_model():
+    """tiny: 4 layers, 4 kv heads of 16: k and v in bf16 are 2 x 4 x 16 x 2 = 256 bytes a
+    position and block; a dense-TP member holds half the heads, a stage half the blocks."""
+    from moe_hpc.planner.memory import kv_cache_bytes, kv_cache_bytes_per_token
+    m = load_config(REPO / "inputs" / "tiny.toml").model
+    assert kv_cache_bytes_per_token(m) == 2 * 4 * 16 * 2
+    assert kv_cache_bytes(m, 4, 24 + 8) == 4 * 32 * 4 * 256
+    assert kv_cache_bytes(m, 4, 32, dense_tp=2) == 4 * 32 * 4 * 128
+    assert kv_cache_bytes(m, 4, 32, stage=1, stages=2) == 4 * 32 * 2 * 256
+
+
+def test_memory_check_counts_a_generate_jobs_kv_cache_and_says_how_many_sequences_fit():
+    """Under a limit the weights fit but the KV cache of 4 sequences x (24 + 8) positions does
+    not: refused naming the cache and 2 sequences per group (the arithmetic: the room left over
+    one sequence's cache), which then fit; the same job as a run (no cache) fits."""
+    from moe_hpc.config.cluster import GIB
+    from moe_hpc.planner.fit import check_memory, rank_memory, with_chunk
+    cfg = load_config(REPO / "inputs" / "tiny.toml", ["generate.max_new_tokens=8"])
+    need = rank_memory(cfg, 2, 24, 8)[0]
+    one = 32 * 4 * 256                               # one sequence's cache: 32 positions x 4 blocks
+    assert need.kv_cache == 4 * one
+    cfg = load_config(REPO / "inputs" / "tiny.toml",
+                      ["generate.max_new_tokens=8",
+                       f"run.memory_limit_gib={(need.total - need.kv_cache + 2.5 * one) / GIB!r}"])
+    with pytest.raises(ConfigError) as e:
+        check_memory(cfg, 2, 0, 0, 24, None, generate=True)
+    text = str(e.value)
+    assert "the model does not fit: rank 0 needs" in text and "KV cache 0.00" in text, text
+    assert ("of KV cache for 4 sequences x 32 positions (prompt + generate.max_new_tokens); "
+            "2 sequences per group fit (--set run.chunk_sequences=2)") in text, text
+    assert check_memory(with_chunk(cfg, 2), 2, 0, 0, 24, None, generate=True).fits
+    assert check_memory(cfg, 2, 0, 0, 24, None).fits

@@ -40,7 +40,8 @@ class MemoryFit:
     def text(self) -> str:
         m = self.need
         parts = ", ".join(f"{name.replace('_', ' ')} {getattr(m, name) / GIB:.2f}" for name in
-                          ("dense_weights", "expert_weights", "activations", "token_buffers") if getattr(m, name))
+                          ("dense_weights", "expert_weights", "activations", "token_buffers", "kv_cache")
+                          if getattr(m, name)).replace("kv cache", "KV cache")
         have = ("no limit known (the CPU; run.memory_limit_gib sets one)" if self.free is None
                 else f"{self.free / GIB:.2f} GiB free")
         return f"rank {self.rank} needs {m.total / GIB:.2f} GiB ({parts} GiB, and fixed) of {have}"
@@ -53,34 +54,35 @@ def _cluster(world_size: int, seq_len: int, free: int) -> Cluster:
                    deployment=DeploymentSpec(seq_len=seq_len), source="<this run>")
 
 
-def rank_memory(cfg: Config, world_size: int, seq_len: int) -> list[Memory]:
+def rank_memory(cfg: Config, world_size: int, seq_len: int, new_tokens: int = 0) -> list[Memory]:
     """[ranks of one data-parallel replica] the planner's memory of each local rank when
-    ``world_size`` ranks run ``cfg`` on sequences of ``seq_len`` positions."""
+    ``world_size`` ranks run ``cfg`` on sequences of ``seq_len`` positions (``new_tokens`` > 0:
+    generate that many after each, with a KV cache on the dense ranks)."""
     cluster = _cluster(world_size, seq_len, 0)
     layout = make_layout(cfg, cluster)
-    return [g.memory for g in plan_memory(cfg, cluster, layout, workload_of(cfg, cluster))]
+    return [g.memory for g in plan_memory(cfg, cluster, layout, workload_of(cfg, cluster), new_tokens=new_tokens)]
 
 
-def _fits_with(cfg: Config, ranks: int, seq_len: int, free: int) -> bool:
+def _fits_with(cfg: Config, ranks: int, seq_len: int, free: int, new_tokens: int) -> bool:
     try:
-        return max(m.total for m in rank_memory(cfg, ranks, seq_len)) <= free
+        return max(m.total for m in rank_memory(cfg, ranks, seq_len, new_tokens)) <= free
     except ConfigError:          # no valid layout on this many ranks (dp, dense_tp, ...)
         return False
 
 
-def smallest_fit(cfg: Config, world_size: int, seq_len: int, free: int) -> int | None:
+def smallest_fit(cfg: Config, world_size: int, seq_len: int, free: int, new_tokens: int = 0) -> int | None:
     """The fewest ranks (more than ``world_size``, each GPU with ``free`` bytes) whose fullest
     GPU fits, tried one by one up to ``ONE_BY_ONE`` (a placement's uneven split makes the need
     jump up and down with the count), then doubling. None when the dense side alone (what more ranks do not spread) is too
     large, or no count up to ``MOST_RANKS`` fits."""
-    if min(_unspread(m) for m in rank_memory(cfg, world_size, seq_len) if m.dense_weights) > free:
+    if min(_unspread(m) for m in rank_memory(cfg, world_size, seq_len, new_tokens) if m.dense_weights) > free:
         return None
     step = cfg.parallel.dp
     # at least one count past the world, however large the world already is
     counts = list(range(world_size + step, max(world_size + step, ONE_BY_ONE) + 1, step))
     while counts[-1] < MOST_RANKS:           # past ONE_BY_ONE, doubling (each plan takes longer)
         counts.append(2 * counts[-1])
-    return next((n for n in counts if _fits_with(cfg, n, seq_len, free)), None)
+    return next((n for n in counts if _fits_with(cfg, n, seq_len, free, new_tokens)), None)
 
 
 def _unspread(m: Memory) -> int:
@@ -89,23 +91,42 @@ def _unspread(m: Memory) -> int:
 
 
 def check_memory(cfg: Config, world_size: int, group_rank: int, world_rank: int, seq_len: int,
-                 free: int | None) -> MemoryFit:
+                 free: int | None, generate: bool = False) -> MemoryFit:
     """This rank's planned memory against ``free`` bytes (None: no limit known); raises
     ConfigError naming both and the smallest layout that fits when it does not fit.
 
     free: the device's free bytes, at most ``run.memory_limit_gib`` when that is set (on the
-    CPU that alone sets a limit)."""
+    CPU that alone sets a limit). generate: a generate job (the CLI's ``moe-hpc generate``),
+    whose dense ranks also hold a KV cache of run.chunk_sequences x (seq_len + max_new_tokens)."""
     limit = int(cfg.run.memory_limit_gib * GIB)
     if limit:
         free = limit if free is None else min(free, limit)
-    result = MemoryFit(world_rank, rank_memory(cfg, world_size, seq_len)[group_rank], free)
+    new_tokens = cfg.generate.max_new_tokens if generate else 0
+    result = MemoryFit(world_rank, rank_memory(cfg, world_size, seq_len, new_tokens)[group_rank], free)
     if result.fits:
         return result
-    ranks = smallest_fit(cfg, world_size, seq_len, free)
-    hint = (f"smallest layout that fits: {ranks} ranks of this config" if ranks else
-            f"no rank count up to {MOST_RANKS} fits (the dense side alone is too large: "
-            "try parallel.dense_tp or parallel.dense_stages; moe-hpc plan suggests a layout)")
+    fewer = kv_cache_hint(cfg, result.need, seq_len + new_tokens, free)
+    ranks = None if fewer else smallest_fit(cfg, world_size, seq_len, free, new_tokens)
+    hint = fewer or (f"smallest layout that fits: {ranks} ranks of this config" if ranks else
+                     f"no rank count up to {MOST_RANKS} fits (the dense side alone is too large: "
+                     "try parallel.dense_tp or parallel.dense_stages; moe-hpc plan suggests a layout)")
     raise ConfigError(f"the model does not fit: {result.text()}; {hint}")
+
+
+def kv_cache_hint(cfg: Config, need: Memory, positions: int, free: int) -> str | None:
+    """How many sequences per group fit when the KV cache is what does not: the cache is linear
+    in them, and the rest (weights, buffers, activations: these only shrink with fewer) stays
+    as planned, so the figure fits (the largest that does, or a little under it); None when no
+    KV cache is planned or not even one sequence fits."""
+    if not need.kv_cache:
+        return None
+    sequences = cfg.run.chunk_sequences
+    fit = (free - (need.total - need.kv_cache)) // (need.kv_cache // sequences)
+    if fit < 1:
+        return None
+    return (f"that includes {need.kv_cache / GIB:.2f} GiB of KV cache for {sequences} sequences x "
+            f"{positions:,} positions (prompt + generate.max_new_tokens); {fit} sequences per group fit "
+            f"(--set run.chunk_sequences={fit})")
 
 
 def with_chunk(cfg: Config, sequences: int) -> Config:

@@ -25,13 +25,14 @@ class Memory:
     expert_weights: int = 0
     activations: int = 0
     token_buffers: int = 0
+    kv_cache: int = 0          # generation only: the group's KV cache (kv_cache_bytes)
     transport: int = 0
     reserved: int = 0
 
     @property
     def total(self) -> int:
         return (self.dense_weights + self.expert_weights + self.activations + self.token_buffers
-                + self.transport + self.reserved)
+                + self.kv_cache + self.transport + self.reserved)
 
 
 def _nbytes(shape: tuple[int, ...], itemsize: int = BF16_BYTES) -> int:
@@ -76,6 +77,16 @@ def kv_cache_bytes_per_token(m: ModelConfig) -> int:
     every kv head for MHA/GQA; the normed latent and the shared RoPE key for MLA."""
     width = m.kv_lora_rank + m.qk_rope_head_dim if m.mla else 2 * m.kv_heads * m.head_dim
     return width * BF16_BYTES
+
+
+def kv_cache_bytes(m: ModelConfig, sequences: int, positions: int, dense_tp: int = 1, stage: int = 0,
+                   stages: int = 1) -> int:
+    """A dense rank's KV cache for a group of ``sequences`` of ``positions`` positions (prompt +
+    new tokens; runtime/engine.open_cache): one KvCache per attention block of its stage, of
+    this dense-TP member's kv heads (the MLA latent is whole on every member)."""
+    local = local_model(m, dense_tp) if dense_tp > 1 else m
+    blocks = len(stage_blocks(m.num_layers, stages)[stage])
+    return sequences * positions * blocks * kv_cache_bytes_per_token(local)
 
 
 def activation_bytes(m: ModelConfig, w: Workload, attention_block: int, dense_tp: int = 1) -> int:
@@ -129,8 +140,9 @@ class GpuMemory:
 
 
 def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
-                expert_tp: int | None = None) -> list[GpuMemory]:
-    """[group_size] per-rank memory of one replica (expert_tp: the config's unless given)."""
+                expert_tp: int | None = None, new_tokens: int = 0) -> list[GpuMemory]:
+    """[group_size] per-rank memory of one replica (expert_tp: the config's unless given;
+    new_tokens > 0: a generate job, whose dense ranks also hold the group's KV cache)."""
     m, dense_tp, stages = cfg.model, cfg.parallel.dense_tp, cfg.parallel.dense_stages
     expert_tp = expert_tp or cfg.parallel.expert_tp
     head = cfg.run.logits or cfg.run.logprobs                        # load_weights reads lm_head for either
@@ -157,6 +169,8 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
                          expert_weights=expert_weight_bytes(m, hosted, expert_tp),
                          activations=act if dense else 0,
                          token_buffers=token_buffer_bytes(m, w, send if dense else 0, extent, expert_tp),
+                         kv_cache=kv_cache_bytes(m, w.sequences, w.seq_len + new_tokens, dense_tp, stage, stages)
+                         if dense and new_tokens else 0,
                          **fixed)
             role = "dense+expert" if dense and g >= 0 else ("dense" if dense else "expert")
             cache[key] = (role, hosted, mem)
@@ -169,4 +183,4 @@ def fits(memory: list[GpuMemory], cluster: Cluster) -> bool:
 
 
 __all__ = ["Memory", "GpuMemory", "plan_memory", "fits", "dense_weight_bytes", "expert_weight_bytes",
-           "kv_cache_bytes_per_token", "activation_bytes", "token_buffer_bytes", "GIB"]
+           "kv_cache_bytes_per_token", "kv_cache_bytes", "activation_bytes", "token_buffer_bytes", "GIB"]
