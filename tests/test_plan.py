@@ -336,3 +336,12 @@ def test_memory_check_counts_a_generate_jobs_kv_cache_and_says_how_many_sequence
             "2 sequences per group fit (--set run.chunk_sequences=2)") in text, text
     assert check_memory(with_chunk(cfg, 2), 2, 0, 0, 24, None, generate=True).fits
     assert check_memory(cfg, 2, 0, 0, 24, None).fits
+
+
+def test_plan_reports_the_generate_kv_cache(tmp_path):
+    """The 61-block seed model's MHA cache: k and v of 128 heads of 128 in bf16 = 64 KiB a
+    position and block; a one-sequence group of seq_len + 128 positions over 61 blocks."""
+    r = build(plan_args(C128, tmp_path, *FITS, "generate.max_new_tokens=128", fmt="json"))
+    kv, L = r["kv_cache"], r["workload"]["seq_len"]
+    assert kv["bytes_per_token_and_block"] == 2 * 128 * 128 * 2 and kv["blocks"] == 61
+    assert kv["group_gib"] * 2 ** 30 == 1 * (L + 128) * 61 * 65536

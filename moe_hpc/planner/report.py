@@ -16,11 +16,12 @@ from ..config.cluster import load_cluster
 from ..config.errors import ConfigError
 from ..config.run_config import load_config, validate
 from ..files.atomic import write_text_atomic
+from ..model.dense_tp import local_model
 from ..model.flops import model_flops
 from .calibrate import calibrated_cluster, compare, fit, load_measured
 from .dag import all_dags, ranges, verify, write_dags
 from .deployment import Deployment, RankRow, make_layout, rank_rows
-from .memory import GIB, fits, plan_memory
+from .memory import GIB, fits, kv_cache_bytes, kv_cache_bytes_per_token, plan_memory
 from .time_model import CATEGORIES, step_time
 from .workload import workload_of
 
@@ -217,7 +218,18 @@ def _summary(cfg, cluster, layout: Deployment, w) -> dict:
             "gpu": dataclasses.asdict(gpu), "network": dataclasses.asdict(net),
             "workload": {"sequences_per_chunk": w.sequences, "seq_len": w.seq_len, "tokens_per_dense_gpu": w.tokens,
                          "micro_batches": w.micro_batches, "micro_batch_tokens": w.mb_tokens,
-                         "slot_padding": w.slot_padding}}
+                         "slot_padding": w.slot_padding},
+            "kv_cache": _kv_cache(cfg, w)}
+
+
+def _kv_cache(cfg, w) -> dict:
+    """What ``moe-hpc generate`` adds on a dense GPU: its KV cache, per position and block and for
+    a group of run.chunk_sequences x (seq_len + generate.max_new_tokens) positions (the fullest stage's)."""
+    m, p, N = cfg.model, cfg.parallel, cfg.generate.max_new_tokens
+    group = max(kv_cache_bytes(m, w.sequences, w.seq_len + N, p.dense_tp, s, p.dense_stages)
+                for s in range(p.dense_stages))
+    return {"bytes_per_token_and_block": kv_cache_bytes_per_token(local_model(m, p.dense_tp)),
+            "blocks": m.num_layers, "sequences": w.sequences, "positions": w.seq_len + N, "group_gib": group / GIB}
 
 
 def _times(cfg, cluster, layout, w) -> dict:
@@ -259,7 +271,7 @@ def render_calibration(cal: dict) -> list[str]:
 
 
 def render_layout(r: dict, rows) -> list[str]:
-    m, wl = r["model"], r["workload"]
+    m, wl, kv = r["model"], r["workload"], r["kv_cache"]
     out = [f"model      {m['blocks']} blocks ({m['dense_blocks']} dense + {m['moe_blocks']} MoE x {m['experts']} experts, "
            f"top-{m['top_k']}), H {m['hidden']}, expert F {m['expert_hidden']}, {m['gflop_per_token']:.1f} GFLOP/token",
            f"cluster    {r['nodes']} nodes x {r['gpus_per_node']} GPUs = {r['gpus']} GPUs; {r['gpu']['peak_tflops']:.0f} "
@@ -272,6 +284,9 @@ def render_layout(r: dict, rows) -> list[str]:
            f"{' (roles co-located)' if not r['dense_only_gpus'] else ''}; placement {r['placement']}",
            f"workload   per dense GPU and step: {wl['sequences_per_chunk']} sequence(s) x {wl['seq_len']} = "
            f"{wl['tokens_per_dense_gpu']} tokens, {wl['micro_batches']} micro-batch(es) of {wl['micro_batch_tokens']}",
+           f"KV cache   (moe-hpc generate) {kv['bytes_per_token_and_block'] / 1024:.2f} KiB per position and block "
+           f"({kv['blocks']} blocks); a group of {kv['sequences']} sequence(s) x {kv['positions']} positions "
+           f"(seq_len + generate.max_new_tokens): {kv['group_gib']:.2f} GiB per dense GPU",
            f"rank table {len(rows)} ranks, all of them in {r['rank_table']}:",
            f"  {'replica':<8}{'role':<14}{'ranks':<16}{'nodes':<12}{'experts/GPU':<12}first -> last"]
     out += [f"  {g['replica']:<8}{g['role']:<14}{g['ranks']:<16}{g['nodes']:<12}{g['experts_per_gpu']:<12}"
