@@ -53,6 +53,23 @@ def test_combine_kernel():
 
 
 @needs_gpu
+@pytest.mark.parametrize("kv, group, D, Dv", [(4, 1, 64, 64), (4, 2, 128, 128), (2, 3, 64, 32)])
+@pytest.mark.parametrize("view", [False, True])
+def test_decode_attention_bf16_cublas_equals_the_fp32_path(kv, group, D, Dv, view):
+    """The cuBLAS decode (bf16 cache read in place, ragged ``last``) against the host's fp32 copy
+    path; ``view``: k and v are a slice of a longer cache, as ``KvCache.read`` gives them."""
+    from moe_hpc.model.attention import decode_attention
+    S, Lk, scale = 3, 37, D ** -0.5
+    positions = Lk + 11 * view
+    q, k, v = bf((S, 1, kv * group, D)), bf((S, positions, kv, D)), bf((S, positions, kv, Dv))
+    last = np.array([36, 0, 20])
+    want = decode_attention(q, k[:, :Lk], v[:, :Lk], last, scale, np)
+    got = decode_attention(cp.asarray(q), cp.asarray(k)[:, :Lk], cp.asarray(v)[:, :Lk], cp.asarray(last), scale, cp)
+    assert got.shape == want.shape == (S, 1, kv * group * Dv) and got.dtype == BF16
+    assert rel(cp.asnumpy(got).astype(np.float32), want.astype(np.float32)) < 1e-2
+
+
+@needs_gpu
 def test_gate_matmul_fp32_output():
     from moe_hpc.device import kernels
     a, b = bf((513, 384)), bf((384, 64), 384 ** -0.5)

@@ -371,6 +371,82 @@ def matmul_f32out(a, b):
     return out
 
 
+# ---------------------------------------------------------------- decode attention
+# One new query per sequence over its bf16 KV cache, read once by cuBLAS (bf16 operands, fp32
+# accumulation): no fp32 copy of the cache is made. Row-major arrays are column-major arrays
+# transposed, so each product below is written as cuBLAS sees it (the transposed product).
+#
+# scores[s, h] (g x Lk) = scale * Q[s, h] (g x D) @ K[s, :, h, :]^T (D x Lk). Column-major:
+#   scores^T (Lk x g, ldc = Lk) = op(A) B with
+#   A = K[s, :, h, :]: row-major Lk x D with row stride ldk = k.strides[1] is column-major
+#       D x Lk (lda = ldk), so op(A) = A^T = K (Lk x D): transa = T;
+#   B = Q[s, h]: row-major g x D (row stride D) is column-major D x g = Q^T (ldb = D): transb = N;
+#   m = Lk, n = g, k = D, alpha = scale (fp32, applied to the fp32 accumulator).
+# out[s, h] (g x Dv) = P[s, h] (g x Lk) @ V[s, :, h, :] (Lk x Dv). Column-major:
+#   out^T (Dv x g, ldc = Dv) = A B with
+#   A = V[s, :, h, :]: row-major Lk x Dv (row stride ldv) is column-major Dv x Lk = V^T
+#       (lda = ldv): transa = N;
+#   B = P[s, h]: row-major g x Lk (row stride Lk) is column-major Lk x g = P^T (ldb = Lk):
+#   transb = N; m = Dv, n = g, k = Lk.
+# (s, h) cannot be one strided batch (the cache's sequence stride is not kv times its head
+# stride), so one index is a loop and the other the batch: the loop runs over the smaller.
+
+
+def _head_gemms(trans_a: bool, m: int, n: int, k: int, alpha: float, a, lda: int, a_strides, b, ldb: int,
+                b_strides, c, ldc: int, c_strides, S: int, kv: int) -> None:
+    """For every (s, h) < (S, kv): c(s, h) = alpha op(a(s, h)) b(s, h), column-major, where
+    x(s, h) starts ``s * x_strides[0] + h * x_strides[1]`` elements into x; a and b bf16, c fp32."""
+    loop_s = S <= kv
+    loops, batch = (S, kv) if loop_s else (kv, S)
+    pick = 0 if loop_s else 1                   # which stride steps the loop; the other the batch
+    scale = np.full(1, alpha, np.float32)
+    with _cublas_on_current_stream() as (cublas, handle, _, zero):
+        op_a = cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N
+        for i in range(loops):
+            cublas.gemmStridedBatchedEx(
+                handle, op_a, cublas.CUBLAS_OP_N, m, n, k, scale.ctypes.data,
+                a.data.ptr + i * a_strides[pick] * a.itemsize, 14, lda, a_strides[1 - pick],   # 14: CUDA_R_16BF
+                b.data.ptr + i * b_strides[pick] * b.itemsize, 14, ldb, b_strides[1 - pick],
+                zero, c.data.ptr + i * c_strides[pick] * c.itemsize, 0, ldc, c_strides[1 - pick],  # 0: CUDA_R_32F
+                batch, cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+
+
+def _rows_of_heads(x):
+    """A cache view [S, Lk, kv, D] with each head's D elements contiguous (copied if not) and its
+    strides in elements: (the view, sequence stride, position stride, head stride)."""
+    if x.strides[3] != x.itemsize or any(st % x.itemsize for st in x.strides):
+        x = cp.ascontiguousarray(x)
+    s_stride, ld, h_stride = (st // x.itemsize for st in x.strides[:3])
+    return x, s_stride, max(ld, x.shape[3]), h_stride     # one position: any ld >= D will do
+
+
+def decode_attention_bf16(q, k, v, last, scale: float):
+    """``model.attention.decode_attention`` on the GPU. q: [S, 1, nh, D], k: [S, Lk, kv, D],
+    v: [S, Lk, kv, Dv] bf16 (views of the cache: any sequence and position strides); last: [S]
+    ints -> [S, 1, nh Dv] bf16. Scores, softmax and the output accumulate in fp32; the
+    probabilities enter the P @ V GEMM rounded to bf16 (cuBLAS wants both operands of one type;
+    flash attention rounds them too) and the output is divided by their fp32 sum afterwards."""
+    S, _, nh, D = q.shape
+    Lk, kv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    g = nh // kv
+    assert q.dtype == k.dtype == v.dtype == BF16, "cuBLAS reads the operands as bf16"
+    q = cp.ascontiguousarray(q).reshape(S, kv, g, D)
+    k, k_s, ldk, k_h = _rows_of_heads(k)
+    v, v_s, ldv, v_h = _rows_of_heads(v)
+    scores = cp.empty((S, kv, g, Lk), cp.float32)
+    _head_gemms(True, Lk, g, D, scale, k, ldk, (k_s, k_h), q, D, (kv * g * D, g * D),
+                scores, Lk, (kv * g * Lk, g * Lk), S, kv)
+    seen = (cp.arange(Lk)[None, :] <= cp.asarray(last)[:, None])[:, None, None, :]
+    scores = cp.where(seen, scores, cp.float32(-np.inf))
+    p = cp.exp(scores - scores.max(axis=-1, keepdims=True))
+    total = p.sum(axis=-1, keepdims=True)
+    p16 = cp.ascontiguousarray(p.astype(BF16))
+    out = cp.empty((S, kv, g, Dv), cp.float32)
+    _head_gemms(False, Dv, g, Lk, 1.0, v, ldv, (v_s, v_h), p16, Lk, (kv * g * Lk, g * Lk),
+                out, Dv, (kv * g * Dv, g * Dv), S, kv)
+    return (out / total).astype(BF16).reshape(S, 1, nh * Dv)
+
+
 def _bias_act(h, b1, kind: str, rows_per_slot: int) -> None:
     """h: [..., F] bf16 (a strided view too), in place; slot i / (rows_per_slot F) takes b1[slot]."""
     F = h.shape[-1]

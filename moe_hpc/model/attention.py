@@ -84,7 +84,12 @@ def cached_attention(a, w, cfg, cache, at, block: int, xp=np, reduce=None):
 
 def decode_attention(q, k, v, last, scale: float, xp):
     """One new position per sequence over its cached keys. q: [S, 1, nh, D], k: [S, Lk, kv, D],
-    v: [S, Lk, kv, Dv] bf16; last: [S] ints, sequence s sees keys 0..last[s] -> [S, 1, nh Dv] bf16."""
+    v: [S, Lk, kv, Dv] bf16; last: [S] ints, sequence s sees keys 0..last[s] -> [S, 1, nh Dv] bf16.
+    On the GPU cuBLAS reads the bf16 cache once (``kernels_cuda.decode_attention_bf16``); the fp32
+    copies below are the host's (and the reference's) way."""
+    if xp is not np:
+        from ..device.kernels_cuda import decode_attention_bf16
+        return decode_attention_bf16(q, k, v, last, scale)
     S, _, nh, D = q.shape
     Lk, nkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     q32 = q.astype(F32).reshape(S, nkv, nh // nkv, D) * F32.type(scale)
