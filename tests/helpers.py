@@ -79,6 +79,13 @@ def moe_hpc_cmd(*args, ranks: int | None = None, program: str | None = None) -> 
     return python if ranks is None else [MPIEXEC, "-n", str(ranks), *python]
 
 
+def start_tagged(*args, ranks: int, tag: str) -> subprocess.Popen:
+    """``moe-hpc ARGS`` under ``mpiexec -n ranks`` in the background, its ranks tagged with
+    MOE_HPC_TEST_TAG so a test can find, freeze or kill them by tag."""
+    return subprocess.Popen(moe_hpc_cmd(*args, ranks=ranks), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=rank_env(MOE_HPC_TEST_TAG=tag))
+
+
 def moe_hpc(*args, ranks: int | None = None, timeout: float = MPI_TIMEOUT, cwd=None, program: str | None = None,
             **env) -> Result:
     """Run ``moe-hpc ARGS`` (see ``moe_hpc_cmd``) to its end; a hang fails the test."""

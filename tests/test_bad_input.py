@@ -527,8 +527,8 @@ from moe_hpc.config.errors import OutputError
 from moe_hpc.files import lock as lock_module
 from moe_hpc.files.lock import OutputLock, lock_path_for
 
-from helpers import (assert_same_output, error_messages, fixture, freeze_ranks, moe_hpc, moe_hpc_cmd,
-                     progress_record, rank_env, run_args, signal_ranks, transform_dataset, wait_for_chunks)
+from helpers import (assert_same_output, error_messages, fixture, freeze_ranks, moe_hpc, progress_record, run_args,
+                     signal_ranks, start_tagged, transform_dataset, wait_for_chunks)
 
 
 def _assert_refused(out: Outcome, ranks: int, needles) -> str:
@@ -629,8 +629,7 @@ def test_second_job_on_a_live_output_is_refused(tiny_files, long_input, uninterr
     A's file mid-run) is refused naming A's host and pid; A then finishes untouched."""
     out, tag = tmp_path / "out.h5", uuid.uuid4().hex
     args = run_args(tiny_files[0], long_input, out)
-    first = subprocess.Popen(moe_hpc_cmd(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=rank_env(MOE_HPC_TEST_TAG=tag))
+    first = start_tagged(*args, ranks=2, tag=tag)
     try:
         wait_for_chunks(out, 1, first)
         pids = freeze_ranks(tag, 2)             # A cannot finish while B tries
@@ -707,16 +706,23 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _assert_one_error_keeping_the_partial(full, needles) -> None:
+    """A failed run that keeps its partial output: non-zero, one ``error:`` line naming every
+    needle, neither an internal error nor a traceback."""
+    errors = error_messages(full.stderr)
+    assert full.returncode != 0 and len(errors) == 1, full.stderr
+    for needle in needles:
+        assert needle in errors[0], full.stderr
+    assert "internal error" not in errors[0] and "Traceback" not in full.stderr, full.stderr
+
+
 def test_disk_full_names_the_file_and_keeps_the_partial(tiny_files, long_input, uninterrupted, tmp_path):
     out = tmp_path / "out.h5"
     args = run_args(tiny_files[0], long_input, out)
     full = moe_hpc(*args, ranks=2, program=DISK_FULL)
-    errors = error_messages(full.stderr)
-    assert full.returncode != 0 and len(errors) == 1, full.stderr
-    for needle in (f"{out}.tmp: cannot write", "No space left on device", "2 of 20 chunks are finished and kept",
-                   "rerun the same command to resume"):
-        assert needle in errors[0], full.stderr
-    assert "internal error" not in errors[0] and "Traceback" not in full.stderr, full.stderr
+    _assert_one_error_keeping_the_partial(full, (f"{out}.tmp: cannot write", "No space left on device",
+                                                 "2 of 20 chunks are finished and kept",
+                                                 "rerun the same command to resume"))
     assert progress_record(out)["chunks_done"] == 2
     rerun = moe_hpc(*args, ranks=2)
     assert rerun.returncode == 0 and "resuming at chunk 3 of 20" in rerun.stderr, rerun.stderr
@@ -739,11 +745,9 @@ def test_disk_full_while_finishing_keeps_every_chunk(tiny_files, long_input, uni
     out = tmp_path / "out.h5"
     args = run_args(tiny_files[0], long_input, out)
     full = moe_hpc(*args, ranks=2, program=DISK_FULL_AT_THE_END)
-    errors = error_messages(full.stderr)
-    assert full.returncode != 0 and len(errors) == 1, full.stderr
-    for needle in (f"{out}.tmp: cannot finish the output (No space left on device)", "every chunk is kept"):
-        assert needle in errors[0], full.stderr
-    assert "internal error" not in errors[0] and progress_record(out)["chunks_done"] == 20, full.stderr
+    _assert_one_error_keeping_the_partial(full, (f"{out}.tmp: cannot finish the output (No space left on device)",
+                                                 "every chunk is kept"))
+    assert progress_record(out)["chunks_done"] == 20, full.stderr
     rerun = moe_hpc(*args, ranks=2)
     assert rerun.returncode == 0 and "all 20 chunk(s) are done" in rerun.stderr, rerun.stderr
     # the stats written by the failed attempt are replaced, and HDF5 does not reclaim their
@@ -766,8 +770,7 @@ def test_error_found_mid_run_keeps_finished_chunks(tiny_files, long_input, unint
         where = f["hidden"].id.get_offset() + (S - 1) * L * H * 2        # sequence S-1, position 0
     stat = os.stat(inputs)
     args = run_args(tiny_files[0], inputs, out)
-    run = subprocess.Popen(moe_hpc_cmd(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=rank_env(MOE_HPC_TEST_TAG=tag))
+    run = start_tagged(*args, ranks=2, tag=tag)
     try:
         wait_for_chunks(out, 2, run)
         pids = freeze_ranks(tag, 2)

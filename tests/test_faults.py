@@ -7,13 +7,12 @@ is killed; a rank that raises aborts the job (MPI_Abort) in well under a second.
 """
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
-from helpers import (assert_same_output, kill_rank_midway, moe_hpc, moe_hpc_cmd, needs_mpiexec,
-                     progress_record, rank_env, run_args, wait_for_chunks)
+from helpers import (assert_same_output, kill_rank_midway, moe_hpc, needs_mpiexec, progress_record, run_args,
+                     start_tagged, wait_for_chunks)
 
 pytestmark = needs_mpiexec
 
@@ -49,8 +48,7 @@ def _resume_matches(args, ranks, out, uninterrupted_out, scratch) -> None:
 def test_killed_rank_ends_job_within_bound(tiny_files, long_input, uninterrupted, tmp_path, no_stale_shm):
     out, tag = tmp_path / "out.h5", uuid.uuid4().hex
     args = run_args(tiny_files[0], long_input, out)
-    proc = subprocess.Popen(moe_hpc_cmd(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=rank_env(MOE_HPC_TEST_TAG=tag))
+    proc = start_tagged(*args, ranks=2, tag=tag)
     try:
         wait_for_chunks(out, 2, proc)
         t0 = kill_rank_midway(tag, 2)

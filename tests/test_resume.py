@@ -19,15 +19,14 @@ from moe_hpc.config.roles import role_layout
 from moe_hpc.config.run_config import build_config
 from moe_hpc.runtime.resume import Progress, check_partial, fingerprint, save_progress
 
-from helpers import (assert_same_output, moe_hpc, moe_hpc_cmd, needs_mpiexec, progress_record, rank_env,
-                     run_args, signal_midway, wait_for_chunks)
+from helpers import (assert_same_output, moe_hpc, needs_mpiexec, progress_record, run_args, signal_midway,
+                     start_tagged, wait_for_chunks)
 
 
 def interrupt(args, ranks: int, output, signum) -> subprocess.CompletedProcess:
     """Start ``moe-hpc ARGS`` under mpiexec, signal mpiexec after 2 chunks; returns the result."""
     tag = uuid.uuid4().hex
-    proc = subprocess.Popen(moe_hpc_cmd(*args, ranks=ranks), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=rank_env(MOE_HPC_TEST_TAG=tag))
+    proc = start_tagged(*args, ranks=ranks, tag=tag)
     try:
         wait_for_chunks(output, 2, proc)
         signal_midway(tag, ranks, lambda: proc.send_signal(signum), signum)
