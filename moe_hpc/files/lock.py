@@ -58,6 +58,11 @@ def _alive(record: str) -> bool:
     return True
 
 
+def _record_of(fd: int) -> str:
+    """The holder record in an open lock file (a short text line)."""
+    return os.pread(fd, 512, 0).decode(errors="replace")
+
+
 def _held_error(output: Path, record: str, checked_by_record: bool = False) -> OutputError:
     path = lock_path_for(output)
     hint = (f"; if that job is known to be over, remove {path}" if checked_by_record else "")
@@ -77,9 +82,9 @@ def check_not_held(output: str | Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
     except BlockingIOError:
-        raise _held_error(output, os.pread(fd, 512, 0).decode(errors="replace")) from None
+        raise _held_error(output, _record_of(fd)) from None
     except OSError as exc:
-        record = os.pread(fd, 512, 0).decode(errors="replace")
+        record = _record_of(fd)
         if exc.errno in NO_FLOCK and _alive(record):
             raise _held_error(output, record, checked_by_record=True) from None
     finally:
@@ -105,17 +110,17 @@ class OutputLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            record = self._read(fd)
+            record = _record_of(fd)
             os.close(fd)
-            raise self._held(record) from None
+            raise _held_error(self.output, record) from None
         except OSError as exc:
             if exc.errno not in NO_FLOCK:
                 os.close(fd)
                 raise OutputError(f"{self.path}: cannot lock the output ({exc.strerror})") from None
-            record = self._read(fd)
+            record = _record_of(fd)
             if _alive(record):
                 os.close(fd)
-                raise self._held(record, checked_by_record=True) from None
+                raise _held_error(self.output, record, checked_by_record=True) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
         except FileNotFoundError:
@@ -130,13 +135,6 @@ class OutputLock:
             os.close(fd)
             raise OutputError(f"{self.path}: cannot write the lock record ({exc.strerror})") from None
         return fd
-
-    @staticmethod
-    def _read(fd: int) -> str:
-        return os.pread(fd, 512, 0).decode(errors="replace")
-
-    def _held(self, record: str, checked_by_record: bool = False) -> OutputError:
-        return _held_error(self.output, record, checked_by_record)
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (a waiting job then finds a fresh file)."""
