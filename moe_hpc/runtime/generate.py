@@ -19,12 +19,11 @@ import time
 
 import numpy as np
 
-from .. import __version__
 from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology
 from ..config.errors import ConfigError, InputError, MoeHpcError
 from ..config.roles import check_layout
-from ..files.batches import finalize_output, open_input
+from ..files.batches import open_input
 from ..files.generated import (FINISH_EOS, FINISH_LENGTH, FINISH_POSITIONS, create_generated,
                                generated_summary, read_generated, reopen_generated, write_generated)
 from ..files.lock import OutputLock
@@ -34,8 +33,8 @@ from ..model.blocks import CacheAt
 from ..model.sampling import SamplingParams, pick_tokens
 from .job import InputMeta, Job, check_outputs, check_setup, chunk_slice, sequence_range
 from .progress import ProgressLog, phase_summary
-from .resume import Progress, fingerprint, progress_path_for, resume_point, save_progress
-from .runner import JobScope, prepare_engine, stream_chunks
+from .resume import Progress, fingerprint, progress_path_for, publish_with_record, start_or_resume
+from .runner import JobScope, prepare_engine, provenance, stream_chunks
 
 
 def generate_config(cfg, log):
@@ -126,16 +125,10 @@ def write_text_completions(job: Job, text: TextPrompts) -> None:
 
 def _open_output(job: Job, meta: InputMeta, roles):
     """Rank 0: resume ``<output>.tmp`` if its record allows, else lay it out afresh -> Progress."""
-    m, N = job.cfg.model, job.cfg.generate.max_new_tokens
+    S, N = meta.num_sequences, job.cfg.generate.max_new_tokens
     fp = fingerprint(job.cfg, job.weights, job.input, roles) | {"eos": list(job.eos)}
-    chunks = len(meta.chunk_tokens)
-    progress = resume_point(job.output, fp, chunks, job.restart)
-    if progress is not None:
-        reopen_generated(job.output, meta.num_sequences, N)
-        return progress
-    create_generated(job.output, meta.num_sequences, N)
-    progress = Progress(fp, chunks, 0, np.zeros((m.num_moe_layers, m.num_experts), np.int64))
-    save_progress(job.output, progress)
+    _, progress = start_or_resume(job.output, fp, len(meta.chunk_tokens), job.restart, job.cfg.model,
+                                  lambda: create_generated(job.output, S, N), lambda: reopen_generated(job.output, S, N))
     return progress
 
 
@@ -318,9 +311,7 @@ def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_star
     times = world.gather(dict(engine.times.seconds), root=0)
     engine.close()
     done = on_rank0(world, generated_summary, job.output, debug=job.debug)
-    attrs = {"config": job.cfg.to_json(), "version": __version__, "ranks": topo.size, "roles": topo.describe(),
-             "placement": engine.placement.to_json(), "wall_time_s": time.perf_counter() - t_start,
-             "device": engine.backend.name, "eos_token_ids": list(job.eos)}
+    attrs = provenance(job, engine, time.perf_counter() - t_start) | {"eos_token_ids": list(job.eos)}
     if job.prompts is not None:
         on_rank0(world, write_text_completions, job, text, debug=job.debug)
     on_rank0(world, _finalize, job, stats, attrs, debug=job.debug)
@@ -343,8 +334,7 @@ def _finish(engine, job: Job, meta: InputMeta, progress: Progress, stats, t_star
 def _finalize(job: Job, stats, attrs) -> None:
     """Rank 0: stats and provenance, the rename, then the record and the tokenised prompts (the
     output is whole)."""
-    finalize_output(job.output, stats, attrs)
-    progress_path_for(job.output).unlink(missing_ok=True)
+    publish_with_record(job.output, stats, attrs)
     if job.prompts is not None:
         job.input.unlink(missing_ok=True)
 

@@ -27,6 +27,7 @@ from ..config.errors import MoeHpcError, OutputError, PeerFailed, ResumeError
 from ..config.roles import RoleLayout
 from ..config.run_config import Config
 from ..files.atomic import atomic_path, tmp_path_for
+from ..files.batches import finalize_output
 
 PROGRESS_FORMAT = "moe_hpc.progress/1"
 
@@ -101,6 +102,26 @@ def finished_chunks(output: str | Path) -> tuple[int, int] | None:
     except ResumeError:
         return None
     return (progress.chunks_done, progress.chunks_total) if progress.chunks_done else None
+
+
+def start_or_resume(output: str | Path, fp: dict, chunks_total: int, restart: bool, model, create, reopen):
+    """Rank 0: reopen the partial output when its record allows (``reopen()``), else lay it out
+    afresh (``create()``) and record 0 chunks done at once, so from here on it is resumable.
+    -> (what create or reopen returned, Progress)."""
+    progress = resume_point(output, fp, chunks_total, restart)
+    if progress is not None:
+        return reopen(), progress
+    made = create()
+    progress = Progress(fp, chunks_total, 0, np.zeros((model.num_moe_layers, model.num_experts), np.int64))
+    save_progress(output, progress)
+    return made, progress
+
+
+def publish_with_record(output: str | Path, stats, attrs: dict) -> None:
+    """Rank 0: statistics and provenance into ``<output>.tmp``, the rename, then the progress
+    record goes (after the rename: the output is whole)."""
+    finalize_output(output, stats, attrs)
+    progress_path_for(output).unlink(missing_ok=True)
 
 
 def discard_partial(output: str | Path) -> None:

@@ -22,8 +22,7 @@ from ..comm.failure import collective, on_rank0
 from ..comm.topology import build_topology
 from ..config.errors import Interrupted, MoeHpcError, OutputError
 from ..config.roles import RoleLayout, check_layout
-from ..files.batches import (OutputWriter, create_output, finalize_output, logprob_summary, open_input,
-                             reopen_output)
+from ..files.batches import OutputWriter, create_output, logprob_summary, open_input, reopen_output
 from ..files.checkpoint import Checkpoint
 from ..files.lock import OutputLock
 from ..moe.balance import REPORT_WINDOW, Balancer
@@ -33,28 +32,19 @@ from .engine import Engine
 from .job import InputMeta, Job, Preflight, check_setup, chunk_slice, preflight, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
 from .resume import (Progress, discard_partial, fingerprint, finished_chunks, kept_for_resume, progress_path_for,
-                     resume_point, save_progress)
+                     publish_with_record, save_progress, start_or_resume)
 from .signals import StopRequest, signal_name
 
 
 def _open_output(job: Job, meta: InputMeta, roles: RoleLayout):
     """Rank 0: resume ``<output>.tmp`` if its record allows, else lay it out afresh.
 
-    Returns (OutputLayout, Progress); a fresh start records 0 chunks done at once, so from here
-    on the partial output is resumable.
-    """
+    Returns (OutputLayout, Progress) (``resume.start_or_resume``)."""
     cfg = job.cfg
-    fp = fingerprint(cfg, job.weights, job.input, roles)
-    chunks = len(meta.chunk_tokens)
-    progress = resume_point(job.output, fp, chunks, job.restart)
     shape = (job.output, meta.num_sequences, meta.seq_len, cfg.model.hidden_size, cfg.run.output_dtype,
              cfg.model.vocab_size if cfg.run.logits else 0, cfg.run.logprobs)
-    if progress is not None:
-        return reopen_output(*shape), progress
-    layout = create_output(*shape)
-    progress = Progress(fp, chunks, 0, np.zeros((cfg.model.num_moe_layers, cfg.model.num_experts), np.int64))
-    save_progress(job.output, progress)
-    return layout, progress
+    return start_or_resume(job.output, fingerprint(cfg, job.weights, job.input, roles), len(meta.chunk_tokens),
+                           job.restart, cfg.model, lambda: create_output(*shape), lambda: reopen_output(*shape))
 
 
 def _passengers(job: Job, topo, backend, placement, log) -> dict:
@@ -162,9 +152,7 @@ def _finish(engine: Engine, job: Job, meta: InputMeta, progress: Progress, stats
     trace = router.trace.gather(world, topo.dense_world_ranks) if router.trace else None
     engine.close()
     wall = time.perf_counter() - t_start
-    attrs = {"config": job.cfg.to_json(), "version": __version__, "ranks": topo.size,
-             "roles": topo.describe(), "placement": engine.placement.to_json(),
-             "wall_time_s": wall, "device": engine.backend.name}
+    attrs = provenance(job, engine, wall)
     if router.balancer is not None:
         attrs["balance"] = router.balancer.report()
         if topo.rank == 0:
@@ -202,12 +190,18 @@ def _mean(values: list) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
+def provenance(job: Job, engine: Engine, wall_s: float) -> dict:
+    """The output's root attributes every job writes: what ran, where, and how long."""
+    topo = engine.topo
+    return {"config": job.cfg.to_json(), "version": __version__, "ranks": topo.size, "roles": topo.describe(),
+            "placement": engine.placement.to_json(), "wall_time_s": wall_s, "device": engine.backend.name}
+
+
 def _finalize(output: Path, stats: np.ndarray, attrs: dict, trace=None, trace_path=None) -> None:
     """Rank 0: the trace first, then the output, so the output appears only when all is done."""
     if trace is not None:
         write_trace(trace_path, trace)
-    finalize_output(output, stats, attrs)
-    progress_path_for(output).unlink(missing_ok=True)   # after the rename: the output is whole
+    publish_with_record(output, stats, attrs)
 
 
 def stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: Progress, rank_chunks=None,
@@ -318,4 +312,4 @@ def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits, 
         raise OutputError(f"{writer.layout.tmp_path}: cannot write sequences {s0}.. ({exc.strerror})") from None
 
 
-__all__ = ["run_job", "prepare_engine", "stream_chunks", "JobScope"]
+__all__ = ["run_job", "prepare_engine", "stream_chunks", "JobScope", "provenance"]
