@@ -53,19 +53,39 @@ def test_combine_kernel():
 
 
 @needs_gpu
-@pytest.mark.parametrize("kv, group, D, Dv", [(4, 1, 64, 64), (4, 2, 128, 128), (2, 3, 64, 32)])
+@pytest.mark.parametrize("kv, group, D, Dv", [(4, 1, 64, 64), (4, 2, 128, 128), (2, 8, 128, 128), (2, 1, 256, 256),
+                                              (2, 3, 64, 32)])
 @pytest.mark.parametrize("view", [False, True])
-def test_decode_attention_bf16_cublas_equals_the_fp32_path(kv, group, D, Dv, view):
-    """The cuBLAS decode (bf16 cache read in place, ragged ``last``) against the host's fp32 copy
-    path; ``view``: k and v are a slice of a longer cache, as ``KvCache.read`` gives them."""
+def test_decode_attention_on_the_gpu_equals_the_fp32_path(kv, group, D, Dv, view):
+    """The GPU decode (the fused kernel where it takes the shapes, cuBLAS for D != Dv) against
+    the host's fp32 path, ragged ``last``; ``view``: k and v are a slice of a longer cache, as
+    ``cached_attention`` passes them, and the sequences sit at scattered cache rows."""
+    from moe_hpc.device.kernels_cuda import fused_decode_supports
     from moe_hpc.model.attention import decode_attention
     S, Lk, scale = 3, 37, D ** -0.5
-    positions = Lk + 11 * view
-    q, k, v = bf((S, 1, kv * group, D)), bf((S, positions, kv, D)), bf((S, positions, kv, Dv))
-    last = np.array([36, 0, 20])
-    want = decode_attention(q, k[:, :Lk], v[:, :Lk], last, scale, np)
-    got = decode_attention(cp.asarray(q), cp.asarray(k)[:, :Lk], cp.asarray(v)[:, :Lk], cp.asarray(last), scale, cp)
+    positions, cache_rows = Lk + 11 * view, S + 2 * view
+    q, k, v = bf((S, 1, kv * group, D)), bf((cache_rows, positions, kv, D)), bf((cache_rows, positions, kv, Dv))
+    last, rows = np.array([36, 0, 20]), (np.array([4, 0, 2]) if view else None)
+    want = decode_attention(q, k[:, :Lk], v[:, :Lk], last, scale, np, rows=rows)
+    kd, vd = cp.asarray(k)[:, :Lk], cp.asarray(v)[:, :Lk]
+    assert fused_decode_supports(q, kd, vd) == (D == Dv)
+    got = decode_attention(cp.asarray(q), kd, vd, cp.asarray(last), scale, cp, rows=rows)
     assert got.shape == want.shape == (S, 1, kv * group * Dv) and got.dtype == BF16
+    assert rel(cp.asnumpy(got).astype(np.float32), want.astype(np.float32)) < 1e-2
+
+
+@needs_gpu
+def test_fused_decode_attention_splits_long_caches():
+    """Few sequences over a long cache: the positions split over blocks and merge (the second
+    kernel); a sequence that has seen one position and one that has seen them all."""
+    from moe_hpc.device.kernels_cuda import _decode_splits, fused_decode_attention
+    from moe_hpc.model.attention import decode_attention
+    S, kv, group, D, Lk = 2, 2, 4, 128, 5000
+    assert _decode_splits(S * kv, Lk) > 1
+    q, k, v = bf((S, 1, kv * group, D)), bf((S, Lk, kv, D)), bf((S, Lk, kv, D))
+    last = np.array([Lk - 1, 0])
+    want = decode_attention(q, k, v, last, D ** -0.5, np)
+    got = fused_decode_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(last), D ** -0.5)
     assert rel(cp.asnumpy(got).astype(np.float32), want.astype(np.float32)) < 1e-2
 
 

@@ -447,6 +447,178 @@ def decode_attention_bf16(q, k, v, last, scale: float):
     return (out / total).astype(BF16).reshape(S, 1, nh * Dv)
 
 
+# ---------------------------------------------------------------- fused decode attention
+# One kernel reads each sequence's cache once (flash decoding): a block per (sequence, kv head,
+# split of the positions) holds the kv head's G query heads in registers; each group of D/8
+# lanes takes one position at a time (a 16-byte load of its k row and of its v row), so the
+# block streams the cache with no score ever written to memory. Scores are kept in the log2
+# domain (scale * log2 e folded into q) with an fp32 online softmax per group, merged across the
+# block's groups in shared memory and, where the positions are split over blocks (few sequences
+# and heads, long caches), across the splits by a second small kernel.
+_DECODE_THREADS = 128
+_DECODE_SRC = r"""
+#define G {G}
+#define D {D}
+#define LANES (D / 8)
+#define NEG_INF __int_as_float(0xff800000)
+#define GROUPS ({threads} / LANES)
+__device__ __forceinline__ void unpack8(uint4 r, float* f) {{
+    const unsigned int w[4] = {{r.x, r.y, r.z, r.w}};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {{ f[2 * i] = __uint_as_float(w[i] << 16); f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }}
+}}
+extern "C" __global__ void __launch_bounds__({threads})
+moe_decode_attention(const unsigned short* __restrict__ q,
+                     const unsigned short* __restrict__ k, long long ks, long long kp, long long kh,
+                     const unsigned short* __restrict__ v, long long vs, long long vp, long long vh,
+                     const long long* __restrict__ seq_rows, const long long* __restrict__ last,
+                     int kv, int splits, long long chunk, float scale_log2,
+                     unsigned short* __restrict__ out, float* __restrict__ part) {{
+    __shared__ float sm_m[GROUPS][G], sm_l[GROUPS][G], sm_acc[GROUPS * G * D];
+    const int split = blockIdx.x % splits, h = (blockIdx.x / splits) % kv;
+    const long long b = blockIdx.x / splits / kv;               // the batch entry
+    const long long s = seq_rows ? seq_rows[b] : b;             // its cache row
+    const int grp = threadIdx.x / LANES, lane = threadIdx.x % LANES;
+    const long long n = last[b] + 1, p0 = split * chunk, p1 = min(n, p0 + chunk);
+    float qf[G][8], m[G], l[G], acc[G][8];
+    #pragma unroll
+    for (int g = 0; g < G; ++g) {{
+        unpack8(*(const uint4*)(q + ((b * kv + h) * G + g) * D + lane * 8), qf[g]);
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) {{ qf[g][i] *= scale_log2; acc[g][i] = 0.0f; }}
+        m[g] = NEG_INF; l[g] = 0.0f;
+    }}
+    const unsigned short* kb = k + s * ks + h * kh + lane * 8;
+    const unsigned short* vb = v + s * vs + h * vh + lane * 8;
+    // every lane of a warp runs the same trips (the shuffles need them all); a group past the
+    // end computes on nothing and keeps its state
+    for (long long base = p0; base < p1; base += 2 * GROUPS) {{
+        const long long pa = base + grp, pb = pa + GROUPS;
+        const bool va = pa < p1, vb_ = pb < p1;
+        uint4 ka = make_uint4(0, 0, 0, 0), kb2 = ka, xa = ka, xb = ka;
+        if (va) {{ ka = *(const uint4*)(kb + pa * kp); xa = *(const uint4*)(vb + pa * vp); }}
+        if (vb_) {{ kb2 = *(const uint4*)(kb + pb * kp); xb = *(const uint4*)(vb + pb * vp); }}
+        float kfa[8], kfb[8], vfa[8], vfb[8];
+        unpack8(ka, kfa); unpack8(kb2, kfb); unpack8(xa, vfa); unpack8(xb, vfb);
+        #pragma unroll
+        for (int g = 0; g < G; ++g) {{
+            float sa = 0.0f, sb = 0.0f;
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) {{ sa += qf[g][i] * kfa[i]; sb += qf[g][i] * kfb[i]; }}
+            #pragma unroll
+            for (int off = LANES / 2; off > 0; off >>= 1) {{
+                sa += __shfl_xor_sync(0xffffffffu, sa, off);
+                sb += __shfl_xor_sync(0xffffffffu, sb, off);
+            }}
+            sa = va ? sa : NEG_INF; sb = vb_ ? sb : NEG_INF;
+            const float top = fmaxf(m[g], fmaxf(sa, sb));
+            if (top == NEG_INF) continue;                     // nothing seen yet, nothing now
+            const float c = exp2f(m[g] - top), ea = exp2f(sa - top), eb = exp2f(sb - top);
+            l[g] = l[g] * c + ea + eb;
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g][i] = acc[g][i] * c + ea * vfa[i] + eb * vfb[i];
+            m[g] = top;
+        }}
+    }}
+    #pragma unroll
+    for (int g = 0; g < G; ++g) {{
+        if (lane == 0) {{ sm_m[grp][g] = m[g]; sm_l[grp][g] = l[g]; }}
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) sm_acc[(grp * G + g) * D + lane * 8 + i] = acc[g][i];
+    }}
+    __syncthreads();
+    for (int t = threadIdx.x; t < G * D; t += {threads}) {{
+        const int g = t / D, d = t % D;
+        float top = NEG_INF, sum = 0.0f, o = 0.0f;
+        for (int r = 0; r < GROUPS; ++r) top = fmaxf(top, sm_m[r][g]);
+        if (top != NEG_INF)
+            for (int r = 0; r < GROUPS; ++r) {{
+                const float f = exp2f(sm_m[r][g] - top);
+                sum += sm_l[r][g] * f;
+                o += sm_acc[(r * G + g) * D + d] * f;
+            }}
+        const long long row = (b * kv + h) * G + g;
+        if (splits == 1) {{
+            out[row * D + d] = f2bf(sum > 0.0f ? o / sum : 0.0f);
+        }} else {{
+            float* pp = part + (row * splits + split) * (D + 2);
+            pp[d] = o;
+            if (d == 0) {{ pp[D] = top; pp[D + 1] = sum; }}
+        }}
+    }}
+}}
+extern "C" __global__ void moe_decode_attention_merge(const float* __restrict__ part, int splits,
+                                                      unsigned short* __restrict__ out) {{
+    // one block per (batch entry, query head): the splits' partial softmaxes -> the output
+    const long long row = blockIdx.x;
+    const float* pp = part + row * splits * (D + 2);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {{
+        float top = NEG_INF, sum = 0.0f, o = 0.0f;
+        for (int r = 0; r < splits; ++r) top = fmaxf(top, pp[r * (D + 2) + D]);
+        if (top != NEG_INF)
+            for (int r = 0; r < splits; ++r) {{
+                const float f = exp2f(pp[r * (D + 2) + D] - top);
+                sum += pp[r * (D + 2) + D + 1] * f;
+                o += pp[r * (D + 2) + d] * f;
+            }}
+        out[row * D + d] = f2bf(sum > 0.0f ? o / sum : 0.0f);
+    }}
+}}
+"""
+_DECODE_MAX_GROUP = 8              # query heads per kv head held in registers
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_module(group: int, D: int):
+    return cp.RawModule(code=_BF16_HELPERS + _DECODE_SRC.format(G=group, D=D, threads=_DECODE_THREADS),
+                        options=("-std=c++14",))
+
+
+def fused_decode_supports(q, k, v) -> bool:
+    """Whether ``fused_decode_attention`` takes these shapes: equal k and v head widths of 64,
+    128 or 256 (a row is D/8 lanes of 16-byte loads), at most 8 query heads per kv head, and
+    16-byte aligned rows (strides in whole 8-element vectors)."""
+    D, kv, nh = k.shape[3], k.shape[2], q.shape[2]
+    aligned = all(st % 16 == 0 for x in (k, v) for st in x.strides[:3]) and \
+        all(x.data.ptr % 16 == 0 for x in (k, v)) and k.strides[3] == v.strides[3] == 2
+    return D == v.shape[3] and D in (64, 128, 256) and nh % kv == 0 and nh // kv <= _DECODE_MAX_GROUP and aligned
+
+
+def _decode_splits(blocks: int, positions: int) -> int:
+    """Position splits per (sequence, kv head): enough blocks for two waves over the SMs, never
+    a split of fewer than 256 positions."""
+    want = -(-2 * _sm_count(cp.cuda.Device().id) // max(blocks, 1))
+    return max(1, min(want, positions // 256))
+
+
+def fused_decode_attention(q, k, v, last, scale: float, rows=None):
+    """``model.attention.decode_attention`` in one pass over the cache (see above). q: [B, 1, nh,
+    D]; k, v: [S, Lk, kv, D] bf16 cache parts (any sequence and position strides); last: [B]
+    ints; rows: [B] the cache row of each batch entry (None: entry b is row b) -> [B, 1, nh D]
+    bf16. Scores, softmax and output accumulate in fp32; nothing is rounded before the output."""
+    B, _, nh, D = q.shape
+    Lk, kv = k.shape[1], k.shape[2]
+    out = cp.empty((B, 1, nh * D), BF16)
+    if B == 0:
+        return out
+    q = cp.ascontiguousarray(q)
+    last = cp.ascontiguousarray(cp.asarray(last), dtype=cp.int64)
+    rows = None if rows is None else cp.ascontiguousarray(cp.asarray(rows), dtype=cp.int64)
+    splits = _decode_splits(B * kv, Lk)
+    chunk = -(-Lk // splits)
+    part = cp.empty((B * nh, splits, D + 2), cp.float32) if splits > 1 else None
+    module = _decode_module(nh // kv, D)
+    st = [x // 2 for x in k.strides[:3]], [x // 2 for x in v.strides[:3]]
+    module.get_function("moe_decode_attention")(
+        (B * kv * splits,), (_DECODE_THREADS,),
+        (_u16(q), _u16(k), *map(np.int64, st[0]), _u16(v), *map(np.int64, st[1]),
+         rows if rows is not None else np.uint64(0), last, np.int32(kv), np.int32(splits), np.int64(chunk),
+         np.float32(scale * 1.4426950408889634), _u16(out), part if part is not None else np.uint64(0)))
+    if part is not None:
+        module.get_function("moe_decode_attention_merge")((B * nh,), (min(D, 128),), (part, np.int32(splits), _u16(out)))
+    return out
+
+
 def _bias_act(h, b1, kind: str, rows_per_slot: int) -> None:
     """h: [..., F] bf16 (a strided view too), in place; slot i / (rows_per_slot F) takes b1[slot]."""
     F = h.shape[-1]

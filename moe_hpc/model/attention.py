@@ -72,24 +72,34 @@ def cached_attention(a, w, cfg, cache, at, block: int, xp=np, reduce=None):
         q, k, v = project_qkv(a, w, cfg, xp)
         q, keys = apply_rope(q, cos, sin, xp), (apply_rope(k, cos, sin, xp), v)
     cache.put(at.rows, at.start, keys)
-    if L == 1:
-        keys = cache.read(at.rows, int(at.start.max()) + 1)
-    k, v = mla_expand(*keys, w, cfg, xp) if cfg.mla else keys
-    if L == 1:
-        o = decode_attention(q, k, v, xp.asarray(at.start), softmax_scale(cfg), xp)
-    else:
+    if L > 1:
+        k, v = mla_expand(*keys, w, cfg, xp) if cfg.mla else keys
         o = tiled_attention(q, k, v, softmax_scale(cfg), block, xp)
+    elif cfg.mla:           # the latent expands per step: only the rows' positions so far
+        k, v = mla_expand(*cache.read(at.rows, int(at.start.max()) + 1), w, cfg, xp)
+        o = decode_attention(q, k, v, xp.asarray(at.start), softmax_scale(cfg), xp)
+    else:                   # the cache itself, its rows picked inside (no gathered copy)
+        k, v = (part[:, :int(at.start.max()) + 1] for part in cache.parts)
+        o = decode_attention(q, k, v, xp.asarray(at.start), softmax_scale(cfg), xp, rows=at.rows)
     return _project_out(o, w, xp, reduce)
 
 
-def decode_attention(q, k, v, last, scale: float, xp):
-    """One new position per sequence over its cached keys. q: [S, 1, nh, D], k: [S, Lk, kv, D],
-    v: [S, Lk, kv, Dv] bf16; last: [S] ints, sequence s sees keys 0..last[s] -> [S, 1, nh Dv] bf16.
-    On the GPU cuBLAS reads the bf16 cache once (``kernels_cuda.decode_attention_bf16``); the fp32
-    copies below are the host's (and the reference's) way."""
+def decode_attention(q, k, v, last, scale: float, xp, rows=None):
+    """One new position per sequence over its cached keys. q: [S, 1, nh, D], k: [Sc, Lk, kv, D],
+    v: [Sc, Lk, kv, Dv] bf16; rows: [S] host ints, the cache row of each sequence (None: row s
+    is sequence s); last: [S] ints, sequence s sees keys 0..last[s] -> [S, 1, nh Dv] bf16.
+    On the GPU one fused kernel reads each row's cache once where it supports the shapes
+    (``kernels_cuda.fused_decode_attention``), cuBLAS GEMMs over the bf16 cache elsewhere
+    (``decode_attention_bf16``); the fp32 copies below are the host's (and the reference's) way."""
     if xp is not np:
-        from ..device.kernels_cuda import decode_attention_bf16
-        return decode_attention_bf16(q, k, v, last, scale)
+        from ..device import kernels_cuda
+        if kernels_cuda.fused_decode_supports(q, k, v):
+            return kernels_cuda.fused_decode_attention(q, k, v, last, scale, rows)
+        if rows is not None:
+            k, v = k[xp.asarray(rows)], v[xp.asarray(rows)]
+        return kernels_cuda.decode_attention_bf16(q, k, v, last, scale)
+    if rows is not None:
+        k, v = k[rows], v[rows]
     S, _, nh, D = q.shape
     Lk, nkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     q32 = q.astype(F32).reshape(S, nkv, nh // nkv, D) * F32.type(scale)

@@ -104,6 +104,7 @@ def bench_decode(engine, args, cp) -> dict:
         times.append(cp.cuda.get_elapsed_time(start, end) * 1e-3)
         tokens = out.argmax(axis=1)
     step_s = agree_max(topo.world, statistics.median(times[args.warmup:]))
+    phases = profiled_step(engine, tokens, rows, s0, P, L + N - 2, cp)
     timed = range(args.warmup, N - 1)
     positions = L + statistics.mean(timed) + 1      # step i reads positions 0..L+i
     hbm = (datasheet_for(engine.backend.device_name()) or DATASHEET["H200"])[1]
@@ -115,7 +116,25 @@ def bench_decode(engine, args, cp) -> dict:
             "tokens_per_s_per_gpu": B / step_s, "kv_cache_gib": kv_bytes / 2 ** 30, "prefill_ms": prefill_s * 1e3,
             "prefill_tokens_per_s_per_gpu": B * L / prefill_s, "hbm_tb_s": hbm, "experts_per_moe_block": experts,
             "roofline_weight_gb": roof["weight_bytes"] / 1e9, "roofline_kv_read_gb": roof["kv_read_bytes"] / 1e9,
+            "profiled_step_phases_ms_rank0": phases,
             "peak_pool_gib": agree_max(topo.world, cp.get_default_memory_pool().total_bytes()) / 2 ** 30}
+
+
+def profiled_step(engine, tokens, rows, s0: int, P: int, last: int, cp) -> dict:
+    """One more decode step (at the last timed position again: it overwrites that cache entry)
+    with each phase waiting for its own GPU work -> milliseconds per phase (``PhaseTimes``): where
+    the step's time goes, at the cost of the overlap the timed steps have."""
+    times = engine.times
+    saved, times.seconds = times.seconds, type(times.seconds)(float)
+    times.sync = cp.cuda.Device().synchronize
+    pos = np.full(len(rows), last, np.int64)
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    engine.forward_cached(tokens[:, None], np.ones(len(rows), np.int64), CacheAt(rows, pos),
+                          ((s0 + rows) * P + pos)[:, None])
+    total = time.perf_counter() - t0
+    times.sync, phases, times.seconds = None, times.seconds, saved
+    return {name: round(sec * 1e3, 3) for name, sec in phases.items()} | {"total": round(total * 1e3, 3)}
 
 
 def decode_rows(d: dict) -> list[tuple[str, str]]:
@@ -126,8 +145,10 @@ def decode_rows(d: dict) -> list[tuple[str, str]]:
              f"{d['step_ms']:.2f} / {d['roofline_ms']:.2f} ({d['ratio']:.2f}x at {d['hbm_tb_s']} TB/s)"),
             ("decode: tokens/s per GPU", f"{d['tokens_per_s_per_gpu']:.4g}"),
             ("decode: KV cache GiB, prefill ms", f"{d['kv_cache_gib']:.1f}, {d['prefill_ms']:.0f}"),
-            ("decode: peak pool GiB", f"{d['peak_pool_gib']:.1f}")]
+            ("decode: peak pool GiB", f"{d['peak_pool_gib']:.1f}"),
+            ("decode: one profiled step, ms by phase", ", ".join(f"{k} {v:.2f}" for k, v in
+                                                               d["profiled_step_phases_ms_rank0"].items()))]
 
 
 __all__ = ["add_decode_arguments", "check_decode_arguments", "decode_overrides", "decode_roofline",
-           "touched_experts_bound", "bench_decode", "decode_rows", "DECODE_VOCAB"]
+           "touched_experts_bound", "bench_decode", "profiled_step", "decode_rows", "DECODE_VOCAB"]
