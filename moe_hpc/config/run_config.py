@@ -143,6 +143,7 @@ class RunConfig:
     chunk_sequences: int = checked(64, AT_LEAST_1)       # sequences a dense rank reads, computes and writes at once
     attention_block: int = checked(512, AT_LEAST_1)      # query rows per attention block (bounds score memory)
     attention: str = "auto"         # auto | cudnn | tiles: the GPU's attention core (the CPU tiles)
+    cuda_graphs: bool = True        # one-rank GPU decode steps replay a CUDA graph per batch size
     pipeline_waves: int = checked(1, AT_LEAST_1)         # >1: waves of sequences flow through the blocks one step apart
     device: str = "cpu"             # cpu | gpu | auto
     output_dtype: str = "bfloat16"  # dtype of /hidden in the output file

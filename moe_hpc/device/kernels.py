@@ -172,6 +172,36 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     return out
 
 
+def static_dispatch(experts, capacity: int, num_experts: int):
+    """Fixed-shape routing of one small step (a decode step's tokens), with no count on the
+    host: experts [T, k] int ids < num_experts -> (dst [T, k] int64: choice (t, j)'s row
+    e * capacity + (its rank among e's choices, in (t, j) order), src [T k] int64: its token t).
+    Needs capacity >= T (no expert gets more than T choices)."""
+    if not _on_host(experts):
+        return _cuda().static_dispatch(experts, capacity, num_experts)
+    flat = np.asarray(experts, np.int64).reshape(-1)
+    seen = np.zeros(num_experts, np.int64)
+    dst = np.empty_like(flat)
+    for i, e in enumerate(flat.tolist()):
+        dst[i], seen[e] = e * capacity + seen[e], seen[e] + 1
+    return dst.reshape(experts.shape), np.arange(flat.size) // experts.shape[1]
+
+
+def padded_expert_mlp(x, w1, b1, w2, kind: str):
+    """Every slot's expert over all its C = x.shape[0] / S rows, used or not (fixed shapes: one
+    strided-batched GEMM pair on the GPU). x: [S*C, H] bf16; w1 [S, H, F]; b1 [S, F] | None;
+    w2 [S, F, H] -> [S*C, H] bf16, no output bias."""
+    if not _on_host(x):
+        return _cuda().padded_expert_mlp(x, w1, b1, w2, kind)
+    S = w1.shape[0]
+    C = x.shape[0] // S
+    out = np.empty((x.shape[0], w2.shape[2]), BF16)
+    for s in range(S):
+        rows = slice(s * C, (s + 1) * C)
+        expert_mlp(x[rows], w1[s], None if b1 is None else b1[s], w2[s], kind, out=out[rows])
+    return out
+
+
 def combine(rows, positions, weights, experts=None, b2=None, out=None):
     """Weighted sum of each token's k expert outputs, in choice order (split-independent).
 
@@ -317,5 +347,6 @@ def activation(h32, kind: str, xp=np):
 
 
 __all__ = ["take_rows", "put_rows", "topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine",
+           "static_dispatch", "padded_expert_mlp",
            "dispatch_plan", "permute_blocks", "gate_topk", "count_into", "choice_counts", "set_expert_gemm_carveout",
            "activation", "add_rmsnorm", "rope_heads", "add_rows"]

@@ -742,6 +742,44 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     return out
 
 
+_STATIC_DISPATCH = cp.RawKernel(r"""
+extern "C" __global__ void moe_static_dispatch(const int* experts, int n, int k, long long capacity,
+                                               int num_experts, long long* dst, long long* src) {
+    // one block: choice i's place among its expert's choices, in order (one thread walks the
+    // few choices of a decode step; the order, and so every row's place, is deterministic)
+    extern __shared__ int seen[];
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) seen[e] = 0;
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int i = 0; i < n; ++i) { const int e = experts[i]; dst[i] = e * capacity + seen[e]++; }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) src[i] = i / k;
+}
+""", "moe_static_dispatch")
+
+
+def static_dispatch(experts, capacity: int, num_experts: int):
+    """See ``kernels.static_dispatch``: one single-block launch, nothing read back."""
+    T, k = experts.shape
+    dst, src = cp.empty((T, k), cp.int64), cp.empty(T * k, cp.int64)
+    if T:
+        _STATIC_DISPATCH((1,), (256,), (cp.ascontiguousarray(experts, dtype=cp.int32), np.int32(T * k), np.int32(k),
+                                        np.int64(capacity), np.int32(num_experts), dst, src),
+                         shared_mem=4 * num_experts)
+    return dst, src
+
+
+def padded_expert_mlp(x, w1, b1, w2, kind: str):
+    """See ``kernels.padded_expert_mlp``: one strided-batched GEMM per product over every slot."""
+    S = w1.shape[0]
+    hidden = cp.empty((x.shape[0], w1.shape[2]), BF16)
+    out = cp.empty((x.shape[0], w2.shape[2]), BF16)
+    C = x.shape[0] // S
+    _batched_gemm(x, w1, hidden, S)
+    _activate(hidden, b1, kind, S, C, C)
+    _batched_gemm(hidden, w2, out, S)
+    return out
+
+
 def _activate(h, b1, kind: str, slots: int, rows: int, stride: int) -> None:
     """In place on the first ``rows`` rows of each of ``slots`` slots of ``stride`` rows in h:
     bias + activation, or for a gated kind act(gate + b) * (up + b) into the first half."""

@@ -63,6 +63,8 @@ def cached_attention(a, w, cfg, cache, at, block: int, xp=np, reduce=None):
     over the cache up to its own position -> [S, L, H] bf16, equal to ``attention`` over the
     whole sequence so far up to bf16 rounding."""
     S, L, _ = a.shape
+    if L == 1 and not cfg.mla:
+        return _project_out(decode_step_attention(a, w, cfg, cache, at, xp), w, xp, reduce)
     positions = xp.asarray(at.start[:, None] + np.arange(L))            # [S, L]
     cos, sin = (t[positions] for t in cache.rope)
     if cfg.mla:
@@ -75,13 +77,23 @@ def cached_attention(a, w, cfg, cache, at, block: int, xp=np, reduce=None):
     if L > 1:
         k, v = mla_expand(*keys, w, cfg, xp) if cfg.mla else keys
         o = tiled_attention(q, k, v, softmax_scale(cfg), block, xp)
-    elif cfg.mla:           # the latent expands per step: only the rows' positions so far
+    else:                   # MLA's latent expands per step: only the rows' positions so far
         k, v = mla_expand(*cache.read(at.rows, int(at.start.max()) + 1), w, cfg, xp)
         o = decode_attention(q, k, v, xp.asarray(at.start), softmax_scale(cfg), xp)
-    else:                   # the cache itself, its rows picked inside (no gathered copy)
-        k, v = (part[:, :int(at.start.max()) + 1] for part in cache.parts)
-        o = decode_attention(q, k, v, xp.asarray(at.start), softmax_scale(cfg), xp, rows=at.rows)
     return _project_out(o, w, xp, reduce)
+
+
+def decode_step_attention(a, w, cfg, cache, at, xp=np):
+    """A decode step's attention core (MHA/GQA): a [S, 1, H] bf16 normed input; at.rows and
+    at.start [S] host or device ints -> [S, 1, nh D] bf16. Nothing here reads the device from
+    the host, so a CUDA graph can capture it: the new key goes in by a row copy and the
+    attention reads the whole cache, each sequence only up to its own position."""
+    rows, pos = xp.asarray(at.rows), xp.asarray(at.start)
+    cos, sin = (t[pos[:, None]] for t in cache.rope)                   # [S, 1, D/2]
+    q, k, v = project_qkv(a, w, cfg, xp)
+    q, k = apply_rope(q, cos, sin, xp), apply_rope(k, cos, sin, xp)
+    cache.put_step(rows, pos, (k, v))
+    return decode_attention(q, *cache.parts, pos, softmax_scale(cfg), xp, rows=rows)
 
 
 def decode_attention(q, k, v, last, scale: float, xp, rows=None):
@@ -98,8 +110,9 @@ def decode_attention(q, k, v, last, scale: float, xp, rows=None):
         if rows is not None:
             k, v = k[xp.asarray(rows)], v[xp.asarray(rows)]
         return kernels_cuda.decode_attention_bf16(q, k, v, last, scale)
-    if rows is not None:
-        k, v = k[rows], v[rows]
+    n = int(np.max(last)) + 1 if len(last) else 0       # the host reads only the positions seen
+    k, v = (k, v) if rows is None else (k[rows], v[rows])
+    k, v = k[:, :n], v[:, :n]
     S, _, nh, D = q.shape
     Lk, nkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     q32 = q.astype(F32).reshape(S, nkv, nh // nkv, D) * F32.type(scale)
@@ -208,4 +221,4 @@ def _query_block(q, k, v, q0: int, block: int, xp):
     return (acc / norm).astype(BF16)
 
 
-__all__ = ["attention", "cached_attention", "decode_attention", "choose_attention", "fuse_qkv", "tiled_attention"]
+__all__ = ["attention", "cached_attention", "decode_step_attention", "decode_attention", "choose_attention", "fuse_qkv", "tiled_attention"]

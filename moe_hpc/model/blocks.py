@@ -15,7 +15,7 @@ import numpy as np
 
 from ..device.backend import matmul_bf16, words
 from ..device.dtypes import BF16
-from ..device.kernels import add_rmsnorm, matmul_f32out, take_rows
+from ..device.kernels import add_rmsnorm, matmul_f32out, put_rows, take_rows
 from .attention import attention, cached_attention
 from .layers import mlp, rope_tables, token_logprobs
 from .mla import rope_table
@@ -24,8 +24,9 @@ from .mla import rope_table
 @dataclass(frozen=True)
 class CacheAt:
     """Where a forward pass meets the KV cache: its sequences' cache rows [s] and the position of
-    each one's first input position [s] (host int64: 0 in the prefill, the sequence's length so
-    far in a decode step)."""
+    each one's first input position [s] (int64: 0 in the prefill, the sequence's length so far
+    in a decode step). Host arrays, or device arrays for a decode step (one position each) that
+    must not touch the host (a captured CUDA graph's)."""
     rows: np.ndarray
     start: np.ndarray
 
@@ -57,6 +58,15 @@ class KvCache:
         at = self.xp.asarray(rows[:, None]), self.xp.asarray(start[:, None] + np.arange(L))
         for part, value in zip(self.parts, values):
             part[at] = value
+
+    def put_step(self, rows, positions, values) -> None:
+        """A decode step's keys: values per part [s, 1, ...] -> the cache at (rows[i],
+        positions[i]); rows and positions [s] ints where the cache lives (a row copy, no host
+        work: the step may be a captured graph)."""
+        S, P = self.shape
+        at = rows * P + positions
+        for part, value in zip(self.parts, values):
+            put_rows(part.reshape(S * P, -1), at, value.reshape(value.shape[0], -1))
 
     def read(self, rows: np.ndarray, length: int):
         """The parts of cache rows ``rows`` (ascending) at positions 0..length-1: [s, length, ...]
@@ -148,9 +158,12 @@ class OutputHead:
         """x: [s, L, H] bf16 residual stream; positions: [s] host ints -> fp32 logits [s, V] on the
         host at each sequence's ``positions`` (final norm, then the LM head, never rounded to bf16)."""
         s, L, H = x.shape
-        rows = take_rows(x.reshape(-1, H), self.xp.asarray(np.arange(s) * L + positions))
-        out = add_rmsnorm(rows, None, self.final_norm, self.model.norm_eps)
-        return self.backend.to_host(matmul_f32out(out, self.lm_head))
+        return self.backend.to_host(self.logits_of(take_rows(x.reshape(-1, H),
+                                                             self.xp.asarray(np.arange(s) * L + positions))))
+
+    def logits_of(self, rows):
+        """rows: [n, H] bf16 of the residual stream -> fp32 logits [n, V] where they live."""
+        return matmul_f32out(add_rmsnorm(rows, None, self.final_norm, self.model.norm_eps), self.lm_head)
 
     def logprobs(self, out, tokens: np.ndarray, lengths: np.ndarray, rows_per_step: int = 1024):
         """out: [s, L, H] bf16 final hidden states; tokens: [s, L] host ints -> [s, L] float32

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..device.dtypes import BF16, F32
 from ..device.kernels import combine as combine_rows
-from ..device.kernels import take_rows
+from ..device.kernels import padded_expert_mlp, put_rows, static_dispatch, take_rows
 from ..model.layers import shared_expert
 from .dispatch import dispatch_layout, micro_batch_count, plan_dispatch
 from .expert_tp import tensor_parallel_experts
@@ -79,6 +79,35 @@ class MoeLayer:
     def serve(self, layers) -> None:
         """An expert-only rank's part of one exchange step over ``layers``: no tokens of its own."""
         self._routed([(layer, self.empty_rows(), self._no_ids()) for layer in layers])
+
+    @property
+    def fixed_shape_ok(self) -> bool:
+        """Whether ``fixed_shape_step`` can run here: one rank hosting every expert of every
+        block in flat id order, no expert TP, no dense-TP group, no run-time balancer or trace
+        (those route through the host)."""
+        m = self.model
+        return (self.comm.Get_size() == 1 and self.tp is None and self.dense_group is None
+                and self.router.balancer is None and self.router.trace is None
+                and self.experts.ids == list(range(m.num_moe_layers * m.num_experts)))
+
+    def fixed_shape_step(self, layer: int, h):
+        """Block ``layer``'s MoE output for a small step's tokens h [T, H] bf16 (a decode step on
+        one rank) with no host round trip, so a CUDA graph can capture it: every expert of the
+        block runs over T rows (its choices first, the rest zeros), the shapes fixed by T alone.
+        Costs T / top_k times the rows of the exact path, which leaves a decode step (T <= 128)
+        bound by reading the expert weights all the same."""
+        m, xp = self.model, self.xp
+        T, E = h.shape[0], m.num_experts
+        flat, weights, _ = self.router._route_part(layer, h, None)
+        s0 = (layer - m.first_dense_layers) * E                  # the block's first slot
+        dst, src = static_dispatch(flat - s0, T, E)
+        rows = xp.zeros((E * T, m.hidden_size), BF16)
+        put_rows(rows, dst.reshape(-1), take_rows(h, src))
+        w1, b1, w2 = self.experts.stacked
+        out = padded_expert_mlp(rows, w1[s0:s0 + E], None if b1 is None else b1[s0:s0 + E], w2[s0:s0 + E],
+                                self.experts.activation)
+        f = combine_rows(out, dst, weights, flat, self.expert_b2)
+        return self._with_shared(layer, h, f)
 
     def micro_batches(self, rows: int) -> int:
         """Collective over the exchange: the step's micro-batch count for ``rows`` tokens here."""

@@ -50,6 +50,7 @@ class Engine:
         self.cfg, self.topo, self.backend, self.xp, self.placement = cfg, topo, backend, backend.xp, placement
         self.wiring, self.attention, self.mlps, self.moe = wiring, attention, mlps, moe
         self.embedding, self.head, self.link, self.blocks, self.times = embedding, head, link, blocks, times
+        self.graphs = None                   # decode_graph.DecodeGraphs once a cache opens where they may run
         stage = topo.stage if topo.is_dense else 0
         self.first_stage, self.last_stage = stage == 0, stage == topo.roles.dense_stages - 1
 
@@ -76,8 +77,37 @@ class Engine:
         return self._final(x, valid) if self.last_stage else (None, None)
 
     def open_cache(self, sequences: int, positions: int) -> int:
-        """Every attention block's KV cache for a group of sequences (generation) -> its bytes."""
+        """Every attention block's KV cache for a group of sequences (generation) -> its bytes.
+        Captured decode graphs hold the old cache's addresses: they go."""
+        if self.graphs is not None:
+            self.graphs.clear()
+        elif self.can_capture_decode:
+            from .decode_graph import DecodeGraphs
+            self.graphs = DecodeGraphs(self, self.xp)
         return sum(block.allocate(sequences, positions).nbytes for block in self.attention.values())
+
+    @property
+    def can_capture_decode(self) -> bool:
+        """Whether decode steps may replay CUDA graphs (``run.cuda_graphs``): one GPU rank with
+        every block, MHA/GQA attention, experts that run at fixed shapes."""
+        cfg = self.cfg
+        return (cfg.run.cuda_graphs and self.xp is not np and self.topo.size == 1 and self.first_stage
+                and self.last_stage and self.link is None and cfg.run.pipeline_waves == 1 and not cfg.model.mla
+                and (cfg.model.num_moe_layers == 0 or self.moe.fixed_shape_ok))
+
+    def fixed_shape_decode(self, tokens, at):
+        """One decode step of B sequences whose inputs already live on the device (tokens [B],
+        ``at``'s rows and positions [B]) -> fp32 logits [B, V] on the device. Nothing in it
+        reads the device from the host, and every shape follows from B: a CUDA graph captures
+        it (``decode_graph``). One rank with every block (``can_capture_decode``)."""
+        m = self.cfg.model
+        x = self.embedding(tokens[:, None])                       # [B, 1, H]
+        stream = x.reshape(-1, m.hidden_size)
+        every = self.xp.arange(stream.shape[0])
+        for layer in self.blocks:
+            h = self.attention[layer](x, every, at)
+            add_rows(stream, every, self.moe.fixed_shape_step(layer, h) if m.is_moe(layer) else self.mlps[layer](h))
+        return self.head.logits_of(stream)
 
     def forward_cached(self, tokens: np.ndarray, lengths: np.ndarray, at, token_ids: np.ndarray):
         """Generation's pass (one wave): tokens [s, L] host ints of sequences at cache rows
@@ -85,6 +115,12 @@ class Engine:
         step: L = 1; read by the first stage only, later ones receive the stream), lengths [s]
         valid positions, token_ids [s, L] global ids (the replicas' choice) -> on the last stage
         fp32 logits [s, V] on the host at each one's last valid position, None on the others."""
+        if self.graphs is not None and tokens.shape[1] == 1 and self.times.sync is None:
+            t0 = time.perf_counter()
+            logits = self.graphs.step(tokens[:, 0], at.rows, at.start)
+            if logits is not None:
+                self.times.add("decode_graph", t0)
+                return logits
         x = self._stream(tokens if self.first_stage else None, len(lengths), token_ids.shape[1])
         valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
         self._run(x, valid, token_ids, at)
@@ -173,6 +209,7 @@ class Engine:
                 self.moe.serve(layers)
 
     def close(self) -> None:
+        self.graphs = None
         self.wiring.exchange.close()
         for group in (self.wiring.tp_group, self.wiring.dense_group):
             if group is not None:
