@@ -111,8 +111,10 @@ def matmul_bf16(a, b, xp=np):
     """
     if xp is np:
         return np.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False)).astype(BF16)
-    # CuPy sends batched (>2-D) bf16 products down an integer code path; fold to one GEMM
-    return xp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+    # one GEMM over the folded leading axes (CuPy's own matmul sends batched bf16 products down
+    # an integer path, and refuses cuBLAS inside a captured graph: kernels_cuda.gemm does neither)
+    from .kernels_cuda import gemm
+    return gemm(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
 
 
 __all__ = ["Backend", "words", "make_backend", "matmul_bf16"]

@@ -339,12 +339,75 @@ def count_into(counts, ids) -> None:
         _COUNT(((ids.size + 255) // 256,), (256,), (ids, np.int64(ids.size), counts.view(cp.uint64)))
 
 
+class _Cublas:
+    """The few cuBLAS entry points the kernels call, through ctypes on the libcublas CuPy
+    loaded, with CuPy's handle. Not CuPy's wrappers: CuPy refuses every cuBLAS call while a
+    stream captures a CUDA graph ("calling cuBLAS API during stream capture is currently
+    unsupported"), and cuBLAS itself captures its GEMMs, so a decode step's graph
+    (runtime/decode_graph.py) needs a way past the refusal. Same arguments as CuPy's."""
+    CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT, CUBLAS_POINTER_MODE_HOST = 68, -1, 0
+
+    def __init__(self):
+        import ctypes as c
+        cp.cuda.device.get_cublas_handle()              # loads libcublas if nothing has yet
+        lib = _cublas_library()
+        P, I, L = c.c_void_p, c.c_int, c.c_longlong
+        self._set_stream, self._set_mode, self._get_mode = (
+            self._fn(lib, "cublasSetStream_v2", [P, P]), self._fn(lib, "cublasSetPointerMode_v2", [P, I]),
+            self._fn(lib, "cublasGetPointerMode_v2", [P, c.POINTER(I)]))
+        self._gemm = self._fn(lib, "cublasGemmEx", [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I])
+        self._batched = self._fn(lib, "cublasGemmStridedBatchedEx",
+                                 [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I, I, L, I, I, I])
+        self._c = c
+
+    @staticmethod
+    def _fn(lib, name: str, argtypes):
+        import ctypes
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int          # cublasStatus_t
+        return fn
+
+    @staticmethod
+    def _check(status: int, name: str) -> None:
+        if status:
+            raise RuntimeError(f"{name} failed with cuBLAS status {status}")
+
+    def setStream(self, handle, stream) -> None:
+        self._check(self._set_stream(handle, stream), "cublasSetStream")
+
+    def setPointerMode(self, handle, mode: int) -> None:
+        self._check(self._set_mode(handle, mode), "cublasSetPointerMode")
+
+    def getPointerMode(self, handle) -> int:
+        mode = self._c.c_int()
+        self._check(self._get_mode(handle, self._c.byref(mode)), "cublasGetPointerMode")
+        return mode.value
+
+    def gemmEx(self, *args) -> None:
+        self._check(self._gemm(*args), "cublasGemmEx")
+
+    def gemmStridedBatchedEx(self, *args) -> None:
+        self._check(self._batched(*args), "cublasGemmStridedBatchedEx")
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas_api() -> _Cublas:
+    return _Cublas()
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas_handle(device: int) -> int:
+    """CuPy's cuBLAS handle of ``device``, asked for once (asking sets its stream, a call CuPy
+    refuses during a capture)."""
+    return cp.cuda.device.get_cublas_handle()
+
+
 @contextlib.contextmanager
 def _cublas_on_current_stream():
-    """(cublas module, handle, alpha = 1, beta = 0): the handle on the current stream, scalars
-    read from host memory; the handle's pointer mode is restored afterwards."""
-    from cupy_backends.cuda.libs import cublas
-    handle = cp.cuda.device.get_cublas_handle()
+    """(cublas entry points, handle, alpha = 1, beta = 0): the handle on the current stream,
+    scalars read from host memory; the handle's pointer mode is restored afterwards."""
+    cublas, handle = _cublas_api(), _cublas_handle(cp.cuda.Device().id)
     cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
     mode = cublas.getPointerMode(handle)
@@ -355,20 +418,32 @@ def _cublas_on_current_stream():
         cublas.setPointerMode(handle, mode)
 
 
-def matmul_f32out(a, b):
-    """bf16 x bf16 -> fp32 through cublasGemmEx (row-major: C^T = B^T A^T)."""
-    a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
+def gemm(a, b, out=None, dtype=BF16):
+    """a [M, K] @ b [K, N] with bf16 operands and fp32 accumulation -> [M, N] of ``dtype`` (bf16
+    or fp32), into ``out`` when given. Either operand (and ``out``) may be a view whose rows are
+    strided (a column block of a fused weight, a slice of a wider buffer): cuBLAS reads it
+    through its leading dimension, never a copy. Row-major: C^T = B^T A^T."""
+    a, b = (x if x.strides[1] == x.itemsize else cp.ascontiguousarray(x) for x in (a, b))
     m, kdim = a.shape
     n = b.shape[1]
-    out = cp.empty((m, n), dtype=cp.float32)
-    if m == 0:
+    if out is None:
+        out = cp.empty((m, n), dtype=dtype)
+    assert out.strides[1] == out.itemsize, "rows of the output must be contiguous"
+    if m == 0 or n == 0:
         return out
+    ld = lambda x: max(x.strides[0] // x.itemsize, x.shape[1]) if x.shape[0] > 1 else x.shape[1]
+    ctype = 0 if out.dtype == cp.float32 else 14                     # CUDA_R_32F or CUDA_R_16BF
     with _cublas_on_current_stream() as (cublas, handle, one, zero):
         cublas.gemmEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, n, m, kdim,
-                      one, b.data.ptr, 14, n, a.data.ptr, 14, kdim,   # 14: CUDA_R_16BF
-                      zero, out.data.ptr, 0, n,                      # 0: CUDA_R_32F
+                      one, b.data.ptr, 14, ld(b), a.data.ptr, 14, ld(a),   # 14: CUDA_R_16BF
+                      zero, out.data.ptr, ctype, ld(out),
                       cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
     return out
+
+
+def matmul_f32out(a, b):
+    """bf16 x bf16 -> fp32 (``gemm``)."""
+    return gemm(a, b, dtype=cp.float32)
 
 
 # ---------------------------------------------------------------- decode attention
@@ -630,14 +705,11 @@ def _bias_act(h, b1, kind: str, rows_per_slot: int) -> None:
 def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     if x.shape[0] == 0:
         return out if out is not None else cp.empty((0, w2.shape[1]), BF16)
-    h = cp.matmul(x, w1, out=hidden)            # bf16 operands, fp32 accumulate (cuBLAS)
+    h = gemm(x, w1, out=hidden)                 # bf16 operands, fp32 accumulate (cuBLAS)
     _activate(h, b1, kind, 1, x.shape[0], x.shape[0])
     if split_kind(kind)[0]:
         h = h[:, :w2.shape[0]]                  # act(gate) * up, written over the gate half
-    if out is not None and out.dtype == cp.float32:     # a tensor-parallel partial, unrounded
-        out[...] = matmul_f32out(h, w2)
-        return out
-    return cp.matmul(h, w2, out=out)
+    return gemm(h, w2, out=out)                 # fp32 out: a tensor-parallel partial, unrounded
 
 
 # ---------------------------------------------------------------- SMs left to communication

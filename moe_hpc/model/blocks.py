@@ -66,7 +66,7 @@ class KvCache:
         S, P = self.shape
         at = rows * P + positions
         for part, value in zip(self.parts, values):
-            put_rows(part.reshape(S * P, -1), at, value.reshape(value.shape[0], -1))
+            put_rows(part.reshape(S * P, -1), at, self.xp.ascontiguousarray(value.reshape(value.shape[0], -1)))
 
     def read(self, rows: np.ndarray, length: int):
         """The parts of cache rows ``rows`` (ascending) at positions 0..length-1: [s, length, ...]
