@@ -356,6 +356,7 @@ class _Cublas:
         self._set_stream, self._set_mode, self._get_mode = (
             self._fn(lib, "cublasSetStream_v2", [P, P]), self._fn(lib, "cublasSetPointerMode_v2", [P, I]),
             self._fn(lib, "cublasGetPointerMode_v2", [P, c.POINTER(I)]))
+        self._set_workspace = self._fn(lib, "cublasSetWorkspace_v2", [P, P, c.c_size_t])
         self._gemm = self._fn(lib, "cublasGemmEx", [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I])
         self._batched = self._fn(lib, "cublasGemmStridedBatchedEx",
                                  [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I, I, L, I, I, I])
@@ -374,7 +375,12 @@ class _Cublas:
             raise RuntimeError(f"{name} failed with cuBLAS status {status}")
 
     def setStream(self, handle, stream) -> None:
+        """The handle on ``stream`` with the device's workspace: cuBLAS resets a handle's
+        workspace to its small default pool at every stream change, which rules out some of
+        Hopper's GEMM kernels and allocates inside a graph capture."""
         self._check(self._set_stream(handle, stream), "cublasSetStream")
+        space = _cublas_workspace(cp.cuda.Device().id)
+        self._check(self._set_workspace(handle, space.data.ptr, space.nbytes), "cublasSetWorkspace")
 
     def setPointerMode(self, handle, mode: int) -> None:
         self._check(self._set_mode(handle, mode), "cublasSetPointerMode")
@@ -394,6 +400,14 @@ class _Cublas:
 @functools.lru_cache(maxsize=None)
 def _cublas_api() -> _Cublas:
     return _Cublas()
+
+
+CUBLAS_WORKSPACE_BYTES = 64 << 20      # cuBLAS asks for 32 MiB on Hopper; twice that leaves room
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas_workspace(device: int):
+    return cp.empty(CUBLAS_WORKSPACE_BYTES, cp.uint8)
 
 
 @functools.lru_cache(maxsize=None)

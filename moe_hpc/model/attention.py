@@ -89,9 +89,16 @@ def decode_step_attention(a, w, cfg, cache, at, xp=np):
     the host, so a CUDA graph can capture it: the new key goes in by a row copy and the
     attention reads the whole cache, each sequence only up to its own position."""
     rows, pos = xp.asarray(at.rows), xp.asarray(at.start)
-    cos, sin = (t[pos[:, None]] for t in cache.rope)                   # [S, 1, D/2]
-    q, k, v = project_qkv(a, w, cfg, xp)
-    q, k = apply_rope(q, cos, sin, xp), apply_rope(k, cos, sin, xp)
+    cos, sin = (t[pos] for t in cache.rope)                             # [S, D/2]: each its own position
+    if w.wqkv is not None:      # one GEMM, RoPE in place on its q and k heads (row s at position pos[s])
+        S, nh, nkv, D = a.shape[0], cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        qkv = matmul_bf16(a, w.wqkv, xp)                                # [S, 1, (nh + 2 kv) D]
+        rope_heads(qkv.reshape(1, S, -1), cos, sin, nh + nkv, D)
+        q, k, v = (qkv[..., a0 * D:a1 * D].reshape(S, 1, a1 - a0, D)
+                   for a0, a1 in ((0, nh), (nh, nh + nkv), (nh + nkv, nh + 2 * nkv)))
+    else:
+        q, k, v = project_qkv(a, w, cfg, xp)
+        q, k = apply_rope(q, cos[:, None], sin[:, None], xp), apply_rope(k, cos[:, None], sin[:, None], xp)
     cache.put_step(rows, pos, (k, v))
     return decode_attention(q, *cache.parts, pos, softmax_scale(cfg), xp, rows=rows)
 
