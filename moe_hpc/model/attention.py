@@ -55,16 +55,24 @@ def _project_out(o, w, xp, reduce):
     return partial.astype(BF16).reshape(S, L, -1)
 
 
-def cached_attention(a, w, cfg, cache, at, block: int, xp=np, reduce=None):
+def cached_attention(a, w, cfg, cache, at, block: int, xp=np, reduce=None, flash=None):
     """Attention that fills and reads a KV cache (generation). a: [S, L, H] bf16 normed input of
     sequences whose cache rows are ``at.rows`` [S] and whose first position is ``at.start`` [S]
     (host ints); cache: ``blocks.KvCache``. Prefill (L > 1, every start 0) attends over its own
     keys as ``attention`` does and keeps them; a decode step (L = 1) keeps its key and attends
     over the cache up to its own position -> [S, L, H] bf16, equal to ``attention`` over the
-    whole sequence so far up to bf16 rounding."""
+    whole sequence so far up to bf16 rounding. flash: the fused core, which a prefill takes as
+    ``attention`` does (the cache keeps its k and v heads after RoPE)."""
     S, L, _ = a.shape
     if L == 1 and not cfg.mla:
         return _project_out(decode_step_attention(a, w, cfg, cache, at, xp), w, xp, reduce)
+    if flash is not None and w.wqkv is not None and flash.supports(S, L, cfg.num_heads, cfg.kv_heads, cfg.head_dim,
+                                                                   softmax_scale(cfg)):
+        o, qkv = _fused_core(a, w, cfg, flash, xp, keep=True)
+        nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        cache.put(at.rows, at.start, tuple(qkv[..., a0 * D:(a0 + nkv) * D].reshape(S, L, nkv, D)
+                                           for a0 in (nh, nh + nkv)))
+        return _project_out(o, w, xp, reduce)
     positions = xp.asarray(at.start[:, None] + np.arange(L))            # [S, L]
     cos, sin = (t[positions] for t in cache.rope)
     if cfg.mla:
@@ -162,8 +170,9 @@ def fuse_qkv(layer, xp=np):
     return dataclasses.replace(layer, wqkv=wqkv, wq=wqkv[:, :nq], wk=wqkv[:, nq:nq + nk], wv=wqkv[:, nq + nk:])
 
 
-def _fused_core(a, w, cfg, flash, xp):
-    """One QKV GEMM, RoPE in place on its q and k heads, the fused kernel -> [S, L, nh D] bf16."""
+def _fused_core(a, w, cfg, flash, xp, keep: bool = False):
+    """One QKV GEMM, RoPE in place on its q and k heads (positions 0..L-1), the fused kernel ->
+    [S, L, nh D] bf16 (and with ``keep`` the [S, L, (nh + 2 kv) D] q|k|v it read)."""
     S, L, _ = a.shape
     nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
     qkv = matmul_bf16(a, w.wqkv, xp)
@@ -171,7 +180,7 @@ def _fused_core(a, w, cfg, flash, xp):
     rope_heads(qkv, cos, sin, nh + nkv, D)
     o = xp.empty((S, L, nh * D), BF16)
     flash(qkv, o, nh, nkv, D, softmax_scale(cfg))
-    return o
+    return (o, qkv) if keep else o
 
 
 @functools.lru_cache(maxsize=16)

@@ -105,7 +105,7 @@ class AttentionBlock:
         if at is None:
             y = attention(a, w, self.local, self.block, self.xp, self.reduce, self.flash)
         else:
-            y = cached_attention(a, w, self.local, self.cache, at, self.block, self.xp, self.reduce)
+            y = cached_attention(a, w, self.local, self.cache, at, self.block, self.xp, self.reduce, self.flash)
         h = add_rmsnorm(x, y, w.mlp_norm, eps)      # the residual add, then the MLP's norm
         return take_rows(h.reshape(-1, self.model.hidden_size), rows)
 

@@ -397,6 +397,9 @@ def run_bench(comm, args, log=print) -> dict:
         stepped = _shrunk(args, decode_overrides(overrides))
         engine = _engine(stepped, topo, backend, range(stepped.model.num_layers))
         result["decode"] = bench_decode(engine, args, cp)
+        if "model" in result:       # generate's prefill against run's forward, same GPU, same run
+            d = result["decode"]
+            d["prefill_vs_run_tokens_per_s"] = d["prefill_tokens_per_s_per_gpu"] / result["model"]["tokens_per_s_per_gpu"]
         engine.close()
     if topo.rank == 0:
         log(format_table(result))

@@ -145,6 +145,8 @@ def decode_rows(d: dict) -> list[tuple[str, str]]:
              f"{d['step_ms']:.2f} / {d['roofline_ms']:.2f} ({d['ratio']:.2f}x at {d['hbm_tb_s']} TB/s)"),
             ("decode: tokens/s per GPU", f"{d['tokens_per_s_per_gpu']:.4g}"),
             ("decode: KV cache GiB, prefill ms", f"{d['kv_cache_gib']:.1f}, {d['prefill_ms']:.0f}"),
+            ("decode: prefill tokens/s per GPU (of run's)", f"{d['prefill_tokens_per_s_per_gpu']:.4g}"
+             + (f" ({d['prefill_vs_run_tokens_per_s']:.0%})" if "prefill_vs_run_tokens_per_s" in d else "")),
             ("decode: peak pool GiB", f"{d['peak_pool_gib']:.1f}"),
             ("decode: one profiled step, ms by phase", ", ".join(f"{k} {v:.2f}" for k, v in
                                                                d["profiled_step_phases_ms_rank0"].items()))]
