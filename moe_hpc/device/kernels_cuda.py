@@ -248,16 +248,22 @@ def dispatch_plan(experts, token_ids, holders, replicas, slot, micro_batch_token
 
 # ---------------------------------------------------------------- block permutes for the exchange
 _PERMUTE_SOURCE = r"""
-extern "C" __global__ void moe_permute_blocks(const T* src, T* dst, const long long* table,
-                                              int blocks, int row_vecs) {
-    // table: [3, blocks] = source row offset, destination row offset, rows of each block.
-    // grid.x walks the blocks, grid.y splits a block's rows, threads walk a row's 16-byte vectors.
+extern "C" __global__ void moe_permute_blocks(const T* __restrict__ src, T* __restrict__ dst,
+                                              const long long* table, int blocks, int row_vecs) {
+    // table: [3, blocks] = source row offset, destination row offset, rows of each block. A
+    // block's rows are contiguous at both ends, so it is one flat copy: grid.x walks the blocks,
+    // grid.y and the threads stride over its vectors, four loads in flight before the stores.
+    const long long stride = (long long)gridDim.y * blockDim.x;
     for (int b = blockIdx.x; b < blocks; b += gridDim.x) {
-        long long s = table[b], d = table[blocks + b], n = table[2 * blocks + b];
-        for (long long r = blockIdx.y; r < n; r += gridDim.y) {
-            const T* from = src + (s + r) * row_vecs;
-            T* to = dst + (d + r) * row_vecs;
-            for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) to[v] = from[v];
+        const long long total = table[2 * blocks + b] * row_vecs;
+        const T* from = src + table[b] * row_vecs;
+        T* to = dst + table[blocks + b] * row_vecs;
+        for (long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x; i < total; i += 4 * stride) {
+            T v[4];
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) if (i + k * stride < total) v[k] = from[i + k * stride];
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) if (i + k * stride < total) to[i + k * stride] = v[k];
         }
     }
 }
@@ -275,7 +281,9 @@ def permute_blocks(src, dst, table, blocks: int) -> None:
         return
     width = src.shape[1] * src.dtype.itemsize
     unit = 16 if width % 16 == 0 else 2
-    _PERMUTE_BLOCKS[unit]((min(blocks, 1024), 16), (128,), (src, dst, table, np.int32(blocks), np.int32(width // unit)))
+    gx = min(blocks, 1024)
+    gy = max(1, min(1024, -(-8 * _sm_count(cp.cuda.Device().id) // gx)))     # ~8 blocks of 256 per SM
+    _PERMUTE_BLOCKS[unit]((gx, gy), (256,), (src, dst, table, np.int32(blocks), np.int32(width // unit)))
 
 
 _GATE_TOPK = cp.RawKernel(r"""
