@@ -214,6 +214,31 @@ def _prefill(engine, tokens: np.ndarray, lengths: np.ndarray, seqs: np.ndarray, 
                                  (s0 + seqs)[:, None] * P + np.arange(La)[None, :])
 
 
+def _step(engine, table, owner: int, ran, slots: _Slots, made, tokens, lengths, s0: int, P: int, t0: float):
+    """This dense rank's forwards of one step, those every rank runs (``_forwards``): of the
+    sequences that ran (``ran``) the finished give back their slots, the active decode one
+    position, then the prompts it admits prefill -> (the sequences that ran now, in the logits'
+    order; their logits [n, V] on the last stage, else None; the time)."""
+    none = np.zeros(0, np.int64)
+    rows, picked, admits = table.get(owner, (none, none, 0))
+    slots.release(np.setdiff1d(ran, rows))
+    order = np.argsort(slots.of[rows])                    # ascending rows: the cache reads a view
+    rows, picked = rows[order], picked[order]
+    decode, prefill = _forwards(table)
+    parts = []
+    if decode:
+        pos = lengths[rows] + made[rows] - 1
+        parts.append(engine.forward_cached(picked[:, None], np.ones(len(rows), np.int64), CacheAt(slots.of[rows], pos),
+                                           ((s0 + rows) * P + pos)[:, None]))
+        t0 = engine.times.add("decode", t0)
+    admitted = slots.admit(admits) if prefill else none
+    if prefill:
+        parts.append(_prefill(engine, tokens, lengths, admitted, slots, s0, P))
+        t0 = engine.times.add("prefill", t0)
+    logits = np.concatenate(parts) if parts[0] is not None else None
+    return np.concatenate([rows, admitted]), logits, t0
+
+
 def decode_group(engine, world, tokens: np.ndarray, lengths: np.ndarray, s0: int, job: Job) -> _Group:
     """A dense rank's group (its sequences s0.., maybe none): tokens [s, L] prompts, lengths [s]
     -> its generated tokens (on the last stage). Collective over the world: one exchange per
@@ -226,7 +251,7 @@ def decode_group(engine, world, tokens: np.ndarray, lengths: np.ndarray, s0: int
     eos = np.asarray(() if cfg.generate.ignore_eos else job.eos, np.int64)
     limit = 0 if cfg.run.allow_long_sequences else cfg.model.max_position_embeddings
     owner = topo.dense_index if topo.writes_output else None
-    group, made, none = _Group(s, N), np.zeros(s, np.int64), np.zeros(0, np.int64)
+    group, made = _Group(s, N), np.zeros(s, np.int64)
     slots = _Slots(s, cfg.generate.cache_rows(s))
     t0 = time.perf_counter()
     engine.open_cache(slots.count, P)
@@ -245,23 +270,7 @@ def decode_group(engine, world, tokens: np.ndarray, lengths: np.ndarray, s0: int
         table = share_picks(world, owner, picks)
         if table is None:                                 # every rank steps while any has a sequence
             break
-        rows, picked, admits = table.get(topo.dense_index, (none, none, 0))
-        slots.release(np.setdiff1d(ran, rows))
-        order = np.argsort(slots.of[rows])                # ascending rows: the cache reads a view
-        rows, picked = rows[order], picked[order]
-        decode, prefill = _forwards(table)
-        parts = []
-        if decode:
-            pos = lengths[rows] + made[rows] - 1
-            parts.append(engine.forward_cached(picked[:, None], np.ones(len(rows), np.int64), CacheAt(slots.of[rows], pos),
-                                               ((s0 + rows) * P + pos)[:, None]))
-            t0 = engine.times.add("decode", t0)
-        admitted = slots.admit(admits) if prefill else none
-        if prefill:
-            parts.append(_prefill(engine, tokens, lengths, admitted, slots, s0, P))
-            t0 = engine.times.add("prefill", t0)
-        ran = np.concatenate([rows, admitted])
-        logits = np.concatenate(parts) if parts[0] is not None else None
+        ran, logits, t0 = _step(engine, table, topo.dense_index, ran, slots, made, tokens, lengths, s0, P, t0)
     engine.times.add("decode", t0)
     return group
 
