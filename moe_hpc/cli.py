@@ -87,7 +87,8 @@ def _run_parser(sub) -> None:
 
 
 # generate's flags, each the [generate] config key of the same name (docs/generate.md)
-GENERATE_FLAGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+GENERATE_FLAGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
+                  "decode_slots": int}
 
 
 def _generate_parser(sub) -> None:

@@ -979,6 +979,7 @@ GENERATE_BAD = {
     "negative-top-k": (["--top-k", "-1"], ("generate.top_k must be >= 0, got -1",)),
     "top-p-zero": (["--top-p", "0"], ("generate.top_p must be in (0, 1]", "got 0.0")),
     "top-p-above-one": (["--top-p", "1.5"], ("generate.top_p must be in (0, 1]", "got 1.5")),
+    "negative-decode-slots": (["--decode-slots", "-1"], ("generate.decode_slots must be >= 0, got -1",)),
 }
 
 

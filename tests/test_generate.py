@@ -178,13 +178,16 @@ def test_dense_tp_generates_the_reference_tokens(models, tmp_path):
 
 
 @needs_mpiexec
-def test_resume_after_a_stop_gives_identical_tokens(models, one_rank, tmp_path):
+@pytest.mark.parametrize("slots", [[], ["--decode-slots", "2"]], ids=["whole-group", "2-slots"])
+def test_resume_after_a_stop_gives_identical_tokens(slots, models, one_rank, tmp_path):
+    """A stop after the first of two groups of 3; the rerun resumes at the second, with the
+    group's 3 sequences in its KV cache at once or 2 at a time (continuous batching)."""
     out = tmp_path / "out.h5"
-    stopped = generate(models["tiny"], out, "--set", "parallel.dense_ranks=1", ranks=3,
+    stopped = generate(models["tiny"], out, "--set", "parallel.dense_ranks=1", *slots, ranks=3,
                        program=STOP_AFTER_ONE_GROUP)
     assert stopped.returncode == 75, stopped.stderr
     assert not out.exists() and out.with_name("out.h5.progress.json").exists()
-    resumed = generate(models["tiny"], out, "--set", "parallel.dense_ranks=1", ranks=3)
+    resumed = generate(models["tiny"], out, "--set", "parallel.dense_ranks=1", *slots, ranks=3)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at group 2 of 2" in resumed.stderr
     assert_same_tokens(read(out), one_rank("tiny"))
@@ -227,6 +230,63 @@ def test_sampled_tokens_do_not_depend_on_ranks_or_chunking(models, tmp_path):
     assert_same_tokens(read(outs["three"]), read(outs["one"]))
     assert generate(models["tiny"], outs["seed"], *sampling[:-1], "12").returncode == 0
     assert (read(outs["seed"])["generated"] != read(outs["one"])["generated"]).any()
+
+
+# ---------------------------------------------------------------- continuous batching (decode_slots)
+
+SAMPLING = ["--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "11"]
+
+
+@pytest.fixture(scope="module")
+def eos_model(models, one_rank, tmp_path_factory):
+    """mode ("greedy" | "sampled") -> (the Mixtral fixture with end-of-sequence ids that end its
+    sequences at different steps, its tokens with every group's sequences in the KV cache at
+    once: 1 rank, groups of 5 then 3)."""
+    made = {}
+
+    def get(mode):
+        if mode not in made:
+            d = tmp_path_factory.mktemp(f"eos_{mode}")
+            sampling = SAMPLING if mode == "sampled" else []
+            if mode == "sampled":
+                assert generate(models["mixtral"], d / "free.h5", *sampling).returncode == 0
+                free = read(d / "free.h5")["generated"]
+            else:
+                free = one_rank("mixtral")["generated"]
+            folder = d / "hf_mixtral"
+            shutil.copytree(fixture("mixtral"), folder)
+            eos = sorted({int(free[0, 2]), int(free[3, 5])})       # two stops, at different steps
+            (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+            _, args, ref_weights, _, prompts = models["mixtral"]
+            model = (folder, args, ref_weights, folder, prompts)
+            r = generate(model, d / "whole.h5", *sampling, "--set", "run.chunk_sequences=5")
+            assert r.returncode == 0, r.stderr
+            made[mode] = model, sampling, read(d / "whole.h5")
+        return made[mode]
+    return get
+
+
+@pytest.mark.parametrize("mode, ranks, sets", [
+    ("greedy", None, []),
+    pytest.param("greedy", 3, ["parallel.dense_ranks=2", "parallel.dense_stages=2"], marks=needs_mpiexec),
+    ("sampled", None, []),
+    pytest.param("sampled", 3, ["parallel.dense_ranks=2"], marks=needs_mpiexec),
+], ids=["greedy-1", "greedy-3-stages", "sampled-1", "sampled-3-two-owners"])
+def test_decode_slots_give_the_tokens_of_the_whole_group(mode, ranks, sets, eos_model, tmp_path):
+    """2 KV cache slots for groups of 5 and 3 ragged prompts (or of 4 on each of two dense
+    ranks) whose sequences stop at different steps: each finished sequence's slot goes to the
+    next prompt, whose prefill joins the step; tokens, lengths, log-probs and reasons equal the
+    whole group's at once, in input order. At 3 ranks an expert-only rank (and a second pipeline
+    stage, or a second sequence owner) joins each step's forwards."""
+    model, sampling, want = eos_model(mode)
+    lengths = want["generated_lengths"]
+    assert len(set(lengths.tolist())) >= 3 and (want["finish_reason"] == 0).sum() >= 2, lengths
+    out = tmp_path / "out.h5"
+    r = generate(model, out, *sampling, "--decode-slots", "2", "--set", "run.chunk_sequences=5",
+                 *[a for s in sets for a in ("--set", s)], ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    assert_same_tokens(read(out), want)
+    assert json.loads(r.stdout)["summary"]["generated_tokens"] == lengths.sum()
 
 
 # ---------------------------------------------------------------- text prompts (--prompts)

@@ -338,6 +338,26 @@ def test_memory_check_counts_a_generate_jobs_kv_cache_and_says_how_many_sequence
     assert check_memory(cfg, 2, 0, 0, 24, None).fits
 
 
+def test_decode_slots_size_the_kv_cache_and_the_hint_names_them():
+    """generate.decode_slots = 3 of a 4-sequence group: a cache of 3 rows (one more slot than
+    the group changes nothing); under a limit with room for 2.5 the hint says 2 slots fit."""
+    from moe_hpc.config.cluster import GIB
+    from moe_hpc.planner.fit import check_memory, rank_memory
+    tiny = REPO / "inputs" / "tiny.toml"
+    one = 32 * 4 * 256
+    for slots, rows in ((3, 3), (5, 4), (0, 4)):
+        cfg = load_config(tiny, ["generate.max_new_tokens=8", f"generate.decode_slots={slots}"])
+        assert rank_memory(cfg, 2, 24, 8)[0].kv_cache == rows * one
+    need = rank_memory(load_config(tiny, ["generate.max_new_tokens=8", "generate.decode_slots=3"]), 2, 24, 8)[0]
+    cfg = load_config(tiny, ["generate.max_new_tokens=8", "generate.decode_slots=3",
+                             f"run.memory_limit_gib={(need.total - need.kv_cache + 2.5 * one) / GIB!r}"])
+    with pytest.raises(ConfigError) as e:
+        check_memory(cfg, 2, 0, 0, 24, None, generate=True)
+    assert ("of KV cache for 3 decode slots (generate.decode_slots) of 32 positions (prompt + "
+            "generate.max_new_tokens); 2 sequences per group fit (--set run.chunk_sequences=2), "
+            "or 2 decode slots (--set generate.decode_slots=2)") in str(e.value), str(e.value)
+
+
 def test_plan_reports_the_generate_kv_cache(tmp_path):
     """The 61-block seed model's MHA cache: k and v of 128 heads of 128 in bf16 = 64 KiB a
     position and block; a one-sequence group of seq_len + 128 positions over 61 blocks."""

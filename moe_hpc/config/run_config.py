@@ -167,6 +167,13 @@ class GenerateConfig:
     top_k: int = checked(0, AT_LEAST_0)                  # sampling: keep the k most likely tokens (0: all)
     top_p: float = checked(1.0, FRACTION)               # sampling: the smallest set of mass >= p (1: all)
     seed: int = checked(0, AT_LEAST_0)                   # sampling: the counter-based generator's key
+    decode_slots: int = checked(0, AT_LEAST_0)           # KV cache rows of a dense rank (0: its whole group)
+
+    def cache_rows(self, group: int) -> int:
+        """The KV cache rows ("slots") a dense rank holds for a group of ``group`` sequences:
+        all of them, or at most ``decode_slots``, which the group's sequences take in turn as
+        earlier ones finish (continuous batching, docs/generate.md)."""
+        return min(self.decode_slots, group) if self.decode_slots else group
 
 
 @dataclass(frozen=True)

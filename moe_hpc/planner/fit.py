@@ -97,7 +97,8 @@ def check_memory(cfg: Config, world_size: int, group_rank: int, world_rank: int,
 
     free: the device's free bytes, at most ``run.memory_limit_gib`` when that is set (on the
     CPU that alone sets a limit). generate: a generate job (the CLI's ``moe-hpc generate``),
-    whose dense ranks also hold a KV cache of run.chunk_sequences x (seq_len + max_new_tokens)."""
+    whose dense ranks also hold a KV cache of run.chunk_sequences (or generate.decode_slots, when
+    fewer) x (seq_len + max_new_tokens)."""
     limit = int(cfg.run.memory_limit_gib * GIB)
     if limit:
         free = limit if free is None else min(free, limit)
@@ -114,19 +115,21 @@ def check_memory(cfg: Config, world_size: int, group_rank: int, world_rank: int,
 
 
 def kv_cache_hint(cfg: Config, need: Memory, positions: int, free: int) -> str | None:
-    """How many sequences per group fit when the KV cache is what does not: the cache is linear
-    in them, and the rest (weights, buffers, activations: these only shrink with fewer) stays
-    as planned, so the figure fits (the largest that does, or a little under it); None when no
+    """How many sequences per group (or decode slots) fit when the KV cache is what does not:
+    the cache is linear in its rows, and the rest (weights, buffers, activations: these only
+    shrink with fewer sequences, and do not depend on the slots) stays as planned, so the figure fits (the largest that does, or a little under it); None when no
     KV cache is planned or not even one sequence fits."""
     if not need.kv_cache:
         return None
-    sequences = cfg.run.chunk_sequences
-    fit = (free - (need.total - need.kv_cache)) // (need.kv_cache // sequences)
+    rows = cfg.generate.cache_rows(cfg.run.chunk_sequences)
+    fit = (free - (need.total - need.kv_cache)) // (need.kv_cache // rows)
     if fit < 1:
         return None
-    return (f"that includes {need.kv_cache / GIB:.2f} GiB of KV cache for {sequences} sequences x "
-            f"{positions:,} positions (prompt + generate.max_new_tokens); {fit} sequences per group fit "
-            f"(--set run.chunk_sequences={fit})")
+    held = (f"{rows} decode slots (generate.decode_slots) of" if cfg.generate.decode_slots
+            else f"{rows} sequences x")
+    return (f"that includes {need.kv_cache / GIB:.2f} GiB of KV cache for {held} {positions:,} positions "
+            f"(prompt + generate.max_new_tokens); {fit} sequences per group fit (--set run.chunk_sequences={fit}), "
+            f"or {fit} decode slots (--set generate.decode_slots={fit})")
 
 
 def with_chunk(cfg: Config, sequences: int) -> Config:

@@ -142,7 +142,8 @@ class GpuMemory:
 def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
                 expert_tp: int | None = None, new_tokens: int = 0) -> list[GpuMemory]:
     """[group_size] per-rank memory of one replica (expert_tp: the config's unless given;
-    new_tokens > 0: a generate job, whose dense ranks also hold the group's KV cache)."""
+    new_tokens > 0: a generate job, whose dense ranks also hold the group's KV cache, of its
+    ``generate.cache_rows`` sequences)."""
     m, dense_tp, stages = cfg.model, cfg.parallel.dense_tp, cfg.parallel.dense_stages
     expert_tp = expert_tp or cfg.parallel.expert_tp
     head = cfg.run.logits or cfg.run.logprobs                        # load_weights reads lm_head for either
@@ -169,7 +170,8 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
                          expert_weights=expert_weight_bytes(m, hosted, expert_tp),
                          activations=act if dense else 0,
                          token_buffers=token_buffer_bytes(m, w, send if dense else 0, extent, expert_tp),
-                         kv_cache=kv_cache_bytes(m, w.sequences, w.seq_len + new_tokens, dense_tp, stage, stages)
+                         kv_cache=kv_cache_bytes(m, cfg.generate.cache_rows(w.sequences), w.seq_len + new_tokens,
+                                                 dense_tp, stage, stages)
                          if dense and new_tokens else 0,
                          **fixed)
             role = "dense+expert" if dense and g >= 0 else ("dense" if dense else "expert")

@@ -224,12 +224,14 @@ def _summary(cfg, cluster, layout: Deployment, w) -> dict:
 
 def _kv_cache(cfg, w) -> dict:
     """What ``moe-hpc generate`` adds on a dense GPU: its KV cache, per position and block and for
-    a group of run.chunk_sequences x (seq_len + generate.max_new_tokens) positions (the fullest stage's)."""
+    a group of run.chunk_sequences (at most generate.decode_slots of them at once) x (seq_len +
+    generate.max_new_tokens) positions (the fullest stage's)."""
     m, p, N = cfg.model, cfg.parallel, cfg.generate.max_new_tokens
-    group = max(kv_cache_bytes(m, w.sequences, w.seq_len + N, p.dense_tp, s, p.dense_stages)
+    rows = cfg.generate.cache_rows(w.sequences)
+    group = max(kv_cache_bytes(m, rows, w.seq_len + N, p.dense_tp, s, p.dense_stages)
                 for s in range(p.dense_stages))
     return {"bytes_per_token_and_block": kv_cache_bytes_per_token(local_model(m, p.dense_tp)),
-            "blocks": m.num_layers, "sequences": w.sequences, "positions": w.seq_len + N, "group_gib": group / GIB}
+            "blocks": m.num_layers, "sequences": rows, "positions": w.seq_len + N, "group_gib": group / GIB}
 
 
 def _times(cfg, cluster, layout, w) -> dict:

@@ -3,10 +3,13 @@
 
 A run's machinery carries it (runner.py): the same set-up, failure agreement, output lock,
 chunks as the groups of sequences that are recorded and resumed, stop signals between groups.
-Per group a dense rank allocates every attention block's KV cache once, runs one prefill over
-the prompts, then decode steps in which all its still active sequences step together, one new
-position each; every rank joins every step's MoE exchanges (a rank with no active sequence, or
-an expert-only one, with no tokens) until no rank has an active sequence left.
+Per group a dense rank allocates every attention block's KV cache once, with a row ("slot")
+for each of its sequences or ``generate.decode_slots`` of them, runs one prefill over the
+prompts that have a slot, then decode steps in which all its active sequences step together,
+one new position each; with fewer slots than sequences a finished sequence's slot goes to the
+next waiting prompt, whose prefill joins the step (continuous batching). Every rank joins every
+step's MoE exchanges (a rank with nothing to run, or an expert-only one, with no tokens) until
+no rank has an active or a waiting sequence left.
 
 With text prompts (``--prompts``) rank 0 tokenises them into ``<output>.prompts.h5``, the job's
 input, and writes the decoded completions to ``OUT.jsonl`` once every group is written.
@@ -142,73 +145,145 @@ class _Group:
         self.lengths = np.zeros(s, np.int32)
         self.finish = np.full(s, FINISH_LENGTH, np.uint8)
 
-    def record(self, rows, step: int, tokens, logprobs, stop, reason) -> None:
-        """rows: [n] the active sequences; stop: [n] which of them end here, for ``reason`` [n]."""
-        self.tokens[rows, step], self.logprobs[rows, step], self.lengths[rows] = tokens, logprobs, step + 1
+    def record(self, rows, steps, tokens, logprobs, stop, reason) -> None:
+        """rows: [n] the sequences that ran, each at its own ``steps`` [n]; stop: [n] which of
+        them end here, for ``reason`` [n]."""
+        self.tokens[rows, steps], self.logprobs[rows, steps], self.lengths[rows] = tokens, logprobs, steps + 1
         self.finish[rows[stop]] = reason[stop]
 
 
-def _stops(tokens, step: int, prompt_lengths, N: int, eos: np.ndarray, limit: int):
-    """tokens: [n] just picked at ``step`` by sequences of ``prompt_lengths`` [n] -> (stop [n],
-    reason [n]): an end-of-sequence id, the N-th token, or the model's last position."""
+def _stops(tokens, steps, prompt_lengths, N: int, eos: np.ndarray, limit: int):
+    """tokens: [n] just picked at ``steps`` [n] by sequences of ``prompt_lengths`` [n] -> (stop
+    [n], reason [n]): an end-of-sequence id, the N-th token, or the model's last position."""
     at_eos = np.isin(tokens, eos)
-    at_limit = (prompt_lengths + step + 1 >= limit) if limit else np.zeros(len(tokens), bool)
-    reason = np.where(at_eos, FINISH_EOS, np.where(step + 1 == N, FINISH_LENGTH, FINISH_POSITIONS)).astype(np.uint8)
-    return at_eos | (step + 1 == N) | at_limit, reason
+    at_limit = (prompt_lengths + steps + 1 >= limit) if limit else np.zeros(len(tokens), bool)
+    reason = np.where(at_eos, FINISH_EOS, np.where(steps + 1 == N, FINISH_LENGTH, FINISH_POSITIONS)).astype(np.uint8)
+    return at_eos | (steps + 1 == N) | at_limit, reason
+
+
+class _Slots:
+    """A dense rank's KV cache rows ("slots") for its group of ``sequences``: ``count`` of them
+    (``GenerateConfig.cache_rows``), taken by the group's sequences in input order as earlier
+    ones finish (continuous batching). Every member of the owner's pipeline and dense-TP group
+    keeps the same books from the same shared picks, so they agree on every row."""
+
+    def __init__(self, sequences: int, count: int):
+        self.count, self.sequences = count, sequences
+        self.of = np.full(sequences, -1, np.int64)        # each sequence's cache row while it runs
+        self.free = list(range(count))
+        self.next = 0                                     # the first sequence not yet admitted
+
+    def room(self, running: int) -> int:
+        """How many waiting sequences the next step admits when ``running`` continue."""
+        return min(self.count - running, self.sequences - self.next)
+
+    def release(self, finished: np.ndarray) -> None:
+        self.free.extend(int(r) for r in self.of[finished])
+        self.of[finished] = -1
+
+    def admit(self, n: int) -> np.ndarray:
+        """The next ``n`` waiting sequences, each into the lowest free row -> their indices [n]."""
+        self.free.sort()
+        seqs = np.arange(self.next, self.next + n, dtype=np.int64)
+        self.of[seqs], self.free, self.next = self.free[:n], self.free[n:], self.next + n
+        return seqs
 
 
 def share_picks(world, owner: int | None, picks):
-    """Collective over the world, once per decode step: each sequence owner's still active rows
-    [n] and their new tokens [n], from the rank that picked them (the leader of the last pipeline
-    stage, ``owner`` its dense_index; None elsewhere) to every rank of its pipeline and TP group
-    -> {owner: (rows, tokens)}, or None when no rank has an active sequence left."""
+    """Collective over the world, once per decode step: each sequence owner's picks (still
+    active rows [n], their new tokens [n], how many waiting sequences it admits next), from the
+    rank that made them (the leader of the last pipeline stage, ``owner`` its dense_index; None
+    elsewhere) to every rank of its pipeline and TP group -> {owner: picks}, or None when no
+    rank has an active or a waiting sequence left."""
     entries = world.allgather(None if owner is None else (owner, picks))
     table = dict(e for e in entries if e is not None)
-    return table if any(len(rows) for rows, _ in table.values()) else None
+    return table if any(len(rows) or admits for rows, _, admits in table.values()) else None
+
+
+def _forwards(table) -> tuple[bool, bool]:
+    """The step's collective forwards, the same on every rank: (a decode step, as some rank has
+    active sequences; a prefill, as some rank admits waiting ones)."""
+    return (any(len(rows) for rows, _, _ in table.values()), any(admits for _, _, admits in table.values()))
+
+
+def _prefill(engine, tokens: np.ndarray, lengths: np.ndarray, seqs: np.ndarray, slots: _Slots, s0: int, P: int):
+    """The prompts of ``seqs`` (maybe none) into their cache rows from position 0 -> their
+    logits [n, V] on the last stage."""
+    La = int(lengths[seqs].max(initial=1))
+    return engine.forward_cached(tokens[seqs, :La], lengths[seqs], CacheAt(slots.of[seqs], np.zeros(len(seqs), np.int64)),
+                                 (s0 + seqs)[:, None] * P + np.arange(La)[None, :])
+
+
+def _step(engine, table, owner: int, ran, slots: _Slots, made, tokens, lengths, s0: int, P: int, t0: float):
+    """This dense rank's forwards of one step, those every rank runs (``_forwards``): of the
+    sequences that ran (``ran``) the finished give back their slots, the active decode one
+    position, then the prompts it admits prefill -> (the sequences that ran now, in the logits'
+    order; their logits [n, V] on the last stage, else None; the time)."""
+    none = np.zeros(0, np.int64)
+    rows, picked, admits = table.get(owner, (none, none, 0))
+    slots.release(np.setdiff1d(ran, rows))
+    order = np.argsort(slots.of[rows])                    # ascending rows: the cache reads a view
+    rows, picked = rows[order], picked[order]
+    decode, prefill = _forwards(table)
+    parts = []
+    if decode:
+        pos = lengths[rows] + made[rows] - 1
+        parts.append(engine.forward_cached(picked[:, None], np.ones(len(rows), np.int64), CacheAt(slots.of[rows], pos),
+                                           ((s0 + rows) * P + pos)[:, None]))
+        t0 = engine.times.add("decode", t0)
+    admitted = slots.admit(admits) if prefill else none
+    if prefill:
+        parts.append(_prefill(engine, tokens, lengths, admitted, slots, s0, P))
+        t0 = engine.times.add("prefill", t0)
+    logits = np.concatenate(parts) if parts[0] is not None else None
+    return np.concatenate([rows, admitted]), logits, t0
 
 
 def decode_group(engine, world, tokens: np.ndarray, lengths: np.ndarray, s0: int, job: Job) -> _Group:
     """A dense rank's group (its sequences s0.., maybe none): tokens [s, L] prompts, lengths [s]
     -> its generated tokens (on the last stage). Collective over the world: one exchange per
-    MoE block and step, one ``share_picks`` per step."""
+    MoE block and forward (a step's decode, and its prefill of newly admitted prompts), one
+    ``share_picks`` per step. A sequence's tokens depend on its own steps only, never on its
+    cache row or the sequences beside it (sampling is keyed by sequence and step)."""
     cfg, N, topo = job.cfg, job.cfg.generate.max_new_tokens, engine.topo
     s, L = tokens.shape
     P, params = L + N, sampling_params(cfg)
     eos = np.asarray(() if cfg.generate.ignore_eos else job.eos, np.int64)
     limit = 0 if cfg.run.allow_long_sequences else cfg.model.max_position_embeddings
-    group, rows, none = _Group(s, N), np.arange(s), np.zeros(0, np.int64)
+    owner = topo.dense_index if topo.writes_output else None
+    group, made = _Group(s, N), np.zeros(s, np.int64)
+    slots = _Slots(s, cfg.generate.cache_rows(s))
     t0 = time.perf_counter()
-    engine.open_cache(s, P)
-    logits = engine.forward_cached(tokens, lengths, CacheAt(rows, np.zeros(s, np.int64)),
-                                   (s0 + rows)[:, None] * P + np.arange(L)[None, :])
+    engine.open_cache(slots.count, P)
+    ran = slots.admit(slots.room(0))
+    logits = _prefill(engine, tokens, lengths, ran, slots, s0, P)
     t0 = engine.times.add("prefill", t0)
-    for step in range(N):
+    while True:
         picks = None
         if logits is not None:                            # the last stage picks
-            picked, logprobs = pick_tokens(logits, s0 + rows, np.full(len(rows), step, np.int64), params)
-            stop, reason = _stops(picked, step, lengths[rows], N, eos, limit)
-            group.record(rows, step, picked, logprobs, stop, reason)
-            picks = (rows[~stop], picked[~stop].astype(np.int64))
-        active = share_picks(world, topo.dense_index if topo.writes_output else None, picks)
-        if active is None:                                # every rank steps while any has a sequence
+            steps = made[ran]
+            picked, logprobs = pick_tokens(logits, s0 + ran, steps, params)
+            stop, reason = _stops(picked, steps, lengths[ran], N, eos, limit)
+            group.record(ran, steps, picked, logprobs, stop, reason)
+            picks = (ran[~stop], picked[~stop].astype(np.int64), slots.room(int(np.count_nonzero(~stop))))
+        made[ran] += 1
+        table = share_picks(world, owner, picks)
+        if table is None:                                 # every rank steps while any has a sequence
             break
-        rows, picked = active.get(topo.dense_index, (none, none))
-        pos = lengths[rows] + step
-        logits = engine.forward_cached(picked[:, None], np.ones(len(rows), np.int64), CacheAt(rows, pos),
-                                       ((s0 + rows) * P + pos)[:, None])
+        ran, logits, t0 = _step(engine, table, topo.dense_index, ran, slots, made, tokens, lengths, s0, P, t0)
     engine.times.add("decode", t0)
     return group
 
 
-def serve_group(engine, world, N: int) -> None:
-    """An expert-only rank's part of a group: the prefill's exchanges, then each decode step's."""
+def serve_group(engine, world) -> None:
+    """An expert-only rank's part of a group: the first prefill's exchanges, then each step's
+    forwards' (a decode step, a prefill of admitted prompts, or both)."""
     t0 = time.perf_counter()
     engine.serve_chunk()
     t0 = engine.times.add("prefill", t0)
-    for _ in range(N):
-        if share_picks(world, None, None) is None:
-            break
-        engine.serve_chunk()
+    while (table := share_picks(world, None, None)) is not None:
+        for _ in range(sum(_forwards(table))):
+            engine.serve_chunk()
     engine.times.add("decode", t0)
 
 
@@ -237,7 +312,7 @@ class _GenerateChunks:
         part = None
         if self.batch is None:
             collective(self.world, lambda: None, debug=job.debug)
-            serve_group(e, self.world, job.cfg.generate.max_new_tokens)
+            serve_group(e, self.world)
         else:
             s0, s1 = chunk_slice(self.lo, self.hi, c, job.cfg.run.chunk_sequences)
             tokens = collective(self.world, self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size,
