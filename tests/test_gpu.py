@@ -485,13 +485,15 @@ def test_bench_refuses_a_model_larger_than_the_gpu_before_loading():
 
 
 @needs_gpu
-@pytest.mark.parametrize("family, graphs", [("mixtral", True), ("mixtral", False), ("deepseek_v3", False)])
-def test_gpu_generate_steps_equal_a_full_forward(tmp_path, family, graphs):
+@pytest.mark.parametrize("family, graphs, slots", [("mixtral", True, 0), ("mixtral", True, 2), ("mixtral", False, 0),
+                                                  ("deepseek_v3", False, 0)])
+def test_gpu_generate_steps_equal_a_full_forward(tmp_path, family, graphs, slots):
     """``moe-hpc generate`` on the GPU (KV cache; for DeepSeek-V3 the MLA latent cache): each new
     token's log-probability from the cached decode equals ``run``'s full forward of prompt +
     tokens so far on the same GPU, the oracle that needs no tie rule (as tests/test_generate.py
     does on the CPU). ``graphs``: the decode steps replay CUDA graphs (run.cuda_graphs, one
-    rank, MHA/GQA), and the summary shows they did; else every step runs eagerly."""
+    rank, MHA/GQA), and the summary shows they did; else every step runs eagerly. ``slots``:
+    continuous batching over that many cache rows (0: the whole group)."""
     folder = REPO / "tests" / "fixtures" / f"hf_{family}"
     prompts, out, new = tmp_path / "prompts.h5", tmp_path / "gen.h5", 8
     with h5py.File(folder / "reference.h5", "r") as src, h5py.File(prompts, "w") as dst:
@@ -501,7 +503,7 @@ def test_gpu_generate_steps_equal_a_full_forward(tmp_path, family, graphs):
     gpu = ["--set", "run.device=gpu", "--set", "run.transport=nccl"]
     r = moe_hpc("generate", folder, "--weights", folder, "--input", prompts, "--output", out,
                 "--max-new-tokens", new, "--ignore-eos", "--progress", "off", *gpu,
-                "--set", f"run.cuda_graphs={str(graphs).lower()}")
+                "--set", f"run.cuda_graphs={str(graphs).lower()}", "--decode-slots", slots)
     assert r.returncode == 0, r.stderr
     assert ("decode_graph" in json.loads(r.stdout)["summary"]["phases_s"]) == graphs, r.stdout
     got = read_generated(out)
