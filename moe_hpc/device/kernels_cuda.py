@@ -446,6 +446,11 @@ def gemm(a, b, out=None, dtype=BF16):
     strided (a column block of a fused weight, a slice of a wider buffer): cuBLAS reads it
     through its leading dimension, never a copy. Row-major: C^T = B^T A^T."""
     a, b = (x if x.strides[1] == x.itemsize else cp.ascontiguousarray(x) for x in (a, b))
+    if a.flags.c_contiguous and b.flags.c_contiguous and (out is None or out.flags.c_contiguous) \
+            and dtype == BF16 and (out is None or out.dtype == BF16) and not cp.cuda.get_current_stream().is_capturing():
+        # packed operands outside a capture: CuPy's matmul, measurably faster on the dense MLP's
+        # shapes (benchmarks/gemm_ab.py: 747-768 against 685 TFLOP/s; the same on the others)
+        return cp.matmul(a, b, out=out)
     m, kdim = a.shape
     n = b.shape[1]
     if out is None:

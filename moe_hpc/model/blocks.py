@@ -53,11 +53,13 @@ class KvCache:
         return sum(int(p.nbytes) for p in self.parts)
 
     def put(self, rows: np.ndarray, start: np.ndarray, values) -> None:
-        """values: per part [s, L, ...] -> the cache at rows x positions start..start+L-1."""
+        """values: per part [s, L, ...] -> the cache at rows x positions start..start+L-1 (host
+        ints), by whole-row copies (an advanced-index scatter of a prefill's keys is slow)."""
+        S, P = self.shape
         L = values[0].shape[1]
-        at = self.xp.asarray(rows[:, None]), self.xp.asarray(start[:, None] + np.arange(L))
+        at = self.xp.asarray(((rows * P + start)[:, None] + np.arange(L)).reshape(-1))
         for part, value in zip(self.parts, values):
-            part[at] = value
+            put_rows(part.reshape(S * P, -1), at, self.xp.ascontiguousarray(value.reshape(len(rows) * L, -1)))
 
     def put_step(self, rows, positions, values) -> None:
         """A decode step's keys: values per part [s, 1, ...] -> the cache at (rows[i],
