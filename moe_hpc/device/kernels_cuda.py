@@ -458,6 +458,7 @@ def gemm(a, b, out=None, dtype=BF16):
     assert out.strides[1] == out.itemsize, "rows of the output must be contiguous"
     if m == 0 or n == 0:
         return out
+    assert all(x.strides[0] > 0 for x in (a, b, out) if x.shape[0] > 1), "rows must ascend in memory"
     ld = lambda x: max(x.strides[0] // x.itemsize, x.shape[1]) if x.shape[0] > 1 else x.shape[1]
     ctype = 0 if out.dtype == cp.float32 else 14                     # CUDA_R_32F or CUDA_R_16BF
     with _cublas_on_current_stream() as (cublas, handle, one, zero):
@@ -676,14 +677,18 @@ def _decode_module(group: int, D: int):
                         options=("-std=c++14",))
 
 
+def fused_decode_shapes(heads: int, kv_heads: int, D: int, Dv: int) -> bool:
+    """Whether the fused decode kernel takes these head shapes: equal k and v widths of 64, 128
+    or 256 (a row is D/8 lanes of 16-byte loads) and at most 8 query heads per kv head."""
+    return D == Dv and D in (64, 128, 256) and heads % kv_heads == 0 and heads // kv_heads <= _DECODE_MAX_GROUP
+
+
 def fused_decode_supports(q, k, v) -> bool:
-    """Whether ``fused_decode_attention`` takes these shapes: equal k and v head widths of 64,
-    128 or 256 (a row is D/8 lanes of 16-byte loads), at most 8 query heads per kv head, and
-    16-byte aligned rows (strides in whole 8-element vectors)."""
-    D, kv, nh = k.shape[3], k.shape[2], q.shape[2]
+    """``fused_decode_shapes`` of these arrays, with 16-byte aligned cache rows (strides in whole
+    8-element vectors) and q heads of the cache's width."""
     aligned = all(st % 16 == 0 for x in (k, v) for st in x.strides[:3]) and \
         all(x.data.ptr % 16 == 0 for x in (k, v)) and k.strides[3] == v.strides[3] == 2
-    return D == v.shape[3] and D in (64, 128, 256) and nh % kv == 0 and nh // kv <= _DECODE_MAX_GROUP and aligned
+    return fused_decode_shapes(q.shape[2], k.shape[2], k.shape[3], v.shape[3]) and q.shape[3] == k.shape[3] and aligned
 
 
 def _decode_splits(blocks: int, positions: int) -> int:
@@ -704,6 +709,7 @@ def fused_decode_attention(q, k, v, last, scale: float, rows=None):
     if B == 0:
         return out
     q = cp.ascontiguousarray(q)
+    assert q.data.ptr % 16 == 0, "the kernel reads q in 16-byte vectors"
     last = cp.ascontiguousarray(cp.asarray(last), dtype=cp.int64)
     rows = None if rows is None else cp.ascontiguousarray(cp.asarray(rows), dtype=cp.int64)
     splits = _decode_splits(B * kv, Lk)

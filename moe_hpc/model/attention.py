@@ -108,7 +108,10 @@ def decode_step_attention(a, w, cfg, cache, at, xp=np):
         q, k, v = project_qkv(a, w, cfg, xp)
         q, k = apply_rope(q, cos[:, None], sin[:, None], xp), apply_rope(k, cos[:, None], sin[:, None], xp)
     cache.put_step(rows, pos, (k, v))
-    return decode_attention(q, *cache.parts, pos, softmax_scale(cfg), xp, rows=rows)
+    # where the positions are known on the host (an eager step), only those the rows have seen
+    parts = cache.parts if not isinstance(at.start, np.ndarray) else \
+        tuple(part[:, :int(at.start.max(initial=0)) + 1] for part in cache.parts)
+    return decode_attention(q, *parts, pos, softmax_scale(cfg), xp, rows=rows)
 
 
 def decode_attention(q, k, v, last, scale: float, xp, rows=None):

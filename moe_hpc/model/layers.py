@@ -61,7 +61,10 @@ def shared_expert(m, w, cfg, xp=np):
     y = expert_mlp(m, w.shared_w1, None, w.shared_w2, cfg.ffn_kind)
     if w.shared_gate is None:
         return y
-    g = m.astype(F32) @ w.shared_gate.astype(F32, copy=False)          # [T] fp32
+    g32 = w.shared_gate.astype(F32, copy=False)
+    # [T] fp32; on the GPU a reduction: CuPy's matrix-vector product is a cuBLAS call, which
+    # CuPy refuses inside a captured decode graph (runtime/decode_graph.py)
+    g = m.astype(F32) @ g32 if xp is np else (m.astype(F32) * g32[None, :]).sum(axis=1)
     return (y.astype(F32) * (1.0 / (1.0 + xp.exp(-g)))[:, None]).astype(BF16)
 
 

@@ -88,14 +88,17 @@ class MoeLayer:
         m = self.model
         return (self.comm.Get_size() == 1 and self.tp is None and self.dense_group is None
                 and self.router.balancer is None and self.router.trace is None
+                and (m.gate_score, m.expert_groups, m.routed_scaling_factor) == ("softmax", 1, 1.0)
                 and self.experts.ids == list(range(m.num_moe_layers * m.num_experts)))
 
     def fixed_shape_step(self, layer: int, h):
         """Block ``layer``'s MoE output for a small step's tokens h [T, H] bf16 (a decode step on
         one rank) with no host round trip, so a CUDA graph can capture it: every expert of the
         block runs over T rows (its choices first, the rest zeros), the shapes fixed by T alone.
-        Costs T / top_k times the rows of the exact path, which leaves a decode step (T <= 128)
-        bound by reading the expert weights all the same."""
+        That is E / top_k times the exact path's rows and every expert's weights read, which a
+        decode step of T <= 128 tokens with T top_k >= E reads anyway (bound by the weights,
+        ``decode_graph`` keeps to those). SPEC's softmax gate only (one kernel): the other
+        rules sort on the device through calls a capture may not hold."""
         m, xp = self.model, self.xp
         T, E = h.shape[0], m.num_experts
         flat, weights, _ = self.router._route_part(layer, h, None)

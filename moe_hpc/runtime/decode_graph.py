@@ -9,7 +9,16 @@ only the step's inputs (tokens, cache rows, positions) travel before it and its 
 
 Captured work keeps its addresses, so it allocates from a pool of its own that nothing else
 uses: what a step frees there is reused only by later captures and replays, which run one at
-a time on one stream. A graph holds the KV cache's addresses: reopening the cache drops them.
+a time on one stream. That pool must never hand its cached blocks back to the device while a
+graph may still replay into them (CuPy's pool does, to retry an allocation the device
+refused): its allocator reports a refusal as out-of-memory instead, so a capture that does not
+fit fails, and the run steps eagerly. A graph holds the KV cache's addresses: reopening the
+cache drops the graphs and frees their pool.
+
+Graphs run where the fixed-shape step costs no more bytes than the eager one: the fixed-shape
+experts read every expert of a block, the eager ones only those chosen, so a batch of B
+sequences is captured only when B x top_k >= E (about two thirds of the experts chosen, and a
+replay saves the launches of ~400 kernels).
 """
 from __future__ import annotations
 
@@ -27,15 +36,20 @@ class DecodeGraphs:
 
     def __init__(self, engine, cp):
         self.engine, self.cp = engine, cp
-        self.pool = cp.cuda.MemoryPool()
+        self.pool = cp.cuda.MemoryPool(_refusal_is_out_of_memory(cp))
+        m = engine.cfg.model
+        self.min_batch = -(-m.num_experts // m.top_k) if m.num_moe_layers else 1
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graphs: dict[int, tuple] = {}       # batch size -> (graph, device inputs, device logits)
         self.last_batch = None
         self.failed = None                       # why capture failed: the rest of the run steps eagerly
 
     def clear(self) -> None:
+        """Drop every graph and give their memory back (replays are finished: each ends in a
+        host synchronisation)."""
         self.graphs.clear()
         self.last_batch = None
+        self.pool.free_all_blocks()
 
     def step(self, tokens: np.ndarray, rows: np.ndarray, positions: np.ndarray):
         """One decode step of B sequences (host ints [B] each) -> fp32 logits [B, V] on the host,
@@ -43,7 +57,7 @@ class DecodeGraphs:
         large, or capture failed)."""
         B = len(rows)
         repeated, self.last_batch = B == self.last_batch, B
-        if self.failed or not 0 < B <= MAX_GRAPH_BATCH:
+        if self.failed or not self.min_batch <= B <= MAX_GRAPH_BATCH:
             return None
         host = [np.ascontiguousarray(a, dtype=np.int64) for a in (tokens, rows, positions)]
         if B in self.graphs:
@@ -55,8 +69,8 @@ class DecodeGraphs:
         return self.engine.fixed_shape_decode(tokens, CacheAt(rows, positions))
 
     def _after_default_stream(self) -> None:
-        """Our stream starts after the work already queued on the default one (the cache's fill)."""
-        self.stream.wait_event(self.cp.cuda.Stream.null.record())
+        """Our stream starts after the work already queued on the caller's (the cache's fill)."""
+        self.stream.wait_event(self.cp.cuda.get_current_stream().record())
 
     def _capture(self, B: int, host):
         """Run this step eagerly on the graph's stream and pool (its result is this step's; it
@@ -64,21 +78,25 @@ class DecodeGraphs:
         cp = self.cp
         inputs = tuple(cp.asarray(a) for a in host)
         self._after_default_stream()
-        with self.stream, cp.cuda.using_allocator(self.pool.malloc):
-            logits = cp.asnumpy(self._forward(inputs), stream=self.stream)
-            try:
+        try:
+            with self.stream, cp.cuda.using_allocator(self.pool.malloc):
+                logits = cp.asnumpy(self._forward(inputs), stream=self.stream)
                 self.stream.begin_capture()
                 try:
                     out = self._forward(inputs)
                 finally:
                     graph = self.stream.end_capture()
-            except Exception as err:      # noqa: BLE001 - any capture failure leaves eager stepping
-                self.failed = f"{type(err).__name__}: {err}"
-                print(f"warning: decode steps run eagerly: capturing a CUDA graph failed ({self.failed})",
-                      file=sys.stderr, flush=True)
-                return logits
+        except Exception as err:      # noqa: BLE001 - any failure here leaves eager stepping
+            self._give_up(err)
+            return None               # the caller runs this step eagerly (its cache writes repeat)
         self.graphs[B] = (graph, inputs, out)
         return logits
+
+    def _give_up(self, err: Exception) -> None:
+        self.failed = f"{type(err).__name__}: {err}"
+        self.clear()
+        print(f"warning: decode steps run eagerly: capturing a CUDA graph failed ({self.failed})",
+              file=sys.stderr, flush=True)
 
     def _replay(self, B: int, host):
         graph, inputs, out = self.graphs[B]
@@ -87,6 +105,18 @@ class DecodeGraphs:
             buf.set(a, stream=self.stream)
         graph.launch(self.stream)
         return self.cp.asnumpy(out, stream=self.stream)
+
+
+def _refusal_is_out_of_memory(cp):
+    """A base allocator for the graphs' pool: the device's memory, with a refusal raised as
+    out-of-memory, which CuPy's pool passes on instead of freeing its cached blocks (blocks
+    that captured graphs replay into) and retrying."""
+    def allocate(size: int):
+        try:
+            return cp.cuda.memory.MemoryPointer(cp.cuda.memory.Memory(size), 0)
+        except cp.cuda.runtime.CUDARuntimeError as err:
+            raise cp.cuda.memory.OutOfMemoryError(size, 0, 0) from err
+    return allocate
 
 
 __all__ = ["DecodeGraphs", "MAX_GRAPH_BATCH"]

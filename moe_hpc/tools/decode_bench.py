@@ -120,7 +120,8 @@ def bench_decode(engine, args, cp) -> dict:
             "prefill_tokens_per_s_per_gpu": 1 / warm_s_per_token, "prefill_first_call_ms": calls[0][1] * 1e3, "hbm_tb_s": hbm, "experts_per_moe_block": experts,
             "roofline_weight_gb": roof["weight_bytes"] / 1e9, "roofline_kv_read_gb": roof["kv_read_bytes"] / 1e9,
             "profiled_step_phases_ms_rank0": phases,
-            "peak_pool_gib": agree_max(topo.world, cp.get_default_memory_pool().total_bytes()) / 2 ** 30}
+            "peak_pool_gib": agree_max(topo.world, cp.get_default_memory_pool().total_bytes()) / 2 ** 30,
+            "graph_pool_gib": agree_max(topo.world, engine.graphs.pool.total_bytes() if engine.graphs else 0) / 2 ** 30}
 
 
 def profiled_step(engine, tokens, rows, s0: int, P: int, last: int, cp) -> dict:
