@@ -95,9 +95,9 @@ class MoeLayer:
         """Block ``layer``'s MoE output for a small step's tokens h [T, H] bf16 (a decode step on
         one rank) with no host round trip, so a CUDA graph can capture it: every expert of the
         block runs over T rows (its choices first, the rest zeros), the shapes fixed by T alone.
-        That is E / top_k times the exact path's rows and every expert's weights read, which a
-        decode step of T <= 128 tokens with T top_k >= E reads anyway (bound by the weights,
-        ``decode_graph`` keeps to those). SPEC's softmax gate only (one kernel): the other
+        That is E / top_k times the exact path's rows and every expert's weights read, where
+        the exact path reads min(E, T top_k) experts: a decode step of T <= 128 tokens stays
+        bound by reading the weights. SPEC's softmax gate only (one kernel): the other
         rules sort on the device through calls a capture may not hold."""
         m, xp = self.model, self.xp
         T, E = h.shape[0], m.num_experts

@@ -15,10 +15,10 @@ refused): its allocator reports a refusal as out-of-memory instead, so a capture
 fit fails, and the run steps eagerly. A graph holds the KV cache's addresses: reopening the
 cache drops the graphs and frees their pool.
 
-Graphs run where the fixed-shape step costs no more bytes than the eager one: the fixed-shape
-experts read every expert of a block, the eager ones only those chosen, so a batch of B
-sequences is captured only when B x top_k >= E (about two thirds of the experts chosen, and a
-replay saves the launches of ~400 kernels).
+The fixed-shape experts read every expert of a block where an eager step reads only those
+chosen (min(E, B x top_k)); a replay saves the launches of ~400 kernels, which at batch 64 cost
+more than the GPU work itself. Small batches on models whose experts are large were not
+measured: ``run.cuda_graphs = false`` steps eagerly.
 """
 from __future__ import annotations
 
@@ -37,8 +37,6 @@ class DecodeGraphs:
     def __init__(self, engine, cp):
         self.engine, self.cp = engine, cp
         self.pool = cp.cuda.MemoryPool(_refusal_is_out_of_memory(cp))
-        m = engine.cfg.model
-        self.min_batch = -(-m.num_experts // m.top_k) if m.num_moe_layers else 1
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graphs: dict[int, tuple] = {}       # batch size -> (graph, device inputs, device logits)
         self.last_batch = None
@@ -57,7 +55,7 @@ class DecodeGraphs:
         large, or capture failed)."""
         B = len(rows)
         repeated, self.last_batch = B == self.last_batch, B
-        if self.failed or not self.min_batch <= B <= MAX_GRAPH_BATCH:
+        if self.failed or not 0 < B <= MAX_GRAPH_BATCH:
             return None
         host = [np.ascontiguousarray(a, dtype=np.int64) for a in (tokens, rows, positions)]
         if B in self.graphs:

@@ -91,12 +91,9 @@ class Engine:
         """Whether decode steps may replay CUDA graphs (``run.cuda_graphs``): one GPU rank with
         every block, MHA/GQA attention, experts that run at fixed shapes."""
         cfg, m = self.cfg, self.cfg.model
-        if not (cfg.run.cuda_graphs and self.xp is not np and self.topo.size == 1 and self.first_stage
+        return (cfg.run.cuda_graphs and self.xp is not np and self.topo.size == 1 and self.first_stage
                 and self.last_stage and self.link is None and cfg.run.pipeline_waves == 1 and not m.mla
-                and (m.num_moe_layers == 0 or self.moe.fixed_shape_ok)):
-            return False
-        from ..device.kernels_cuda import fused_decode_shapes     # the other core gathers the cache
-        return fused_decode_shapes(m.num_heads, m.kv_heads, m.head_dim, m.head_dim)
+                and (m.num_moe_layers == 0 or self.moe.fixed_shape_ok))
 
     def fixed_shape_decode(self, tokens, at):
         """One decode step of B sequences whose inputs already live on the device (tokens [B],
