@@ -37,3 +37,127 @@ def test_fixed_shape_experts_equal_the_exact_path(kind, bias):
     hidden, out = np.empty((E * T, w1.shape[2]), BF16), np.empty((E * T, H), BF16)
     exact = combine(grouped_expert_mlp(rows, counts, w1, b1, w2, kind, hidden, out), dst, weights)
     np.testing.assert_array_equal(fixed.view(np.uint16), exact.view(np.uint16))
+
+
+# ---------------------------------------------------------------- when a batch size is captured
+
+class _DeviceArray(np.ndarray):
+    def set(self, a, stream=None):           # CuPy's host-to-device copy into an existing array
+        self[...] = a
+
+
+class _FakeCp:
+    """Just enough of CuPy for DecodeGraphs' bookkeeping: 'device' arrays are NumPy arrays, a
+    capture records the forward it would replay, a launch runs it."""
+
+    def __init__(self, fail_capture=False):
+        self.fail_capture, self.freed, self.launches = fail_capture, 0, 0
+        fake = self
+
+        class Stream:
+            def __init__(self, non_blocking=False):
+                self.capturing = False
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def wait_event(self, event):
+                pass
+
+            def record(self):
+                return None
+
+            def begin_capture(self):
+                if fake.fail_capture:
+                    raise RuntimeError("calling cuBLAS API during stream capture is currently unsupported")
+                self.capturing = True
+
+            def end_capture(self):
+                self.capturing = False
+                return Graph()
+
+        class Graph:
+            def launch(self, stream):
+                fake.launches += 1
+                fake.replay()
+
+        class MemoryPool:
+            def __init__(self, allocator=None):
+                pass
+
+            def malloc(self, size):
+                raise AssertionError("not called by the fake")
+
+            def free_all_blocks(self):
+                fake.freed += 1
+
+        class Cuda:
+            pass
+        cuda = Cuda()
+        cuda.Stream, cuda.MemoryPool = Stream, MemoryPool
+        cuda.get_current_stream = lambda: Stream()
+        cuda.using_allocator = lambda malloc: Stream()
+        cuda.runtime = type("runtime", (), {"CUDARuntimeError": RuntimeError})
+        self.cuda = cuda
+
+    @staticmethod
+    def asarray(a):
+        return np.array(a).view(_DeviceArray)
+
+    @staticmethod
+    def asnumpy(a, stream=None):
+        return np.array(a)
+
+
+class _CountingEngine:
+    """fixed_shape_decode -> logits [B, 1] = token + 10 * row + 100 * position, counted; a
+    capture's forward is remembered so a launch recomputes it from the (updated) inputs."""
+
+    def __init__(self, cp):
+        self.calls, self.cp = 0, cp
+
+    def fixed_shape_decode(self, tokens, at):
+        self.calls += 1
+        out = np.zeros((len(tokens), 1))
+        self.cp.replay = lambda: out.__setitem__(slice(None), (tokens + 10 * at.rows + 100 * at.start)[:, None])
+        out[:] = (tokens + 10 * at.rows + 100 * at.start)[:, None]
+        return out
+
+
+def _graphs(fail=False):
+    from moe_hpc.runtime.decode_graph import DecodeGraphs
+    cp = _FakeCp(fail)
+    engine = _CountingEngine(cp)
+    return DecodeGraphs(engine, cp), engine, cp
+
+
+def _step(graphs, tokens, pos):
+    rows = np.arange(len(tokens))
+    return graphs.step(np.asarray(tokens), rows, np.full(len(tokens), pos))
+
+
+def test_a_batch_size_is_captured_the_second_time_in_a_row_then_replayed():
+    graphs, engine, cp = _graphs()
+    assert _step(graphs, [1, 2], 5) is None                    # first time: the caller steps eagerly
+    got = _step(graphs, [3, 4], 6)                             # second: the capture's eager run is the result
+    np.testing.assert_array_equal(got[:, 0], [603, 614])
+    assert engine.calls == 2 and cp.launches == 0              # eager run + capture, no launch
+    got = _step(graphs, [7, 8], 7)                             # third: a replay over the new inputs
+    np.testing.assert_array_equal(got[:, 0], [707, 718])
+    assert engine.calls == 2 and cp.launches == 1
+    assert _step(graphs, [1, 2, 3], 7) is None                 # a new size: eager first
+    np.testing.assert_array_equal(_step(graphs, [9, 9], 8)[:, 0], [809, 819])   # B = 2 still captured
+    graphs.clear()
+    assert cp.freed == 1 and _step(graphs, [1, 2], 9) is None  # cleared: captured again from scratch
+
+
+def test_a_failed_capture_leaves_every_later_step_eager(capsys):
+    graphs, engine, cp = _graphs(fail=True)
+    assert _step(graphs, [1, 2], 5) is None
+    assert _step(graphs, [1, 2], 6) is None                    # the capture failed: this step eager too
+    assert "decode steps run eagerly" in capsys.readouterr().err
+    assert _step(graphs, [1, 2], 7) is None and cp.freed == 1
+    assert _step(graphs, np.arange(200), 7) is None            # past MAX_GRAPH_BATCH: always eager
