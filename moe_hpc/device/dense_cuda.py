@@ -196,11 +196,11 @@ def add_rows(x, rows, f) -> None:
     if n and H % 4 == 0 and _aligned((x, 8), (f, 8)):
         _kernel("add_rows4")((n,), (_threads(min(H // 4, 1024)),),
                              (x.view(cp.uint16), cp.ascontiguousarray(rows, dtype=cp.int64),
-                              cp.ascontiguousarray(f).view(cp.uint16), cp.int32(H)))
+                              f.view(cp.uint16), cp.int32(H)))
     elif n:
         _kernel("add_rows")((n,), (_threads(min(H, 1024) // 4),),
                             (x.view(cp.uint16), cp.ascontiguousarray(rows, dtype=cp.int64),
-                             cp.ascontiguousarray(f).view(cp.uint16), cp.int32(H)))
+                             f.view(cp.uint16), cp.int32(H)))
 
 
 def rope_heads(qkv, cos, sin, heads: int, head_dim: int) -> None:
@@ -209,15 +209,14 @@ def rope_heads(qkv, cos, sin, heads: int, head_dim: int) -> None:
     S, L, W = qkv.shape
     if not qkv.flags.c_contiguous:
         raise ValueError("rope_heads: qkv must be contiguous")
-    cos, sin = cos.astype(cp.float32, copy=False), sin.astype(cp.float32, copy=False)
-    cos, sin = cp.ascontiguousarray(cos), cp.ascontiguousarray(sin)
+    cos, sin = (cp.ascontiguousarray(t.astype(cp.float32, copy=False)) for t in (cos, sin))
     if S * L and head_dim % 8 == 0 and W % 4 == 0 and _aligned((qkv, 8), (cos, 16), (sin, 16)):
         _kernel("rope_heads4")((S * L,), (_threads(min(heads * head_dim // 8, 1024)),),
                                (qkv.view(cp.uint16), cos, sin,
                                 cp.int32(W), cp.int32(L), cp.int32(heads), cp.int32(head_dim)))
     elif S * L:
         _kernel("rope_heads")((S * L,), (_threads(min(heads * head_dim // 2, 1024) // 2),),
-                              (qkv.view(cp.uint16), cp.ascontiguousarray(cos), cp.ascontiguousarray(sin),
+                              (qkv.view(cp.uint16), cos, sin,
                                cp.int32(W), cp.int32(L), cp.int32(heads), cp.int32(head_dim)))
 
 

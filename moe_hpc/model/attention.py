@@ -44,6 +44,15 @@ def attention(a, w, cfg, block: int, xp=np, reduce=None, flash=None):
     return _project_out(o, w, xp, reduce)
 
 
+def _heads_of(qkv, cfg):
+    """The fused QKV GEMM's output [S, L, (nh + 2 kv) D] -> views q [S, L, nh, D], k and v
+    [S, L, kv, D] (no copy)."""
+    S, L, _ = qkv.shape
+    nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    return tuple(qkv[..., a0 * D:a1 * D].reshape(S, L, a1 - a0, D)
+                 for a0, a1 in ((0, nh), (nh, nh + nkv), (nh + nkv, nh + 2 * nkv)))
+
+
 def _project_out(o, w, xp, reduce):
     """o: [S, L, nh Dv] bf16 heads' outputs -> [S, L, H] bf16 through wo (summed over a dense-TP
     group by ``reduce``, rounded once)."""
@@ -69,9 +78,7 @@ def cached_attention(a, w, cfg, cache, at, block: int, xp=np, reduce=None, flash
     if flash is not None and w.wqkv is not None and flash.supports(S, L, cfg.num_heads, cfg.kv_heads, cfg.head_dim,
                                                                    softmax_scale(cfg)):
         o, qkv = _fused_core(a, w, cfg, flash, xp, keep=True)
-        nh, nkv, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        cache.put(at.rows, at.start, tuple(qkv[..., a0 * D:(a0 + nkv) * D].reshape(S, L, nkv, D)
-                                           for a0 in (nh, nh + nkv)))
+        cache.put(at.rows, at.start, _heads_of(qkv, cfg)[1:])
         return _project_out(o, w, xp, reduce)
     positions = xp.asarray(at.start[:, None] + np.arange(L))            # [S, L]
     cos, sin = (t[positions] for t in cache.rope)
@@ -99,11 +106,9 @@ def decode_step_attention(a, w, cfg, cache, at, xp=np):
     rows, pos = xp.asarray(at.rows), xp.asarray(at.start)
     cos, sin = (t[pos] for t in cache.rope)                             # [S, D/2]: each its own position
     if w.wqkv is not None:      # one GEMM, RoPE in place on its q and k heads (row s at position pos[s])
-        S, nh, nkv, D = a.shape[0], cfg.num_heads, cfg.kv_heads, cfg.head_dim
         qkv = matmul_bf16(a, w.wqkv, xp)                                # [S, 1, (nh + 2 kv) D]
-        rope_heads(qkv.reshape(1, S, -1), cos, sin, nh + nkv, D)
-        q, k, v = (qkv[..., a0 * D:a1 * D].reshape(S, 1, a1 - a0, D)
-                   for a0, a1 in ((0, nh), (nh, nh + nkv), (nh + nkv, nh + 2 * nkv)))
+        rope_heads(qkv.reshape(1, a.shape[0], -1), cos, sin, cfg.num_heads + cfg.kv_heads, cfg.head_dim)
+        q, k, v = _heads_of(qkv, cfg)
     else:
         q, k, v = project_qkv(a, w, cfg, xp)
         q, k = apply_rope(q, cos[:, None], sin[:, None], xp), apply_rope(k, cos[:, None], sin[:, None], xp)

@@ -55,20 +55,21 @@ class KvCache:
     def put(self, rows: np.ndarray, start: np.ndarray, values) -> None:
         """values: per part [s, L, ...] -> the cache at rows x positions start..start+L-1 (host
         ints), by whole-row copies (an advanced-index scatter of a prefill's keys is slow)."""
-        S, P = self.shape
-        L = values[0].shape[1]
-        at = self.xp.asarray(((rows * P + start)[:, None] + np.arange(L)).reshape(-1))
-        for part, value in zip(self.parts, values):
-            put_rows(part.reshape(S * P, -1), at, self.xp.ascontiguousarray(value.reshape(len(rows) * L, -1)))
+        P, L = self.shape[1], values[0].shape[1]
+        self._write(self.xp.asarray(((rows * P + start)[:, None] + np.arange(L)).reshape(-1)), values)
 
     def put_step(self, rows, positions, values) -> None:
         """A decode step's keys: values per part [s, 1, ...] -> the cache at (rows[i],
         positions[i]); rows and positions [s] ints where the cache lives (a row copy, no host
         work: the step may be a captured graph)."""
+        self._write(rows * self.shape[1] + positions, values)
+
+    def _write(self, at, values) -> None:
+        """values: per part [s, L, ...] -> flat cache positions ``at`` [s L] (row x P + position,
+        where the cache lives), one whole-row copy per part."""
         S, P = self.shape
-        at = rows * P + positions
         for part, value in zip(self.parts, values):
-            put_rows(part.reshape(S * P, -1), at, self.xp.ascontiguousarray(value.reshape(value.shape[0], -1)))
+            put_rows(part.reshape(S * P, -1), at, self.xp.ascontiguousarray(value.reshape(at.shape[0], -1)))
 
     def read(self, rows: np.ndarray, length: int):
         """The parts of cache rows ``rows`` (ascending) at positions 0..length-1: [s, length, ...]

@@ -32,6 +32,16 @@ class PhaseTimes:
     sync: object = None
     chunk_ends: list = field(default_factory=list)   # perf_counter at each chunk's end (the runner's)
 
+    def profiled(self, fn, sync) -> dict:
+        """Run ``fn`` once with every phase waiting for its own work (``sync``, the device's
+        synchronise) -> seconds per phase of that call alone; the run's totals are kept."""
+        saved, self.seconds, self.sync = self.seconds, defaultdict(float), sync
+        try:
+            fn()
+            return dict(self.seconds)
+        finally:
+            self.seconds, self.sync = saved, None
+
     def add(self, phase: str, t0: float) -> float:
         if self.sync is not None:
             self.sync()

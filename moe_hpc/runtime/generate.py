@@ -222,7 +222,7 @@ def _step(engine, table, owner: int, ran, slots: _Slots, made, tokens, lengths, 
     none = np.zeros(0, np.int64)
     rows, picked, admits = table.get(owner, (none, none, 0))
     slots.release(np.setdiff1d(ran, rows))
-    order = np.argsort(slots.of[rows])                    # ascending rows: the cache reads a view
+    order = np.argsort(slots.of[rows])                    # ascending rows: MLA's cache read is then a view
     rows, picked = rows[order], picked[order]
     decode, prefill = _forwards(table)
     parts = []

@@ -335,13 +335,9 @@ def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
     pool = cp.get_default_memory_pool()
     t = timer(lambda: engine.forward_chunk(x, lengths, first))
     peak_pool = pool.total_bytes()
-    engine.times.seconds.clear()
-    engine.times.sync = cp.cuda.Device().synchronize         # one call, each phase waiting for its work
     cp.cuda.Device().synchronize()
-    t0 = time.perf_counter()
-    engine.forward_chunk(x, lengths, first)
-    engine.times.sync = None
-    phases = dict(engine.times.seconds)
+    t0 = time.perf_counter()                                 # one call, each phase waiting for its work
+    phases = engine.times.profiled(lambda: engine.forward_chunk(x, lengths, first), cp.cuda.Device().synchronize)
     phases["profiled_call_total"] = time.perf_counter() - t0
     tps = S * L / t
     flops = model_flops(m, L) * tps

@@ -117,7 +117,8 @@ def bench_decode(engine, args, cp) -> dict:
     return {"layers": m.num_layers, "batch": B, "prompt_len": L, "new_tokens": N, "timed_steps": len(timed),
             "step_ms": step_s * 1e3, "roofline_ms": roof["roofline_ms"], "ratio": step_s * 1e3 / roof["roofline_ms"],
             "tokens_per_s_per_gpu": B / step_s, "kv_cache_gib": kv_bytes / 2 ** 30, "prefill_ms": prefill_s * 1e3,
-            "prefill_tokens_per_s_per_gpu": 1 / warm_s_per_token, "prefill_first_call_ms": calls[0][1] * 1e3, "hbm_tb_s": hbm, "experts_per_moe_block": experts,
+            "prefill_tokens_per_s_per_gpu": 1 / warm_s_per_token, "prefill_first_call_ms": calls[0][1] * 1e3,
+            "hbm_tb_s": hbm, "experts_per_moe_block": experts,
             "roofline_weight_gb": roof["weight_bytes"] / 1e9, "roofline_kv_read_gb": roof["kv_read_bytes"] / 1e9,
             "profiled_step_phases_ms_rank0": phases,
             "peak_pool_gib": agree_max(topo.world, cp.get_default_memory_pool().total_bytes()) / 2 ** 30,
@@ -128,16 +129,13 @@ def profiled_step(engine, tokens, rows, s0: int, P: int, last: int, cp) -> dict:
     """One more decode step (at the last timed position again: it overwrites that cache entry)
     with each phase waiting for its own GPU work -> milliseconds per phase (``PhaseTimes``): where
     the step's time goes, at the cost of the overlap the timed steps have."""
-    times = engine.times
-    saved, times.seconds = times.seconds, type(times.seconds)(float)
-    times.sync = cp.cuda.Device().synchronize
     pos = np.full(len(rows), last, np.int64)
     cp.cuda.Device().synchronize()
     t0 = time.perf_counter()
-    engine.forward_cached(tokens[:, None], np.ones(len(rows), np.int64), CacheAt(rows, pos),
-                          ((s0 + rows) * P + pos)[:, None])
+    phases = engine.times.profiled(lambda: engine.forward_cached(tokens[:, None], np.ones(len(rows), np.int64),
+                                                                 CacheAt(rows, pos), ((s0 + rows) * P + pos)[:, None]),
+                                   cp.cuda.Device().synchronize)
     total = time.perf_counter() - t0
-    times.sync, phases, times.seconds = None, times.seconds, saved
     return {name: round(sec * 1e3, 3) for name, sec in phases.items()} | {"total": round(total * 1e3, 3)}
 
 
