@@ -452,3 +452,38 @@ def assert_steps_equal_full_forward(got: dict, model, tmp: Path, new_tokens: int
                             - lp[s, len(p) - 1:len(p) - 1 + got["generated_lengths"][s]]
                             for s, p in enumerate(prompts)])
     assert np.median(np.abs(diffs)) < 1e-2 and np.mean(np.abs(diffs) < 5e-2) >= 0.9, diffs
+
+
+GENERATE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+
+
+def assert_generate_equals_transformers(family: str, tmp: Path, *args, ranks: int | None = None) -> int:
+    """transformers' own greedy continuations (fp32, six prompts of 1-24 tokens, 16 new tokens;
+    tests/fixtures/make_generate_fixtures.py, run on the device) equal ``moe-hpc generate``'s
+    (``args``: its extra options), step by step, until the first step near a tie: transformers'
+    top-1/top-2 gap under 1e-2, or the float64 reference's own clear steps (gap, or a routing
+    margin bf16 may flip). -> the steps compared (at least 4: a test must compare some)."""
+    from moe_hpc.model.reference import reference_generate
+    from moe_hpc.tools.hf_import import import_hf
+    folder = fixture(family)
+    ref_file = folder / "generate_reference.h5"
+    with h5py.File(ref_file, "r") as f:
+        want, gaps, new = f["generated"][()], f["hf_gap"][()], int(f.attrs["new_tokens"])
+    weights = tmp / "weights.h5"
+    import_hf(folder, tmp / "model.toml", weights, log=lambda text: None)
+    reference = reference_generate(weights, prompts_of(ref_file), new)
+    out = tmp / "out.h5"
+    r = moe_hpc("generate", folder, "--weights", folder, "--input", ref_file, "--output", out,
+                "--max-new-tokens", new, "--ignore-eos", "--progress", "off", *args, ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    got = read_generated(out)["generated"]
+    compared = 0
+    for s, ref in enumerate(reference):
+        near = np.flatnonzero(gaps[s] < 1e-2)
+        k = min(ref.clear_steps(), near[0] if near.size else new)
+        assert (ref.tokens[:k] == want[s, :k]).all(), ("float64 reference vs transformers", s, k)
+        assert (got[s, :k] == want[s, :k]).all(), ("engine vs transformers", s, k, got[s], want[s])
+        compared += k
+    print(f"{family}: {compared} of {got.size} steps compared")
+    assert compared >= 4, compared      # the random fixtures tie often
+    return compared

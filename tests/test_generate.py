@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import (TINY, assert_steps_equal_full_forward, build_tokenizer, fixture, moe_hpc, needs_mpiexec,
-                     prompts_of, read_generated as read)
+from helpers import (GENERATE_FAMILIES, TINY, assert_generate_equals_transformers, assert_steps_equal_full_forward,
+                     build_tokenizer, fixture, moe_hpc, needs_mpiexec, prompts_of, read_generated as read)
 from moe_hpc.config.run_config import build_config, load_config
 from moe_hpc.model.blocks import AttentionBlock
 from moe_hpc.model.reference import reference_forward, reference_generate
@@ -361,30 +361,7 @@ def test_text_prompts_resume_from_the_kept_batch_with_identical_tokens(text_mode
 # ---------------------------------------------------------------- against transformers' own generate
 
 @needs_mpiexec
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize("family", GENERATE_FAMILIES)
 def test_greedy_continuations_equal_transformers(family, tmp_path):
-    """transformers' own greedy continuations (fp32, six prompts of 1-24 tokens, 16 new tokens;
-    tests/fixtures/make_generate_fixtures.py, run on the device) equal the engine's at 2 ranks,
-    step by step, until the first step near a tie: transformers' top-1/top-2 gap under 1e-2, or
-    the float64 reference's own clear steps (gap, or a routing margin bf16 may flip)."""
-    folder = fixture(family)
-    ref_file = folder / "generate_reference.h5"
-    with h5py.File(ref_file, "r") as f:
-        want, gaps, new = f["generated"][()], f["hf_gap"][()], int(f.attrs["new_tokens"])
-    weights = tmp_path / "weights.h5"
-    import_hf(folder, tmp_path / "model.toml", weights, log=lambda text: None)
-    reference = reference_generate(weights, prompts_of(ref_file), new)
-    out = tmp_path / "out.h5"
-    r = moe_hpc("generate", folder, "--weights", folder, "--input", ref_file, "--output", out,
-                "--max-new-tokens", new, "--ignore-eos", "--progress", "off", ranks=2)
-    assert r.returncode == 0, r.stderr
-    got = read(out)["generated"]
-    compared = 0
-    for s, ref in enumerate(reference):
-        near = np.flatnonzero(gaps[s] < 1e-2)
-        k = min(ref.clear_steps(), near[0] if near.size else new)
-        assert (ref.tokens[:k] == want[s, :k]).all(), ("float64 reference vs transformers", s, k)
-        assert (got[s, :k] == want[s, :k]).all(), ("engine vs transformers", s, k, got[s], want[s])
-        compared += k
-    print(f"{family}: {compared} of {got.size} steps compared")
-    assert compared >= 4, compared      # a test must compare some (the random fixtures tie often)
+    """transformers' greedy continuations equal the engine's at 2 ranks (helpers.py says how)."""
+    assert_generate_equals_transformers(family, tmp_path, ranks=2)

@@ -10,7 +10,8 @@ from moe_hpc.device.backend import cupy_or_none
 from moe_hpc.device.dtypes import BF16
 from moe_hpc.model.reference import compare, read_output_hidden, reference_forward
 
-from helpers import REPO, TINY, assert_steps_equal_full_forward, moe_hpc, needs_mpiexec, read_generated
+from helpers import (GENERATE_FAMILIES, REPO, TINY, assert_generate_equals_transformers, assert_steps_equal_full_forward,
+                     moe_hpc, needs_mpiexec, read_generated)
 
 cp = cupy_or_none()
 needs_gpu = pytest.mark.skipif(cp is None, reason="no CuPy or no CUDA GPU on this machine (CPU CI)")
@@ -509,3 +510,13 @@ def test_gpu_generate_steps_equal_a_full_forward(tmp_path, family, graphs, slots
     got = read_generated(out)
     assert (got["generated_lengths"] == new).all(), got["generated_lengths"]
     assert_steps_equal_full_forward(got, (folder, [], None, folder, prompts), tmp_path, new, *gpu)
+
+
+@needs_gpu
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("family", GENERATE_FAMILIES)
+def test_gpu_greedy_continuations_equal_transformers(family, graphs, tmp_path):
+    """transformers' own greedy continuations (the CPU test's fixtures and tie rule) equal
+    ``moe-hpc generate``'s on one GPU, with the decode steps replayed as CUDA graphs or eager."""
+    assert_generate_equals_transformers(family, tmp_path, "--set", "run.device=gpu", "--set", "run.transport=nccl",
+                                        "--set", f"run.cuda_graphs={str(graphs).lower()}")
