@@ -251,23 +251,33 @@ def test_gpu_dense_ranks(tiny_files, tmp_path):
     _run_gpu(tiny_files, tmp_path, 2, "auto", ("--set", "parallel.dense_ranks=1"))
 
 
+@pytest.mark.parametrize("method", ["grouped", "batched"])
+@pytest.mark.parametrize("kind", ["gelu", "gated-silu"])
 @pytest.mark.parametrize("bias", [True, False])
 @needs_gpu
 @pytest.mark.parametrize("counts", [[24, 0, 7, 13, 1], [1000, 3, 5, 2, 9, 4]], ids=["mixed", "one-hot-expert"])
-def test_grouped_expert_mlp_kernel(bias, counts):
-    """Every slot's rows against NumPy, balanced-ish and skewed (the hot slot's tail runs alone)."""
+def test_grouped_expert_mlp_kernel(bias, counts, kind, method):
+    """Every slot's rows against NumPy, balanced-ish and skewed (the batched method runs the hot
+    slot's tail alone), through cuBLAS's grouped GEMM and through the batched one."""
     from moe_hpc.device import kernels
     from moe_hpc.device.expert_batches import batched_rows
+    if not kernels.set_expert_gemm(method, cp):
+        pytest.skip(f"this cuBLAS has no {method} GEMM")
     counts = np.array(counts)
+    gated = kind == "gated-silu"
     S, C, H, F = len(counts), int(-(-counts.max() // 8) * 8), 128, 256
     if max(counts) == 1000:
         assert len(batched_rows(counts, C)[1]) == 1
-    x, w1, w2 = bf((S * C, H)), bf((S, H, F), H ** -0.5), bf((S, F, H), F ** -0.5)
-    b1 = bf((S, F), 0.1) if bias else None
-    host = kernels.grouped_expert_mlp(x, counts, w1, b1, w2, "gelu", np.empty((S * C, F), BF16),
-                                      np.zeros((S * C, H), BF16))
-    dev = kernels.grouped_expert_mlp(cp.asarray(x), counts, cp.asarray(w1), None if b1 is None else cp.asarray(b1),
-                                     cp.asarray(w2), "gelu", cp.empty((S * C, F), BF16), cp.empty((S * C, H), BF16))
+    x, w1, w2 = bf((S * C, H)), bf((S, H, F * (1 + gated)), H ** -0.5), bf((S, F, H), F ** -0.5)
+    b1 = bf((S, F * (1 + gated)), 0.1) if bias else None
+    try:
+        host = kernels.grouped_expert_mlp(x, counts, w1, b1, w2, kind, np.empty((S * C, F * (1 + gated)), BF16),
+                                          np.zeros((S * C, H), BF16))
+        dev = kernels.grouped_expert_mlp(cp.asarray(x), counts, cp.asarray(w1),
+                                         None if b1 is None else cp.asarray(b1), cp.asarray(w2), kind,
+                                         cp.empty((S * C, F * (1 + gated)), BF16), cp.empty((S * C, H), BF16))
+    finally:
+        kernels.set_expert_gemm("grouped", cp)
     dev = cp.asnumpy(dev)
     for s, n in enumerate(counts):
         if n:
@@ -295,6 +305,12 @@ def test_gate_topk_and_count_kernels_match_numpy():
             e_d, w_d = kernels.gate_topk(cp.asarray(logits), None if b is None else cp.asarray(b), k, norm)
             np.testing.assert_array_equal(cp.asnumpy(e_d), e_h)
             np.testing.assert_allclose(cp.asnumpy(w_d), w_h, rtol=1e-5, atol=1e-7)
+    for T, E in ((7, 16), (5, 60), (1, 160)):       # experts not a multiple of the warp, a partial block
+        few = (rng.standard_normal((T, E)) * 3).astype(np.float32)
+        e_h, w_h = kernels.gate_topk(few, None, 2, True)
+        e_d, w_d = kernels.gate_topk(cp.asarray(few), None, 2, True)
+        np.testing.assert_array_equal(cp.asnumpy(e_d), e_h)
+        np.testing.assert_allclose(cp.asnumpy(w_d), w_h, rtol=1e-5, atol=1e-7)
     # DeepSeek-V3's rule (sigmoid, 8 groups of which 4 are kept, scaled weights) through CuPy's ops
     rule = {"score": "sigmoid", "groups": 8, "keep_groups": 4, "scale": 2.5}
     e_h, w_h = kernels.gate_topk(logits, bias, 8, True, **rule)

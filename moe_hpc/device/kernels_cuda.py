@@ -12,7 +12,7 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
-from ..config.run_config import split_kind
+from ..config.run_config import EXPERT_GEMMS, split_kind
 from .dtypes import BF16
 from .expert_batches import batched_rows
 
@@ -32,6 +32,7 @@ _ACTIVATIONS = {
     "gelu": "0.5f * v * (1.0f + erff(v * 0.70710678118654752f))",
     "gelu_tanh": "0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)))",
     "silu": "v / (1.0f + expf(-v))",
+    "identity": "v",            # a bias alone (add_bias)
 }
 
 
@@ -69,13 +70,14 @@ def _combine_kernel(k: int, has_b2: bool):
 
 
 _COPY_ROWS = cp.RawKernel(r"""
-extern "C" __global__ void moe_copy_rows(const uint4* src, const long long* src_rows,
-                                         uint4* dst, const long long* dst_rows, int row_vecs) {
-    // one block per row; 16-byte vectors; a null index means "row i itself"
+extern "C" __global__ void moe_copy_rows(const uint4* src, const long long* src_rows, long long src_stride,
+                                         uint4* dst, const long long* dst_rows, long long dst_stride,
+                                         int row_vecs) {
+    // one block per row; 16-byte vectors; strides in vectors; a null index means "row i itself"
     long long i = blockIdx.x;
     long long s = src_rows ? src_rows[i] : i, d = dst_rows ? dst_rows[i] : i;
-    const uint4* from = src + s * row_vecs;
-    uint4* to = dst + d * row_vecs;
+    const uint4* from = src + s * src_stride;
+    uint4* to = dst + d * dst_stride;
     for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) to[v] = from[v];
 }
 """, "moe_copy_rows")
@@ -109,9 +111,19 @@ extern "C" __global__ void moe_combine_rows(const unsigned short* rows, const lo
 """, "moe_combine_rows")
 
 
+def _vector_rows(a) -> bool:
+    """Whether a 2-D array's rows can be read as 16-byte vectors: each row contiguous, its bytes
+    and its row stride multiples of 16, the start 16-byte aligned (views of wider rows too, such
+    as the keys' columns of a fused QKV projection)."""
+    row = a.shape[1] * a.itemsize
+    return (a.ndim == 2 and (a.strides[1] == a.itemsize or a.shape[1] == 1) and row % 16 == 0
+            and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0)
+
+
 def move_rows(src, dst, src_rows=None, dst_rows=None) -> None:
-    """Row copy for any 2-D array: the vector kernel where rows are 16-byte multiples."""
-    if src.shape[1] * src.dtype.itemsize % 16 == 0 and src.flags.c_contiguous and dst.flags.c_contiguous:
+    """Row copy for any 2-D array: the vector kernel where rows are 16-byte vectors (strided
+    views included, read in place), else a 16-bit word copy."""
+    if _vector_rows(src) and _vector_rows(dst) and src.shape[1] * src.itemsize == dst.shape[1] * dst.itemsize:
         return copy_rows(src, dst, src_rows, dst_rows,
                          count=None if src_rows is not None or dst_rows is not None else src.shape[0])
     words = lambda a: a.view(cp.uint16)
@@ -123,14 +135,16 @@ def move_rows(src, dst, src_rows=None, dst_rows=None) -> None:
 
 
 def copy_rows(src, dst, src_rows=None, dst_rows=None, count=None) -> None:
-    """dst[dst_rows[i]] = src[src_rows[i]] for whole rows (16-bit elements, row bytes a multiple
-    of 16); a missing index means the identity. Rows are copied with 16-byte vectors."""
+    """dst[dst_rows[i]] = src[src_rows[i]] for whole rows (16-bit elements, row bytes and row
+    strides multiples of 16); a missing index means the identity. 16-byte vectors."""
     n = int(count if count is not None else (src_rows if src_rows is not None else dst_rows).size)
     if n == 0:
         return
     width = src.shape[1] * src.dtype.itemsize
     idx = lambda r: np.uint64(0) if r is None else cp.ascontiguousarray(r, dtype=cp.int64)
-    _COPY_ROWS((n,), (128,), (src, idx(src_rows), dst, idx(dst_rows), np.int32(width // 16)))
+    stride = lambda a: np.int64(a.strides[0] // 16 if a.shape[0] > 1 else width // 16)
+    _COPY_ROWS((n,), (128,), (np.uint64(src.data.ptr), idx(src_rows), stride(src), np.uint64(dst.data.ptr),
+                              idx(dst_rows), stride(dst), np.int32(width // 16)))
 
 
 # ---------------------------------------------------------------- dispatch plan: a stable counting sort
@@ -288,44 +302,57 @@ def permute_blocks(src, dst, table, blocks: int) -> None:
 
 _GATE_TOPK = cp.RawKernel(r"""
 #define MAXK 8
+__device__ __forceinline__ void better(float& v, int& e, float v2, int e2) {
+    // the larger value wins; a tie keeps the lower index (SPEC's order); e < 0: nothing yet
+    if (e2 >= 0 && (e < 0 || v2 > v || (v2 == v && e2 < e))) { v = v2; e = e2; }
+}
 extern "C" __global__ void moe_gate_topk(const float* logits, const float* bias, int T, int E, int K,
                                          int normalize, int* experts, float* weights) {
-    // one thread per token: softmax in fp32, choice by p + bias, weights from p (SPEC)
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    // one warp per token (a decode step's few tokens are 64 warps, not one thread each): softmax
+    // in fp32, choice by p + bias, weights from p (SPEC); K rounds of a warp-wide argmax
+    int t = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (t >= T) return;
     const float* l = logits + (long long)t * E;
-    float mx = l[0];
-    for (int e = 1; e < E; ++e) mx = fmaxf(mx, l[e]);
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, l[e]);
+    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float z = 0.0f;
-    for (int e = 0; e < E; ++e) z += expf(l[e] - mx);
-    int best[MAXK]; float top[MAXK];
-    for (int j = 0; j < K; ++j) { best[j] = -1; top[j] = 0.0f; }
-    for (int e = 0; e < E; ++e) {
-        float v = expf(l[e] - mx) / z + (bias ? bias[e] : 0.0f);
-        if (best[K - 1] >= 0 && !(v > top[K - 1])) continue;   // ties keep the lower index
-        int j = K - 1;
-        while (j > 0 && (best[j - 1] < 0 || v > top[j - 1])) { top[j] = top[j - 1]; best[j] = best[j - 1]; --j; }
-        top[j] = v; best[j] = e;
-    }
+    for (int e = lane; e < E; e += 32) z += expf(l[e] - mx);
+    for (int o = 16; o; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+    int best[MAXK];
     float sum = 0.0f, p[MAXK];
-    for (int j = 0; j < K; ++j) { p[j] = expf(l[best[j]] - mx) / z; sum += p[j]; }
     for (int j = 0; j < K; ++j) {
-        experts[(long long)t * K + j] = best[j];
-        weights[(long long)t * K + j] = normalize ? p[j] / sum : p[j];
+        float v = 0.0f; int e = -1;
+        for (int c = lane; c < E; c += 32) {
+            bool taken = false;
+            for (int i = 0; i < j; ++i) taken |= best[i] == c;
+            if (!taken) better(v, e, expf(l[c] - mx) / z + (bias ? bias[c] : 0.0f), c);
+        }
+        for (int o = 16; o; o >>= 1) better(v, e, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, e, o));
+        best[j] = e;
+        p[j] = expf(l[e] - mx) / z;
+        sum += p[j];
+    }
+    if (lane < K) {
+        float pj = 0.0f; int ej = 0;
+        for (int j = 0; j < K; ++j) if (j == lane) { pj = p[j]; ej = best[j]; }
+        experts[(long long)t * K + lane] = ej;
+        weights[(long long)t * K + lane] = normalize ? pj / sum : pj;
     }
 }
 """, "moe_gate_topk")
 
 
 def gate_topk(logits, bias, k: int, normalize: bool):
-    """See ``kernels.gate_topk``: one launch instead of a softmax's five plus the top-k."""
+    """See ``kernels.gate_topk``: one launch instead of a softmax's five plus the top-k, a warp
+    per token (four per block)."""
     if k > 8:
         raise ValueError("the GPU top-k kernel handles top_k <= 8")
     T, E = logits.shape
     experts = cp.empty((T, k), dtype=cp.int32)
     weights = cp.empty((T, k), dtype=cp.float32)
     if T:
-        _GATE_TOPK(((T + 127) // 128,), (128,), (cp.ascontiguousarray(logits, dtype=cp.float32),
+        _GATE_TOPK(((T + 3) // 4,), (128,), (cp.ascontiguousarray(logits, dtype=cp.float32),
                    np.uint64(0) if bias is None else cp.ascontiguousarray(bias, dtype=cp.float32), np.int32(T),
                    np.int32(E), np.int32(k), np.int32(normalize), experts, weights))
     return experts, weights
@@ -368,6 +395,10 @@ class _Cublas:
         self._gemm = self._fn(lib, "cublasGemmEx", [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I])
         self._batched = self._fn(lib, "cublasGemmStridedBatchedEx",
                                  [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I, I, L, I, I, I])
+        # cuBLAS >= 12.5: one launch for problems of different sizes (absent before: None)
+        self._grouped = (self._fn(lib, "cublasGemmGroupedBatchedEx", [P, P, P, P, P, P, P, P, I, P, P, I, P, P, P, I, P,
+                                                                      I, P, I])
+                         if hasattr(lib, "cublasGemmGroupedBatchedEx") else None)
         self._c = c
 
     @staticmethod
@@ -403,6 +434,13 @@ class _Cublas:
 
     def gemmStridedBatchedEx(self, *args) -> None:
         self._check(self._batched(*args), "cublasGemmStridedBatchedEx")
+
+    @property
+    def has_grouped(self) -> bool:
+        return self._grouped is not None
+
+    def gemmGroupedBatchedEx(self, *args) -> None:
+        self._check(self._grouped(*args), "cublasGemmGroupedBatchedEx")
 
 
 @functools.lru_cache(maxsize=None)
@@ -735,6 +773,14 @@ def _bias_act(h, b1, kind: str, rows_per_slot: int) -> None:
                                            max(rows_per_slot, 1) * F, _u16(h))
 
 
+def add_bias(y, bias):
+    """See ``kernels.add_bias``: in place, one elementwise launch."""
+    y = y if y.flags.c_contiguous else cp.ascontiguousarray(y)
+    if y.size:
+        _bias_act(y.reshape(-1, y.shape[-1]), bias, "identity", y.size // y.shape[-1])
+    return y
+
+
 def expert_mlp(x, w1, b1, w2, kind: str, hidden=None, out=None):
     if x.shape[0] == 0:
         return out if out is not None else cp.empty((0, w2.shape[1]), BF16)
@@ -826,13 +872,64 @@ def _batched_gemm(a, b, c, slots: int, rows: int | None = None) -> None:
                                     cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
 
 
+_EXPERT_GEMM = {"method": "grouped"}
+
+
+def set_expert_gemm(method: str) -> bool:
+    """How ``grouped_expert_mlp`` runs the experts (``run.expert_gemm``): "grouped", one cuBLAS
+    grouped GEMM over every busy slot's exact rows (cuBLAS >= 12.5), or "batched", one
+    strided-batched GEMM over a common row count plus each heavier slot's tail alone. Returns
+    whether the method is available (grouped falls back to batched where it is not)."""
+    if method not in EXPERT_GEMMS:
+        raise ValueError(f"expert GEMM method must be one of {EXPERT_GEMMS}, got {method!r}")
+    _EXPERT_GEMM["method"] = method
+    return method == "batched" or _cublas_api().has_grouped
+
+
+def _grouped_gemm(a, counts, b, c) -> None:
+    """c[rows of slot s] = a[rows of slot s] @ b[s] over the first counts[s] rows of every slot
+    with rows, in one cuBLAS launch. a: [S*C, >= K] bf16, b: [S, K, N] bf16, c: [S*C, >= N] bf16
+    or fp32; row strides as in ``_batched_gemm`` (leading dimensions). Row-major c = a b is
+    column-major c^T = b^T a^T: cuBLAS's (m, n, k) = (N, rows, K), A = b[s], B = a's rows."""
+    S = len(counts)
+    C, K, N = a.shape[0] // S, b.shape[1], b.shape[2]
+    busy = np.flatnonzero(np.asarray(counts) > 0)
+    G = int(busy.size)
+    if G == 0:
+        return
+    lda, ldc = a.strides[0] // a.itemsize, c.strides[0] // c.itemsize
+    assert a.strides[1] == a.itemsize and c.strides[1] == c.itemsize, "rows must be contiguous"
+    ints = lambda v: np.full(G, v, np.int32) if np.isscalar(v) else np.ascontiguousarray(v, np.int32)
+    rows = ints(np.asarray(counts)[busy])
+    pointers = cp.asarray(np.concatenate([b.data.ptr + busy * (K * N * b.itemsize),
+                                          a.data.ptr + busy * (C * lda * a.itemsize),
+                                          c.data.ptr + busy * (C * ldc * c.itemsize)]).astype(np.uint64))
+    trans, m_, k_, la, lb, lc = ints(0), ints(N), ints(K), ints(N), ints(lda), ints(ldc)
+    ones, zeros, sizes = np.ones(G, np.float32), np.zeros(G, np.float32), ints(1)
+    ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
+    host = lambda v: v.ctypes.data
+    with _cublas_on_current_stream() as (cublas, handle, _, _), _sm_target(handle):
+        cublas.gemmGroupedBatchedEx(handle, host(trans), host(trans), host(m_), host(rows), host(k_), host(ones),
+                                    pointers.data.ptr, 14, host(la), pointers.data.ptr + 8 * G, 14, host(lb),
+                                    host(zeros), pointers.data.ptr + 16 * G, ctype, host(lc), G, host(sizes),
+                                    cublas.CUBLAS_COMPUTE_32F)
+
+
 def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
-    """See ``kernels.grouped_expert_mlp``: one batched GEMM pair over the first m rows of every
-    slot, and the heavy slots' tails alone (``expert_batches.batched_rows``)."""
+    """See ``kernels.grouped_expert_mlp``: by ``run.expert_gemm`` (``set_expert_gemm``), one
+    grouped GEMM per product over the exact rows, or one batched GEMM pair over the first m rows
+    of every slot and the heavy slots' tails alone (``expert_batches.batched_rows``)."""
     S = len(counts)
     if S == 0 or x.shape[0] == 0:
         return out
     C = x.shape[0] // S
+    if _EXPERT_GEMM["method"] == "grouped" and _cublas_api().has_grouped:
+        # every slot's activation over its first max(counts) rows: one launch, padding rows
+        # computed and never read (the GEMMs wrote only the exact rows)
+        _grouped_gemm(x, counts, w1, hidden)
+        _activate(hidden, b1, kind, S, int(max(counts)), C)
+        _grouped_gemm(hidden, counts, w2, out)
+        return out
     m, heavy = batched_rows(counts, C)
     if m:
         _batched_gemm(x, w1, hidden, S, m)

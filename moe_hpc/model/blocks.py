@@ -69,7 +69,8 @@ class KvCache:
         where the cache lives), one whole-row copy per part."""
         S, P = self.shape
         for part, value in zip(self.parts, values):
-            put_rows(part.reshape(S * P, -1), at, self.xp.ascontiguousarray(value.reshape(at.shape[0], -1)))
+            # a view of the fused projection's columns is read in place (strided rows), no copy
+            put_rows(part.reshape(S * P, -1), at, value.reshape(at.shape[0], -1))
 
     def read(self, rows: np.ndarray, length: int):
         """The parts of cache rows ``rows`` (ascending) at positions 0..length-1: [s, length, ...]

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..device.backend import matmul_bf16
 from ..device.dtypes import BF16, F32
-from ..device.kernels import activation, add_rmsnorm, expert_mlp, matmul_f32out
+from ..device.kernels import activation, add_bias, add_rmsnorm, expert_mlp, matmul_f32out
 
 
 def rmsnorm(x, weight, eps: float, xp=np):
@@ -27,14 +27,12 @@ def mlp(x, w1, b1, w2, b2, kind: str, xp=np, reduce=None):
         reduce(partial)
         return (partial if b2 is None else partial + b2.astype(F32, copy=False)).astype(BF16)
     y = expert_mlp(x, w1, b1, w2, kind)
-    if b2 is None:
-        return y
-    return (y.astype(F32) + b2.astype(F32, copy=False)).astype(BF16)
+    return y if b2 is None else add_bias(y, b2)
 
 
 def _biased(y, bias):
     """y: [..., N] bf16 + bias [N] | None, summed in fp32, rounded once."""
-    return y if bias is None else (y.astype(F32) + bias.astype(F32, copy=False)).astype(BF16)
+    return y if bias is None else add_bias(y, bias)
 
 
 def project_qkv(a, w, cfg, xp=np):

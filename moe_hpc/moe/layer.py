@@ -94,7 +94,7 @@ class MoeLayer:
     def fixed_shape_step(self, layer: int, h):
         """Block ``layer``'s MoE output for a small step's tokens h [T, H] bf16 (a decode step on
         one rank) with no host round trip, so a CUDA graph can capture it: every expert of the
-        block runs over T rows (its choices first, the rest zeros), the shapes fixed by T alone.
+        block runs over T rows (its choices first, the rest padding), the shapes fixed by T alone.
         That is E / top_k times the exact path's rows and every expert's weights read, where
         the exact path reads min(E, T top_k) experts: a decode step of T <= 128 tokens stays
         bound by reading the weights. SPEC's softmax gate only (one kernel): the other
@@ -104,7 +104,9 @@ class MoeLayer:
         flat, weights, _ = self.router._route_part(layer, h, None)
         s0 = (layer - m.first_dense_layers) * E                  # the block's first slot
         dst, src = static_dispatch(flat - s0, T, E)
-        rows = xp.zeros((E * T, m.hidden_size), BF16)
+        # padding rows are computed and never read: no memset on the GPU (NumPy gets zeros, so
+        # garbage never warns there)
+        rows = (xp.zeros if xp is np else xp.empty)((E * T, m.hidden_size), BF16)
         put_rows(rows, dst.reshape(-1), take_rows(h, src))
         w1, b1, w2 = self.experts.stacked
         out = padded_expert_mlp(rows, w1[s0:s0 + E], None if b1 is None else b1[s0:s0 + E], w2[s0:s0 + E],
