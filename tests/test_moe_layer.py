@@ -51,13 +51,13 @@ def parts():
     return cfg, backend, placement, experts, weights, gates, b2, layer
 
 
-def make_layer(parts, micro_batch_tokens, hook=None):
-    cfg, backend, placement, experts, _, gates, b2, _ = parts
+def make_layer(parts, micro_batch_tokens, gates=None, **options):
+    """options: MoeLayer's keywords (hook, local_shortcut)."""
+    cfg, backend, placement, experts, _, part_gates, b2, _ = parts
     m, comm = cfg.model, MPI.COMM_SELF
     exchange = Exchange(comm, m.hidden_size, backend, make_transport("mpi", comm, m.hidden_size, backend))
-    extra = {} if hook is None else {"hook": hook}
-    return MoeLayer(m, micro_batch_tokens, gates, b2, exchange, comm, route_tables(placement, (0,)), experts, backend,
-                    PhaseTimes(), **extra)
+    return MoeLayer(m, micro_batch_tokens, gates or part_gates, b2, exchange, comm, route_tables(placement, (0,)),
+                    experts, backend, PhaseTimes(), **options)
 
 
 def test_moe_layer_returns_the_weighted_sum_of_its_experts(parts):
@@ -90,20 +90,49 @@ def test_moe_layer_output_does_not_depend_on_the_micro_batch_split(parts):
     np.testing.assert_array_equal(outs[0], outs[2])
 
 
-def test_moe_layer_times_every_step_through_its_hook(parts):
+@pytest.mark.parametrize("local_shortcut", [True, False])
+def test_moe_layer_times_every_step_through_its_hook(parts, local_shortcut):
     seen = []
 
     def hook(label, fn, *args, **kwargs):
         seen.append(label)
         return fn(*args, **kwargs)
-    moe = make_layer(parts, 8, hook)
+    moe = make_layer(parts, 8, hook=hook, local_shortcut=local_shortcut)
     x, layer = bf((10, parts[0].model.hidden_size)), parts[-1]
     moe([(layer, x, np.arange(10))])
     assert seen[:4] == ["route", "plan", "counts", "prepare"]
-    assert {"pack", "transfer", "experts", "combine"} <= set(seen)
-    assert seen.count("experts") == 2 and seen.count("transfer") == 4     # 2 micro-batches, there and back
+    assert {"pack", "experts", "combine"} <= set(seen)
+    assert seen.count("experts") == 2 and seen.count("pack") == 2 and seen.count("combine") == 2
+    # 2 micro-batches, there and back; one rank's shortcut has no transfer
+    assert seen.count("transfer") == (0 if local_shortcut else 4)
     assert moe.last_layout is not None and len(moe.last_layout.sends) == 2
+    assert set(moe.times.seconds) == {"gating", "exchange", "experts"}
     moe.exchange.close()
+
+
+@pytest.mark.parametrize("tokens, micro_batch_tokens, blocks", [(37, 8, 1), (29, 1, 1), (29, 1000, 1), (3, 2, 1),
+                                                                (23, 5, 2), (40, 1000, 3)])
+def test_one_rank_shortcut_gives_the_general_paths_bits(parts, tokens, micro_batch_tokens, blocks):
+    """The shortcut (no transport on one rank) against the general path forced, over several
+    micro-batch counts, experts with no rows and steps carrying several MoE blocks."""
+    cfg = parts[0]
+    m = cfg.model
+    H, E = m.hidden_size, m.num_experts
+    layers = range(m.first_dense_layers, m.first_dense_layers + blocks)
+    gates = {layer: GateWeights(bf((H, E), H ** -0.5)) for layer in layers}
+    step = [(layer, bf((tokens + j, H)), np.arange(tokens + j)) for j, layer in enumerate(layers)]
+    outs, idle = [], []
+    for local_shortcut in (True, False):
+        moe = make_layer(parts, micro_batch_tokens, gates, local_shortcut=local_shortcut)
+        assert moe.local == local_shortcut
+        outs.append([f.view(np.uint16) for f in moe(step)])
+        idle.append(moe.idle_fraction)
+        if micro_batch_tokens < 4:          # few tokens a micro-batch: some of the step's experts get no rows
+            assert any((layout.counts.sum(axis=0)[:blocks * E] == 0).any() for layout in moe.last_layout.receives)
+        moe.exchange.close()
+    for fast, general in zip(*outs):
+        np.testing.assert_array_equal(fast, general)
+    assert idle[0] == idle[1]
 
 
 def test_exchange_moves_peer_major_rows_into_slot_major_order():

@@ -44,6 +44,14 @@ def put_rows(dst, rows, values) -> None:
     dst.view(np.uint16)[rows] = values.view(np.uint16)
 
 
+def gather_scatter_rows(src, src_rows, dst, dst_rows) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]], whole rows, in place: ``take_rows`` then ``put_rows``
+    in one pass, with no [n, W] copy between them (one kernel on the GPU). Any 2-byte dtype."""
+    if not _on_host(dst):
+        return _cuda().move_rows(src, dst, src_rows=src_rows, dst_rows=dst_rows)
+    dst.view(np.uint16)[dst_rows] = src.view(np.uint16)[src_rows]
+
+
 def topk(score, probs, k: int, normalize: bool):
     """score, probs: [T, E] fp32 host arrays -> experts [T, k] int32 (highest score first, ties
     to the lower index), weights [T, k] fp32 (probs of the chosen, renormalised if
@@ -362,7 +370,7 @@ def activation(h32, kind: str, xp=np):
     raise ValueError(f"unknown activation {kind!r}")
 
 
-__all__ = ["take_rows", "put_rows", "topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine",
+__all__ = ["take_rows", "put_rows", "gather_scatter_rows", "topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine",
            "static_dispatch", "padded_expert_mlp",
            "dispatch_plan", "permute_blocks", "gate_topk", "count_into", "choice_counts", "set_expert_gemm_carveout", "set_expert_gemm", "add_bias",
            "activation", "add_rmsnorm", "rope_heads", "add_rows"]

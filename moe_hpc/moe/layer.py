@@ -12,6 +12,10 @@ its block. The schedule is one short loop:
         wait combine(i-1); weighted sum into f
     wait combine(last)
 
+On one rank without expert TP every row stays here, so ``_local_step`` skips the transport both
+ways: one fused copy puts each micro-batch's rows straight into their expert slots, and the
+weighted sum reads the experts' output buffer where the rows lie.
+
 Every rank runs the same loop with the same micro-batch count (``dispatch.micro_batch_count``),
 sending nothing where it has nothing, so the collectives match on all ranks.
 
@@ -29,7 +33,7 @@ import numpy as np
 
 from ..device.dtypes import BF16, F32
 from ..device.kernels import combine as combine_rows
-from ..device.kernels import padded_expert_mlp, put_rows, static_dispatch, take_rows
+from ..device.kernels import gather_scatter_rows, padded_expert_mlp, put_rows, static_dispatch, take_rows
 from ..model.layers import shared_expert
 from .dispatch import dispatch_layout, micro_batch_count, plan_dispatch
 from .expert_tp import tensor_parallel_experts
@@ -50,17 +54,20 @@ class MoeLayer:
     tp, tp_group: this expert rank's tensor-parallel communicator and its collectives, or None
     dense_group: the dense-TP group's collectives (its leader routes for all), or None
     hook:      timing hook, ``run_step`` unless a tool times the steps
+    local_shortcut: on one exchange rank without expert TP, skip the transport (``_local_step``);
+               False forces the general path (the tests compare the two)
     """
 
     def __init__(self, model, micro_batch_tokens: int, gates, expert_b2, exchange, world, tables, experts, backend,
                  times, *, balancer=None, trace=None, tp=None, tp_group=None, dense_group=None, dense_leader=True,
-                 hook=run_step):
+                 hook=run_step, local_shortcut=True):
         self.model, self.micro_batch_tokens, self.gates, self.expert_b2 = model, micro_batch_tokens, gates, expert_b2
         self.router = Router(model, micro_batch_tokens, gates, backend, world, balancer, trace, hook)
         self.exchange, self.comm, self.tables = exchange, exchange.comm, tables
         self.experts, self.backend, self.xp, self.times = experts, backend, backend.xp, times
         self.tp, self.tp_group, self.dense_group, self.dense_leader = tp, tp_group, dense_group, dense_leader
         self.hook = hook
+        self.local = local_shortcut and exchange.comm.Get_size() == 1 and tp is None
         self.last_layout = None                                    # the last step's DispatchLayout (bench)
         self.steps = self.busy_steps = 0                           # expert-slot occupancy
 
@@ -145,7 +152,7 @@ class MoeLayer:
             layout = dispatch_layout(plan.counts, recv_counts, self.tables.num_slots, self.experts.num_slots)
             self.last_layout = layout
             self.times.add("gating", t0)
-            self._exchange(m, plan, layout, experts, weights, f, nmb)
+            (self._local_step if self.local else self._exchange)(m, plan, layout, experts, weights, f, nmb)
         out, a = [], 0
         for _, part, _ in parts:
             out.append(f[a:a + part.shape[0]])
@@ -221,6 +228,40 @@ class MoeLayer:
             t0 = times.add("exchange", t0)
         reduce(*pending)
         times.add("exchange", t0)
+
+    def _local_step(self, m, plan, layout, experts, weights, f, nmb: int) -> None:
+        """``_exchange`` on one rank without expert TP, with no transport either way. Send row j
+        (peer-major, the plan's order) would land in receive row slot_row[j]; one fused copy
+        per micro-batch puts it there (recv[slot_row[j]] = m[rows_of[j]]), and the weighted sum
+        reads the experts' output at slot_row[positions], the rows the transport would have
+        copied back to ``positions``: the same operations on the same values, so the same bits.
+        Padding rows of a slot stay unwritten, as the transport leaves them. The "exchange"
+        phase holds the index upload, the fused copies and the weighted sums. One stream orders
+        every reuse, so one buffer per direction suffices."""
+        ex, k, times, hook, mbt = self.exchange, self.model.top_k, self.times, self.hook, self.micro_batch_tokens
+        t0 = time.perf_counter()
+        slot_row = hook("prepare", self._slot_rows, layout.receives)
+        rows_of = (plan.order // k).astype(np.int64)                         # token row of each send row
+        for i, recv_layout in enumerate(layout.receives):
+            sent = slice(int(plan.starts[i]), int(plan.starts[i + 1]))          # its send rows
+            tokens = slice(i * mbt, min(m.shape[0], (i + 1) * mbt))
+            here = slot_row[sent]
+            rows = ex.buffer("dispatch-recv", 0, recv_layout.extent)
+            hook("pack", gather_scatter_rows, m, rows_of[sent], rows, here)
+            t0 = times.add("exchange", t0)
+            out = ex.buffer("combine-send", 0, recv_layout.extent)
+            work = hook("experts", self._compute, rows, recv_layout, out)
+            self.steps += 1
+            self.busy_steps += int(work.rows > 0)
+            t0 = times.add("experts", t0)
+            hook("combine", combine_rows, out, here[plan.positions[tokens]], weights[tokens], experts[tokens],
+                 self.expert_b2, out=f[tokens])
+            t0 = times.add("exchange", t0)
+
+    def _slot_rows(self, receives):
+        """Receive row of every send row, micro-batch after micro-batch, on the device in one
+        copy. On one rank the send order is the peer-major order the layouts index from."""
+        return self.xp.asarray(np.concatenate([r.peer_major_index() for r in receives]))
 
 
 __all__ = ["MoeLayer"]
