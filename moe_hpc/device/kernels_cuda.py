@@ -313,7 +313,7 @@ extern "C" __global__ void moe_gate_topk(const float* logits, const float* bias,
     int t = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (t >= T) return;
     const float* l = logits + (long long)t * E;
-    float mx = -INFINITY;
+    float mx = __int_as_float(0xff800000);      // -inf (NVRTC has no INFINITY)
     for (int e = lane; e < E; e += 32) mx = fmaxf(mx, l[e]);
     for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float z = 0.0f;
