@@ -54,7 +54,6 @@ def test_override_beats_file(tmp_path):
     ({}, ["model.head_dim=15"], "model.head_dim"),
     ({}, ["model.first_dense_layers=9"], "model.first_dense_layers"),
     ({}, ["run.expert_gemm_carveout=-1"], "run.expert_gemm_carveout"),
-    ({}, ["run.expert_gemm=cutlass"], "run.expert_gemm"),
     ({}, ["parallel.dense_tp=3"], "parallel.dense_tp"),                      # 4 heads
     ({}, ["parallel.dense_stages=5"], "parallel.dense_stages"),              # 4 blocks
     ({}, ["parallel.dense_tp=2", "model.num_heads=6", "model.num_kv_heads=3"], "model.num_kv_heads"),

@@ -30,7 +30,6 @@ MLA_NORM_EPS = 1e-6   # the MLA latents' RMSNorms (q_a_norm, kv_a_norm) use this
 PLACEMENTS = ("auto", "shared", "disjoint")
 DEVICES = ("cpu", "gpu", "auto")
 ATTENTION_CORES = ("auto", "cudnn", "tiles")
-EXPERT_GEMMS = ("grouped", "batched")     # how the GPU runs a rank's experts (kernels_cuda.grouped_expert_mlp)
 OUTPUT_DTYPES = ("bfloat16", "float32")
 TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl", "ipc")
 LOAD_RATIO = Rule(1, open_low=True, note="max/mean load is never below 1")
@@ -141,7 +140,6 @@ class RunConfig:
     """Batching, device and output settings. None of them changes the result beyond bf16."""
     micro_batch_tokens: int = checked(4096, AT_LEAST_1)  # tokens per dispatch/combine exchange
     expert_gemm_carveout: int = checked(24, AT_LEAST_0)  # GPU, > 1 rank: SMs the expert GEMMs leave to the exchange (0: none)
-    expert_gemm: str = "grouped"    # grouped | batched: the GPU's expert GEMMs (one grouped launch over exact rows, or padded)
     chunk_sequences: int = checked(64, AT_LEAST_1)       # sequences a dense rank reads, computes and writes at once
     attention_block: int = checked(512, AT_LEAST_1)      # query rows per attention block (bounds score memory)
     attention: str = "auto"         # auto | cudnn | tiles: the GPU's attention core (the CPU tiles)
@@ -389,8 +387,6 @@ def validate(cfg: Config) -> None:
              "one of the chunk's sequences")
     _require(r.attention in ATTENTION_CORES, where, "run.attention",
              f"must be one of {', '.join(ATTENTION_CORES)}, got {r.attention!r}")
-    _require(r.expert_gemm in EXPERT_GEMMS, where, "run.expert_gemm",
-             f"must be one of {', '.join(EXPERT_GEMMS)}, got {r.expert_gemm!r}")
     _require(r.device in DEVICES, where, "run.device", f"must be one of {', '.join(DEVICES)}, got {r.device!r}")
     _require(r.output_dtype in OUTPUT_DTYPES, where, "run.output_dtype",
              f"must be one of {', '.join(OUTPUT_DTYPES)}, got {r.output_dtype!r}")

@@ -140,14 +140,6 @@ def add_bias(y, bias):
     return (y.astype(F32) + bias.astype(F32)).astype(BF16)
 
 
-def set_expert_gemm(method: str, xp=np) -> bool:
-    """GPU: how ``grouped_expert_mlp`` runs the experts (``run.expert_gemm``: "grouped" or
-    "batched"); the CPU loops over the experts either way. Returns whether it is available."""
-    if xp is np:
-        return True
-    return _cuda().set_expert_gemm(method)
-
-
 def matmul_f32out(a, b):
     """[T, H] bf16 @ [H, N] -> [T, N] fp32 (the gate: fp32 logits, no bf16 rounding)."""
     if not _on_host(a):
@@ -183,7 +175,7 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     x: [S*C, H] bf16; counts: [S] host ints; w1: [S, H, F]; b1: [S, F] | None; w2: [S, F, H];
     hidden: [S*C, F] bf16 and out: [S*C, H] bf16 buffers (out fp32 for tensor-parallel partial
     sums, rounded only after the reduction). Padding rows of a slot are left undefined.
-    On the GPU each of the two products is one cuBLAS launch (run.expert_gemm: grouped or batched).
+    On the GPU each of the two products is one strided-batched GEMM over the slots.
     """
     if not _on_host(x):
         return _cuda().grouped_expert_mlp(x, counts, w1, b1, w2, kind, hidden, out)
@@ -372,5 +364,5 @@ def activation(h32, kind: str, xp=np):
 
 __all__ = ["take_rows", "put_rows", "gather_scatter_rows", "topk", "matmul_f32out", "expert_mlp", "grouped_expert_mlp", "combine",
            "static_dispatch", "padded_expert_mlp",
-           "dispatch_plan", "permute_blocks", "gate_topk", "count_into", "choice_counts", "set_expert_gemm_carveout", "set_expert_gemm", "add_bias",
+           "dispatch_plan", "permute_blocks", "gate_topk", "count_into", "choice_counts", "set_expert_gemm_carveout", "add_bias",
            "activation", "add_rmsnorm", "rope_heads", "add_rows"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
-from ..config.run_config import EXPERT_GEMMS, split_kind
+from ..config.run_config import split_kind
 from .dtypes import BF16
 from .expert_batches import batched_rows
 
@@ -395,10 +395,6 @@ class _Cublas:
         self._gemm = self._fn(lib, "cublasGemmEx", [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I])
         self._batched = self._fn(lib, "cublasGemmStridedBatchedEx",
                                  [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I, I, L, I, I, I])
-        # cuBLAS >= 12.5: one launch for problems of different sizes (absent before: None)
-        self._grouped = (self._fn(lib, "cublasGemmGroupedBatchedEx", [P, P, P, P, P, P, P, P, I, P, P, I, P, P, P, I, P,
-                                                                      I, P, I])
-                         if hasattr(lib, "cublasGemmGroupedBatchedEx") else None)
         self._c = c
 
     @staticmethod
@@ -434,13 +430,6 @@ class _Cublas:
 
     def gemmStridedBatchedEx(self, *args) -> None:
         self._check(self._batched(*args), "cublasGemmStridedBatchedEx")
-
-    @property
-    def has_grouped(self) -> bool:
-        return self._grouped is not None
-
-    def gemmGroupedBatchedEx(self, *args) -> None:
-        self._check(self._grouped(*args), "cublasGemmGroupedBatchedEx")
 
 
 @functools.lru_cache(maxsize=None)
@@ -766,18 +755,65 @@ def fused_decode_attention(q, k, v, last, scale: float, rows=None):
 
 
 def _bias_act(h, b1, kind: str, rows_per_slot: int) -> None:
-    """h: [..., F] bf16 (a strided view too), in place; slot i / (rows_per_slot F) takes b1[slot]."""
+    """h: [..., F] bf16 (a strided view too), in place; slot i / (rows_per_slot F) takes b1[slot].
+    The scalar fallback of ``_activate`` (rows that are not 16-byte vectors)."""
     F = h.shape[-1]
     empty = cp.empty(0, dtype=cp.uint16)
     _bias_act_kernel(kind, b1 is not None)(empty if b1 is None else _u16(b1), F,
                                            max(rows_per_slot, 1) * F, _u16(h))
 
 
+@functools.lru_cache(maxsize=None)
+def _bias_act_rows_kernel(kind: str):
+    return cp.RawKernel(_BF16_HELPERS + f"""
+extern "C" __global__ void moe_bias_act_rows(unsigned short* h, const unsigned short* b, int rows,
+                                             long long stride, long long ld, int vecs) {{
+    // one block per row of rows x slots; 8 values per 16-byte vector; the slot (and so its bias
+    // row) is worked out once per row, not per element (a 64-bit division per element cost
+    // 20x the memory time of the dense MLP's activation)
+    long long r = blockIdx.x, slot = r / rows, row = slot * stride + r % rows;
+    uint4* p = (uint4*)(h + row * ld);
+    const uint4* bias = b ? (const uint4*)(b + slot * vecs * 8) : 0;
+    for (int i = threadIdx.x; i < vecs; i += blockDim.x) {{
+        uint4 x = p[i], y;
+        if (bias) y = bias[i];
+        unsigned short* xs = (unsigned short*)&x;
+        const unsigned short* ys = (const unsigned short*)&y;
+        #pragma unroll
+        for (int q = 0; q < 8; ++q) {{
+            float v = bf2f(xs[q]);
+            if (bias) v += bf2f(ys[q]);
+            v = {_ACTIVATIONS[kind]};
+            xs[q] = f2bf(v);
+        }}
+        p[i] = x;
+    }}
+}}""", "moe_bias_act_rows")
+
+
+def _bias_act_rows(h, b1, kind: str, slots: int, rows: int, stride: int) -> bool:
+    """In place on the first ``rows`` rows of each of ``slots`` slots of ``stride`` rows of the
+    2-D h, bias row b1[slot] ([slots, F] or [F]) added first. False (nothing done) where the rows
+    are not 16-byte vectors."""
+    F = h.shape[-1]
+    ld = h.strides[0] // h.itemsize if h.shape[0] > 1 else F
+    if F % 8 or ld % 8 or h.strides[-1] != h.itemsize or h.data.ptr % 16:
+        return False
+    bias = None if b1 is None else cp.ascontiguousarray(b1)
+    if bias is not None and bias.data.ptr % 16:
+        return False
+    vecs = F // 8
+    _bias_act_rows_kernel(kind)((slots * rows,), (min(256, 32 * -(-vecs // 32)),),
+                                (_u16(h), np.uint64(0) if bias is None else _u16(bias), np.int32(rows),
+                                 np.int64(stride), np.int64(ld), np.int32(vecs)))
+    return True
+
+
 def add_bias(y, bias):
     """See ``kernels.add_bias``: in place, one elementwise launch."""
     y = y if y.flags.c_contiguous else cp.ascontiguousarray(y)
     if y.size:
-        _bias_act(y.reshape(-1, y.shape[-1]), bias, "identity", y.size // y.shape[-1])
+        _activate(y.reshape(-1, y.shape[-1]), bias, "identity", 1, y.size // y.shape[-1], y.size // y.shape[-1])
     return y
 
 
@@ -872,64 +908,15 @@ def _batched_gemm(a, b, c, slots: int, rows: int | None = None) -> None:
                                     cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
 
 
-_EXPERT_GEMM = {"method": "grouped"}
-
-
-def set_expert_gemm(method: str) -> bool:
-    """How ``grouped_expert_mlp`` runs the experts (``run.expert_gemm``): "grouped", one cuBLAS
-    grouped GEMM over every busy slot's exact rows (cuBLAS >= 12.5), or "batched", one
-    strided-batched GEMM over a common row count plus each heavier slot's tail alone. Returns
-    whether the method is available (grouped falls back to batched where it is not)."""
-    if method not in EXPERT_GEMMS:
-        raise ValueError(f"expert GEMM method must be one of {EXPERT_GEMMS}, got {method!r}")
-    _EXPERT_GEMM["method"] = method
-    return method == "batched" or _cublas_api().has_grouped
-
-
-def _grouped_gemm(a, counts, b, c) -> None:
-    """c[rows of slot s] = a[rows of slot s] @ b[s] over the first counts[s] rows of every slot
-    with rows, in one cuBLAS launch. a: [S*C, >= K] bf16, b: [S, K, N] bf16, c: [S*C, >= N] bf16
-    or fp32; row strides as in ``_batched_gemm`` (leading dimensions). Row-major c = a b is
-    column-major c^T = b^T a^T: cuBLAS's (m, n, k) = (N, rows, K), A = b[s], B = a's rows."""
-    S = len(counts)
-    C, K, N = a.shape[0] // S, b.shape[1], b.shape[2]
-    busy = np.flatnonzero(np.asarray(counts) > 0)
-    G = int(busy.size)
-    if G == 0:
-        return
-    lda, ldc = a.strides[0] // a.itemsize, c.strides[0] // c.itemsize
-    assert a.strides[1] == a.itemsize and c.strides[1] == c.itemsize, "rows must be contiguous"
-    ints = lambda v: np.full(G, v, np.int32) if np.isscalar(v) else np.ascontiguousarray(v, np.int32)
-    rows = ints(np.asarray(counts)[busy])
-    pointers = cp.asarray(np.concatenate([b.data.ptr + busy * (K * N * b.itemsize),
-                                          a.data.ptr + busy * (C * lda * a.itemsize),
-                                          c.data.ptr + busy * (C * ldc * c.itemsize)]).astype(np.uint64))
-    trans, m_, k_, la, lb, lc = ints(0), ints(N), ints(K), ints(N), ints(lda), ints(ldc)
-    ones, zeros, sizes = np.ones(G, np.float32), np.zeros(G, np.float32), ints(1)
-    ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
-    host = lambda v: v.ctypes.data
-    with _cublas_on_current_stream() as (cublas, handle, _, _), _sm_target(handle):
-        cublas.gemmGroupedBatchedEx(handle, host(trans), host(trans), host(m_), host(rows), host(k_), host(ones),
-                                    pointers.data.ptr, 14, host(la), pointers.data.ptr + 8 * G, 14, host(lb),
-                                    host(zeros), pointers.data.ptr + 16 * G, ctype, host(lc), G, host(sizes),
-                                    cublas.CUBLAS_COMPUTE_32F)
-
-
 def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
-    """See ``kernels.grouped_expert_mlp``: by ``run.expert_gemm`` (``set_expert_gemm``), one
-    grouped GEMM per product over the exact rows, or one batched GEMM pair over the first m rows
-    of every slot and the heavy slots' tails alone (``expert_batches.batched_rows``)."""
+    """See ``kernels.grouped_expert_mlp``: one batched GEMM pair over the first m rows of every
+    slot, and the heavy slots' tails alone (``expert_batches.batched_rows``). (cuBLAS's grouped
+    GEMM over exact rows ran a CUTLASS sm80 kernel on the H200 at half this speed:
+    docs/performance.md.)"""
     S = len(counts)
     if S == 0 or x.shape[0] == 0:
         return out
     C = x.shape[0] // S
-    if _EXPERT_GEMM["method"] == "grouped" and _cublas_api().has_grouped:
-        # every slot's activation over its first max(counts) rows: one launch, padding rows
-        # computed and never read (the GEMMs wrote only the exact rows)
-        _grouped_gemm(x, counts, w1, hidden)
-        _activate(hidden, b1, kind, S, int(max(counts)), C)
-        _grouped_gemm(hidden, counts, w2, out)
-        return out
     m, heavy = batched_rows(counts, C)
     if m:
         _batched_gemm(x, w1, hidden, S, m)
@@ -988,7 +975,7 @@ def _activate(h, b1, kind: str, slots: int, rows: int, stride: int) -> None:
     gated, act = split_kind(kind)
     if gated:
         _gated(h, b1, act, slots, rows, stride)
-    else:
+    elif slots * rows and not _bias_act_rows(h, b1, kind, slots, rows, stride):
         F = h.shape[-1]
         _bias_act(h.reshape(slots, stride, F)[:, :rows], b1, kind, rows)
 

@@ -17,7 +17,7 @@ from ..comm.stages import StageLink
 from ..comm.transports import make_transport
 from ..config.roles import stage_blocks
 from ..device.dtypes import BF16
-from ..device.kernels import set_expert_gemm, set_expert_gemm_carveout
+from ..device.kernels import set_expert_gemm_carveout
 from ..model.attention import choose_attention, fuse_qkv
 from ..model.blocks import AttentionBlock, Embedding, MlpBlock, OutputHead
 from ..model.dense_tp import local_model, shard_dense_layer
@@ -54,7 +54,6 @@ def wire(cfg, topo, backend) -> Wiring:
     flash, core = collective(topo.world, lambda: choose_attention(cfg.run.attention, backend, topo.rank == 0)
                              if topo.is_dense else (None, "tiles"))
     set_expert_gemm_carveout(cfg.run.expert_gemm_carveout if topo.exchange.Get_size() > 1 else 0, backend.xp)
-    set_expert_gemm(cfg.run.expert_gemm, backend.xp)    # grouped needs cuBLAS >= 12.5, else batched
     return Wiring(exchange, tp_group, dense_group, flash, core)
 
 

@@ -39,11 +39,10 @@ from ..comm.exchange import peer_major
 from ..comm.failure import collective
 from ..comm.topology import build_topology
 from ..config.errors import ConfigError
-from ..config.run_config import EXPERT_GEMMS, load_config
+from ..config.run_config import load_config
 from ..device.backend import free_memory_bytes, make_backend
 from ..device.datasheet import HOPPER_BF16_TFLOPS, datasheet_for
 from ..device.dtypes import BF16
-from ..device.kernels import set_expert_gemm
 from ..files.atomic import write_text_atomic
 from ..model.experts import LocalExperts
 from ..model.attention import fuse_qkv
@@ -171,7 +170,6 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
     rows = [_random(cp, (lay.extent, H), 1.0) for lay in layouts]
     outs = [cp.empty_like(r) for r in rows]
     t_experts, t_cublas = _expert_times(engine, layouts, rows, outs, timer, cp)
-    by_method = _experts_by_method(engine, layouts, rows, outs, timer, cp)
     t_exchange, t_a2a, moved = _exchange_times(engine, sends, layouts, outs, timer, cp)
     phases = _local_phases(engine, layer, m, ids, timer, cp)
     timeline = layer_timeline(engine, layer, m, ids, cp) if isinstance(moe.hook, StepTimeline) else None
@@ -201,7 +199,7 @@ def bench_layer(engine: Engine, args, timer: Timer, cp) -> dict:
         "speedup_vs_plain_ep": t_plain and t_plain / t_layer,
         "tokens_per_s_per_gpu": T / t_layer,
         "expert_tflops": flops / t_experts / 1e12, "cublas_same_shapes_tflops": flops / t_cublas / 1e12,
-        "gemm_vs_cublas": t_cublas / t_experts, "t_experts_by_method_ms": by_method,
+        "gemm_vs_cublas": t_cublas / t_experts,
         "cublas_16384x7168x2048_tflops": 2 * big_m * H * F / t_big / 1e12,
         "exchange_gb_s_per_gpu": moved / t_exchange / 1e9, "a2a_gb_s_per_gpu": moved / t_a2a / 1e9,
         "overlap_efficiency": max(t_exchange, t_experts) / t_layer,
@@ -231,22 +229,6 @@ def _expert_times(engine: Engine, layouts, rows, outs, timer: Timer, cp) -> tupl
                     base = int(lay.offsets[0, s])
                     cp.matmul(cp.matmul(r[base:base + n], some.w1), some.w2)
     return t_experts, timer(plain_gemms)
-
-
-def _experts_by_method(engine: Engine, layouts, rows, outs, timer: Timer, cp) -> dict:
-    """The expert step alone through each ``run.expert_gemm`` method this cuBLAS has (ms), the
-    run's own method restored afterwards: the A/B behind its default."""
-    moe, times = engine.moe, {}
-    if moe.tp is not None:
-        return times
-    try:
-        for method in EXPERT_GEMMS:
-            if set_expert_gemm(method, cp):
-                times[method] = 1e3 * timer(lambda: [moe.experts.forward(r, lay, o, moe.exchange.buffer)
-                                                     for r, lay, o in zip(rows, layouts, outs)])
-    finally:
-        set_expert_gemm(engine.cfg.run.expert_gemm, cp)
-    return times
 
 
 def _exchange_times(engine: Engine, sends, layouts, outs, timer: Timer, cp) -> tuple[float, float, int]:
@@ -430,7 +412,6 @@ def format_table(r: dict) -> str:
             ("layer: ms (tokens/GPU)", f"{L['t_layer_ms']:.2f} ({L['tokens_per_gpu']})"),
             ("layer: tokens/s per GPU", f"{L['tokens_per_s_per_gpu']:.3g}"),
             ("experts: ms, TFLOP/s", f"{L['t_experts_ms']:.2f}, {L['expert_tflops']:.0f}"),
-            ("  by run.expert_gemm: ms", ", ".join(f"{k} {v:.2f}" for k, v in L["t_experts_by_method_ms"].items())),
             ("  cuBLAS same shapes: ms, TFLOP/s", f"{L['t_cublas_ms']:.2f}, {L['cublas_same_shapes_tflops']:.0f}"
                                                   f" (ours {L['gemm_vs_cublas']:.0%})"),
             ("  cuBLAS 16384x7168x2048 TFLOP/s", f"{L['cublas_16384x7168x2048_tflops']:.0f}"),
