@@ -6,7 +6,7 @@ The device side runs in tests/test_gpu.py."""
 import numpy as np
 import pytest
 
-from moe_hpc.comm.exchange import displacements
+from moe_hpc.comm.exchange import SLOT_ROUND, displacements
 from moe_hpc.comm.ipc import (AREAS, SPARE, area_offset, grown_capacity, offsets_payload, put_table, region_bytes,
                               require_one_node, split_payload)
 from moe_hpc.config.errors import ConfigError
@@ -91,10 +91,11 @@ def test_regions_have_aligned_disjoint_areas_behind_the_flags():
 
 
 def test_capacity_grows_by_half_in_slot_rounds_only_when_needed():
-    assert grown_capacity(64, 64) == 64
-    assert grown_capacity(64, 65) == 96
-    assert grown_capacity(64, 500) == 504
-    assert grown_capacity(8, 1) == 8
+    R = SLOT_ROUND
+    assert grown_capacity(4 * R, 4 * R) == 4 * R
+    assert grown_capacity(4 * R, 4 * R + 1) == 6 * R                   # half again
+    assert grown_capacity(4 * R, 20 * R - 3) == 20 * R                  # the need, rounded up
+    assert grown_capacity(R, 1) == R
 
 
 class _Comm:

@@ -126,7 +126,7 @@ def test_batched_rows_splits_only_under_skew():
     assert m == 512 and heavy.size == 0                # one GEMM over the busiest slot's rows
     skewed = np.array([8000] + [100] * 63)
     m, heavy = batched_rows(skewed, 8000)
-    assert m == 112 and heavy.tolist() == [0]          # 63 small slots no longer padded to 8,000
+    assert m == 128 and heavy.tolist() == [0]          # 63 small slots no longer padded to 8,000
     padded, split = 64 * 8000, 64 * m + (8000 - m)
     assert split < padded / 30
 
@@ -227,7 +227,7 @@ def test_sequence_split_covers_everything_once(S, D, C):
 
 
 def test_local_experts_compute_only_busy_slots():
-    from moe_hpc.comm.exchange import slot_capacity, slot_major
+    from moe_hpc.comm.exchange import SLOT_ROUND, slot_capacity, slot_major
     from moe_hpc.model.weights import Expert
     from moe_hpc.model.experts import LocalExperts
     H, F, S = 16, 32, 5
@@ -241,7 +241,7 @@ def test_local_experts_compute_only_busy_slots():
     active = LocalExperts.active_slots(counts, S)
     assert active.tolist() == [-1, 0, -1, 1, 2]
     layout = slot_major(counts, active, slot_capacity(counts[:, active >= 0]))
-    assert layout.extent == 3 * 8                               # padding only for busy slots
+    assert layout.extent == 3 * SLOT_ROUND                      # padding only for busy slots
     rows = bf((layout.extent, H))
     out = local.forward(rows, layout, np.zeros((layout.extent, H), BF16), lambda n, s, r, w: np.empty((r, w), BF16))
     for s in (1, 3, 4):

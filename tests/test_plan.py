@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 import moe_hpc.planner.deployment as plan_mod
-from moe_hpc.comm.exchange import slot_rows
+from moe_hpc.comm.exchange import SLOT_ROUND, slot_rows
 from moe_hpc.config.cluster import build_cluster, load_cluster
 from moe_hpc.config.errors import ConfigError, InputError
 from moe_hpc.config.roles import role_layout
@@ -90,7 +90,7 @@ def test_tiny_memory_and_flops_by_hand():
     # two slots x (dispatch-send + combine-recv 16 rows, dispatch-recv + combine-send 24 rows) x H bf16
     # + the [24, F] hidden buffer
     assert token_buffer_bytes(m, w, 16, 24) == 2 * 2 * (16 + 24) * 64 * 2 + 24 * 128 * 2 == 26624
-    assert slot_rows(10, 2, 0.12) == 16 and slot_rows(0, 2, 0.12) == 0
+    assert slot_rows(10, 2, 0.12) == 2 * SLOT_ROUND and slot_rows(0, 2, 0.12) == 0
 
 
 def test_memory_of_a_small_deployment_by_hand():
@@ -103,9 +103,9 @@ def test_memory_of_a_small_deployment_by_hand():
     assert [g.role for g in mem] == ["expert", "expert", "expert", "dense"]
     # 3 expert ranks < 24 slots: shared placement, rank 0 hosts experts 0, 3, 6 of 3 blocks
     assert mem[0].experts == 9 and mem[0].memory.expert_weights == 9 * 33024
-    # the dense rank routes 32 tokens x 2 rows; rank 0 gets 3 of 8 experts' rows: 24 (3 slots of 8)
+    # the dense rank routes 32 tokens x 2 rows; rank 0 gets 3 of 8 experts' rows: 3 slots of SLOT_ROUND
     assert mem[3].memory.token_buffers == 2 * 64 * 64 * 2
-    assert mem[0].memory.token_buffers == 2 * 24 * 64 * 2 + 24 * 128 * 2
+    assert mem[0].memory.token_buffers == 2 * 3 * SLOT_ROUND * 64 * 2 + 3 * SLOT_ROUND * 128 * 2
     assert mem[3].memory.dense_weights == 204640 and mem[0].memory.dense_weights == 0
 
 

@@ -5,7 +5,8 @@ Row layouts.  A micro-batch's traffic is described by a count matrix ``counts[p,
 them slot-major (then source peer), so each local expert's rows are one contiguous block its
 GEMM can read in place; ``RowLayout`` turns counts into those row offsets.  The combine is the
 same exchange with the two layouts swapped.  Each slot spans the busiest hosted expert's rows
-rounded up to ``SLOT_ROUND`` (tensor-core friendly); the planner sizes buffers with the same rule.
+rounded up to ``SLOT_ROUND`` (the expert GEMMs' row quantum, ``device/expert_batches.py``); the
+planner sizes buffers with the same rule.
 
 The Exchange owns every buffer (two slots per direction, so one micro-batch travels while the
 next is packed and the previous is combined) and returns handles: ``post`` starts a transfer,
@@ -19,9 +20,9 @@ from functools import cached_property
 import numpy as np
 
 from ..device.backend import Backend
+from ..device.expert_batches import SLOT_ROUND
 from ..device.dtypes import BF16
 
-SLOT_ROUND = 8      # rows: each expert slot of a receive buffer is a multiple of this
 
 
 def displacements(counts: np.ndarray) -> np.ndarray:

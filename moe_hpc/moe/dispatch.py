@@ -54,12 +54,14 @@ def route_tables(placement, slot_leaders) -> RouteTables:
 class DispatchPlan:
     """order:     [T*k] flat (token*k + choice) indices, sorted by (micro-batch, rank, slot)
     positions: [T, k] row of each (token, choice) in its micro-batch's send order
+    rows:      [T*k] token row of each send row (order // k), on the device
     counts:    [micro_batches, P, num_slots] host int64
     starts:    [micro_batches + 1] host, where each micro-batch begins in ``order``"""
     order: object
     positions: object
     counts: np.ndarray
     starts: np.ndarray
+    rows: object = None
 
 
 def plan_dispatch(experts, token_ids, tables: RouteTables, micro_batch_tokens: int,
@@ -69,15 +71,17 @@ def plan_dispatch(experts, token_ids, tables: RouteTables, micro_batch_tokens: i
 
     One counting sort for the whole step (``kernels.dispatch_plan``: three launches on the GPU),
     so the host learns every micro-batch's counts in a single small device-to-host copy, the
-    layer's only one before its micro-batches start.
+    layer's only one before its micro-batches start. The send rows' token rows are launched
+    before that copy, so the device computes them while the host waits, not after.
     """
     P, S = world_size, tables.num_slots
     order, positions, counts = dispatch_plan(xp.asarray(experts, dtype=np.int64), token_ids, tables.holders,
                                              tables.replicas, tables.slot, micro_batch_tokens, micro_batches,
                                              P, S, replica)
+    rows = (order // experts.shape[1]).astype(np.int64)
     counts = to_host(counts).reshape(micro_batches, P, S)
     starts = np.append(displacements(counts.sum(axis=(1, 2))), counts.sum())
-    return DispatchPlan(order, positions, counts, starts)
+    return DispatchPlan(order, positions, counts, starts, rows)
 
 
 def micro_batch_count(comm, rows: int, micro_batch_tokens: int) -> int:

@@ -187,11 +187,11 @@ class MoeLayer:
                                        self.exchange.buffer)
 
     def _exchange(self, m, plan, layout, experts, weights, f, nmb: int) -> None:
-        ex, k, times, hook, mbt = self.exchange, self.model.top_k, self.times, self.hook, self.micro_batch_tokens
+        ex, times, hook, mbt = self.exchange, self.times, self.hook, self.micro_batch_tokens
         T = m.shape[0]
         sends, receives = layout.sends, layout.receives
         routes = hook("prepare", ex.prepare, list(zip(sends, receives)))
-        rows_of = (plan.order // k).astype(np.int64)                         # token row of each send row
+        rows_of = plan.rows                                                  # token row of each send row
 
         def dispatch(i):
             a, b = int(plan.starts[i]), int(plan.starts[i + 1])
@@ -238,10 +238,10 @@ class MoeLayer:
         Padding rows of a slot stay unwritten, as the transport leaves them. The "exchange"
         phase holds the index upload, the fused copies and the weighted sums. One stream orders
         every reuse, so one buffer per direction suffices."""
-        ex, k, times, hook, mbt = self.exchange, self.model.top_k, self.times, self.hook, self.micro_batch_tokens
+        ex, times, hook, mbt = self.exchange, self.times, self.hook, self.micro_batch_tokens
         t0 = time.perf_counter()
         slot_row = hook("prepare", self._slot_rows, layout.receives)
-        rows_of = (plan.order // k).astype(np.int64)                         # token row of each send row
+        rows_of = plan.rows                                                  # token row of each send row
         for i, recv_layout in enumerate(layout.receives):
             sent = slice(int(plan.starts[i]), int(plan.starts[i + 1]))          # its send rows
             tokens = slice(i * mbt, min(m.shape[0], (i + 1) * mbt))
