@@ -20,9 +20,8 @@ from functools import cached_property
 import numpy as np
 
 from ..device.backend import Backend
-from ..device.expert_batches import SLOT_ROUND
 from ..device.dtypes import BF16
-
+from ..device.expert_batches import SLOT_ROUND
 
 
 def displacements(counts: np.ndarray) -> np.ndarray:
@@ -62,17 +61,13 @@ class RowLayout:
         nz = c > 0
         return np.stack([displacements(c)[nz], self.offsets.reshape(-1)[nz], c[nz]]).astype(np.int64)
 
-    def peer_major_index(self) -> np.ndarray:
-        """[rows] int64: row index in this layout of each row received peer-major (peer, then
-        expert)."""
+    def peer_major_scatter(self) -> np.ndarray | None:
+        """Row index in this layout of each row received peer-major (peer, then expert), or None
+        when the two orders coincide and no scatter is needed."""
         c = self.counts.reshape(-1)
         starts = self.offsets.reshape(-1)[c > 0]
         c = c[c > 0]
-        return np.repeat(starts - displacements(c), c) + np.arange(int(c.sum()))
-
-    def peer_major_scatter(self) -> np.ndarray | None:
-        """``peer_major_index``, or None when the two orders coincide and no scatter is needed."""
-        index = self.peer_major_index()
+        index = np.repeat(starts - displacements(c), c) + np.arange(int(c.sum()))
         return None if (index == np.arange(index.size)).all() else index
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-BATCH_LAUNCH_ROWS = 256    # a GEMM launch costs about as much as this many rows of an expert's work
+# A heavy slot's tail costs three launches (two GEMMs, the activation): about 130 us of host time,
+# and after a step's counts reach the host the GPU waits on it; 1,024 rows of one expert's GEMM
+# work at the 61-layer preset's shapes take about as long on an H200 (docs/performance.md).
+BATCH_LAUNCH_ROWS = 1024
 # Rows: every expert slot of a receive buffer, and every row count an expert GEMM runs over, is
 # a multiple of this. Few distinct shapes reach cuBLAS, so its choice of kernel for a shape is
 # made once and then cached: a shape it has not seen cost 0.7 ms of host time per strided-

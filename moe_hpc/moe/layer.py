@@ -35,6 +35,7 @@ from ..device.dtypes import BF16, F32
 from ..device.kernels import combine as combine_rows
 from ..device.kernels import gather_scatter_rows, padded_expert_mlp, put_rows, static_dispatch, take_rows
 from ..model.layers import shared_expert
+from ..comm.exchange import displacements
 from .dispatch import dispatch_layout, micro_batch_count, plan_dispatch
 from .expert_tp import tensor_parallel_experts
 from .router import Router, run_step
@@ -230,38 +231,42 @@ class MoeLayer:
         times.add("exchange", t0)
 
     def _local_step(self, m, plan, layout, experts, weights, f, nmb: int) -> None:
-        """``_exchange`` on one rank without expert TP, with no transport either way. Send row j
-        (peer-major, the plan's order) would land in receive row slot_row[j]; one fused copy
-        per micro-batch puts it there (recv[slot_row[j]] = m[rows_of[j]]), and the weighted sum
-        reads the experts' output at slot_row[positions], the rows the transport would have
-        copied back to ``positions``: the same operations on the same values, so the same bits.
-        Padding rows of a slot stay unwritten, as the transport leaves them. The "exchange"
-        phase holds the index upload, the fused copies and the weighted sums. One stream orders
-        every reuse, so one buffer per direction suffices."""
-        ex, times, hook, mbt = self.exchange, self.times, self.hook, self.micro_batch_tokens
+        """``_exchange`` on one rank without expert TP, with no transport either way. Each
+        (token, choice) would be sent as row ``positions`` of its micro-batch and land in the
+        receive row ``pair_rows`` (``_pair_rows``); one fused copy per micro-batch puts the
+        token's row there, and the weighted sum reads the experts' output at those rows, where
+        the transport would have copied it back to ``positions``: the same operations on the same
+        values, so the same bits. Padding rows of a slot stay unwritten, as the transport leaves
+        them. The "exchange" phase holds the index work, the fused copies and the weighted sums.
+        One stream orders every reuse, so one buffer per direction suffices."""
+        ex, times, hook, mbt, k = self.exchange, self.times, self.hook, self.micro_batch_tokens, self.model.top_k
         t0 = time.perf_counter()
-        slot_row = hook("prepare", self._slot_rows, layout.receives)
-        rows_of = plan.rows                                                  # token row of each send row
+        pair_rows = hook("prepare", self._pair_rows, plan, layout.receives, experts)
         for i, recv_layout in enumerate(layout.receives):
-            sent = slice(int(plan.starts[i]), int(plan.starts[i + 1]))          # its send rows
             tokens = slice(i * mbt, min(m.shape[0], (i + 1) * mbt))
-            here = slot_row[sent]
+            here = pair_rows[tokens]
             rows = ex.buffer("dispatch-recv", 0, recv_layout.extent)
-            hook("pack", gather_scatter_rows, m, rows_of[sent], rows, here)
+            token_of_pair = self.xp.arange(tokens.start * k, tokens.stop * k, dtype=np.int64) // k
+            hook("pack", gather_scatter_rows, m, token_of_pair, rows, here.reshape(-1))
             t0 = times.add("exchange", t0)
             out = ex.buffer("combine-send", 0, recv_layout.extent)
             work = hook("experts", self._compute, rows, recv_layout, out)
             self.steps += 1
             self.busy_steps += int(work.rows > 0)
             t0 = times.add("experts", t0)
-            hook("combine", combine_rows, out, here[plan.positions[tokens]], weights[tokens], experts[tokens],
-                 self.expert_b2, out=f[tokens])
+            hook("combine", combine_rows, out, here, weights[tokens], experts[tokens], self.expert_b2, out=f[tokens])
             t0 = times.add("exchange", t0)
 
-    def _slot_rows(self, receives):
-        """Receive row of every send row, micro-batch after micro-batch, on the device in one
-        copy. On one rank the send order is the peer-major order the layouts index from."""
-        return self.xp.asarray(np.concatenate([r.peer_major_index() for r in receives]))
+    def _pair_rows(self, plan, receives, experts):
+        """[T, k] receive row of every (token, choice) in its micro-batch's buffer, worked out on
+        the device: a slot's rows keep their send order, so the row is the pair's send position
+        plus its slot's shift (receive offset minus send offset), a [micro-batches, slots] table
+        of a few hundred bytes from the host. On one rank the send order is by slot."""
+        xp = self.xp
+        shift = np.stack([r.offsets[0] - displacements(r.counts[0]) for r in receives])
+        micro_batch = (xp.arange(experts.shape[0], dtype=np.int64) // self.micro_batch_tokens)[:, None]
+        slot = self.tables.slot[:, 0][experts.astype(np.int64)]
+        return xp.asarray(shift)[micro_batch, slot] + plan.positions
 
 
 __all__ = ["MoeLayer"]
