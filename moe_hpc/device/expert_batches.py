@@ -22,8 +22,8 @@ def _round_up(rows, multiple: int = SLOT_ROUND):
 
 def batched_rows(counts, capacity: int) -> tuple[int, np.ndarray]:
     """How the GPU splits a micro-batch's expert work: one strided-batched GEMM covers the first
-    ``m`` rows of every slot, and each slot with more rows than that gets its tail alone
-    (``tail_rows``).
+    ``m`` rows of every slot, and each slot with more rows than that gets a tail GEMM of its own
+    (``tail_windows``).
 
     counts: [S] host ints (rows per slot, <= capacity, a multiple of SLOT_ROUND) -> (m, the
     heavy slots' indices). ``m`` (a multiple of SLOT_ROUND) minimises padded rows + tail rows +
@@ -35,16 +35,25 @@ def batched_rows(counts, capacity: int) -> tuple[int, np.ndarray]:
         return 0, np.zeros(0, np.int64)
     candidates = np.unique(np.minimum(_round_up(counts), capacity))
     over = lambda m: counts > m
-    cost = [counts.size * m + np.sum(tail_rows(counts, m, capacity)) + BATCH_LAUNCH_ROWS * np.count_nonzero(over(m))
-            for m in candidates]
+    cost = [counts.size * m + np.sum(tail_windows(counts[over(m)], m, capacity)[1])
+            + BATCH_LAUNCH_ROWS * np.count_nonzero(over(m)) for m in candidates]
     m = int(candidates[int(np.argmin(cost))])
     return m, np.nonzero(over(m))[0]
 
 
-def tail_rows(counts, m: int, capacity: int):
-    """Rows each slot's tail GEMM runs over past the batched ``m``: its rows beyond m rounded up
-    to SLOT_ROUND (padding rows of the slot, computed and never read), at most the slot."""
-    return np.minimum(_round_up(np.maximum(np.asarray(counts) - m, 0)), capacity - m)
+def tail_windows(counts, m: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of each heavy slot's tail GEMM: (first row, rows) per slot of ``counts`` (each
+    > m). The window covers the rows past m, its size SLOT_ROUND times a power of two (or the
+    whole slot), moved back over rows the batched GEMM already did, or on into the slot's
+    padding, so it fits the slot: a GEMM then sees one of a handful of shapes, which cuBLAS has
+    chosen a kernel for before (rows recomputed give the same values; padding rows are never
+    read)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    need = np.maximum(counts - m, 1)
+    size = SLOT_ROUND * 2 ** np.ceil(np.log2(np.maximum(need / SLOT_ROUND, 1))).astype(np.int64)
+    size = np.minimum(size, capacity)
+    start = np.minimum(m, capacity - size)
+    return start, size
 
 
-__all__ = ["batched_rows", "tail_rows", "BATCH_LAUNCH_ROWS", "SLOT_ROUND"]
+__all__ = ["batched_rows", "tail_windows", "BATCH_LAUNCH_ROWS", "SLOT_ROUND"]

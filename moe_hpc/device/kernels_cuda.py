@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config.run_config import split_kind
 from .dtypes import BF16
-from .expert_batches import batched_rows, tail_rows
+from .expert_batches import batched_rows, tail_windows
 
 _BF16_HELPERS = r"""
 __device__ __forceinline__ float bf2f(unsigned short u) {
@@ -931,8 +931,11 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
         _batched_gemm(x, w1, hidden, S, m)
         _activate(hidden, b1, kind, S, m, C)
         _batched_gemm(hidden, w2, out, S, m)
-    for s, n in zip(heavy.tolist(), tail_rows(np.asarray(counts)[heavy], m, C).tolist()):
-        tail = slice(s * C + m, s * C + m + n)
+    # each tail runs GEMM, activation, GEMM over its window before the next, so rows a window
+    # shares with the batched pass are recomputed from x, never activated twice
+    starts, sizes = tail_windows(np.asarray(counts)[heavy], m, C)
+    for s, a, n in zip(heavy.tolist(), starts.tolist(), sizes.tolist()):
+        tail = slice(s * C + a, s * C + a + n)
         _batched_gemm(x[tail], w1[s:s + 1], hidden[tail], 1)
         _activate(hidden[tail], None if b1 is None else b1[s:s + 1], kind, 1, n, n)
         _batched_gemm(hidden[tail], w2[s:s + 1], out[tail], 1)
