@@ -254,17 +254,22 @@ def test_gpu_dense_ranks(tiny_files, tmp_path):
 @pytest.mark.parametrize("kind", ["gelu", "gated-silu", "silu"])
 @pytest.mark.parametrize("bias", [True, False])
 @needs_gpu
-@pytest.mark.parametrize("counts", [[24, 0, 7, 13, 1], [1000, 3, 5, 2, 9, 4]], ids=["mixed", "one-hot-expert"])
+@pytest.mark.parametrize("counts", [[24, 0, 7, 13, 1], [1000, 3, 5, 2, 9, 4], [900, 3, 700, 2, 300, 4, 650, 0, 5000]],
+                         ids=["mixed", "one-hot-expert", "tails-of-three-sizes"])
 def test_grouped_expert_mlp_kernel(bias, counts, kind):
     """Every slot's rows against NumPy, balanced-ish and skewed (the hot slot's tail runs alone),
     gated and not (the vector bias + activation kernel over every slot's rows)."""
     from moe_hpc.device import kernels
-    from moe_hpc.device.expert_batches import batched_rows
+    from moe_hpc.device.expert_batches import SLOT_ROUND, batched_rows, tail_windows
     counts = np.array(counts)
     gated = kind == "gated-silu"
-    S, C, H, F = len(counts), int(-(-counts.max() // 8) * 8), 128, 256
+    S, C, H, F = len(counts), int(-(-counts.max() // SLOT_ROUND) * SLOT_ROUND), 128, 256
+    m, heavy = batched_rows(counts, C)
     if max(counts) == 1000:
-        assert len(batched_rows(counts, C)[1]) == 1
+        assert len(heavy) == 1
+    if max(counts) == 5000:      # windows of several sizes, some moved back over batched rows
+        starts, sizes = tail_windows(counts[heavy], m, C)
+        assert len(np.unique(sizes)) >= 2 and (starts < m).any(), (m, starts, sizes)
     x, w1, w2 = bf((S * C, H)), bf((S, H, F * (1 + gated)), H ** -0.5), bf((S, F, H), F ** -0.5)
     b1 = bf((S, F * (1 + gated)), 0.1) if bias else None
     host = kernels.grouped_expert_mlp(x, counts, w1, b1, w2, kind, np.empty((S * C, F * (1 + gated)), BF16),
@@ -440,7 +445,8 @@ def test_add_rows_kernel_matches_numpy():
 
 @needs_gpu
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("counts", [[24, 0, 7, 13, 1], [1000, 3, 5, 2, 9, 4]], ids=["mixed", "one-hot-expert"])
+@pytest.mark.parametrize("counts", [[24, 0, 7, 13, 1], [1000, 3, 5, 2, 9, 4], [900, 3, 700, 2, 300, 4, 650, 0, 5000]],
+                         ids=["mixed", "one-hot-expert", "tails-of-three-sizes"])
 def test_gated_expert_kernels_match_numpy(bias, counts):
     """Gated (SwiGLU) experts: one expert and a rank's slots, [gate | up] fused, against NumPy."""
     from moe_hpc.device import kernels

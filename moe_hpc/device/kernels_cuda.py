@@ -395,6 +395,8 @@ class _Cublas:
         self._gemm = self._fn(lib, "cublasGemmEx", [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I])
         self._batched = self._fn(lib, "cublasGemmStridedBatchedEx",
                                  [P, I, I, I, I, I, P, P, I, I, L, P, I, I, L, P, P, I, I, L, I, I, I])
+        self._pointers = self._fn(lib, "cublasGemmBatchedEx",
+                                  [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I, I])
         self._c = c
 
     @staticmethod
@@ -431,6 +433,9 @@ class _Cublas:
 
     def gemmStridedBatchedEx(self, *args) -> None:
         self._check(self._batched(*args), "cublasGemmStridedBatchedEx")
+
+    def gemmBatchedEx(self, *args) -> None:
+        self._check(self._pointers(*args), "cublasGemmBatchedEx")
 
 
 @functools.lru_cache(maxsize=None)
@@ -776,11 +781,14 @@ def _bias_act(h, b1, kind: str, rows_per_slot: int) -> None:
 def _bias_act_rows_kernel(kind: str):
     return cp.RawKernel(_BF16_HELPERS + f"""
 extern "C" __global__ void moe_bias_act_rows(unsigned short* h, const unsigned short* b, int rows,
-                                             long long stride, long long ld, int vecs) {{
-    // one block per row of rows x slots; 8 values per 16-byte vector; the slot (and so its bias
-    // row) is worked out once per row, not per element (a 64-bit division per element cost
-    // 20x the memory time of the dense MLP's activation)
-    long long r = blockIdx.x, slot = r / rows, row = slot * stride + r % rows;
+                                             long long stride, long long ld, int vecs,
+                                             const long long* starts, const long long* slot_of) {{
+    // one block per row of rows x slots (or x windows: window g's rows begin at starts[g], its
+    // bias is slot_of[g]'s); 8 values per 16-byte vector; the slot (and so its bias row) is
+    // worked out once per row, not per element (a 64-bit division per element cost 20x the
+    // memory time of the dense MLP's activation)
+    long long r = blockIdx.x, g = r / rows;
+    long long slot = starts ? slot_of[g] : g, row = (starts ? starts[g] : g * stride) + r % rows;
     uint4* p = (uint4*)(h + row * ld);
     const uint4* bias = b ? (const uint4*)(b + slot * vecs * 8) : 0;
     for (int i = threadIdx.x; i < vecs; i += blockDim.x) {{
@@ -800,10 +808,11 @@ extern "C" __global__ void moe_bias_act_rows(unsigned short* h, const unsigned s
 }}""", "moe_bias_act_rows")
 
 
-def _bias_act_rows(h, b1, kind: str, slots: int, rows: int, stride: int) -> bool:
+def _bias_act_rows(h, b1, kind: str, slots: int, rows: int, stride: int, windows=None) -> bool:
     """In place on the first ``rows`` rows of each of ``slots`` slots of ``stride`` rows of the
-    2-D h, bias row b1[slot] ([slots, F] or [F]) added first. False (nothing done) where the rows
-    are not 16-byte vectors."""
+    2-D h, bias row b1[slot] ([slots, F] or [F]) added first; or, with ``windows`` ([2, G] int64
+    on the device: first row, slot), on ``rows`` rows from each window's first row. False
+    (nothing done) where the rows are not 16-byte vectors."""
     F = h.shape[-1]
     ld = h.strides[0] // h.itemsize if h.shape[0] > 1 else F
     if F % 8 or ld % 8 or h.strides[-1] != h.itemsize or h.data.ptr % 16:
@@ -812,10 +821,18 @@ def _bias_act_rows(h, b1, kind: str, slots: int, rows: int, stride: int) -> bool
     if bias is not None and bias.data.ptr % 16:
         return False
     vecs = F // 8
-    _bias_act_rows_kernel(kind)((slots * rows,), (min(256, 32 * -(-vecs // 32)),),
+    count = slots if windows is None else windows.shape[1]
+    _bias_act_rows_kernel(kind)((count * rows,), (min(256, 32 * -(-vecs // 32)),),
                                 (_u16(h), np.uint64(0) if bias is None else _u16(bias), np.int32(rows),
-                                 np.int64(stride), np.int64(ld), np.int32(vecs)))
+                                 np.int64(stride), np.int64(ld), np.int32(vecs), *_window_pointers(windows)))
     return True
+
+
+def _window_pointers(windows):
+    """The kernels' (starts, slot_of) arguments: null pointers without windows."""
+    if windows is None:
+        return np.uint64(0), np.uint64(0)
+    return np.uint64(windows.data.ptr), np.uint64(windows.data.ptr + windows.strides[0])
 
 
 def add_bias(y, bias):
@@ -917,9 +934,28 @@ def _batched_gemm(a, b, c, slots: int, rows: int | None = None) -> None:
                                     cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
 
 
+def _window_gemm(a, b, c, starts: np.ndarray, slots: np.ndarray, rows: int) -> None:
+    """c[w] = a[w] @ b[slots[g]] for the windows w of ``rows`` rows from row starts[g] of a and
+    c, every window in one cuBLAS launch (device arrays of pointers). a: [R, >= K], b: [S, K, N]
+    bf16; c: [R, >= N] bf16 or fp32; leading dimensions as in ``_batched_gemm``."""
+    G, K, N = len(starts), b.shape[1], b.shape[2]
+    lda, ldc = a.strides[0] // a.itemsize, c.strides[0] // c.itemsize
+    assert a.strides[1] == a.itemsize and c.strides[1] == c.itemsize, "rows must be contiguous"
+    starts, slots = np.asarray(starts, np.int64), np.asarray(slots, np.int64)
+    pointers = cp.asarray(np.concatenate([b.data.ptr + slots * (K * N * b.itemsize),
+                                          a.data.ptr + starts * (lda * a.itemsize),
+                                          c.data.ptr + starts * (ldc * c.itemsize)]).astype(np.uint64))
+    ctype = 0 if c.dtype == cp.float32 else 14                       # CUDA_R_32F or CUDA_R_16BF
+    base = pointers.data.ptr
+    with _cublas_on_current_stream() as (cublas, handle, one, zero), _sm_target(handle):
+        cublas.gemmBatchedEx(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N, N, rows, K,
+                             one, base, 14, N, base + 8 * G, 14, lda, zero, base + 16 * G, ctype, ldc, G,
+                             cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+
+
 def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     """See ``kernels.grouped_expert_mlp``: one batched GEMM pair over the first m rows of every
-    slot, and the heavy slots' tails alone (``expert_batches.batched_rows``). (cuBLAS's grouped
+    slot, and the heavy slots' tails by window size (``expert_batches.batched_rows``). (cuBLAS's grouped
     GEMM over exact rows ran a CUTLASS sm80 kernel on the H200 at half this speed:
     docs/performance.md.)"""
     S = len(counts)
@@ -931,14 +967,16 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
         _batched_gemm(x, w1, hidden, S, m)
         _activate(hidden, b1, kind, S, m, C)
         _batched_gemm(hidden, w2, out, S, m)
-    # each tail runs GEMM, activation, GEMM over its window before the next, so rows a window
-    # shares with the batched pass are recomputed from x, never activated twice
+    # the tails' windows, a few sizes: the windows of one size are one GEMM, activation, GEMM
+    # (pointer-batched), after the batched pass, so rows a window shares with it are recomputed
+    # from x, never activated twice; windows of one slot never meet (one per heavy slot)
     starts, sizes = tail_windows(np.asarray(counts)[heavy], m, C)
-    for s, a, n in zip(heavy.tolist(), starts.tolist(), sizes.tolist()):
-        tail = slice(s * C + a, s * C + a + n)
-        _batched_gemm(x[tail], w1[s:s + 1], hidden[tail], 1)
-        _activate(hidden[tail], None if b1 is None else b1[s:s + 1], kind, 1, n, n)
-        _batched_gemm(hidden[tail], w2[s:s + 1], out[tail], 1)
+    for n in np.unique(sizes).tolist():
+        pick = sizes == n
+        slots, first = heavy[pick], heavy[pick] * C + starts[pick]
+        _window_gemm(x, w1, hidden, first, slots, n)
+        _activate_windows(hidden, b1, kind, first, slots, n)
+        _window_gemm(hidden, w2, out, first, slots, n)
     return out
 
 
@@ -991,14 +1029,29 @@ def _activate(h, b1, kind: str, slots: int, rows: int, stride: int) -> None:
         _bias_act(h.reshape(slots, stride, F)[:, :rows], b1, kind, rows)
 
 
+def _activate_windows(h, b1, kind: str, starts: np.ndarray, slots: np.ndarray, rows: int) -> None:
+    """``_activate`` on ``rows`` rows from each row starts[g] of h, bias row b1[slots[g]]: one
+    launch for every window of a size (the scalar fallback loops over them)."""
+    gated, act = split_kind(kind)
+    windows = cp.asarray(np.stack([starts, slots]).astype(np.int64))
+    if gated:
+        _gated(h, b1, act, 0, rows, 0, windows)
+    elif not _bias_act_rows(h, b1, kind, 0, rows, 0, windows):
+        for a, s in zip(starts.tolist(), slots.tolist()):
+            _activate(h[a:a + rows], None if b1 is None else b1[s:s + 1], kind, 1, rows, rows)
+
+
 @functools.lru_cache(maxsize=None)
 def _gated_kernel(kind: str):
     act = _ACTIVATIONS[kind]
     return cp.RawKernel(_BF16_HELPERS + f"""
 extern "C" __global__ void moe_gated(unsigned short* h, const unsigned short* b1, int has_bias,
-                                     int rows, long long stride, int F) {{
-    // one block per row: h[row] = [gate | up] (2F) -> act(gate) * up into its first F columns
-    long long s = blockIdx.x / rows, row = s * stride + blockIdx.x % rows;
+                                     int rows, long long stride, int F,
+                                     const long long* starts, const long long* slot_of) {{
+    // one block per row: h[row] = [gate | up] (2F) -> act(gate) * up into its first F columns;
+    // rows by slot, or by window (see moe_bias_act_rows)
+    long long g = blockIdx.x / rows;
+    long long s = starts ? slot_of[g] : g, row = (starts ? starts[g] : g * stride) + blockIdx.x % rows;
     unsigned short* r = h + row * 2 * F;
     for (int j = threadIdx.x; j < F; j += blockDim.x) {{
         float v = bf2f(r[j]), u = bf2f(r[F + j]);
@@ -1009,13 +1062,15 @@ extern "C" __global__ void moe_gated(unsigned short* h, const unsigned short* b1
 }}""", "moe_gated")
 
 
-def _gated(h, b1, kind: str, slots: int, rows: int, stride: int) -> None:
+def _gated(h, b1, kind: str, slots: int, rows: int, stride: int, windows=None) -> None:
     F = h.shape[-1] // 2
-    if slots * rows == 0:
+    count = slots if windows is None else windows.shape[1]
+    if count * rows == 0:
         return
     bias = _u16(b1) if b1 is not None else _u16(h)
-    _gated_kernel(kind)((slots * rows,), (min(1024, 32 * ((F + 31) // 32)),),
-                        (_u16(h), bias, np.int32(b1 is not None), np.int32(rows), np.int64(stride), np.int32(F)))
+    _gated_kernel(kind)((count * rows,), (min(1024, 32 * ((F + 31) // 32)),),
+                        (_u16(h), bias, np.int32(b1 is not None), np.int32(rows), np.int64(stride), np.int32(F),
+                         *_window_pointers(windows)))
 
 
 def combine(rows, positions, weights, experts=None, b2=None, out=None):
