@@ -239,7 +239,9 @@ def moe_block(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload, la
     g = int(np.argmax(ex_compute + ex_over))
     ex = cost(compute=float(ex_compute[g]), overhead=float(ex_over[g]))
     network, own_rows = transfer(layout, cluster, w, mi)
-    copy = scale(self_copy(m, own_rows, r), 2) if own_rows else cost()
+    # a one-rank group skips the transport (moe/layer.py: _local_step): its rows are packed
+    # straight into the expert slots, which ``pack`` already counts
+    copy = scale(self_copy(m, own_rows, r), 2) if own_rows and layout.group_size > 1 else cost()
     local = add(pack(m, T_mb, r), weighted_sum(m, T_mb, r))
     if layout.roles.colocated:
         c, fill = add(local, ex, copy), cost()
