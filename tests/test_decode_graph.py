@@ -42,8 +42,16 @@ def test_fixed_shape_experts_equal_the_exact_path(kind, bias):
 # ---------------------------------------------------------------- when a batch size is captured
 
 class _DeviceArray(np.ndarray):
+    """A 'device' array whose copies to and from the host, on a capturing stream, are recorded
+    into the graph (run at each launch) instead of run."""
+    fake = None
+
     def set(self, a, stream=None):           # CuPy's host-to-device copy into an existing array
-        self[...] = a
+        self.fake.run_or_record(stream, lambda: self.__setitem__(Ellipsis, a))
+
+    def get(self, stream=None, out=None, blocking=True):
+        self.fake.run_or_record(stream, lambda: out.__setitem__(Ellipsis, self))
+        return out
 
 
 class _FakeCp:
@@ -52,7 +60,8 @@ class _FakeCp:
 
     def __init__(self, fail_capture=False):
         self.fail_capture, self.freed, self.launches = fail_capture, 0, 0
-        fake = self
+        self.capturing, self.captured = False, []
+        _DeviceArray.fake = fake = self
 
         class Stream:
             def __init__(self, non_blocking=False):
@@ -73,16 +82,23 @@ class _FakeCp:
             def begin_capture(self):
                 if fake.fail_capture:
                     raise RuntimeError("calling cuBLAS API during stream capture is currently unsupported")
-                self.capturing = True
+                fake.capturing, fake.captured = True, []
 
             def end_capture(self):
-                self.capturing = False
-                return Graph()
+                fake.capturing = False
+                return Graph(fake.captured)
+
+            def synchronize(self):
+                pass
 
         class Graph:
+            def __init__(self, work):
+                self.work = work
+
             def launch(self, stream):
                 fake.launches += 1
-                fake.replay()
+                for op in self.work:
+                    op()
 
         class MemoryPool:
             def __init__(self, allocator=None):
@@ -101,7 +117,11 @@ class _FakeCp:
         cuda.get_current_stream = lambda: Stream()
         cuda.using_allocator = lambda malloc: Stream()
         cuda.runtime = type("runtime", (), {"CUDARuntimeError": RuntimeError})
+        cuda.alloc_pinned_memory = bytearray
         self.cuda = cuda
+
+    def run_or_record(self, stream, op):
+        self.captured.append(op) if self.capturing else op()
 
     @staticmethod
     def asarray(a):
@@ -121,9 +141,8 @@ class _CountingEngine:
 
     def fixed_shape_decode(self, tokens, at):
         self.calls += 1
-        out = np.zeros((len(tokens), 1))
-        self.cp.replay = lambda: out.__setitem__(slice(None), (tokens + 10 * at.rows + 100 * at.start)[:, None])
-        out[:] = (tokens + 10 * at.rows + 100 * at.start)[:, None]
+        out = np.zeros((len(tokens), 1)).view(_DeviceArray)
+        self.cp.run_or_record(None, lambda: out.__setitem__(slice(None), (tokens + 10 * at.rows + 100 * at.start)[:, None]))
         return out
 
 

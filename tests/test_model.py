@@ -131,6 +131,35 @@ def test_batched_rows_splits_only_under_skew():
     assert split < padded / 30
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_tail_windows_cover_each_heavy_slots_rows_inside_its_slot(seed):
+    """Whatever the counts: the batched GEMM's m rows plus each heavy slot's window cover every
+    row it received, the window stays inside the slot, and the windows come in few sizes
+    (SLOT_ROUND times 1-7, or 4-7 times a power of two, or the whole slot), so cuBLAS sees
+    shapes it has seen before; the choice of m is the cheapest by the cost model."""
+    from moe_hpc.device.expert_batches import BATCH_LAUNCH_ROWS, SLOT_ROUND, batched_rows, tail_windows
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        S, C = int(rng.choice([1, 8, 60, 64, 160])), SLOT_ROUND * int(rng.integers(1, 130))
+        counts = rng.integers(0, C + 1, S) if rng.random() < 0.5 else np.minimum(rng.poisson(C / 8, S), C)
+        m, heavy = batched_rows(counts, C)
+        assert m % SLOT_ROUND == 0 and 0 <= m <= C
+        assert heavy.tolist() == np.flatnonzero(counts > m).tolist()
+        start, size = tail_windows(counts[heavy], m, C)
+        assert (start >= 0).all() and (start <= m).all() and (start + size <= C).all()
+        assert (start + size >= counts[heavy]).all()              # every row past m is in the window
+        units = size // SLOT_ROUND
+        odd = units // 2 ** np.maximum(np.floor(np.log2(np.maximum(units, 1))).astype(int) - 2, 0)
+        assert ((size % SLOT_ROUND == 0) & (odd <= 7) | (size == C)).all()
+
+        def cost(mm):
+            h = counts > mm
+            sz = tail_windows(counts[h], mm, C)[1]
+            return S * mm + sz.sum() + BATCH_LAUNCH_ROWS * len(np.unique(sz))
+        others = np.unique(np.minimum(-(-counts // SLOT_ROUND) * SLOT_ROUND, C))
+        assert cost(m) == min(cost(mm) for mm in others)
+
+
 def test_causality():
     cfg = build_config({}).model
     w = _attn_weights(cfg.hidden_size, cfg.num_heads, cfg.num_heads, cfg.head_dim)

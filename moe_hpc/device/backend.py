@@ -69,12 +69,14 @@ def cupy_or_none():
         return None
 
 
-def make_backend(device: str, local_rank: int = 0) -> Backend:
+def make_backend(device: str, local_rank: int = 0, memory_limit_gib: float = 0.0) -> Backend:
     """Pick NumPy or CuPy for ``run.device`` (cpu | gpu | auto) and bind this rank's GPU.
 
     local_rank: this rank's index among the ranks of its node (MPI's shared-memory
     communicator). Not SLURM_LOCALID: under mpiexec inside an allocation every rank of a node
     inherits its proxy's SLURM_LOCALID (0), and under srun the two agree.
+    memory_limit_gib: ``run.memory_limit_gib``; > 0 caps CuPy's pool on the GPU
+    (``cap_memory_pool``).
     """
     if device == "cpu":
         return Backend("cpu", np)
@@ -86,7 +88,28 @@ def make_backend(device: str, local_rank: int = 0) -> Backend:
         return Backend("cpu", np)
     ngpu = cupy.cuda.runtime.getDeviceCount()
     cupy.cuda.Device(local_rank % ngpu).use()
+    if memory_limit_gib > 0:
+        cap_memory_pool(cupy, int(memory_limit_gib * 2 ** 30))
     return Backend("gpu", cupy)
+
+
+def cap_memory_pool(cupy, limit_bytes: int) -> None:
+    """Hold CuPy's device pool to ``limit_bytes`` (on a GPU shared with other jobs, or to prove a
+    run fits a smaller GPU). CuPy refuses an allocation past its limit at once, without first
+    handing its cached free blocks back; freed blocks of other sizes (and those cached per
+    stream) would then fail a run whose live arrays fit. So an allocation refused at the limit
+    frees the cached blocks and tries once more: the pool stays under the limit and a run that
+    fits runs, paying a device synchronisation only when it touches the limit."""
+    pool = cupy.get_default_memory_pool()
+    pool.set_limit(size=limit_bytes)
+
+    def malloc(size: int):
+        try:
+            return pool.malloc(size)
+        except cupy.cuda.memory.OutOfMemoryError:
+            pool.free_all_blocks()
+            return pool.malloc(size)
+    cupy.cuda.set_allocator(malloc)
 
 
 def free_memory_bytes(backend: Backend) -> int | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# Tails of one window size cost three launches (two GEMMs, the activation) and two small
-# uploads: about 130 us of host time, and after a step's counts reach the host the GPU waits on
+# Tails of one window size cost three launches (two GEMMs, the activation) and three small
+# uploads (two pointer arrays, the window table): about 130 us of host time, and after a step's counts reach the host the GPU waits on
 # it; 1,024 rows of one expert's GEMM work at the 61-layer preset's shapes take about as long on
 # an H200 (docs/performance.md).
 BATCH_LAUNCH_ROWS = 1024
@@ -26,7 +26,7 @@ def batched_rows(counts, capacity: int) -> tuple[int, np.ndarray]:
     ``m`` rows of every slot, and each slot with more rows than that gets a tail GEMM of its own
     (``tail_windows``).
 
-    counts: [S] host ints (rows per slot, <= capacity, a multiple of SLOT_ROUND) -> (m, the
+    counts: [S] host ints (rows per slot, <= capacity; the capacity a multiple of SLOT_ROUND) -> (m, the
     heavy slots' indices). ``m`` (a multiple of SLOT_ROUND) minimises padded rows + tail rows +
     a launch's worth per window size: with balanced counts it is the busiest slot (one GEMM, as
     before); under skew, one hot expert no longer pads every slot to its count (a 7x slowdown
@@ -34,33 +34,42 @@ def batched_rows(counts, capacity: int) -> tuple[int, np.ndarray]:
     counts = np.asarray(counts, dtype=np.int64)
     if counts.size == 0:
         return 0, np.zeros(0, np.int64)
+    # every candidate at once ([candidates, S]): the host plans this after each step's counts
+    # arrive while the GPU waits, so a loop per candidate (about a millisecond at S = 64) shows
     candidates = np.unique(np.minimum(_round_up(counts), capacity))
-    over = lambda m: counts > m
-    cost = [counts.size * m + _tail_cost(counts[over(m)], m, capacity) for m in candidates]
-    m = int(candidates[int(np.argmin(cost))])
-    return m, np.nonzero(over(m))[0]
+    over = counts[None, :] > candidates[:, None]
+    sizes = np.where(over, _window_sizes(counts[None, :], candidates[:, None], capacity), 0)
+    cost = counts.size * candidates + sizes.sum(axis=1) + BATCH_LAUNCH_ROWS * _distinct_nonzero(sizes)
+    best = int(np.argmin(cost))
+    return int(candidates[best]), np.nonzero(over[best])[0]
 
 
-def _tail_cost(counts, m: int, capacity: int) -> int:
-    """Rows the tails' GEMMs run over plus a launch's worth per window size (the windows of one
-    size are one GEMM, activation, GEMM)."""
-    sizes = tail_windows(counts, m, capacity)[1]
-    return int(sizes.sum()) + BATCH_LAUNCH_ROWS * len(np.unique(sizes))
+def _distinct_nonzero(sizes: np.ndarray) -> np.ndarray:
+    """[n, S] -> [n]: how many distinct non-zero values each row holds (window sizes, each one
+    GEMM pair and one activation)."""
+    ordered = np.sort(sizes, axis=1)
+    new = np.concatenate([ordered[:, :1] > 0, (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] > 0)], axis=1)
+    return new.sum(axis=1)
+
+
+def _window_sizes(counts, m, capacity: int):
+    """Rows of the tail window of slots of ``counts`` past ``m`` rows (broadcasts): SLOT_ROUND
+    times 1-7, or 4-7 times a power of two, at least the rows past m, at most the capacity."""
+    units = -(-np.maximum(counts - m, 1) // SLOT_ROUND)
+    step = 2 ** np.maximum(np.floor(np.log2(units)).astype(np.int64) - 2, 0)    # four sizes an octave
+    return np.minimum(-(-units // step) * step * SLOT_ROUND, capacity)
 
 
 def tail_windows(counts, m: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """The rows of each heavy slot's tail GEMM: (first row, rows) per slot of ``counts`` (each
     > m). The window covers the rows past m, its size SLOT_ROUND times 1-7 or 4-7 times a power
-    of two (at most a quarter more than the rows past m; or the whole slot), moved back over rows the batched GEMM already did, or on into the slot's
+    of two (past 256 rows at most a quarter more than the rows past m, below it up to 63 more;
+    or the whole slot), moved back over rows the batched GEMM already did, or on into the slot's
     padding, so it fits the slot: a GEMM then sees one of a handful of shapes, which cuBLAS has
     chosen a kernel for before (rows recomputed give the same values; padding rows are never
     read)."""
-    counts = np.asarray(counts, dtype=np.int64)
-    units = -(-np.maximum(counts - m, 1) // SLOT_ROUND)
-    step = 2 ** np.maximum(np.floor(np.log2(units)).astype(np.int64) - 2, 0)    # four sizes an octave
-    size = np.minimum(-(-units // step) * step * SLOT_ROUND, capacity)
-    start = np.minimum(m, capacity - size)
-    return start, size
+    size = _window_sizes(np.asarray(counts, dtype=np.int64), m, capacity)
+    return np.minimum(m, capacity - size), size
 
 
 __all__ = ["batched_rows", "tail_windows", "BATCH_LAUNCH_ROWS", "SLOT_ROUND"]

@@ -133,11 +133,13 @@ def set_expert_gemm_carveout(sms: int, xp=np) -> bool:
 
 
 def add_bias(y, bias):
-    """y [..., N] bf16 + bias [N] bf16, summed in fp32 and rounded once (SPEC's rule) -> bf16;
-    on the GPU in place in y (one kernel instead of three fp32 passes)."""
+    """y [..., N] bf16 + bias [N] bf16, summed in fp32 and rounded once (SPEC's rule) -> bf16,
+    in place in y on both devices (on the GPU one kernel instead of three fp32 passes): the
+    caller hands y over."""
     if not _on_host(y):
         return _cuda().add_bias(y, bias)
-    return (y.astype(F32) + bias.astype(F32)).astype(BF16)
+    y[...] = (y.astype(F32) + bias.astype(F32)).astype(BF16)
+    return y
 
 
 def matmul_f32out(a, b):
@@ -175,7 +177,8 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     x: [S*C, H] bf16; counts: [S] host ints; w1: [S, H, F]; b1: [S, F] | None; w2: [S, F, H];
     hidden: [S*C, F] bf16 and out: [S*C, H] bf16 buffers (out fp32 for tensor-parallel partial
     sums, rounded only after the reduction). Padding rows of a slot are left undefined.
-    On the GPU each of the two products is one strided-batched GEMM over the slots.
+    On the GPU each product is one strided-batched GEMM over the slots' first m rows, plus the
+    heavy slots' tails grouped by window size (``expert_batches``).
     """
     if not _on_host(x):
         return _cuda().grouped_expert_mlp(x, counts, w1, b1, w2, kind, hidden, out)

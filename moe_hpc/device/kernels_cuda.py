@@ -115,8 +115,10 @@ def _vector_rows(a) -> bool:
     """Whether a 2-D array's rows can be read as 16-byte vectors: each row contiguous, its bytes
     and its row stride multiples of 16, the start 16-byte aligned (views of wider rows too, such
     as the keys' columns of a fused QKV projection)."""
+    if a.ndim != 2:
+        return False
     row = a.shape[1] * a.itemsize
-    return (a.ndim == 2 and (a.strides[1] == a.itemsize or a.shape[1] == 1) and row % 16 == 0
+    return ((a.strides[1] == a.itemsize or a.shape[1] == 1) and row % 16 == 0
             and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0)
 
 
@@ -348,6 +350,8 @@ def gate_topk(logits, bias, k: int, normalize: bool):
     per token (four per block)."""
     if k > 8:
         raise ValueError("the GPU top-k kernel handles top_k <= 8")
+    if k > logits.shape[-1]:
+        raise ValueError(f"top_k = {k} exceeds the {logits.shape[-1]} experts")
     T, E = logits.shape
     experts = cp.empty((T, k), dtype=cp.int32)
     weights = cp.empty((T, k), dtype=cp.float32)

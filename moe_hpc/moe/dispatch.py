@@ -54,7 +54,7 @@ def route_tables(placement, slot_leaders) -> RouteTables:
 class DispatchPlan:
     """order:     [T*k] flat (token*k + choice) indices, sorted by (micro-batch, rank, slot)
     positions: [T, k] row of each (token, choice) in its micro-batch's send order
-    rows:      [T*k] token row of each send row (order // k), on the device
+    rows:      [T*k] token row of each send row (order // k), where the arrays live (the GPU's or the host)
     counts:    [micro_batches, P, num_slots] host int64
     starts:    [micro_batches + 1] host, where each micro-batch begins in ``order``"""
     order: object

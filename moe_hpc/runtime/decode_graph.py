@@ -5,7 +5,8 @@ write, the attention, the gate, the experts, the combine) for a few milliseconds
 work; launched one by one from Python, the launches, not the GPU, set the pace. Here a step
 of a batch size seen twice in a row is captured once (``Engine.fixed_shape_decode``: shapes
 fixed by the batch size, nothing read back to the host inside) and replayed as one graph:
-only the step's inputs (tokens, cache rows, positions) travel before it and its logits after.
+only the step's inputs (tokens, cache rows, positions) travel, inside the graph from page-locked
+host memory, and its logits come back the same way.
 
 Captured work keeps its addresses, so it allocates from a pool of its own that nothing else
 uses: what a step frees there is reused only by later captures and replays, which run one at
@@ -23,6 +24,7 @@ measured: ``run.cuda_graphs = false`` steps eagerly.
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
@@ -38,9 +40,10 @@ class DecodeGraphs:
         self.engine, self.cp = engine, cp
         self.pool = cp.cuda.MemoryPool(_refusal_is_out_of_memory(cp))
         self.stream = cp.cuda.Stream(non_blocking=True)
-        self.graphs: dict[int, tuple] = {}       # batch size -> (graph, device inputs, device logits)
+        self.graphs: dict[int, tuple] = {}       # batch size -> (graph, pinned inputs, pinned logits, device both)
         self.last_batch = None
         self.failed = None                       # why capture failed: the rest of the run steps eagerly
+        self.launch_s: list[float] = []          # host seconds of each replay's launch call (the bench reports them)
 
     def clear(self) -> None:
         """Drop every graph and give their memory back (replays are finished: each ends in a
@@ -57,7 +60,7 @@ class DecodeGraphs:
         repeated, self.last_batch = B == self.last_batch, B
         if self.failed or not 0 < B <= MAX_GRAPH_BATCH:
             return None
-        host = [np.ascontiguousarray(a, dtype=np.int64) for a in (tokens, rows, positions)]
+        host = np.stack([np.asarray(a, dtype=np.int64) for a in (tokens, rows, positions)])     # [3, B]
         if B in self.graphs:
             return self._replay(B, host)
         return self._capture(B, host) if repeated else None
@@ -66,28 +69,41 @@ class DecodeGraphs:
         tokens, rows, positions = inputs
         return self.engine.fixed_shape_decode(tokens, CacheAt(rows, positions))
 
+    def _pinned(self, shape, dtype) -> np.ndarray:
+        """A host array in page-locked memory: a graph may copy to and from it (a capture refuses
+        pageable memory), and the copies need no staging through the driver's own buffer."""
+        dtype = np.dtype(dtype)
+        mem = self.cp.cuda.alloc_pinned_memory(max(1, int(np.prod(shape)) * dtype.itemsize))
+        return np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
+
     def _after_default_stream(self) -> None:
         """Our stream starts after the work already queued on the caller's (the cache's fill)."""
         self.stream.wait_event(self.cp.cuda.get_current_stream().record())
 
     def _capture(self, B: int, host):
         """Run this step eagerly on the graph's stream and pool (its result is this step's; it
-        also compiles every kernel and fills the pool), then capture the same step."""
+        also compiles every kernel and fills the pool), then capture the same step between a
+        copy of its inputs from pinned host memory and a copy of its logits back: a replay is
+        then one launch, with no copy calls of its own around it."""
         cp = self.cp
-        inputs = tuple(cp.asarray(a) for a in host)
         self._after_default_stream()
         try:
             with self.stream, cp.cuda.using_allocator(self.pool.malloc):
+                inputs = cp.asarray(host)
                 logits = cp.asnumpy(self._forward(inputs), stream=self.stream)
+                pinned_in, pinned_out = self._pinned(host.shape, np.int64), self._pinned(logits.shape, logits.dtype)
                 self.stream.begin_capture()
                 try:
+                    inputs.set(pinned_in, stream=self.stream)
                     out = self._forward(inputs)
+                    out.get(stream=self.stream, out=pinned_out, blocking=False)
                 finally:
                     graph = self.stream.end_capture()
         except Exception as err:      # noqa: BLE001 - any failure here leaves eager stepping
             self._give_up(err)
             return None               # the caller runs this step eagerly (its cache writes repeat)
-        self.graphs[B] = (graph, inputs, out)
+        # the device arrays are kept with the graph: it replays into their addresses
+        self.graphs[B] = (graph, pinned_in, pinned_out, inputs, out)
         return logits
 
     def _give_up(self, err: Exception) -> None:
@@ -97,12 +113,14 @@ class DecodeGraphs:
               file=sys.stderr, flush=True)
 
     def _replay(self, B: int, host):
-        graph, inputs, out = self.graphs[B]
+        graph, pinned_in, pinned_out = self.graphs[B][:3]
         self._after_default_stream()
-        for buf, a in zip(inputs, host):
-            buf.set(a, stream=self.stream)
+        pinned_in[...] = host            # the last replay has finished: it ended in a synchronisation
+        t0 = time.perf_counter()
         graph.launch(self.stream)
-        return self.cp.asnumpy(out, stream=self.stream)
+        self.launch_s.append(time.perf_counter() - t0)
+        self.stream.synchronize()
+        return pinned_out.copy()
 
 
 def _refusal_is_out_of_memory(cp):

@@ -190,7 +190,7 @@ def preflight(topo, job: Job, meta: InputMeta) -> Preflight:
     sync = lambda fn, *a: collective(topo.world, fn, *a, debug=job.debug)
     threads = sync(limit_blas_threads, *ranks_sharing_cores(topo.node))
     seconds = sync(check_input_share, job, topo)
-    backend = sync(make_backend, job.cfg.run.device, topo.local_rank)
+    backend = sync(make_backend, job.cfg.run.device, topo.local_rank, job.cfg.run.memory_limit_gib)
     fit = sync(check_fit, job, topo, backend, meta.seq_len)
     placement = sync(make_placement, job.cfg.model, topo.num_expert_slots, job.cfg.parallel.placement)
     return Preflight(backend, placement, seconds, fit, threads)

@@ -26,6 +26,7 @@ With ``--decode`` the shrunk model also steps generation's decode against its HB
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import statistics
@@ -346,6 +347,7 @@ def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
     t = timer(lambda: engine.forward_chunk(fresh(), lengths, first))
     t_host_input = timer(lambda: engine.forward_chunk(x, lengths, first))
     peak_pool = pool.total_bytes()
+    memory = memory_figures(cp, lambda: engine.forward_chunk(fresh(), lengths, first))
     cp.cuda.Device().synchronize()
     t0 = time.perf_counter()                                 # one call, each phase waiting for its work
     phases = engine.times.profiled(lambda: engine.forward_chunk(fresh(), lengths, first), cp.cuda.Device().synchronize)
@@ -357,8 +359,49 @@ def bench_model(engine: Engine, args, timer: Timer, cp) -> dict:
             "t_forward_s": t, "tokens_per_s_per_gpu": tps, "model_tflops_per_gpu": flops / 1e12,
             "t_forward_host_input_s": t_host_input, "tokens_per_s_per_gpu_host_input": S * L / t_host_input,
             "mfu_vs_datasheet": flops / ((peak or (HOPPER_BF16_TFLOPS, 0))[0] * 1e12), "seed_mfu_target": SEED_MFU_TARGET,
-            "peak_pool_gib": peak_pool / 2 ** 30, "phase_s_rank0": phases,
+            "peak_pool_gib": peak_pool / 2 ** 30, **memory, "phase_s_rank0": phases,
             "dense": dense_figures(engine, S, L, timer, cp)}
+
+
+def memory_figures(cp, call) -> dict:
+    """GiB of CuPy's pool around one ``call``, the pool emptied of cached blocks first:
+    live_before (weights and buffers the engine keeps), peak_live (the most bytes in use at
+    once during the call: what the run needs), pool_after (what the pool holds after it: live
+    plus the freed blocks it caches, per stream and split). The timed runs' pool is larger
+    still when sizes vary between calls; ``run.memory_limit_gib`` caps it."""
+    pool = cp.get_default_memory_pool()
+
+    class Peak(cp.cuda.MemoryHook):
+        name = "moe_hpc_peak_live"
+
+        def __init__(self):
+            self.used = self.peak = pool.used_bytes()
+
+        def malloc_postprocess(self, **kw):
+            self.used += kw["mem_size"]
+            self.peak = max(self.peak, self.used)
+
+        def free_postprocess(self, **kw):
+            self.used -= kw["mem_size"]
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    live_before = pool.used_bytes()
+    with Peak() as hook:
+        call()
+        cp.cuda.Device().synchronize()
+    gib = 2 ** 30
+    return {"live_before_gib": live_before / gib, "peak_live_gib": hook.peak / gib,
+            "pool_after_one_call_gib": pool.total_bytes() / gib,
+            "pool_limit_gib": pool.get_limit() / gib if pool.get_limit() else None}
+
+
+def _memory_released(cp) -> None:
+    """Called once the last engine is closed and its name deleted: its memory goes back before
+    the next part builds its own, so each part's pool figures are its own. An engine's objects
+    refer to each other, so deleting its name frees its arrays only when Python's cycle collector
+    runs."""
+    gc.collect()
+    cp.get_default_memory_pool().free_all_blocks()
 
 
 def _shrunk(args, overrides: list[str]):
@@ -381,7 +424,7 @@ def run_bench(comm, args, log=print) -> dict:
         raise ConfigError("moe-hpc bench does not time MLA (DeepSeek-V3) attention yet; its blocks run through "
                           "moe-hpc run (docs/models.md)")
     topo = build_topology(comm, cfg)
-    backend = make_backend("gpu", topo.local_rank)
+    backend = make_backend("gpu", topo.local_rank, cfg.run.memory_limit_gib)
     shrunk = _shrunk(args, overrides) if args.model_layers else None
     if shrunk is not None:           # the whole model must fit: refuse it now, not after minutes of filling
         collective(topo.world, check_memory, with_chunk(shrunk, args.sequences), topo.size, topo.group_rank,
@@ -394,14 +437,15 @@ def run_bench(comm, args, log=print) -> dict:
               "transport": engine.wiring.exchange.transport_name, "config": args.config, "sets": list(args.set or []),
               "layer": bench_layer(engine, args, timer, cp)}
     engine.close()
+    del engine
+    _memory_released(cp)
     if shrunk is not None:
-        cp.get_default_memory_pool().free_all_blocks()
         engine = _engine(shrunk, topo, backend, range(shrunk.model.num_layers))
         result["model"] = bench_model(engine, args, timer, cp)
         engine.close()
-    if decode:
         del engine
-        cp.get_default_memory_pool().free_all_blocks()
+        _memory_released(cp)
+    if decode:
         stepped = _shrunk(args, decode_overrides(overrides))
         engine = _engine(stepped, topo, backend, range(stepped.model.num_layers))
         result["decode"] = bench_decode(engine, args, cp)
@@ -442,7 +486,10 @@ def format_table(r: dict) -> str:
                  ("model: TFLOP/s per GPU, MFU", f"{M['model_tflops_per_gpu']:.0f}, {M['mfu_vs_datasheet']:.1%} "
                                                  f"(seed target {M['seed_mfu_target']:.0%})"),
                  ("model: sequences x length per GPU, peak pool GiB",
-                  f"{M['sequences_per_gpu']} x {M['seq_len']}, {M['peak_pool_gib']:.1f}")]
+                  f"{M['sequences_per_gpu']} x {M['seq_len']}, {M['peak_pool_gib']:.1f}"
+                  + (f" (limit {M['pool_limit_gib']:.0f})" if M.get("pool_limit_gib") else "")),
+                 ("model: GiB live before / peak live / pool after one call",
+                  f"{M['live_before_gib']:.1f} / {M['peak_live_gib']:.1f} / {M['pool_after_one_call_gib']:.1f}")]
         rows += _dense_rows(M["dense"])
     if "decode" in r:
         rows += decode_rows(r["decode"])

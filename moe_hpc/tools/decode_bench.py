@@ -122,7 +122,9 @@ def bench_decode(engine, args, cp) -> dict:
             "roofline_weight_gb": roof["weight_bytes"] / 1e9, "roofline_kv_read_gb": roof["kv_read_bytes"] / 1e9,
             "profiled_step_phases_ms_rank0": phases,
             "peak_pool_gib": agree_max(topo.world, cp.get_default_memory_pool().total_bytes()) / 2 ** 30,
-            "graph_pool_gib": agree_max(topo.world, engine.graphs.pool.total_bytes() if engine.graphs else 0) / 2 ** 30}
+            "graph_pool_gib": agree_max(topo.world, engine.graphs.pool.total_bytes() if engine.graphs else 0) / 2 ** 30,
+            "graph_launch_host_us": (statistics.median(engine.graphs.launch_s) * 1e6
+                                     if engine.graphs and engine.graphs.launch_s else None)}
 
 
 def profiled_step(engine, tokens, rows, s0: int, P: int, last: int, cp) -> dict:
@@ -150,6 +152,8 @@ def decode_rows(d: dict) -> list[tuple[str, str]]:
             ("decode: prefill tokens/s per GPU (of run's)", f"{d['prefill_tokens_per_s_per_gpu']:.4g}"
              + (f" ({d['prefill_vs_run_tokens_per_s']:.0%})" if "prefill_vs_run_tokens_per_s" in d else "")),
             ("decode: peak pool GiB", f"{d['peak_pool_gib']:.1f}"),
+            ("decode: graph launch, host us", "n/a (eager steps)" if d.get("graph_launch_host_us") is None
+             else f"{d['graph_launch_host_us']:.0f}"),
             ("decode: one profiled step, ms by phase", ", ".join(f"{k} {v:.2f}" for k, v in
                                                                d["profiled_step_phases_ms_rank0"].items()))]
 
