@@ -1,5 +1,7 @@
 """The fixed-shape pieces of a captured decode step (runtime/decode_graph.py), on the CPU:
 routing into per-expert rows without a host count, and every expert over its padded rows."""
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -42,16 +44,11 @@ def test_fixed_shape_experts_equal_the_exact_path(kind, bias):
 # ---------------------------------------------------------------- when a batch size is captured
 
 class _DeviceArray(np.ndarray):
-    """A 'device' array whose copies to and from the host, on a capturing stream, are recorded
-    into the graph (run at each launch) instead of run."""
-    fake = None
+    """A 'device' array: host memory with CuPy's ``data.ptr``, so the runtime's copies reach it."""
 
-    def set(self, a, stream=None):           # CuPy's host-to-device copy into an existing array
-        self.fake.run_or_record(stream, lambda: self.__setitem__(Ellipsis, a))
-
-    def get(self, stream=None, out=None, blocking=True):
-        self.fake.run_or_record(stream, lambda: out.__setitem__(Ellipsis, self))
-        return out
+    @property
+    def data(self):
+        return type("pointer", (), {"ptr": self.ctypes.data})
 
 
 class _FakeCp:
@@ -61,9 +58,11 @@ class _FakeCp:
     def __init__(self, fail_capture=False):
         self.fail_capture, self.freed, self.launches = fail_capture, 0, 0
         self.capturing, self.captured = False, []
-        _DeviceArray.fake = fake = self
+        fake = self
 
         class Stream:
+            ptr = 0
+
             def __init__(self, non_blocking=False):
                 self.capturing = False
 
@@ -116,7 +115,11 @@ class _FakeCp:
         cuda.Stream, cuda.MemoryPool = Stream, MemoryPool
         cuda.get_current_stream = lambda: Stream()
         cuda.using_allocator = lambda malloc: Stream()
-        cuda.runtime = type("runtime", (), {"CUDARuntimeError": RuntimeError})
+        cuda.runtime = type("runtime", (), {
+            "CUDARuntimeError": RuntimeError, "memcpyHostToDevice": 1, "memcpyDeviceToHost": 2,
+            # a copy on a capturing stream joins the graph, and runs at each launch
+            "memcpyAsync": staticmethod(lambda dst, src, n, kind, stream:
+                                        fake.run_or_record(stream, lambda: ctypes.memmove(dst, src, n)))})
         cuda.alloc_pinned_memory = bytearray
         self.cuda = cuda
 

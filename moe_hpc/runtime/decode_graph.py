@@ -69,6 +69,13 @@ class DecodeGraphs:
         tokens, rows, positions = inputs
         return self.engine.fixed_shape_decode(tokens, CacheAt(rows, positions))
 
+    def _copy(self, dst: int, src: int, nbytes: int, direction: str) -> None:
+        """An asynchronous copy on the graph's stream through the runtime itself: CuPy's own
+        copies refuse a capturing stream, which is right for pageable memory but not for pinned."""
+        rt = self.cp.cuda.runtime
+        kind = rt.memcpyHostToDevice if direction == "to device" else rt.memcpyDeviceToHost
+        rt.memcpyAsync(dst, src, nbytes, kind, self.stream.ptr)
+
     def _pinned(self, shape, dtype) -> np.ndarray:
         """A host array in page-locked memory: a graph may copy to and from it (a capture refuses
         pageable memory), and the copies need no staging through the driver's own buffer."""
@@ -94,9 +101,9 @@ class DecodeGraphs:
                 pinned_in, pinned_out = self._pinned(host.shape, np.int64), self._pinned(logits.shape, logits.dtype)
                 self.stream.begin_capture()
                 try:
-                    inputs.set(pinned_in, stream=self.stream)
+                    self._copy(inputs.data.ptr, pinned_in.ctypes.data, pinned_in.nbytes, "to device")
                     out = self._forward(inputs)
-                    out.get(stream=self.stream, out=pinned_out, blocking=False)
+                    self._copy(pinned_out.ctypes.data, out.data.ptr, pinned_out.nbytes, "to host")
                 finally:
                     graph = self.stream.end_capture()
         except Exception as err:      # noqa: BLE001 - any failure here leaves eager stepping

@@ -392,7 +392,24 @@ def memory_figures(cp, call) -> dict:
     gib = 2 ** 30
     return {"live_before_gib": live_before / gib, "peak_live_gib": hook.peak / gib,
             "pool_after_one_call_gib": pool.total_bytes() / gib,
-            "pool_limit_gib": pool.get_limit() / gib if pool.get_limit() else None}
+            "pool_limit_gib": pool.get_limit() / gib if pool.get_limit() else None,
+            "largest_live_gib": largest_live(cp)}
+
+
+def largest_live(cp, top: int = 12) -> dict:
+    """GiB held by the live CuPy allocations (each counted once, however many arrays view it),
+    summed by the shape and dtype of the first array seen on each: where memory outside the
+    planner's count lives."""
+    gc.collect()
+    seen, by_shape = set(), {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, cp.ndarray) or obj.data.mem is None or id(obj.data.mem) in seen:
+            continue
+        seen.add(id(obj.data.mem))
+        key = f"{list(obj.shape)} {obj.dtype}"
+        by_shape[key] = by_shape.get(key, 0) + obj.data.mem.size
+    ranked = sorted(by_shape.items(), key=lambda kv: -kv[1])[:top]
+    return {k: round(v / 2 ** 30, 3) for k, v in ranked}
 
 
 def _memory_released(cp) -> None:
