@@ -14,6 +14,7 @@ import functools
 
 import cupy as cp
 
+from .dtypes import BF16
 from .kernels_cuda import _BF16_HELPERS
 
 _SOURCE = _BF16_HELPERS + r"""
@@ -33,7 +34,7 @@ __device__ float block_sum(float v) {
 
 // One block per row. x += y (rounded to bf16, in place) when y is given; out = rmsnorm(x) * w.
 extern "C" __global__ void add_rmsnorm(unsigned short* x, const unsigned short* y, int has_y,
-                                       const float* w, unsigned short* out, int H, float eps) {
+                                       const unsigned short* w, unsigned short* out, int H, float eps) {
     size_t base = (size_t)blockIdx.x * H;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
@@ -47,7 +48,7 @@ extern "C" __global__ void add_rmsnorm(unsigned short* x, const unsigned short* 
     }
     float inv = 1.0f / sqrtf(__fadd_rn(block_sum(ss) / (float)H, eps));
     for (int i = threadIdx.x; i < H; i += blockDim.x)
-        out[base + i] = f2bf(__fmul_rn(__fmul_rn(bf2f(x[base + i]), inv), w[i]));
+        out[base + i] = f2bf(__fmul_rn(__fmul_rn(bf2f(x[base + i]), inv), bf2f(w[i])));
 }
 
 // One block per listed row: x[rows[i]] += f[i], rounded to bf16 (the residual add of a block's output).
@@ -87,7 +88,7 @@ __device__ __forceinline__ uint2 pack4(const float* f) {
 }
 
 extern "C" __global__ void add_rmsnorm4(unsigned short* x, const unsigned short* y, int has_y,
-                                        const float* w, unsigned short* out, int H, float eps) {
+                                        const unsigned short* w, unsigned short* out, int H, float eps) {
     size_t base = (size_t)blockIdx.x * H;
     uint2* xr = (uint2*)(x + base);
     const uint2* yr = (const uint2*)(y + base);
@@ -103,12 +104,12 @@ extern "C" __global__ void add_rmsnorm4(unsigned short* x, const unsigned short*
         for (int k = 0; k < 4; ++k) ss = __fmaf_rn(v[k], v[k], ss);
     }
     float inv = 1.0f / sqrtf(__fadd_rn(block_sum(ss) / (float)H, eps));
-    const float4* w4 = (const float4*)w;
+    const uint2* w4 = (const uint2*)w;
     uint2* o4 = (uint2*)(out + base);
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {
         unpack4(xr[i], v);
-        const float4 g = w4[i];
-        const float gw[4] = {g.x, g.y, g.z, g.w};
+        float gw[4];
+        unpack4(w4[i], gw);
         for (int k = 0; k < 4; ++k) v[k] = __fmul_rn(__fmul_rn(v[k], inv), gw[k]);
         o4[i] = pack4(v);
     }
@@ -174,9 +175,11 @@ def add_rmsnorm(x, y, weight, eps: float):
     elif not x.flags.c_contiguous:                # the residual stream is updated in place
         raise ValueError("add_rmsnorm: x must be contiguous when y is added to it")
     out = cp.empty_like(x)
-    w = cp.ascontiguousarray(weight.astype(cp.float32, copy=False))
+    # read as bf16 in the kernel: weights on the GPU are bf16 (Backend.weight_dtype), so this is
+    # no copy there, where an fp32 copy per call cost a kernel per norm of every decode step
+    w = cp.ascontiguousarray(weight.astype(BF16, copy=False)).view(cp.uint16)
     y16 = x.view(cp.uint16) if y is None else cp.ascontiguousarray(y).view(cp.uint16)
-    if rows and H % 4 == 0 and _aligned((x, 8), (y16, 8), (out, 8), (w, 16)):
+    if rows and H % 4 == 0 and _aligned((x, 8), (y16, 8), (out, 8), (w, 8)):
         _kernel("add_rmsnorm4")((rows,), (_threads(min(H // 4, 1024)),),
                                 (x.view(cp.uint16), y16, cp.int32(y is not None), w, out.view(cp.uint16),
                                  cp.int32(H), cp.float32(eps)))

@@ -616,7 +616,7 @@ __device__ __forceinline__ void unpack8(uint4 r, float* f) {{
     for (int i = 0; i < 4; ++i) {{ f[2 * i] = __uint_as_float(w[i] << 16); f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }}
 }}
 extern "C" __global__ void __launch_bounds__({threads})
-moe_decode_attention(const unsigned short* __restrict__ q,
+moe_decode_attention(const unsigned short* __restrict__ q, long long qs,
                      const unsigned short* __restrict__ k, long long ks, long long kp, long long kh,
                      const unsigned short* __restrict__ v, long long vs, long long vp, long long vh,
                      const long long* __restrict__ seq_rows, const long long* __restrict__ last,
@@ -631,7 +631,7 @@ moe_decode_attention(const unsigned short* __restrict__ q,
     float qf[G][8], m[G], l[G], acc[G][8];
     #pragma unroll
     for (int g = 0; g < G; ++g) {{
-        unpack8(*(const uint4*)(q + ((b * kv + h) * G + g) * D + lane * 8), qf[g]);
+        unpack8(*(const uint4*)(q + b * qs + (h * G + g) * D + lane * 8), qf[g]);
         #pragma unroll
         for (int i = 0; i < 8; ++i) {{ qf[g][i] *= scale_log2; acc[g][i] = 0.0f; }}
         m[g] = NEG_INF; l[g] = 0.0f;
@@ -753,7 +753,10 @@ def fused_decode_attention(q, k, v, last, scale: float, rows=None):
     out = cp.empty((B, 1, nh * D), BF16)
     if B == 0:
         return out
-    q = cp.ascontiguousarray(q)
+    # q may be a view of the fused projection's rows (heads contiguous, any row stride): read in
+    # place where its rows are 16-byte vectors, so a step copies no q
+    if not (q.strides[2:] == (2 * D, 2) and q.strides[0] % 16 == 0 and q.data.ptr % 16 == 0):
+        q = cp.ascontiguousarray(q)
     assert q.data.ptr % 16 == 0, "the kernel reads q in 16-byte vectors"
     last = cp.ascontiguousarray(cp.asarray(last), dtype=cp.int64)
     rows = None if rows is None else cp.ascontiguousarray(cp.asarray(rows), dtype=cp.int64)
@@ -764,7 +767,7 @@ def fused_decode_attention(q, k, v, last, scale: float, rows=None):
     st = [x // 2 for x in k.strides[:3]], [x // 2 for x in v.strides[:3]]
     module.get_function("moe_decode_attention")(
         (B * kv * splits,), (_DECODE_THREADS,),
-        (_u16(q), _u16(k), *map(np.int64, st[0]), _u16(v), *map(np.int64, st[1]),
+        (_u16(q), np.int64(q.strides[0] // 2), _u16(k), *map(np.int64, st[0]), _u16(v), *map(np.int64, st[1]),
          rows if rows is not None else np.uint64(0), last, np.int32(kv), np.int32(splits), np.int64(chunk),
          np.float32(scale * 1.4426950408889634), _u16(out), part if part is not None else np.uint64(0)))
     if part is not None:

@@ -103,8 +103,10 @@ def decode_step_attention(a, w, cfg, cache, at, xp=np):
     at.start [S] host or device ints -> [S, 1, nh D] bf16. Nothing here reads the device from
     the host, so a CUDA graph can capture it: the new key goes in by a row copy and the
     attention reads the whole cache, each sequence only up to its own position."""
-    rows, pos = xp.asarray(at.rows), xp.asarray(at.start)
-    cos, sin = (t[pos] for t in cache.rope)                             # [S, D/2]: each its own position
+    # every block's cache has the same positions and RoPE tables: the step's blocks share these
+    rows, pos = at.once("rows", lambda: xp.asarray(at.rows)), at.once("start", lambda: xp.asarray(at.start))
+    cos, sin = at.once(("rope", cache.shape, cache.rope[0].shape),
+                       lambda: tuple(t[pos] for t in cache.rope))       # [S, D/2]: each its own position
     if w.wqkv is not None:      # one GEMM, RoPE in place on its q and k heads (row s at position pos[s])
         qkv = matmul_bf16(a, w.wqkv, xp)                                # [S, 1, (nh + 2 kv) D]
         rope_heads(qkv.reshape(1, a.shape[0], -1), cos, sin, cfg.num_heads + cfg.kv_heads, cfg.head_dim)
@@ -112,7 +114,7 @@ def decode_step_attention(a, w, cfg, cache, at, xp=np):
     else:
         q, k, v = project_qkv(a, w, cfg, xp)
         q, k = apply_rope(q, cos[:, None], sin[:, None], xp), apply_rope(k, cos[:, None], sin[:, None], xp)
-    cache.put_step(rows, pos, (k, v))
+    cache.put_step(at.once(("flat", cache.shape), lambda: cache.step_index(rows, pos)), (k, v))
     # where the positions are known on the host (an eager step), only those the rows have seen
     parts = cache.parts if not isinstance(at.start, np.ndarray) else \
         tuple(part[:, :int(at.start.max(initial=0)) + 1] for part in cache.parts)

@@ -9,7 +9,7 @@ group of sequences (``allocate``) and filled by the prefill, then read by every 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +29,16 @@ class CacheAt:
     must not touch the host (a captured CUDA graph's)."""
     rows: np.ndarray
     start: np.ndarray
+    # what every block of the pass derives alike from rows and start (the device copies, the
+    # cache index, the RoPE rows), made by the first block that asks: a decode step's blocks
+    # then share it instead of each repeating the same few small kernels
+    shared: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def once(self, key, make):
+        """``make()`` the first time ``key`` is asked for in this pass, the same value after."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
 
 class KvCache:
@@ -58,11 +68,15 @@ class KvCache:
         P, L = self.shape[1], values[0].shape[1]
         self._write(self.xp.asarray(((rows * P + start)[:, None] + np.arange(L)).reshape(-1)), values)
 
-    def put_step(self, rows, positions, values) -> None:
-        """A decode step's keys: values per part [s, 1, ...] -> the cache at (rows[i],
-        positions[i]); rows and positions [s] ints where the cache lives (a row copy, no host
-        work: the step may be a captured graph)."""
-        self._write(rows * self.shape[1] + positions, values)
+    def put_step(self, flat, values) -> None:
+        """A decode step's keys: values per part [s, 1, ...] -> the cache at flat positions
+        ``flat`` [s] (``step_index``), ints where the cache lives (a row copy, no host work:
+        the step may be a captured graph)."""
+        self._write(flat, values)
+
+    def step_index(self, rows, positions):
+        """[s] flat cache position (row x positions + position) of a decode step's keys."""
+        return rows * self.shape[1] + positions
 
     def _write(self, at, values) -> None:
         """values: per part [s, L, ...] -> flat cache positions ``at`` [s L] (row x P + position,
