@@ -1,7 +1,8 @@
 """One inference job from files to files: set up, stream chunks, record progress, finalize.
 
 Every step that can fail on some ranks only runs under ``comm.failure.collective``, so a bad file
-seen by one rank stops all ranks together.  The output grows in ``<output>.tmp``; after each
+seen by one rank stops all ranks together.  The output grows in ``<output>.tmp``, each dense
+rank's reads and writes overlapping its compute on one I/O thread (``io_worker.py``); once a
 chunk is durable on every writer, rank 0 records it in ``<output>.progress.json``
 (``resume.py``), so a run stopped by a signal, a dead rank, a time limit or an error found
 mid-run resumes where it stopped.  Only errors that doom the output (bad inputs) found before
