@@ -18,7 +18,9 @@ pytestmark = needs_mpiexec
 
 FAULT_BOUND_S = 10.0      # the documented bound; a hang would instead hit the subprocess timeout
 
-# ``moe-hpc`` with a bug planted on rank 1: its third chunk raises, outside any collective step.
+# ``moe-hpc`` with a bug planted on rank 1: its fourth chunk raises, outside any collective step.
+# (A chunk's write overlaps the next chunk's compute and is recorded after it: when chunk 3's
+# compute raises, chunks 0 and 1 are recorded and chunk 2's write is the one in flight.)
 RAISING = """
 import sys
 from mpi4py import MPI
@@ -28,7 +30,7 @@ calls = []
 real = engine.Engine.forward_chunk
 def forward_chunk(self, *args):
     calls.append(1)
-    if MPI.COMM_WORLD.Get_rank() == 1 and len(calls) == 3:
+    if MPI.COMM_WORLD.Get_rank() == 1 and len(calls) == 4:
         raise RuntimeError("planted fault")
     return real(self, *args)
 engine.Engine.forward_chunk = forward_chunk

@@ -290,12 +290,15 @@ def serve_group(engine, world) -> None:
 class _GenerateChunks:
     """One rank's part of a group (``runner.stream_chunks``' rank_chunks): a dense rank reads its
     prompts and decodes them, an expert-only rank serves; rank 0 gathers the writers' rows,
-    writes them durably and returns the group's generated tokens (the progress line's count)."""
+    writes them durably and returns the group's generated tokens (the progress line's count).
+    Its I/O stays on the main thread (a group's decode dwarfs its read and write): each group is
+    durable when ``chunk`` returns, and ``settle`` has nothing to wait for."""
 
     def __init__(self, engine, job: Job, meta: InputMeta, layout=None):
         self.engine, self.job, self.meta = engine, job, meta
         self.world = engine.topo.world
-        self.batch = None
+        self.batch = self.tokens = None
+        self.durable = 0
 
     def __enter__(self) -> "_GenerateChunks":
         topo, m = self.engine.topo, self.job.cfg.model
@@ -307,24 +310,35 @@ class _GenerateChunks:
             collective(self.world, lambda: None, debug=self.job.debug)
         return self
 
+    def read(self, c: int) -> None:
+        """Collective: group c's prompts (a dense rank's), agreed on by every rank."""
+        m = self.job.cfg.model
+        if self.batch is None:
+            collective(self.world, lambda: None, debug=self.job.debug)
+            return
+        s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
+        self.tokens = collective(self.world, self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size,
+                                 debug=self.job.debug)
+
     def chunk(self, c: int) -> int | None:
-        e, job, m = self.engine, self.job, self.job.cfg.model
+        e, job = self.engine, self.job
         part = None
         if self.batch is None:
-            collective(self.world, lambda: None, debug=job.debug)
             serve_group(e, self.world)
         else:
             s0, s1 = chunk_slice(self.lo, self.hi, c, job.cfg.run.chunk_sequences)
-            tokens = collective(self.world, self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size,
-                                debug=job.debug)
-            g = decode_group(e, self.world, tokens, self.batch.lengths[s0:s1], s0, job)
+            g = decode_group(e, self.world, self.tokens, self.batch.lengths[s0:s1], s0, job)
             if e.topo.writes_output and s1 > s0:
                 part = (s0, g.tokens, g.lengths, g.logprobs, g.finish)
         parts = [p for p in self.world.gather(part, root=0) or [] if p is not None]
         t0 = time.perf_counter()
         on_rank0(self.world, write_generated, job.output, parts, debug=job.debug)
         e.times.add("io", t0)
+        self.durable = c + 1
         return sum(int(p[2].sum()) for p in parts)
+
+    def settle(self) -> None:
+        """Nothing in flight: ``chunk`` writes its group before it returns."""
 
     def __exit__(self, *exc) -> None:
         if self.batch is not None:

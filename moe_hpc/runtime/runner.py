@@ -1,7 +1,8 @@
 """One inference job from files to files: set up, stream chunks, record progress, finalize.
 
 Every step that can fail on some ranks only runs under ``comm.failure.collective``, so a bad file
-seen by one rank stops all ranks together.  The output grows in ``<output>.tmp``; after each
+seen by one rank stops all ranks together.  The output grows in ``<output>.tmp``, each dense
+rank's reads and writes overlapping its compute on one I/O thread (``io_worker.py``); once a
 chunk is durable on every writer, rank 0 records it in ``<output>.progress.json``
 (``resume.py``), so a run stopped by a signal, a dead rank, a time limit or an error found
 mid-run resumes where it stopped.  Only errors that doom the output (bad inputs) found before
@@ -29,6 +30,7 @@ from ..moe.balance import REPORT_WINDOW, Balancer
 from ..placement.traces import TraceRecorder, write_trace
 from .assemble import assemble, load_weights, wire
 from .engine import Engine
+from .io_worker import IoWorker
 from .job import InputMeta, Job, Preflight, check_setup, chunk_slice, preflight, sequence_range
 from .progress import ProgressLog, expert_load, phase_summary
 from .resume import (Progress, discard_partial, fingerprint, finished_chunks, kept_for_resume, progress_path_for,
@@ -211,6 +213,12 @@ def stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: P
     ``reporter``: rank 0's progress (a ProgressLog of the chunks' tokens unless given), told
     ``chunk_done(c, tokens)`` with what ``rank_chunks.chunk(c)`` returned (None: the chunk's own count).
 
+    A ``rank_chunks`` has ``read(c)`` (collective: the chunk's input, agreed on), ``chunk(c)`` (the
+    rest of the chunk; its write may still be in flight when it returns), ``settle()`` (collective:
+    wait for any write in flight and agree it succeeded everywhere) and ``durable`` (chunks
+    ``[.., durable)`` are written and synced on every writer, as agreed): the record follows
+    ``durable``, never the chunks computed.
+
     Returns (rank 0) expert_tokens [moe_layers, experts] int64 summed over ranks and all chunks,
     the resumed ones included; zeros elsewhere.
     """
@@ -219,40 +227,91 @@ def stream_chunks(engine: Engine, job: Job, meta: InputMeta, layout, progress: P
     stop = job.stop or StopRequest()
     if reporter is None and topo.rank == 0:
         reporter = ProgressLog(meta.chunk_tokens, progress.chunks_done, job.progress, job.progress_every)
-    base, counts = progress.expert_tokens, np.zeros_like(engine.moe.router.expert_tokens)
+    record, counts = _Record(world, job, progress), np.zeros_like(engine.moe.router.expert_tokens)
+    signum = 0
     with (rank_chunks or _RankChunks)(engine, job, meta, layout) as rank_chunks:
-        for c in range(progress.chunks_done, chunks):
-            signum = stop.agreed(world)      # every rank sees the same answer: all stop here
-            if signum:
-                raise Interrupted(f"stopped by {signal_name(signum)} after chunk {c} of {chunks}; "
-                                  f"progress is in {progress_path_for(job.output)}: rerun the same "
-                                  "command to resume")
-            try:
+        try:
+            for c in range(progress.chunks_done, chunks):
+                signum = stop.agreed(world)      # every rank sees the same answer: all stop here
+                if signum:
+                    break
+                _read_keeping_finished(rank_chunks, record, c)
                 done = rank_chunks.chunk(c)
                 world.Reduce(engine.moe.router.expert_tokens, counts, root=0)
                 engine.times.chunk_ends.append(time.perf_counter())
-                if topo.rank == 0:
-                    progress = dataclasses.replace(progress, chunks_done=c + 1,
-                                                   expert_tokens=base + counts)
-                on_rank0(world, save_progress, job.output, progress, debug=job.debug)
-            except MoeHpcError as exc:
-                if exc.discards_partial and c == 0:     # nothing finished: nothing worth keeping
-                    raise
-                raise kept_for_resume(exc, c, chunks, job.output) from exc
-            if reporter and topo.rank == 0:
-                reporter.chunk_done(c, done)
-    return progress.expert_tokens if topo.rank == 0 else counts
+                record.finished(c, counts)
+                record.save(rank_chunks.durable)
+                if reporter and topo.rank == 0:
+                    reporter.chunk_done(c, done)
+            rank_chunks.settle()                 # the last chunk computed is written before the end or the stop
+            record.save(rank_chunks.durable)
+        except MoeHpcError as exc:
+            if exc.discards_partial and record.done == 0:     # nothing finished: nothing worth keeping
+                raise
+            raise kept_for_resume(exc, record.done, chunks, job.output) from exc
+        if signum:
+            raise Interrupted(f"stopped by {signal_name(signum)} after chunk {record.done} of {chunks}; "
+                              f"progress is in {progress_path_for(job.output)}: rerun the same "
+                              "command to resume")
+    return record.progress.expert_tokens if topo.rank == 0 else counts
+
+
+def _read_keeping_finished(rank_chunks, record: "_Record", c: int) -> None:
+    """``rank_chunks.read(c)``; when it fails (on every rank at once: the read is agreed on), the
+    chunk before, whose write is still in flight, is settled and recorded first, so the chunks
+    kept are all those finished, as when nothing overlapped."""
+    try:
+        rank_chunks.read(c)
+    except MoeHpcError:
+        rank_chunks.settle()
+        record.save(rank_chunks.durable)
+        raise
+
+
+class _Record:
+    """The progress record as this run advances it: ``save(durable)`` records the chunks written
+    and synced on every writer, never more. Since a chunk's write may finish after the next
+    chunk's compute, rank 0 keeps each computed chunk's expert_tokens totals until it is saved."""
+
+    def __init__(self, world, job: Job, progress: Progress):
+        self.world, self.job, self.progress = world, job, progress
+        self.done = progress.chunks_done           # the same on every rank
+        self.base, self.totals = progress.expert_tokens, {}
+
+    def finished(self, c: int, counts: np.ndarray) -> None:
+        """Chunk c is computed; ``counts``: this run's expert_tokens summed over ranks (rank 0's)."""
+        if self.world.Get_rank() == 0:
+            self.totals[c + 1] = self.base + counts
+
+    def save(self, durable: int) -> None:
+        """Collective: record chunks ``[.., durable)`` as done (nothing when already recorded)."""
+        if durable <= self.done:
+            return
+        progress = self.progress
+        if self.world.Get_rank() == 0:
+            progress = dataclasses.replace(progress, chunks_done=durable, expert_tokens=self.totals[durable])
+        on_rank0(self.world, save_progress, self.job.output, progress, debug=self.job.debug)
+        self.progress, self.done = progress, durable
+        self.totals = {k: v for k, v in self.totals.items() if k > durable}
 
 
 class _RankChunks:
     """One rank's part of a chunk: a dense rank reads, computes and writes its sequences; an
-    expert-only rank serves the chunk's MoE blocks. Opens the input and output on enter."""
+    expert-only rank serves the chunk's MoE blocks. Opens the input and output on enter.
+
+    A dense rank's file I/O runs on its ``IoWorker`` thread: chunk c+1 is read while chunk c is
+    computed (``read``), and chunk c's write and sync run while chunk c+1 is computed
+    (``chunk``); both are waited for, and agreed on, on the main thread. The worker's queue is
+    in the order handed: read c+1, then write c, so a read never waits behind a write."""
 
     def __init__(self, engine: Engine, job: Job, meta: InputMeta, layout):
         self.engine, self.job = engine, job
         self.sync = lambda fn, *a: collective(engine.topo.world, fn, *a, debug=job.debug)
         self.layout, self.meta = layout, meta
-        self.batch = self.writer = None
+        self.batch = self.writer = self.io = None
+        self.inputs, self.reads = None, {}         # chunk c's input; reads ahead: chunk -> future
+        self.in_flight = self.write = None         # the chunk whose write is not yet agreed on; its future
+        self.durable = 0
 
     def __enter__(self) -> "_RankChunks":
         topo, m = self.engine.topo, self.job.cfg.model
@@ -264,47 +323,92 @@ class _RankChunks:
         # stage has it: that stage's leaders write
         self.writer = OutputWriter(self.layout) if topo.writes_output else None
         self.lo, self.hi = sequence_range(topo.dense_index, topo.num_dense, self.meta.num_sequences)
+        self.io = IoWorker()
         return self
 
-    def chunk(self, c: int) -> None:
-        e, m, sync = self.engine, self.job.cfg.model, self.sync
-        if self.batch is None:
-            sync(lambda: None)
-            e.serve_chunk()
-            sync(lambda: None)
-            return
-        s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
-        t0 = time.perf_counter()
+    @property
+    def _reads_input(self) -> bool:
         # the first pipeline stage reads the inputs; later stages get activations from the one
         # before (the last reads the tokens too when it scores them)
-        reads = e.first_stage or (e.last_stage and self.job.cfg.run.logprobs)
-        inputs = sync(self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size) if reads else sync(lambda: None)
-        e.times.add("io", t0)
-        lengths = self.batch.lengths[s0:s1]
-        hidden, logits = e.forward_chunk(inputs if e.first_stage else None, lengths, s0, self.batch.seq_len)
-        logprobs = e.next_token_logprobs(hidden, inputs, lengths) if self.job.cfg.run.logprobs and \
-            hidden is not None else None
+        e = self.engine
+        return e.first_stage or (e.last_stage and self.job.cfg.run.logprobs)
+
+    def read(self, c: int) -> None:
+        """Chunk c's input, read ahead during chunk c-1 (or now, for the first), agreed on by every
+        rank: a bad value or a failed read raises here, as when it was read here; then chunk
+        c+1's read is handed to the worker."""
+        if self.batch is None or not self._reads_input:
+            self.sync(lambda: None)
+            return
         t0 = time.perf_counter()
-        sync(_write_chunk, self.writer, e.backend, s0, hidden, logits, logprobs)
+        future = self.reads.pop(c, None) or self._read_ahead(c)
+        self.inputs = self.sync(future.result)
+        if c + 1 < len(self.meta.chunk_tokens):
+            self.reads[c + 1] = self._read_ahead(c + 1)
+        self.engine.times.add("io", t0)
+
+    def _read_ahead(self, c: int):
+        s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
+        m = self.job.cfg.model
+        return self.io.submit(self.batch.read_chunk, s0, s1, m.hidden_size, m.vocab_size)
+
+    def chunk(self, c: int) -> None:
+        """Compute chunk c, settle chunk c-1's write, hand chunk c's to the worker."""
+        e = self.engine
+        if self.batch is None:
+            e.serve_chunk()
+            self._write_behind(c, None)
+            return
+        s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
+        lengths = self.batch.lengths[s0:s1]
+        hidden, logits = e.forward_chunk(self.inputs if e.first_stage else None, lengths, s0, self.batch.seq_len)
+        logprobs = e.next_token_logprobs(hidden, self.inputs, lengths) if self.job.cfg.run.logprobs and \
+            hidden is not None else None
+        self.inputs = None
+        t0 = time.perf_counter()
+        # copied to the host here, on the main thread and the compute stream, so the copy waits
+        # for the forward: the worker only ever sees host arrays
+        hidden, logits = (None if a is None else e.backend.to_host(a) for a in (hidden, logits))
         e.times.add("io", t0)
+        self._write_behind(c, (_write_chunk, self.writer, s0, hidden, logits, logprobs))
+
+    def _write_behind(self, c: int, write) -> None:
+        """Settle the write in flight (chunk c-1's), then hand chunk c's (``write``: the call, or
+        None with nothing to write) to the worker. Every rank has chunk c in flight after it, so
+        all join the same agreements."""
+        self.settle()
+        self.in_flight, self.write = c, self.io.submit(*write) if write is not None else None
+
+    def settle(self) -> None:
+        """Collective: wait for the write in flight and agree that every writer wrote and synced
+        it; its error (a full disk, ...) is raised here, on every rank, inside the agreement."""
+        if self.in_flight is None:
+            return
+        t0, write = time.perf_counter(), self.write
+        self.sync(lambda: None if write is None else write.result())
+        self.durable, self.in_flight, self.write = self.in_flight + 1, None, None
+        self.engine.times.add("io", t0)
 
     def __exit__(self, *exc) -> None:
+        if self.io is not None:     # first: no read or write may still be using the files
+            self.io.close()
         if self.writer is not None:
             self.writer.close()
         if self.batch is not None:
             self.batch.close()
 
 
-def _write_chunk(writer: OutputWriter | None, backend, s0: int, hidden, logits, logprobs=None) -> None:
-    """Write and sync this rank's sequences of one chunk (durable before it is recorded); a dense
-    TP member that is not its group's leader has nothing to write (writer None)."""
+def _write_chunk(writer: OutputWriter | None, s0: int, hidden, logits, logprobs=None) -> None:
+    """On the worker: write and sync this rank's sequences of one chunk (host arrays; durable
+    before it is recorded); a dense TP member that is not its group's leader has nothing to
+    write (writer None), nor has a stage other than the last (hidden None)."""
     if writer is None or hidden is None:
         return
     try:
         if hidden.shape[0]:
-            writer.write_hidden(s0, backend.to_host(hidden))
+            writer.write_hidden(s0, hidden)
             if logits is not None:
-                writer.write_logits(s0, backend.to_host(logits))
+                writer.write_logits(s0, logits)
             if logprobs is not None:
                 writer.write_logprobs(s0, logprobs)
         writer.sync()
