@@ -284,6 +284,31 @@ def test_grouped_expert_mlp_kernel(bias, counts, kind):
             assert rel(dev[rows].astype(np.float32), host[rows].astype(np.float32)) < 1e-2
 
 
+@pytest.mark.parametrize("kind", ["gelu", "gated-silu"])
+@needs_gpu
+@pytest.mark.parametrize("counts", [[24, 0, 7, 13, 1], [900, 3, 700, 0, 2, 300, 4, 650, 0, 5000]],
+                         ids=["mixed", "runs-and-tails"])
+def test_packed_expert_mlp_kernel(counts, kind):
+    """The one-rank packed layout (runs of consecutive busy slots at stride m, tails apart)
+    against NumPy, slot by slot."""
+    from moe_hpc.device import kernels
+    from moe_hpc.device.expert_batches import pack_slots
+    counts = np.array(counts)
+    gated = kind == "gated-silu"
+    packed = pack_slots(counts)
+    if counts.max() == 5000:
+        assert len(packed.runs()) >= 2 and len(np.unique(packed.tail_rows)) >= 2, packed
+    S, R, H, F = len(counts), packed.extent, 128, 256
+    x, w1, w2 = bf((R, H)), bf((S, H, F * (1 + gated)), H ** -0.5), bf((S, F, H), F ** -0.5)
+    b1 = bf((S, F * (1 + gated)), 0.1)
+    host = kernels.packed_expert_mlp(x, packed, w1, b1, w2, kind, None, np.zeros((R, H), BF16))
+    dev = cp.asnumpy(kernels.packed_expert_mlp(cp.asarray(x), packed, cp.asarray(w1), cp.asarray(b1), cp.asarray(w2),
+                                               kind, cp.empty((R, F * (1 + gated)), BF16), cp.empty((R, H), BF16)))
+    for p in range(packed.slots.size):
+        rows = packed.slot_rows(p)
+        assert rel(dev[rows].astype(np.float32), host[rows].astype(np.float32)) < 1e-2
+
+
 @pytest.mark.skipif(cp is not None, reason="checks the message a machine without a GPU gives")
 def test_bench_without_gpu_says_why():
     from helpers import moe_hpc as run_cli

@@ -160,6 +160,37 @@ def test_tail_windows_cover_each_heavy_slots_rows_inside_its_slot(seed):
         assert cost(m) == min(cost(mm) for mm in others)
 
 
+def test_packed_slots_place_every_row_once_and_compute_as_the_padded_layout():
+    """pack_slots: each busy slot's rows are distinct, inside the extent, its first m at stride
+    m; the row tables agree with slot_rows; and the experts over the packed rows give each row
+    the bits the padded layout (every slot the busiest's rows) gives it."""
+    from moe_hpc.device.expert_batches import SLOT_ROUND, pack_slots
+    from moe_hpc.device.kernels import grouped_expert_mlp, packed_expert_mlp
+    counts = np.array([900, 3, 700, 0, 2, 300, 4, 650, 0, 5000, 0])
+    packed = pack_slots(counts)
+    assert packed.slots.tolist() == np.flatnonzero(counts).tolist() and packed.heavy.size >= 2
+    assert packed.extent < counts.size * 5056 / 3                     # the padded layout: every slot 5,056 rows
+    every = np.concatenate([packed.slot_rows(p) for p in range(packed.slots.size)])
+    assert every.size == counts.sum() == np.unique(every).size and every.max() < packed.extent
+    below, past = packed.row_bases(counts.size)
+    for p, s in enumerate(packed.slots):
+        j = np.arange(counts[s])
+        np.testing.assert_array_equal(np.where(j < packed.m, below[s], past[s]) + j, packed.slot_rows(p))
+        assert (packed.slot_rows(p)[:packed.m] == p * packed.m + j[:packed.m]).all()
+    S, H, F = counts.size, 16, 8
+    C = int(-(-counts.max() // SLOT_ROUND) * SLOT_ROUND)
+    w1, b1, w2 = bf((S, H, F), H ** -0.5), bf((S, F), 0.1), bf((S, F, H), F ** -0.5)
+    padded = bf((S * C, H))
+    x = np.zeros((packed.extent, H), BF16)
+    for p, s in enumerate(packed.slots):
+        x[packed.slot_rows(p)] = padded[s * C:s * C + counts[s]]
+    want = grouped_expert_mlp(padded, counts, w1, b1, w2, "gelu", None, np.zeros((S * C, H), BF16))
+    got = packed_expert_mlp(x, packed, w1, b1, w2, "gelu", None, np.zeros((packed.extent, H), BF16))
+    for p, s in enumerate(packed.slots):
+        np.testing.assert_array_equal(got[packed.slot_rows(p)].view(np.uint16),
+                                      want[s * C:s * C + counts[s]].view(np.uint16))
+
+
 def test_causality():
     cfg = build_config({}).model
     w = _attn_weights(cfg.hidden_size, cfg.num_heads, cfg.num_heads, cfg.head_dim)

@@ -2,6 +2,8 @@
 testable without a GPU; ``kernels_cuda.grouped_expert_mlp`` follows it)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 # Tails of one window size cost three launches (two GEMMs, the activation) and three small
@@ -72,4 +74,62 @@ def tail_windows(counts, m: int, capacity: int) -> tuple[np.ndarray, np.ndarray]
     return np.minimum(m, capacity - size), size
 
 
-__all__ = ["batched_rows", "tail_windows", "BATCH_LAUNCH_ROWS", "SLOT_ROUND"]
+@dataclass(frozen=True)
+class PackedSlots:
+    """One micro-batch's rows on a rank that moves them itself (one rank, no transport), packed
+    for the GEMMs with no row but padding the GEMMs run over: the first ``m`` rows of every busy
+    slot at stride m (the batched GEMMs), then each heavy slot's tail window (the rows past m,
+    rounded as ``tail_windows`` rounds them). Row j of busy slot p lies at p m + j below m and at
+    tail_start + j - m past it. A buffer of the busiest slot's rows for every slot held 16 GiB
+    for a skewed 16,384-token step (docs/performance.md); this one holds the rows computed.
+
+    slots: [B] the busy slots' indices, ascending; counts: [B] their rows; heavy: [h] positions
+    (among the busy) of the slots with more than m rows; tail_start, tail_rows: [h] their
+    windows; extent: rows the buffer spans."""
+    slots: np.ndarray
+    counts: np.ndarray
+    m: int
+    heavy: np.ndarray
+    tail_start: np.ndarray
+    tail_rows: np.ndarray
+    extent: int
+
+    def row_bases(self, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
+        """[num_slots] (below, past): row j of slot s lies at below[s] + j for j < m and at
+        past[s] + j beyond (0 for a slot with no rows)."""
+        below, past = np.zeros(num_slots, np.int64), np.zeros(num_slots, np.int64)
+        below[self.slots] = np.arange(self.slots.size) * self.m
+        past[self.slots] = below[self.slots]
+        past[self.slots[self.heavy]] = self.tail_start - self.m
+        return below, past
+
+    def slot_rows(self, p: int) -> np.ndarray:
+        """The buffer rows of busy slot p, in order."""
+        n, m = int(self.counts[p]), self.m
+        head = np.arange(p * m, p * m + min(n, m))
+        if n <= m:
+            return head
+        h = int(np.searchsorted(self.heavy, p))
+        return np.concatenate([head, np.arange(self.tail_start[h], self.tail_start[h] + n - m)])
+
+    def runs(self) -> list[tuple[int, int]]:
+        """[(first, end)) positions of each run of consecutive slot indices among the busy: one
+        run's weights lie at one stride, so it is one batched GEMM."""
+        breaks = (np.nonzero(np.diff(self.slots) != 1)[0] + 1).tolist()
+        return list(zip([0] + breaks, breaks + [self.slots.size]))
+
+
+def pack_slots(counts) -> PackedSlots:
+    """counts: [S] host ints, rows each slot received -> its ``PackedSlots``: m and the tail
+    windows chosen as for a buffer of the busiest slot's rounded count (``batched_rows``)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    slots = np.nonzero(counts > 0)[0]
+    n = counts[slots]
+    capacity = int(_round_up(n.max())) if n.size else 0
+    m, heavy = batched_rows(n, capacity)
+    rows = _window_sizes(n[heavy], m, capacity)
+    tail_start = slots.size * m + np.cumsum(rows) - rows
+    return PackedSlots(slots, n, m, heavy, tail_start, rows, int(slots.size * m + rows.sum()))
+
+
+__all__ = ["batched_rows", "tail_windows", "pack_slots", "PackedSlots", "BATCH_LAUNCH_ROWS", "SLOT_ROUND"]

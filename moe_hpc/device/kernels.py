@@ -191,6 +191,20 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     return out
 
 
+def packed_expert_mlp(x, packed, w1, b1, w2, kind: str, hidden, out):
+    """``grouped_expert_mlp`` over rows packed by ``expert_batches.pack_slots`` (a rank that
+    places the rows itself): busy slot p's rows are x[packed.slot_rows(p)], its weights those of
+    slot packed.slots[p]. x, hidden, out: [packed.extent, ...]. On the GPU one strided-batched GEMM
+    pair per run of consecutive slots over their first m rows, and the tails by window size."""
+    if not _on_host(x):
+        return _cuda().packed_expert_mlp(x, packed, w1, b1, w2, kind, hidden, out)
+    for p, s in enumerate(packed.slots.tolist()):
+        rows = packed.slot_rows(p)
+        out[rows] = expert_mlp(x[rows], w1[s], None if b1 is None else b1[s], w2[s], kind,
+                               out=np.empty((rows.size, out.shape[1]), out.dtype))
+    return out
+
+
 def static_dispatch(experts, capacity: int, num_experts: int):
     """Fixed-shape routing of one small step (a decode step's tokens), with no count on the
     host: experts [T, k] int ids < num_experts -> (dst [T, k] int64: choice (t, j)'s row

@@ -987,6 +987,28 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     return out
 
 
+def packed_expert_mlp(x, packed, w1, b1, w2, kind: str, hidden, out):
+    """See ``kernels.packed_expert_mlp``: each run of consecutive busy slots one batched GEMM
+    pair over its first m rows (stride m), then the heavy slots' tail windows of each size in
+    one pointer-batched GEMM pair and one activation. The tails lie apart from the batched rows,
+    so nothing is computed twice."""
+    m, slots = packed.m, packed.slots
+    bias = lambda s0, s1: None if b1 is None else b1[s0:s1]
+    if m:
+        for p0, p1 in packed.runs():
+            s0, s1, rows = int(slots[p0]), int(slots[p0]) + p1 - p0, slice(p0 * m, p1 * m)
+            _batched_gemm(x[rows], w1[s0:s1], hidden[rows], p1 - p0, m)
+            _activate(hidden[rows], bias(s0, s1), kind, p1 - p0, m, m)
+            _batched_gemm(hidden[rows], w2[s0:s1], out[rows], p1 - p0, m)
+    for n in np.unique(packed.tail_rows).tolist():
+        pick = packed.tail_rows == n
+        first, which = packed.tail_start[pick], slots[packed.heavy[pick]]
+        _window_gemm(x, w1, hidden, first, which, n)
+        _activate_windows(hidden, b1, kind, first, which, n)
+        _window_gemm(hidden, w2, out, first, which, n)
+    return out
+
+
 _STATIC_DISPATCH = cp.RawKernel(r"""
 extern "C" __global__ void moe_static_dispatch(const int* experts, int n, int k, long long capacity,
                                                int num_experts, long long* dst, long long* src) {

@@ -80,6 +80,19 @@ class LocalExperts:
         return out
 
 
+    def forward_packed(self, rows, packed, out, workspace):
+        """``forward`` over rows packed by ``expert_batches.pack_slots`` (one rank, no
+        transport): rows, out [packed.extent, H]; the workspace lends [extent, F]."""
+        from ..device.kernels import packed_expert_mlp
+        if packed.slots.size and packed.slots[-1] >= self.num_slots:
+            raise RuntimeError("received tokens for a slot this rank does not fill (placement mismatch)")
+        if packed.extent == 0:
+            return out
+        w1, b1, w2 = self.stacked
+        hidden = workspace("expert-hidden", 0, packed.extent, w1.shape[2])
+        return packed_expert_mlp(rows, packed, w1, b1, w2, self.activation, hidden, out)
+
+
 def _copy(stack, s: int, array) -> None:
     """stack[s] = array; bf16 as raw 16-bit words, so CuPy needs no bf16 copy kernel."""
     if stack.dtype.itemsize == 2:

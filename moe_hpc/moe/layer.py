@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from ..device.dtypes import BF16, F32
+from ..device.expert_batches import pack_slots
 from ..device.kernels import combine as combine_rows
 from ..device.kernels import gather_scatter_rows, padded_expert_mlp, put_rows, static_dispatch, take_rows
 from ..model.layers import shared_expert
@@ -231,42 +232,50 @@ class MoeLayer:
         times.add("exchange", t0)
 
     def _local_step(self, m, plan, layout, experts, weights, f, nmb: int) -> None:
-        """``_exchange`` on one rank without expert TP, with no transport either way. Each
-        (token, choice) would be sent as row ``positions`` of its micro-batch and land in the
-        receive row ``pair_rows`` (``_pair_rows``); one fused copy per micro-batch puts the
-        token's row there, and the weighted sum reads the experts' output at those rows, where
-        the transport would have copied it back to ``positions``: the same operations on the same
-        values, so the same bits. Padding rows of a slot stay unwritten, as the transport leaves
-        them. The "exchange" phase holds the index work, the fused copies and the weighted sums.
-        One stream orders every reuse, so one buffer per direction suffices."""
+        """``_exchange`` on one rank without expert TP, with no transport either way. The rows
+        a transport would deliver are placed straight into the experts' buffer, packed with no
+        slot padded to the busiest (``expert_batches.pack_slots``): each (token, choice) goes to
+        the row ``pair_rows`` (``_pair_rows``) by one fused copy per micro-batch, the experts
+        run over the packed rows, and the weighted sum reads their output at the same rows.
+        Each row is computed by the same expert from the same input as through a transport (on
+        the CPU to the bit; on the GPU the GEMMs group rows differently). The "exchange" phase
+        holds the index work, the fused copies and the weighted sums. One stream orders every
+        reuse, so one buffer per direction suffices."""
         ex, times, hook, mbt, k = self.exchange, self.times, self.hook, self.micro_batch_tokens, self.model.top_k
         t0 = time.perf_counter()
-        pair_rows = hook("prepare", self._pair_rows, plan, layout.receives, experts)
-        for i, recv_layout in enumerate(layout.receives):
+        packs = [pack_slots(r.counts[0]) for r in layout.receives]
+        pair_rows = hook("prepare", self._pair_rows, plan, layout.receives, packs, experts)
+        for i, packed in enumerate(packs):
             tokens = slice(i * mbt, min(m.shape[0], (i + 1) * mbt))
             here = pair_rows[tokens]
-            rows = ex.buffer("dispatch-recv", 0, recv_layout.extent)
+            rows = ex.buffer("dispatch-recv", 0, packed.extent)
             token_of_pair = self.xp.arange(tokens.start * k, tokens.stop * k, dtype=np.int64) // k
             hook("pack", gather_scatter_rows, m, token_of_pair, rows, here.reshape(-1))
             t0 = times.add("exchange", t0)
-            out = ex.buffer("combine-send", 0, recv_layout.extent)
-            work = hook("experts", self._compute, rows, recv_layout, out)
+            out = ex.buffer("combine-send", 0, packed.extent)
+            hook("experts", self.experts.forward_packed, rows, packed, out, ex.buffer)
             self.steps += 1
-            self.busy_steps += int(work.rows > 0)
+            self.busy_steps += int(packed.extent > 0)
             t0 = times.add("experts", t0)
             hook("combine", combine_rows, out, here, weights[tokens], experts[tokens], self.expert_b2, out=f[tokens])
             t0 = times.add("exchange", t0)
 
-    def _pair_rows(self, plan, receives, experts):
-        """[T, k] receive row of every (token, choice) in its micro-batch's buffer, worked out on
-        the device: a slot's rows keep their send order, so the row is the pair's send position
-        plus its slot's shift (receive offset minus send offset), a [micro-batches, slots] table
-        of a few hundred bytes from the host. On one rank the send order is by slot."""
-        xp = self.xp
-        shift = np.stack([r.offsets[0] - displacements(r.counts[0]) for r in receives])
+    def _pair_rows(self, plan, receives, packs, experts):
+        """[T, k] packed row of every (token, choice) in its micro-batch's buffer, worked out on
+        the device: a slot's rows keep their send order (on one rank, by slot), so a pair's
+        place j in its slot is its send position less the slot's send offset, and its row is
+        below[slot] + j for j < m, past[slot] + j beyond (``PackedSlots.row_bases``): tables of
+        [micro-batches, slots] from the host, a few hundred bytes."""
+        xp, S = self.xp, receives[0].counts.shape[1]
+        bases = [p.row_bases(S) for p in packs]
+        sent = np.stack([displacements(r.counts[0]) for r in receives])
+        below, past = (np.stack([b[i] for b in bases]) for i in (0, 1))
+        tables = xp.asarray(np.stack([sent, below, past, np.repeat([[p.m] for p in packs], S, axis=1)]))
         micro_batch = (xp.arange(experts.shape[0], dtype=np.int64) // self.micro_batch_tokens)[:, None]
         slot = self.tables.slot[:, 0][experts.astype(np.int64)]
-        return xp.asarray(shift)[micro_batch, slot] + plan.positions
+        sent, below, past, m = (t[micro_batch, slot] for t in tables)
+        j = plan.positions - sent
+        return xp.where(j < m, below, past) + j
 
 
 __all__ = ["MoeLayer"]
