@@ -60,6 +60,7 @@ from .dense_bench import dense_figures
 from .plain_ep import PlainEpLayer
 
 SEED_MFU_TARGET = 0.60
+WEIGHTS_SEED = 61
 
 
 def add_arguments(p) -> None:
@@ -93,6 +94,10 @@ def _random_weights(cfg, topo, placement, flash, layers, cp) -> RankWeights:
     """Random device weights for ``layers``: what this rank's roles hold, with every expert's
     output bias for the dense side (and an embedding and LM head when the model has a vocabulary)."""
     m = cfg.model
+    # one fixed draw per rank: the routing, and with it the experts' skew, the buffers and the
+    # GEMM shapes, is then the same in every run (unseeded, runs of the same code differed in
+    # skew and in memory by up to 16 GiB, docs/performance.md)
+    cp.random.seed(WEIGHTS_SEED + topo.rank)
     out = RankWeights(experts=LocalExperts(m.ffn_kind, cp))
     for layer in layers:
         out.blocks[layer] = _random_block(m, topo, placement, layer, out.experts, flash, cp)
