@@ -99,7 +99,10 @@ def cap_memory_pool(cupy, limit_bytes: int) -> None:
     handing its cached free blocks back; freed blocks of other sizes (and those cached per
     stream) would then fail a run whose live arrays fit. So an allocation refused at the limit
     frees the cached blocks and tries once more: the pool stays under the limit and a run that
-    fits runs, paying a device synchronisation only when it touches the limit."""
+    fits runs, paying a device synchronisation only when it touches the limit. Blocks split for
+    smaller arrays stay cached until whole again, so a fragmented pool can still refuse; and
+    memory outside this pool (the decode graphs' own pool, cuBLAS, cuDNN and NCCL workspaces,
+    the CUDA context) is not counted."""
     pool = cupy.get_default_memory_pool()
     pool.set_limit(size=limit_bytes)
 

@@ -105,8 +105,8 @@ def decode_step_attention(a, w, cfg, cache, at, xp=np):
     attention reads the whole cache, each sequence only up to its own position."""
     # every block's cache has the same positions and RoPE tables: the step's blocks share these
     rows, pos = at.once("rows", lambda: xp.asarray(at.rows)), at.once("start", lambda: xp.asarray(at.start))
-    cos, sin = at.once(("rope", cache.shape, cache.rope[0].shape),
-                       lambda: tuple(t[pos] for t in cache.rope))       # [S, D/2]: each its own position
+    rope_rows = lambda: tuple(t[pos] for t in cache.rope)               # [S, D/2]: each its own position
+    cos, sin = rope_rows() if cache.rope_key is None else at.once(cache.rope_key, rope_rows)
     if w.wqkv is not None:      # one GEMM, RoPE in place on its q and k heads (row s at position pos[s])
         qkv = matmul_bf16(a, w.wqkv, xp)                                # [S, 1, (nh + 2 kv) D]
         rope_heads(qkv.reshape(1, a.shape[0], -1), cos, sin, cfg.num_heads + cfg.kv_heads, cfg.head_dim)

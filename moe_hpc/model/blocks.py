@@ -52,9 +52,12 @@ class KvCache:
         if local.mla:
             widths = [(local.kv_lora_rank,), (local.qk_rope_head_dim,)]
             self.rope = rope_table(local, positions, xp)
+            self.rope_key = None
         else:
             widths = [(local.kv_heads, local.head_dim)] * 2
             self.rope = rope_tables(xp.arange(positions), local.head_dim, local.rope_theta, xp)
+            # what the tables are a function of: caches with the same key hold the same tables
+            self.rope_key = ("rope", positions, local.head_dim, local.rope_theta)
         # zeros: positions a shorter sequence never wrote are masked, and 0 * NaN would not be
         self.parts = [xp.zeros((sequences, positions, *w), BF16) for w in widths]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple] = {}       # batch size -> (graph, pinned inputs, pinned logits, device both)
         self.last_batch = None
         self.failed = None                       # why capture failed: the rest of the run steps eagerly
-        self.launch_s: list[float] = []          # host seconds of each replay's launch call (the bench reports them)
+        self.launch_s = deque(maxlen=4096)       # host seconds of the last replays' launch calls (the bench reports them)
 
     def clear(self) -> None:
         """Drop every graph and give their memory back (replays are finished: each ends in a

@@ -4,7 +4,8 @@ writing and syncing the last one overlap the chunk being computed (``runner.py: 
 h5py releases the GIL inside its reads, ``os.pwrite`` and ``os.fdatasync`` inside theirs, so the
 main thread keeps computing (and launching kernels) meanwhile.
 
-The thread makes no MPI call: mpi4py is initialised for the main thread only. Its results, the
+The thread makes no MPI call (every collective of the job stays on the main thread, so the
+ranks' calls match whatever thread level the MPI library gave). Its results, the
 errors it raised included, are taken on the main thread inside ``comm.failure.collective``, where
 every rank agrees on them at the same step as when the I/O ran on the main thread.
 """

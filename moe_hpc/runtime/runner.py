@@ -365,6 +365,10 @@ class _RankChunks:
         logprobs = e.next_token_logprobs(hidden, self.inputs, lengths) if self.job.cfg.run.logprobs and \
             hidden is not None else None
         self.inputs = None
+        if self.writer is None:             # a dense TP member that is not its group's leader
+            hidden = logits = logprobs = None
+        # chunk c-1's write settled first: its host arrays are gone before chunk c's exist
+        self.settle()
         t0 = time.perf_counter()
         # copied to the host here, on the main thread and the compute stream, so the copy waits
         # for the forward: the worker only ever sees host arrays
@@ -373,9 +377,9 @@ class _RankChunks:
         self._write_behind(c, (_write_chunk, self.writer, s0, hidden, logits, logprobs))
 
     def _write_behind(self, c: int, write) -> None:
-        """Settle the write in flight (chunk c-1's), then hand chunk c's (``write``: the call, or
-        None with nothing to write) to the worker. Every rank has chunk c in flight after it, so
-        all join the same agreements."""
+        """Settle the write in flight (chunk c-1's, unless already settled), then hand chunk c's
+        (``write``: the call, or None with nothing to write) to the worker. Every rank has chunk
+        c in flight after it, so all join the same agreements."""
         self.settle()
         self.in_flight, self.write = c, self.io.submit(*write) if write is not None else None
 
