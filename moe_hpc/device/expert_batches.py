@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 # Tails of one window size cost three launches (two GEMMs, the activation) and three small
-# uploads (two pointer arrays, the window table): about 130 us of host time, and after a step's counts reach the host the GPU waits on
-# it; 1,024 rows of one expert's GEMM work at the 61-layer preset's shapes take about as long on
-# an H200 (docs/performance.md).
+# uploads (two pointer arrays, the window table): about 130 us of host time, and after a step's
+# counts reach the host the GPU waits on it; 1,024 rows of one expert's GEMM work at the
+# 61-layer preset's shapes take about as long on an H200 (docs/performance.md).
 BATCH_LAUNCH_ROWS = 1024
 # Rows: every expert slot of a receive buffer, and every row count an expert GEMM runs over, is
 # a multiple of this. Few distinct shapes reach cuBLAS, so its choice of kernel for a shape is
@@ -113,10 +113,15 @@ class PackedSlots:
         return np.concatenate([head, np.arange(self.tail_start[h], self.tail_start[h] + n - m)])
 
     def runs(self) -> list[tuple[int, int]]:
-        """[(first, end)) positions of each run of consecutive slot indices among the busy: one
-        run's weights lie at one stride, so it is one batched GEMM."""
-        breaks = (np.nonzero(np.diff(self.slots) != 1)[0] + 1).tolist()
-        return list(zip([0] + breaks, breaks + [self.slots.size]))
+        """``consecutive_runs`` of the busy slots."""
+        return consecutive_runs(self.slots)
+
+
+def consecutive_runs(slots) -> list[tuple[int, int]]:
+    """slots: ascending ints -> [(first, end)) positions of each run of consecutive values: one
+    run's expert weights lie at one stride, so it is one batched GEMM."""
+    breaks = (np.nonzero(np.diff(slots) != 1)[0] + 1).tolist()
+    return list(zip([0] + breaks, breaks + [len(slots)]))
 
 
 def pack_slots(counts) -> PackedSlots:
@@ -132,4 +137,4 @@ def pack_slots(counts) -> PackedSlots:
     return PackedSlots(slots, n, m, heavy, tail_start, rows, int(slots.size * m + rows.sum()))
 
 
-__all__ = ["batched_rows", "tail_windows", "pack_slots", "PackedSlots", "BATCH_LAUNCH_ROWS", "SLOT_ROUND"]
+__all__ = ["batched_rows", "tail_windows", "pack_slots", "PackedSlots", "consecutive_runs", "BATCH_LAUNCH_ROWS", "SLOT_ROUND"]

@@ -978,13 +978,19 @@ def grouped_expert_mlp(x, counts, w1, b1, w2, kind: str, hidden, out):
     # (pointer-batched), after the batched pass, so rows a window shares with it are recomputed
     # from x, never activated twice; windows of one slot never meet (one per heavy slot)
     starts, sizes = tail_windows(np.asarray(counts)[heavy], m, C)
+    _tail_mlps(x, w1, b1, w2, kind, hidden, out, heavy * C + starts, heavy, sizes)
+    return out
+
+
+def _tail_mlps(x, w1, b1, w2, kind: str, hidden, out, first: np.ndarray, slots: np.ndarray, sizes: np.ndarray):
+    """The expert MLP over windows of rows: window g is sizes[g] rows from row first[g], with
+    slot slots[g]'s weights; the windows of one size are one pointer-batched GEMM, one
+    activation, one GEMM."""
     for n in np.unique(sizes).tolist():
         pick = sizes == n
-        slots, first = heavy[pick], heavy[pick] * C + starts[pick]
-        _window_gemm(x, w1, hidden, first, slots, n)
-        _activate_windows(hidden, b1, kind, first, slots, n)
-        _window_gemm(hidden, w2, out, first, slots, n)
-    return out
+        _window_gemm(x, w1, hidden, first[pick], slots[pick], n)
+        _activate_windows(hidden, b1, kind, first[pick], slots[pick], n)
+        _window_gemm(hidden, w2, out, first[pick], slots[pick], n)
 
 
 def packed_expert_mlp(x, packed, w1, b1, w2, kind: str, hidden, out):
@@ -1000,12 +1006,7 @@ def packed_expert_mlp(x, packed, w1, b1, w2, kind: str, hidden, out):
             _batched_gemm(x[rows], w1[s0:s1], hidden[rows], p1 - p0, m)
             _activate(hidden[rows], bias(s0, s1), kind, p1 - p0, m, m)
             _batched_gemm(hidden[rows], w2[s0:s1], out[rows], p1 - p0, m)
-    for n in np.unique(packed.tail_rows).tolist():
-        pick = packed.tail_rows == n
-        first, which = packed.tail_start[pick], slots[packed.heavy[pick]]
-        _window_gemm(x, w1, hidden, first, which, n)
-        _activate_windows(hidden, b1, kind, first, which, n)
-        _window_gemm(hidden, w2, out, first, which, n)
+    _tail_mlps(x, w1, b1, w2, kind, hidden, out, packed.tail_start, slots[packed.heavy], packed.tail_rows)
     return out
 
 

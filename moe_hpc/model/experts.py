@@ -61,36 +61,40 @@ class LocalExperts:
         ``out`` [extent, H] (bf16, or fp32 for tensor-parallel partials), without the output
         bias b2 (the combine adds it). ``workspace(name, slot, rows, width)`` lends [extent, F].
         Runs of consecutive busy slots are one strided-batched GEMM each."""
+        from ..device.expert_batches import consecutive_runs
         from ..device.kernels import grouped_expert_mlp
         per_slot = layout.counts.sum(axis=0)
-        if per_slot[self.num_slots:].any():
-            raise RuntimeError("received tokens for a slot this rank does not fill (placement mismatch)")
-        busy = np.nonzero(per_slot[:self.num_slots] > 0)[0]
+        busy = np.nonzero(per_slot > 0)[0]
+        self._check_hosted(busy)
         if busy.size == 0 or layout.extent == 0:
             return out
         C = layout.extent // busy.size
         w1, b1, w2 = self.stacked
         hidden = workspace("expert-hidden", 0, layout.extent, w1.shape[2])
-        breaks = np.nonzero(np.diff(busy) != 1)[0] + 1
-        for run in np.split(np.arange(busy.size), breaks):      # positions among busy slots
-            s0, s1 = int(busy[run[0]]), int(busy[run[-1]]) + 1
-            rows_ = slice(int(run[0]) * C, (int(run[-1]) + 1) * C)
+        for p0, p1 in consecutive_runs(busy):                    # positions among busy slots
+            s0, s1 = int(busy[p0]), int(busy[p1 - 1]) + 1
+            rows_ = slice(p0 * C, p1 * C)
             grouped_expert_mlp(rows[rows_], per_slot[s0:s1], w1[s0:s1], None if b1 is None else b1[s0:s1],
                                w2[s0:s1], self.activation, hidden[rows_], out[rows_])
         return out
-
 
     def forward_packed(self, rows, packed, out, workspace):
         """``forward`` over rows packed by ``expert_batches.pack_slots`` (one rank, no
         transport): rows, out [packed.extent, H]; the workspace lends [extent, F]."""
         from ..device.kernels import packed_expert_mlp
-        if packed.slots.size and packed.slots[-1] >= self.num_slots:
-            raise RuntimeError("received tokens for a slot this rank does not fill (placement mismatch)")
+        self._check_hosted(packed.slots)
         if packed.extent == 0:
             return out
         w1, b1, w2 = self.stacked
         hidden = workspace("expert-hidden", 0, packed.extent, w1.shape[2])
         return packed_expert_mlp(rows, packed, w1, b1, w2, self.activation, hidden, out)
+
+
+    def _check_hosted(self, busy) -> None:
+        """busy: ascending slots that received rows; one past this rank's slots is a placement
+        mismatch between the senders and this rank."""
+        if len(busy) and busy[-1] >= self.num_slots:
+            raise RuntimeError("received tokens for a slot this rank does not fill (placement mismatch)")
 
 
 def _copy(stack, s: int, array) -> None:

@@ -357,6 +357,7 @@ class _RankChunks:
         e = self.engine
         if self.batch is None:
             e.serve_chunk()
+            self.settle()                   # the agreement the writers join: nothing to write here
             self._write_behind(c, None)
             return
         s0, s1 = chunk_slice(self.lo, self.hi, c, self.job.cfg.run.chunk_sequences)
@@ -377,10 +378,9 @@ class _RankChunks:
         self._write_behind(c, (_write_chunk, self.writer, s0, hidden, logits, logprobs))
 
     def _write_behind(self, c: int, write) -> None:
-        """Settle the write in flight (chunk c-1's, unless already settled), then hand chunk c's
-        (``write``: the call, or None with nothing to write) to the worker. Every rank has chunk
-        c in flight after it, so all join the same agreements."""
-        self.settle()
+        """Hand chunk c's write (``write``: the call, or None with nothing to write) to the worker,
+        once chunk c-1's is settled. Every rank has chunk c in flight after it, so all join the
+        same agreements."""
         self.in_flight, self.write = c, self.io.submit(*write) if write is not None else None
 
     def settle(self) -> None:
