@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .comm.failure import collective, on_rank0
+from .comm.failure import abort_job, collective, on_rank0
 from .config.errors import Interrupted, MoeHpcError, PeerFailed
 from .config.jsonfile import strict_json
 from .files.atomic import write_text_atomic
@@ -417,9 +417,8 @@ def main(argv=None) -> int:
         where = f" on rank {comm.Get_rank()}" if comm is not None else ""
         sys.stderr.write(f"error: internal error{where}: {type(exc).__name__}: "
                          f"{exc} (rerun with --debug for a traceback)\n")
-        sys.stderr.flush()
         if comm is not None and comm.Get_size() > 1:
-            comm.Abort(1)
+            abort_job(comm, 1)
         return 1
 
 

@@ -7,6 +7,8 @@ is killed; a rank that raises aborts the job (MPI_Abort) in well under a second.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -74,6 +76,37 @@ def test_raising_rank_ends_job_within_bound(tiny_files, long_input, uninterrupte
     assert len(errors) == 1 and "internal error on rank 1" in errors[0] and "planted fault" in errors[0], r.stderr
     assert r.wall_s < FAULT_BOUND_S + 5, f"the job took {r.wall_s:.1f} s (start-up included)"
     _resume_matches(args, 2, out, uninterrupted(2), tmp_path)
+
+
+# An aborting rank whose stderr pipe nobody reads for a while: abort_job must hold the abort back
+# until the line has been read (hydra loses it otherwise), and say how long it waited.
+ABORT_AFTER_LINE = """
+import sys, time
+from moe_hpc.comm.failure import abort_job, unread_stderr_bytes
+class Comm:
+    def Abort(self, code):
+        print(f"{time.monotonic() - t0:.3f} {code}", flush=True)
+sys.stderr.write("error: planted\\n")
+print(unread_stderr_bytes(), flush=True)
+t0 = time.monotonic()
+abort_job(Comm(), 3)
+"""
+
+
+def test_abort_waits_until_the_error_line_is_read():
+    reader_lag_s = 0.5
+    child = subprocess.Popen([sys.executable, "-c", ABORT_AFTER_LINE], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        unread = child.stdout.readline()
+        time.sleep(reader_lag_s)
+        assert child.stderr.readline() == "error: planted\n"
+        waited, code = child.stdout.readline().split()
+    finally:
+        child.kill()
+        child.wait()
+    assert int(unread) == len("error: planted\n")
+    assert code == "3" and float(waited) >= 0.8 * reader_lag_s, waited
 
 
 # ---------------------------------------------------------------- what the test session leaves behind

