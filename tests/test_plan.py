@@ -1,5 +1,6 @@
 """The planner: the layout is the runner's own (same functions), memory and FLOPs by hand for the
 tiny model, refusal when memory does not fit, bad cluster files, and the calibration target."""
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -16,11 +17,12 @@ from moe_hpc.placement.file import make_placement
 from moe_hpc.placement.search import place
 from moe_hpc.placement.table import gpu_to_node
 from moe_hpc.placement.traces import read_trace
-from moe_hpc.planner.calibrate import fit, load_measured, measured_layer, predict_layer
+from moe_hpc.planner.calibrate import fit, load_measured, measured_flash, measured_layer, predict_forward, predict_layer
 from moe_hpc.planner.deployment import make_layout, rank_rows
-from moe_hpc.planner.memory import dense_weight_bytes, expert_weight_bytes, plan_memory, token_buffer_bytes
+from moe_hpc.planner.memory import (activation_bytes, dense_weight_bytes, expert_weight_bytes, plan_memory,
+                                   token_buffer_bytes)
 from moe_hpc.planner.report import build, experts_text, run_plan
-from moe_hpc.planner.time_model import Rates, kernel
+from moe_hpc.planner.time_model import Rates, attention, kernel
 from moe_hpc.planner.workload import Workload, workload_of
 from moe_hpc.tools.tracegen import TraceShape, make_trace_file
 
@@ -112,9 +114,9 @@ def test_memory_of_a_small_deployment_by_hand():
 def test_refusal_names_the_fix(tmp_path):
     """An explicit dense TP that does not fit is refused, with what would fit."""
     small = tmp_path / "small.toml"
-    small.write_text(C3904.read_text().replace("memory_gib = 64.0", "memory_gib = 40.0"))
+    small.write_text(C3904.read_text().replace("memory_gib = 64.0", "memory_gib = 36.0"))
     out = []
-    with pytest.raises(ConfigError, match="does not fit: a dense GPU needs .* GiB of 40 GiB"):
+    with pytest.raises(ConfigError, match="does not fit: a dense GPU needs .* GiB of 36 GiB"):
         run_plan(plan_args(small, tmp_path, "parallel.dense_tp=2"), out=out.append)
     assert "DOES NOT FIT" in out[0] and "--set run.chunk_sequences=" in out[0]
     assert "--set parallel.dense_tp=4, fits" in out[0]
@@ -188,6 +190,46 @@ def test_calibrated_layer_within_25_percent_on_a_bench_it_was_not_fitted_on(name
     held_out = load_measured(results / name, cl, config)
     got, want = predict_layer(cl, held_out, gpu)["t_layer_ms"], measured_layer(held_out)["t_layer_ms"]
     assert abs(got / want - 1) < 0.25, (got, want)
+
+
+def test_planner_plans_the_attention_core_the_runner_runs():
+    """auto or cudnn with plain q/k/v projections: cuDNN's fused flash core (what a GPU run with
+    the [gpu] extras takes); tiles when asked, or for layers the fused path does not run."""
+    cl = load_cluster(C128)
+    seed = load_config(SEED61)
+    assert workload_of(seed, cl).flash
+    assert not workload_of(dataclasses.replace(seed, run=dataclasses.replace(seed.run, attention="tiles")), cl).flash
+    for change in ({"attention_bias": True}, {"qk_norm": "head"}):
+        assert not workload_of(dataclasses.replace(seed, model=dataclasses.replace(seed.model, **change)), cl).flash
+    assert not workload_of(load_config(REPO / "inputs" / "deepseek_v3.toml"), cl).flash     # MLA
+
+
+def test_flash_core_has_the_tiles_flops_and_none_of_their_traffic():
+    m = load_config(SEED61).model
+    tiles, flash = Workload(4, 4096, 16384), Workload(4, 4096, 16384, flash=True)
+    free_memory = Rates(gemm=5e14, attention=3e14, memory=1e30, copy=1e30, launch=0.0, sync=0.0)
+    assert attention(m, flash, 512, free_memory)["compute"] == pytest.approx(attention(m, tiles, 512, free_memory)["compute"])
+    r = Rates(gemm=5e14, attention=3e14, memory=3e12, copy=2e12, launch=1e-5, sync=1e-5)
+    assert attention(m, flash, 512, r)["compute"] < attention(m, tiles, 512, r)["compute"]
+    # no score tiles: neither its time nor its memory depends on the tile size
+    assert attention(m, flash, 128, r) == attention(m, flash, 1024, r)
+    assert activation_bytes(m, flash, 128) == activation_bytes(m, flash, 1024) < activation_bytes(m, tiles, 512)
+    assert activation_bytes(m, tiles, 128) != activation_bytes(m, tiles, 1024)
+
+
+def test_attention_rate_is_the_fused_cores_measured_rate():
+    """A bench file of the fused core carries that core's TFLOP/s: the fit takes it as it is,
+    and the whole forward of another shape, never fitted, comes out near its measurement. A
+    file from before the fused core (no model.dense) is planned with the tiles it ran."""
+    cl, results = load_cluster(C128), REPO / "benchmarks" / "results"
+    trained = load_measured(results / "model_1gpu_16x1024_packed.json", cl, SEED61)
+    gpu = fit(cl, [trained])
+    core = trained.bench["model"]["dense"]["attention_core_tflops"]
+    assert gpu.attention_mfu == pytest.approx(core / trained.peak_tflops)
+    assert measured_flash(trained) and not measured_flash(load_measured(results / "bench_h200_model.json", cl, SEED61))
+    held_out = load_measured(results / "model_1gpu_4x4096.json", cl, SEED61)
+    got, want = predict_forward(cl, held_out, gpu), held_out.bench["model"]["t_forward_s"]
+    assert abs(got / want - 1) < 0.15, (got, want)
 
 
 def test_calibration_refuses_a_transport_it_does_not_model():

@@ -97,6 +97,12 @@ class ModelConfig:
         return self.kv_lora_rank > 0
 
     @property
+    def plain_qkv(self) -> bool:
+        """q, k and v are plain projections (no biases, no q/k norms, no latent): what the GPU's
+        fused attention path runs (model/attention.py: fuse_qkv); other layers attend in tiles."""
+        return not self.mla and not self.attention_bias and self.qk_norm == "none"
+
+    @property
     def attn_out_dim(self) -> int:
         """Width of one head's attention output (the value head): v_head_dim under MLA."""
         return self.v_head_dim if self.mla else self.head_dim

@@ -6,6 +6,7 @@ is the same code on both devices.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -143,4 +144,10 @@ def matmul_bf16(a, b, xp=np):
     return gemm(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
 
 
-__all__ = ["Backend", "words", "make_backend", "matmul_bf16"]
+def cudnn_frontend_present() -> bool:
+    """Whether cuDNN's Python frontend (the fused attention core) is installed: found, not
+    loaded, so it costs no GPU work (``model.attention.choose_attention`` loads it)."""
+    return importlib.util.find_spec("cudnn") is not None
+
+
+__all__ = ["Backend", "words", "make_backend", "matmul_bf16", "cudnn_frontend_present"]

@@ -10,8 +10,10 @@ functions it uses for a deployment.
 Fit: the phase times are piecewise linear in theta = (1 / mfu, 1 / memory_util, 1 / copy_util,
 launch_us, sync_us), so a few Gauss-Newton steps on the relative errors of the measured phases
 (gate, plan, pack, weighted sum, experts, exchange) find theta; the whole layer is then a
-prediction, never fitted.  When the JSON has the whole-model figure, attention_mfu is fitted
-last (one unknown, bisection) from the forward time.
+prediction, never fitted.  attention_mfu is the fused flash core's rate the bench measured
+(``model.dense.attention_core_tflops``) where a file has it; otherwise, when the JSON has the
+whole-model figure (of the tiled core, whose score traffic makes it most of a forward), it is
+fitted last (one unknown, bisection) from the forward time.
 """
 from __future__ import annotations
 
@@ -92,8 +94,16 @@ def bench_setup(cluster: Cluster, meas: Measured, gpu: GpuSpec,
     gpu = dataclasses.replace(gpu, peak_tflops=meas.peak_tflops, memory_tb_s=meas.memory_tb_s)
     bench_cluster = Cluster(f"bench:{meas.device}", 1, ranks, gpu, cluster.network,
                             DeploymentSpec(dense_gpus=0, data_parallel=1, seq_len=seq_len), meas.path)
-    w = Workload(sequences, seq_len, run.micro_batch_tokens, float(L["slot_padding"]))
+    w = Workload(sequences, seq_len, run.micro_batch_tokens, float(L["slot_padding"]), measured_flash(meas))
     return cfg, bench_cluster, make_layout(cfg, bench_cluster, "shared"), w
+
+
+def measured_flash(meas: Measured) -> bool:
+    """Whether the bench's whole model attended through the fused flash core, as its file says
+    (``model.dense.attention_core``). A file without that figure was written before the fused
+    core existed (both came in f9125da): its model attended in tiles."""
+    dense = meas.bench.get("model", {}).get("dense") or {}
+    return dense.get("attention_core") == "cudnn"
 
 
 def predict_layer(cluster: Cluster, meas: Measured, gpu: GpuSpec) -> dict[str, float]:
@@ -157,8 +167,17 @@ def fit(cluster: Cluster, measured: list[Measured], steps: int = 8) -> GpuSpec:
         step, *_ = np.linalg.lstsq(jac / target[:, None], (target - base) / target, rcond=None)
         theta = np.maximum(theta + step, [1.0, 1.0, 1.0, 0.0, 0.0])
     gpu = _gpu(gpu, theta)
+    core = [x for x in measured if _core_tflops(x)]
+    if core:        # the fused core's own rate, as measured: a few % of a forward it could not be fitted from
+        return dataclasses.replace(gpu, attention_mfu=float(np.mean([_core_tflops(x) / x.peak_tflops for x in core])))
     with_model = [x for x in measured if "model" in x.bench]
     return _fit_attention(cluster, with_model, gpu) if with_model else gpu
+
+
+def _core_tflops(meas: Measured) -> float | None:
+    """The fused attention core's measured TFLOP/s (``model.dense``), or None."""
+    dense = meas.bench.get("model", {}).get("dense") or {}
+    return dense.get("attention_core_tflops") if dense.get("attention_core") == "cudnn" else None
 
 
 def _fit_attention(cluster: Cluster, measured: list[Measured], gpu: GpuSpec) -> GpuSpec:
@@ -208,5 +227,5 @@ def calibrated_cluster(cluster: Cluster, gpu: GpuSpec) -> Cluster:
     return dataclasses.replace(cluster, gpu=dataclasses.replace(gpu, **keep))
 
 
-__all__ = ["Measured", "load_measured", "bench_setup", "predict_layer", "measured_layer",
+__all__ = ["Measured", "load_measured", "bench_setup", "predict_layer", "measured_layer", "measured_flash",
            "predict_forward", "fit", "Comparison", "compare", "calibrated_cluster"]

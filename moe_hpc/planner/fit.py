@@ -54,35 +54,39 @@ def _cluster(world_size: int, seq_len: int, free: int) -> Cluster:
                    deployment=DeploymentSpec(seq_len=seq_len), source="<this run>")
 
 
-def rank_memory(cfg: Config, world_size: int, seq_len: int, new_tokens: int = 0) -> list[Memory]:
+def rank_memory(cfg: Config, world_size: int, seq_len: int, new_tokens: int = 0,
+                fused_core: bool = True) -> list[Memory]:
     """[ranks of one data-parallel replica] the planner's memory of each local rank when
     ``world_size`` ranks run ``cfg`` on sequences of ``seq_len`` positions (``new_tokens`` > 0:
-    generate that many after each, with a KV cache on the dense ranks)."""
+    generate that many after each, with a KV cache on the dense ranks; ``fused_core``: cuDNN's
+    fused attention is there, ``workload.flash_planned``)."""
     cluster = _cluster(world_size, seq_len, 0)
     layout = make_layout(cfg, cluster)
-    return [g.memory for g in plan_memory(cfg, cluster, layout, workload_of(cfg, cluster), new_tokens=new_tokens)]
+    return [g.memory for g in plan_memory(cfg, cluster, layout, workload_of(cfg, cluster, fused_core=fused_core),
+                                          new_tokens=new_tokens)]
 
 
-def _fits_with(cfg: Config, ranks: int, seq_len: int, free: int, new_tokens: int) -> bool:
+def _fits_with(cfg: Config, ranks: int, seq_len: int, free: int, new_tokens: int, fused_core: bool) -> bool:
     try:
-        return max(m.total for m in rank_memory(cfg, ranks, seq_len, new_tokens)) <= free
+        return max(m.total for m in rank_memory(cfg, ranks, seq_len, new_tokens, fused_core)) <= free
     except ConfigError:          # no valid layout on this many ranks (dp, dense_tp, ...)
         return False
 
 
-def smallest_fit(cfg: Config, world_size: int, seq_len: int, free: int, new_tokens: int = 0) -> int | None:
+def smallest_fit(cfg: Config, world_size: int, seq_len: int, free: int, new_tokens: int = 0,
+                 fused_core: bool = True) -> int | None:
     """The fewest ranks (more than ``world_size``, each GPU with ``free`` bytes) whose fullest
     GPU fits, tried one by one up to ``ONE_BY_ONE`` (a placement's uneven split makes the need
     jump up and down with the count), then doubling. None when the dense side alone (what more ranks do not spread) is too
     large, or no count up to ``MOST_RANKS`` fits."""
-    if min(_unspread(m) for m in rank_memory(cfg, world_size, seq_len, new_tokens) if m.dense_weights) > free:
+    if min(_unspread(m) for m in rank_memory(cfg, world_size, seq_len, new_tokens, fused_core) if m.dense_weights) > free:
         return None
     step = cfg.parallel.dp
     # at least one count past the world, however large the world already is
     counts = list(range(world_size + step, max(world_size + step, ONE_BY_ONE) + 1, step))
     while counts[-1] < MOST_RANKS:           # past ONE_BY_ONE, doubling (each plan takes longer)
         counts.append(2 * counts[-1])
-    return next((n for n in counts if _fits_with(cfg, n, seq_len, free, new_tokens)), None)
+    return next((n for n in counts if _fits_with(cfg, n, seq_len, free, new_tokens, fused_core)), None)
 
 
 def _unspread(m: Memory) -> int:
@@ -91,23 +95,24 @@ def _unspread(m: Memory) -> int:
 
 
 def check_memory(cfg: Config, world_size: int, group_rank: int, world_rank: int, seq_len: int,
-                 free: int | None, generate: bool = False) -> MemoryFit:
+                 free: int | None, generate: bool = False, fused_core: bool = True) -> MemoryFit:
     """This rank's planned memory against ``free`` bytes (None: no limit known); raises
     ConfigError naming both and the smallest layout that fits when it does not fit.
 
     free: the device's free bytes, at most ``run.memory_limit_gib`` when that is set (on the
     CPU that alone sets a limit). generate: a generate job (the CLI's ``moe-hpc generate``),
     whose dense ranks also hold a KV cache of run.chunk_sequences (or generate.decode_slots, when
-    fewer) x (seq_len + max_new_tokens)."""
+    fewer) x (seq_len + max_new_tokens). fused_core: cuDNN's fused attention runs here (the
+    tiled core holds more: ``workload.flash_planned``)."""
     limit = int(cfg.run.memory_limit_gib * GIB)
     if limit:
         free = limit if free is None else min(free, limit)
     new_tokens = cfg.generate.max_new_tokens if generate else 0
-    result = MemoryFit(world_rank, rank_memory(cfg, world_size, seq_len, new_tokens)[group_rank], free)
+    result = MemoryFit(world_rank, rank_memory(cfg, world_size, seq_len, new_tokens, fused_core)[group_rank], free)
     if result.fits:
         return result
     fewer = kv_cache_hint(cfg, result.need, seq_len + new_tokens, free)
-    ranks = None if fewer else smallest_fit(cfg, world_size, seq_len, free, new_tokens)
+    ranks = None if fewer else smallest_fit(cfg, world_size, seq_len, free, new_tokens, fused_core)
     hint = fewer or (f"smallest layout that fits: {ranks} ranks of this config" if ranks else
                      f"no rank count up to {MOST_RANKS} fits (the dense side alone is too large: "
                      "try parallel.dense_tp or parallel.dense_stages; moe-hpc plan suggests a layout)")

@@ -100,17 +100,24 @@ def activation_bytes(m: ModelConfig, w: Workload, attention_block: int, dense_tp
     block's [T, H] copies, or the dense MLP's [T, Fd] hidden (bf16 + fp32 accumulation).
     With ``dense_tp`` a member holds its heads' and columns' share, plus the fp32 partial output
     [T, H] its group sums.
+
+    The fused flash core (``w.flash``) holds instead one bf16 q|k|v [T, (nh + 2 kv) D] (the QKV
+    GEMM's output, RoPE in place) and its output [T, nh D]; its scores never leave the chip.
     """
     partial = w.tokens * m.hidden_size * F32_BYTES if dense_tp > 1 else 0
     m = local_model(m, dense_tp) if dense_tp > 1 else m
     T, S, H, D, Dv = w.tokens, w.sequences, m.hidden_size, m.head_dim, m.attn_out_dim
     nh, kv, b = m.num_heads, m.kv_heads, min(attention_block, w.seq_len)
-    qkv = T * ((nh + kv) * D + kv * Dv) * (BF16_BYTES + F32_BYTES)
-    if m.mla:   # the latents and [k_nope | v] of every head, in bf16, beside q, k, v
-        qkv += T * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
-                    + nh * (D - m.qk_rope_head_dim + Dv)) * BF16_BYTES
-    attention = 2 * T * H * BF16_BYTES + qkv + 2 * T * nh * Dv * BF16_BYTES + partial
-    tiles = 3 * S * nh * b * b * F32_BYTES + 2 * S * nh * b * Dv * F32_BYTES
+    if w.flash:
+        attention = 2 * T * H * BF16_BYTES + T * (2 * nh + 2 * kv) * D * BF16_BYTES + partial
+        tiles = 0
+    else:
+        qkv = T * ((nh + kv) * D + kv * Dv) * (BF16_BYTES + F32_BYTES)
+        if m.mla:   # the latents and [k_nope | v] of every head, in bf16, beside q, k, v
+            qkv += T * (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
+                        + nh * (D - m.qk_rope_head_dim + Dv)) * BF16_BYTES
+        attention = 2 * T * H * BF16_BYTES + qkv + 2 * T * nh * Dv * BF16_BYTES + partial
+        tiles = 3 * S * nh * b * b * F32_BYTES + 2 * S * nh * b * Dv * F32_BYTES
     residual = 2 * T * H * F32_BYTES
     moe = 3 * T * H * BF16_BYTES + T * m.top_k * 8 * 4          # xv, h, f + plan index arrays
     dense_mlp = T * m.dense_ffn_hidden_size * (BF16_BYTES + F32_BYTES) if m.first_dense_layers else 0

@@ -218,7 +218,8 @@ def _summary(cfg, cluster, layout: Deployment, w) -> dict:
             "gpu": dataclasses.asdict(gpu), "network": dataclasses.asdict(net),
             "workload": {"sequences_per_chunk": w.sequences, "seq_len": w.seq_len, "tokens_per_dense_gpu": w.tokens,
                          "micro_batches": w.micro_batches, "micro_batch_tokens": w.mb_tokens,
-                         "slot_padding": w.slot_padding},
+                         "slot_padding": w.slot_padding,
+                         "attention_core": "flash (cuDNN)" if w.flash else "tiles (fp32)"},
             "kv_cache": _kv_cache(cfg, w)}
 
 
@@ -285,7 +286,8 @@ def render_layout(r: dict, rows) -> list[str]:
            + f"{r['expert_gpus']} expert GPUs, {r['dense_only_gpus']} dense-only GPUs"
            f"{' (roles co-located)' if not r['dense_only_gpus'] else ''}; placement {r['placement']}",
            f"workload   per dense GPU and step: {wl['sequences_per_chunk']} sequence(s) x {wl['seq_len']} = "
-           f"{wl['tokens_per_dense_gpu']} tokens, {wl['micro_batches']} micro-batch(es) of {wl['micro_batch_tokens']}",
+           f"{wl['tokens_per_dense_gpu']} tokens, {wl['micro_batches']} micro-batch(es) of {wl['micro_batch_tokens']}; "
+           f"attention core {wl['attention_core']}",
            f"KV cache   (moe-hpc generate) {kv['bytes_per_token_and_block'] / 1024:.2f} KiB per position and block "
            f"({kv['blocks']} blocks); a group of {kv['sequences']} sequence(s) x {kv['positions']} positions "
            f"(seq_len + generate.max_new_tokens): {kv['group_gib']:.2f} GiB per dense GPU",

@@ -46,7 +46,8 @@ CATEGORIES = ("compute", "communication", "synchronisation", "overhead")
 # block's expert-token statistics, plan_dispatch, ...). The fitted launch and sync costs absorb
 # what these counts get wrong.
 LAUNCHES = {"gate": 3, "stats": 3, "plan": 10, "pack": 1, "experts": 3, "weighted_sum": 1,
-            "transfer": 1, "norms": 8, "attention": 14, "attention_tile": 12, "dense_mlp": 4}
+            "transfer": 1, "norms": 8, "attention": 14, "attention_tile": 12, "attention_flash": 1,
+            "dense_mlp": 4}
 SYNCS = {"stats": 0, "plan": 1}
 SCORE_BYTES = 40        # fp32 bytes moved per attention score: write, mask, max, exp, sum, P.V
 NORM_BYTES = 52         # bytes per [T, H] element: two rmsnorms and two residual adds (fp32 temps)
@@ -131,17 +132,26 @@ def self_copy(m: ModelConfig, rows: float, r: Rates):
 
 
 def attention(m: ModelConfig, w: Workload, block: int, r: Rates):
-    """Norms, projections (GEMM rate), the tiled fp32 core (attention rate, score traffic) and
-    residual adds of one block on a dense rank's chunk."""
+    """Norms, projections (GEMM rate), the core (attention rate) and residual adds of one block
+    on a dense rank's chunk. The tiled fp32 core also moves every score through memory, tile by
+    tile; the fused flash core (``w.flash``) keeps its scores on chip and reads the bf16 q|k|v
+    rows the one QKV GEMM wrote, RoPE applied to them in place."""
     T, L, S, H, D = w.tokens, w.seq_len, w.sequences, m.hidden_size, m.head_dim
     f = flops_per_token(m, L)
-    b = min(block, L)
-    tiles = sum(q + 1 for q in range(math.ceil(L / b)))          # causal: key tiles up to the query tile
-    scores = S * m.num_heads * tiles * b * b
-    core = max(T * f["attention_core"] / r.attention, scores * SCORE_BYTES / r.memory)
-    elementwise = (NORM_BYTES * T * H + 14 * T * (m.num_heads + m.kv_heads) * D + 14 * T * m.kv_heads * m.attn_out_dim) / r.memory
+    heads = m.num_heads + m.kv_heads
+    if w.flash:
+        core = T * f["attention_core"] / r.attention
+        elementwise = (NORM_BYTES * T * H + 2 * T * heads * D * BF16_BYTES) / r.memory
+        launches = LAUNCHES["attention"] + LAUNCHES["attention_flash"]
+    else:
+        b = min(block, L)
+        tiles = sum(q + 1 for q in range(math.ceil(L / b)))      # causal: key tiles up to the query tile
+        scores = S * m.num_heads * tiles * b * b
+        core = max(T * f["attention_core"] / r.attention, scores * SCORE_BYTES / r.memory)
+        elementwise = (NORM_BYTES * T * H + 14 * T * heads * D + 14 * T * m.kv_heads * m.attn_out_dim) / r.memory
+        launches = LAUNCHES["attention"] + LAUNCHES["attention_tile"] * tiles
     return cost(compute=T * f["projections"] / r.gemm + core + elementwise,
-                overhead=(LAUNCHES["attention"] + LAUNCHES["norms"] + LAUNCHES["attention_tile"] * tiles) * r.launch)
+                overhead=(launches + LAUNCHES["norms"]) * r.launch)
 
 
 def dense_mlp(m: ModelConfig, T: int, r: Rates):
