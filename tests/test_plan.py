@@ -204,6 +204,19 @@ def test_planner_plans_the_attention_core_the_runner_runs():
     assert not workload_of(load_config(REPO / "inputs" / "deepseek_v3.toml"), cl).flash     # MLA
 
 
+def test_a_runs_memory_check_counts_the_core_the_run_will_take(monkeypatch):
+    """The CPU tiles; a GPU takes cuDNN's core when asked for, or for auto when its frontend is
+    installed, and tiles when told to."""
+    import numpy as np
+    import moe_hpc.model.attention as attention_mod
+    cpu, gpu = SimpleNamespace(xp=np), SimpleNamespace(xp=object())
+    assert not any(attention_mod.fused_core_expected(c, cpu) for c in ("auto", "cudnn", "tiles"))
+    assert attention_mod.fused_core_expected("cudnn", gpu) and not attention_mod.fused_core_expected("tiles", gpu)
+    for installed in (True, False):
+        monkeypatch.setattr(attention_mod, "cudnn_frontend_present", lambda: installed)
+        assert attention_mod.fused_core_expected("auto", gpu) == installed
+
+
 def test_flash_core_has_the_tiles_flops_and_none_of_their_traffic():
     m = load_config(SEED61).model
     tiles, flash = Workload(4, 4096, 16384), Workload(4, 4096, 16384, flash=True)

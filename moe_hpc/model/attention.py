@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from ..config.errors import ConfigError
-from ..device.backend import matmul_bf16
+from ..device.backend import cudnn_frontend_present, matmul_bf16
 from ..device.dtypes import BF16, F32
 from ..device.kernels import matmul_f32out, rope_heads
 from .layers import apply_rope, project_qkv, rope_tables
@@ -147,6 +147,12 @@ def decode_attention(q, k, v, last, scale: float, xp, rows=None):
     p = xp.exp(s - s.max(axis=-1, keepdims=True))
     o = xp.matmul(p, v.astype(F32).transpose(0, 2, 1, 3)) / p.sum(axis=-1, keepdims=True)
     return o.astype(BF16).reshape(S, 1, nh * Dv)
+
+
+def fused_core_expected(choice: str, backend) -> bool:
+    """Whether ``choose_attention`` will take cuDNN's fused core, known before anything loads
+    (the memory check runs first): asked for on the GPU, or ``auto`` with the frontend installed."""
+    return backend.xp is not np and (choice == "cudnn" or (choice == "auto" and cudnn_frontend_present()))
 
 
 def choose_attention(choice: str, backend, announce: bool):

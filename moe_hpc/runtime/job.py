@@ -18,13 +18,14 @@ from ..comm.failure import collective
 from ..comm.topology import ranks_sharing_cores
 from ..config.errors import InputError
 from ..config.run_config import Config, config_files
-from ..device.backend import cudnn_frontend_present, free_memory_bytes, make_backend
+from ..device.backend import free_memory_bytes, make_backend
 from ..device.threads import limit_blas_threads
 from ..files.atomic import check_output
 from ..files.batches import open_input
 from ..files.checkpoint import Checkpoint
 from ..files.lock import lock_path_for
 from ..files.prompts import completions_path
+from ..model.attention import fused_core_expected
 from ..placement.file import make_placement
 from .resume import progress_path_for
 from .signals import StopRequest
@@ -158,11 +159,8 @@ def check_fit(job: Job, topo, backend, seq_len: int):
     any weight is loaded: a MemoryFit, or None when the job has no check."""
     if job.memory_check is None:
         return None
-    attention = job.cfg.run.attention
-    # the core wire() will choose: cuDNN's on the GPU when asked for, or (auto) when installed
-    fused = backend.xp is not np and (attention == "cudnn" or (attention == "auto" and cudnn_frontend_present()))
     return job.memory_check(job.cfg, topo.size, topo.group_rank, topo.rank, seq_len, free_memory_bytes(backend),
-                            fused_core=fused)
+                            fused_core=fused_core_expected(job.cfg.run.attention, backend))
 
 
 def checked_input_line(meta: InputMeta, job: Job, dense: int, seconds: float) -> str:

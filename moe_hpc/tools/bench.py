@@ -46,7 +46,7 @@ from ..device.datasheet import HOPPER_BF16_TFLOPS, datasheet_for
 from ..device.dtypes import BF16
 from ..files.atomic import write_text_atomic
 from ..model.experts import LocalExperts
-from ..model.attention import fuse_qkv
+from ..model.attention import fuse_qkv, fused_core_expected
 from ..model.flops import model_flops
 from ..model.weights import AttentionWeights, BlockWeights, Expert, GateWeights, MlpWeights, prepare_block
 from ..moe.expert_tp import tensor_parallel_experts
@@ -450,7 +450,8 @@ def run_bench(comm, args, log=print) -> dict:
     shrunk = _shrunk(args, overrides) if args.model_layers else None
     if shrunk is not None:           # the whole model must fit: refuse it now, not after minutes of filling
         collective(topo.world, check_memory, with_chunk(shrunk, args.sequences), topo.size, topo.group_rank,
-                   topo.rank, args.seq_len, free_memory_bytes(backend))
+                   topo.rank, args.seq_len, free_memory_bytes(backend),
+                   fused_core=fused_core_expected(cfg.run.attention, backend))
     cp = backend.xp
     timer = Timer(cp, topo.world, args.warmup, args.iters)
     hook = StepTimeline(cp) if getattr(args, "timeline", False) else run_step
