@@ -109,6 +109,19 @@ def test_abort_waits_until_the_error_line_is_read():
     assert code == "3" and float(waited) >= 0.8 * reader_lag_s, waited
 
 
+def test_only_a_pipe_has_unread_output(tmp_path, monkeypatch):
+    """On a file FIONREAD counts the bytes past the offset (another rank appending to one log):
+    not output waiting for a reader, so no abort waits on it."""
+    from moe_hpc.comm.failure import unread_stderr_bytes
+    log = (tmp_path / "log").open("w+")
+    log.write("x" * 100)
+    log.flush()
+    log.seek(0)
+    monkeypatch.setattr(sys, "stderr", log)
+    assert unread_stderr_bytes() == 0
+    log.close()
+
+
 # ---------------------------------------------------------------- what the test session leaves behind
 
 pytest_plugins = ["pytester"]

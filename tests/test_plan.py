@@ -111,6 +111,21 @@ def test_memory_of_a_small_deployment_by_hand():
     assert mem[3].memory.dense_weights == 204640 and mem[0].memory.dense_weights == 0
 
 
+def test_one_rank_holds_no_send_buffers():
+    """A group of one rank moves its rows itself (MoeLayer._local_step): the experts' input and
+    output buffers only, one per direction, however many micro-batches."""
+    cfg = build_config({"run": {"chunk_sequences": 4, "micro_batch_tokens": 16}}, where="<tiny>")
+    cl = build_cluster({"cluster": {"nodes": 1, "gpus_per_node": 1}, "deployment": {"seq_len": 16}}, "<c>")
+    w = workload_of(cfg, cl, slot_padding=0.0)
+    assert w.micro_batches == 4
+    (mem,) = plan_memory(cfg, cl, make_layout(cfg, cl), w)
+    m = cfg.model
+    extent = slot_rows(16 * m.top_k, m.num_experts, 0.0)        # a block's experts, all on this rank
+    assert mem.role == "dense+expert"
+    assert mem.memory.token_buffers == 2 * extent * m.hidden_size * 2 + extent * m.moe_ffn_hidden_size * 2
+    assert mem.memory.token_buffers < token_buffer_bytes(m, w, 16 * m.top_k, extent)      # two ranks' layout
+
+
 def test_refusal_names_the_fix(tmp_path):
     """An explicit dense TP that does not fit is refused, with what would fit."""
     small = tmp_path / "small.toml"
@@ -243,6 +258,20 @@ def test_attention_rate_is_the_fused_cores_measured_rate():
     held_out = load_measured(results / "model_1gpu_4x4096.json", cl, SEED61)
     got, want = predict_forward(cl, held_out, gpu), held_out.bench["model"]["t_forward_s"]
     assert abs(got / want - 1) < 0.15, (got, want)
+
+
+def test_an_attention_rate_is_used_only_for_the_core_it_was_measured_on(tmp_path):
+    """The seed plan runs the fused core: a rate fitted on the tiled core's forward (a file from
+    before the fused core) leaves the cluster file's attention_mfu standing; the fused core's own
+    measured rate is used."""
+    results = REPO / "benchmarks" / "results"
+    tiled = build(plan_args(C128, tmp_path, *FITS, measured=[results / "bench_h200_1_mb1.json",
+                                                             results / "bench_h200_model.json"]))
+    fused = build(plan_args(C128, tmp_path, *FITS, measured=[results / "model_1gpu_16x1024_packed.json"]))
+    assert not tiled["calibration"]["attention_mfu_used"] and fused["calibration"]["attention_mfu_used"]
+    assert tiled["calibration"]["constants"]["attention_mfu"] < 0.05       # the tiles' score traffic, fitted
+    assert tiled["gpu"]["attention_mfu"] == load_cluster(C128).gpu.attention_mfu
+    assert fused["gpu"]["attention_mfu"] == pytest.approx(fused["calibration"]["constants"]["attention_mfu"])
 
 
 def test_calibration_refuses_a_transport_it_does_not_model():

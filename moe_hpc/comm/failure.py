@@ -9,6 +9,8 @@ on quietly), carrying whether that error dooms the partial output (``discards_pa
 from __future__ import annotations
 
 import fcntl
+import os
+import stat
 import struct
 import sys
 import termios
@@ -51,11 +53,15 @@ STDERR_DRAIN_S = 2.0
 
 
 def unread_stderr_bytes() -> int:
-    """Bytes written to stderr that its reader has not taken yet: non-zero only while stderr is a
-    pipe (as under mpiexec) whose reader lags; 0 for a file or a terminal."""
+    """Bytes written to stderr that its reader has not taken yet while stderr is a pipe (as
+    under mpiexec); 0 for anything else (on a file, a socket or a terminal FIONREAD counts
+    something other than unread output)."""
     try:
         sys.stderr.flush()
-        return struct.unpack("i", fcntl.ioctl(sys.stderr.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        fd = sys.stderr.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return 0
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
     except (OSError, ValueError, AttributeError):
         return 0
 

@@ -221,11 +221,21 @@ def compare(cluster: Cluster, measured: list[Measured], gpu: GpuSpec, fitted_on:
     return out
 
 
-def calibrated_cluster(cluster: Cluster, gpu: GpuSpec) -> Cluster:
-    """The deployment's cluster with the fitted fractions and overheads (its own peaks kept)."""
-    keep = {k: getattr(cluster.gpu, k) for k in ("memory_gib", "peak_tflops", "memory_tb_s", "reserved_gib")}
+def attention_fitted_on(measured: list[Measured]) -> bool | None:
+    """The core ``fit`` took attention_mfu from: True the fused core (its measured rate), False
+    the tiled core (fitted from a forward), None neither (no whole-model figure)."""
+    if any(_core_tflops(x) for x in measured):
+        return True
+    return False if any("model" in x.bench for x in measured) else None
+
+
+def calibrated_cluster(cluster: Cluster, gpu: GpuSpec, keep_attention: bool = False) -> Cluster:
+    """The deployment's cluster with the fitted fractions and overheads (its own peaks kept;
+    its own attention_mfu too with ``keep_attention``: the rate was fitted on the other core)."""
+    keep = {k: getattr(cluster.gpu, k) for k in ("memory_gib", "peak_tflops", "memory_tb_s", "reserved_gib")
+            + (("attention_mfu",) if keep_attention else ())}
     return dataclasses.replace(cluster, gpu=dataclasses.replace(gpu, **keep))
 
 
 __all__ = ["Measured", "load_measured", "bench_setup", "predict_layer", "measured_layer", "measured_flash",
-           "predict_forward", "fit", "Comparison", "compare", "calibrated_cluster"]
+           "predict_forward", "fit", "Comparison", "compare", "calibrated_cluster", "attention_fitted_on"]

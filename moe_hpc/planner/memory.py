@@ -124,16 +124,23 @@ def activation_bytes(m: ModelConfig, w: Workload, attention_block: int, dense_tp
     return T * H * BF16_BYTES + max(attention + tiles, residual, moe, dense_mlp)
 
 
-def token_buffer_bytes(m: ModelConfig, w: Workload, send_rows: int, recv_extent: int, tp: int = 1) -> int:
+def token_buffer_bytes(m: ModelConfig, w: Workload, send_rows: int, recv_extent: int, tp: int = 1,
+                       local: bool = False) -> int:
     """The Exchange's buffers (moe/layer.py): two slots per direction (one when a single
     micro-batch), [rows, H] bf16 each, plus one [extent, F] hidden buffer for the expert GEMMs.
 
     send_rows: rows a dense rank routes per micro-batch (T_mb * k); recv_extent: slot-padded
     rows an expert rank receives per micro-batch (0 for a rank of the other role).
+    local: a group of one rank without expert TP (``MoeLayer._local_step``), which moves its
+    rows itself: one buffer per direction, the experts' input and output, no send buffers (and
+    its packed rows pad less than the slot-padded extent counted here).
     """
     slots = min(2, w.micro_batches)
     H, F = m.hidden_size, m.moe_ffn_hidden_size
-    rows = slots * 2 * (send_rows + recv_extent)        # dispatch-send/combine-recv, dispatch-recv/combine-send
+    if local:
+        rows = 2 * recv_extent                          # dispatch-recv, combine-send
+    else:
+        rows = slots * 2 * (send_rows + recv_extent)    # dispatch-send/combine-recv, dispatch-recv/combine-send
     return rows * H * BF16_BYTES + recv_extent * math.ceil(F / tp) * BF16_BYTES
 
 
@@ -162,6 +169,7 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
     per_layer = count.max(axis=0, initial=0)
     fixed = dict(transport=int(cluster.network.transport_buffer_gib * GIB),
                  reserved=int(cluster.gpu.reserved_gib * GIB))
+    one_rank = layout.group_size == 1 and expert_tp == 1              # moe/layer.py: MoeLayer.local
     cache: dict[tuple, GpuMemory] = {}      # ranks alike in role and load share one computation
     out = []
     for local in range(layout.group_size):
@@ -176,7 +184,7 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
             mem = Memory(dense_weights=dense_w[stage] if dense else 0,
                          expert_weights=expert_weight_bytes(m, hosted, expert_tp),
                          activations=act if dense else 0,
-                         token_buffers=token_buffer_bytes(m, w, send if dense else 0, extent, expert_tp),
+                         token_buffers=token_buffer_bytes(m, w, send if dense else 0, extent, expert_tp, one_rank),
                          kv_cache=kv_cache_bytes(m, cfg.generate.cache_rows(w.sequences), w.seq_len + new_tokens,
                                                  dense_tp, stage, stages)
                          if dense and new_tokens else 0,

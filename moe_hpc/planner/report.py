@@ -18,12 +18,12 @@ from ..config.run_config import load_config, validate
 from ..files.atomic import write_text_atomic
 from ..model.dense_tp import local_model
 from ..model.flops import model_flops
-from .calibrate import calibrated_cluster, compare, fit, load_measured
+from .calibrate import attention_fitted_on, calibrated_cluster, compare, fit, load_measured
 from .dag import all_dags, ranges, verify, write_dags
 from .deployment import Deployment, RankRow, make_layout, rank_rows
 from .memory import GIB, fits, kv_cache_bytes, kv_cache_bytes_per_token, plan_memory
 from .time_model import CATEGORIES, step_time
-from .workload import workload_of
+from .workload import flash_planned, workload_of
 
 PHASE_NAMES = {"gate_topk": "gate + top-k", "plan_and_counts_d2h": "dispatch plan + counts to host",
                "pack_rows": "pack rows", "weighted_combine": "weighted sum", "t_experts_ms": "experts",
@@ -169,7 +169,11 @@ def build(args) -> dict:
         result["calibration"] = {"constants": {k: float(getattr(gpu, k)) for k in CONSTANTS},
                                  "files": [_comparison(c) for c in compare(cluster, measured, gpu, True)
                                            + compare(cluster, checks, gpu, False)]}
-        cluster = calibrated_cluster(cluster, gpu)
+        # a rate fitted on one attention core says nothing of the other's
+        core = attention_fitted_on(measured)
+        other = core is not None and core != flash_planned(cfg)
+        result["calibration"]["attention_mfu_used"] = not other
+        cluster = calibrated_cluster(cluster, gpu, keep_attention=other)
     cfg, layout, w, memory, chosen = fit_dense_side(cfg, cluster, args.placement)
     if chosen:
         result["chose"] = dict(chosen, why="with whole blocks on every dense GPU, a dense GPU does not fit")
@@ -269,7 +273,10 @@ def render_calibration(cal: dict) -> list[str]:
                        f"{_pct(v['calibrated'] / v['measured'] - 1):>8}")
     out.append(f"  fitted: GEMM mfu {c['mfu']:.3f}, memory_util {c['memory_util']:.3f}, copy_util {c['copy_util']:.3f}, "
                f"attention_mfu {c['attention_mfu'] or c['mfu']:.4f}, launch_us {c['launch_us']:.1f}, "
-               f"sync_us {c['sync_us']:.0f} (the plan below uses them)")
+               f"sync_us {c['sync_us']:.0f} (the plan below uses them"
+               + ("" if cal.get("attention_mfu_used", True) else
+                  ", but not attention_mfu: it was fitted on the other attention core than the plan's, "
+                  "so the cluster file's stands") + ")")
     return out
 
 
