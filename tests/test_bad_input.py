@@ -976,6 +976,7 @@ def _prompts(tmp: Path, lengths, L: int = 10) -> Path:
 
 GENERATE_BAD = {
     "no-new-tokens": (["--max-new-tokens", "0"], ("generate.max_new_tokens must be >= 1, got 0",)),
+    "negative-new-tokens": (["--max-new-tokens", "-3"], ("generate.max_new_tokens must be >= 1, got -3",)),
     "negative-temperature": (["--temperature", "-0.5"], ("generate.temperature must be >= 0, got -0.5",)),
     "negative-top-k": (["--top-k", "-1"], ("generate.top_k must be >= 0, got -1",)),
     "top-p-zero": (["--top-p", "0"], ("generate.top_p must be in (0, 1]", "got 0.0")),

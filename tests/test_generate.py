@@ -13,6 +13,7 @@ Layouts are held to the 1-rank output; MPI launches are few (CI has 2 cores).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,21 @@ class StopAfterOneGroup(signals.StopRequest):
         StopAfterOneGroup.calls += 1
         return signals.agree_max(comm, 15 if StopAfterOneGroup.calls == 2 else 0)
 cli.StopRequest = StopAfterOneGroup
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+# ``moe-hpc`` saying how many rows each KV cache it opens holds (one line per open, any rank)
+SHOW_CACHE_ROWS = """
+import sys
+from moe_hpc import cli
+from moe_hpc.runtime import engine
+real = engine.Engine.open_cache
+def open_cache(self, sequences, positions):
+    sys.stderr.write(f"kv cache rows {sequences};\\n")        # one write: ranks share stderr
+    sys.stderr.flush()
+    return real(self, sequences, positions)
+engine.Engine.open_cache = open_cache
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -179,18 +195,60 @@ def test_dense_tp_generates_the_reference_tokens(models, tmp_path):
 
 @needs_mpiexec
 @pytest.mark.parametrize("slots", [[], ["--decode-slots", "2"]], ids=["whole-group", "2-slots"])
-def test_resume_after_a_stop_gives_identical_tokens(slots, models, one_rank, tmp_path):
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_resume_after_a_stop_gives_identical_tokens(mode, slots, models, one_rank, tmp_path):
     """A stop after the first of two groups of 3; the rerun resumes at the second, with the
-    group's 3 sequences in its KV cache at once or 2 at a time (continuous batching)."""
-    out = tmp_path / "out.h5"
-    stopped = generate(models["tiny"], out, "--set", "parallel.dense_ranks=1", *slots, ranks=3,
-                       program=STOP_AFTER_ONE_GROUP)
+    group's 3 sequences in its KV cache at once or 2 at a time (continuous batching). Sampled:
+    the resumed group draws what an uninterrupted run on one rank drew (its draws are keyed by
+    sequence and step, not by where a run started), and a rerun with another seed is refused."""
+    sampling = SAMPLING if mode == "sampled" else []
+    out, layout = tmp_path / "out.h5", ["--set", "parallel.dense_ranks=1", *slots]
+    stopped = generate(models["tiny"], out, *sampling, *layout, ranks=3, program=STOP_AFTER_ONE_GROUP)
     assert stopped.returncode == 75, stopped.stderr
     assert not out.exists() and out.with_name("out.h5.progress.json").exists()
-    resumed = generate(models["tiny"], out, "--set", "parallel.dense_ranks=1", *slots, ranks=3)
+    if sampling:
+        other_seed = generate(models["tiny"], out, *sampling[:-1], "12", *layout, ranks=3)
+        assert other_seed.returncode != 0 and "a partial run of" in other_seed.stderr, other_seed.stderr
+        assert not out.exists() and out.with_name("out.h5.progress.json").exists()
+    resumed = generate(models["tiny"], out, *sampling, *layout, ranks=3)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at group 2 of 2" in resumed.stderr
-    assert_same_tokens(read(out), one_rank("tiny"))
+    if sampling:
+        assert generate(models["tiny"], tmp_path / "whole.h5", *sampling).returncode == 0
+        want = read(tmp_path / "whole.h5")
+        assert (want["generated"] != one_rank("tiny")["generated"]).any()      # sampling did draw
+    else:
+        want = one_rank("tiny")
+    assert_same_tokens(read(out), want)
+
+
+PROGRESS_LINE = re.compile(r"progress: chunk (\d+)/(\d+) \(([\d.]+)%\), (\d+)/(\d+) generated tokens, "
+                           r"(\d+) generated tokens/s, elapsed \d+:\d\d:\d\d, ETA (\d+:\d\d:\d\d|\?)$")
+
+
+@pytest.mark.parametrize("ranks, sets", [
+    (None, ["run.chunk_sequences=4"]),
+    pytest.param(3, ["parallel.dense_ranks=2", "run.chunk_sequences=2"], marks=needs_mpiexec),
+], ids=["1-rank-groups-of-4-then-2", "3-ranks-two-owners"])
+def test_progress_counts_generated_tokens_against_each_groups_bound(ranks, sets, models, tmp_path):
+    """A line per group in generated tokens: the bound is each group's sequences over every
+    dense rank x N (6 prompts: groups of 4 then 2, or 2 + 2 then 1 + 1), so the count ends at the
+    tokens generated, within the bound; the summary's rates and mean length agree with the file."""
+    out = tmp_path / "out.h5"
+    r = generate(models["tiny"], out, "--progress", "lines", "--progress-every", "0",
+                 *[a for s in sets for a in ("--set", s)], ranks=ranks)
+    assert r.returncode == 0, r.stderr
+    lines = [PROGRESS_LINE.match(line) for line in r.stderr.splitlines() if line.startswith("progress:")]
+    assert lines and all(lines), r.stderr
+    lengths = read(out)["generated_lengths"]
+    assert [int(m[1]) for m in lines] == list(range(1, int(lines[0][2]) + 1)) == [1, 2]
+    done = [int(m[4]) for m in lines]
+    assert all(int(m[5]) == len(lengths) * N for m in lines) and done == sorted(done)
+    assert done[-1] == lengths.sum() and all(float(m[3]) <= 100.0 for m in lines)
+    summary = json.loads(r.stdout)["summary"]
+    assert summary["generated_tokens"] == summary["generated_tokens_this_run"] == lengths.sum()
+    assert summary["mean_generated_length"] == pytest.approx(lengths.mean())
+    assert summary["prompt_tokens_per_s"] > 0 and summary["generated_tokens_per_s"] > 0
 
 
 def test_end_of_sequence_from_generation_config_stops_and_pads(models, one_rank, tmp_path):
@@ -283,8 +341,10 @@ def test_decode_slots_give_the_tokens_of_the_whole_group(mode, ranks, sets, eos_
     assert len(set(lengths.tolist())) >= 3 and (want["finish_reason"] == 0).sum() >= 2, lengths
     out = tmp_path / "out.h5"
     r = generate(model, out, *sampling, "--decode-slots", "2", "--set", "run.chunk_sequences=5",
-                 *[a for s in sets for a in ("--set", s)], ranks=ranks)
+                 *[a for s in sets for a in ("--set", s)], ranks=ranks, program=SHOW_CACHE_ROWS)
     assert r.returncode == 0, r.stderr
+    rows = re.findall(r"kv cache rows (\d+);", r.stderr)
+    assert rows and set(rows) == {"2"}, r.stderr             # the slots, not the group's 5 (or 4)
     assert_same_tokens(read(out), want)
     assert json.loads(r.stdout)["summary"]["generated_tokens"] == lengths.sum()
 

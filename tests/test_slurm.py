@@ -104,6 +104,52 @@ def test_usr1_requeue_resume_matches_uninterrupted(slurm, tiny_files, long_input
     assert progress_record(out) is None and not out.with_name("out.h5.tmp").exists()
 
 
+def test_text_prompt_job_is_requeued_and_resumes(slurm, tmp_path):
+    """jobs/moe_generate.sbatch's knobs with PROMPTS (text, an HF directory's tokenizer.json),
+    through the CPU script: stopped by USR1 mid-run, requeued, resumed; its completions (.jsonl)
+    and tokens equal a direct one-process run's."""
+    import json
+    import shutil
+    from helpers import build_tokenizer, fixture, moe_hpc, read_generated
+    from moe_hpc.config.run_config import load_config
+    folder = tmp_path / "hf_mixtral"
+    shutil.copytree(fixture("mixtral"), folder)
+    build_tokenizer(folder, size=load_config(folder).model.vocab_size)
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["hello world", "the cat sat on the mat", "cat", "the caf\u00e9"]
+    prompts.write_text("".join(json.dumps({"prompt": words[i % 4]}) + "\n" for i in range(12)))
+    sets, gen = "--set run.chunk_sequences=1", "--max-new-tokens 6"
+    direct = tmp_path / "direct.h5"
+    r = moe_hpc("generate", folder, "--weights", folder, "--prompts", prompts, "--output", direct,
+                *sets.split(), *gen.split(), "--progress", "off")
+    assert r.returncode == 0, r.stderr
+    out, log, tag = tmp_path / "out.h5", tmp_path / "job.log", uuid.uuid4().hex
+    env = job_env(folder, "", out, VERB="generate", CONFIG=str(folder), PROMPTS=str(prompts), SETS=sets,
+                  RUN_ARGS=gen + " --progress lines --progress-every 0", MOE_HPC_TEST_TAG=tag)
+    del env["INPUT"]
+    job = submit(slurm, "moe_infer_cpu.sbatch", log, env)
+    wait_for_chunks(out, 2)
+    signal_midway(tag, 2, lambda: slurm.run("scancel", "--signal=USR1", "--batch", job), signal.SIGUSR1)
+    info = slurm.wait(job, lambda i: int(i.get("Restarts", 0)) >= 1 and i["JobState"] == "PENDING"
+                      or ended(i), JOB_TIMEOUT)
+    assert info["JobState"] == "PENDING", log.read_text()
+    record = progress_record(out)
+    stopped_at, groups = record["chunks_done"], record["chunks_total"]
+    assert 2 <= stopped_at < groups == 6, record          # 12 prompts, 2 dense ranks, 1 a group
+    slurm.wait_steps_gone(job)
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = slurm.wait(job, ended, JOB_TIMEOUT)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    for needle in ("moe-hpc exit status 75", f"requeueing job {job}", f"resuming at group {stopped_at + 1} of {groups}",
+                   "moe-hpc exit status 0"):
+        assert needle in text, f"{needle!r} not in the job log:\n{text}"
+    assert out.with_suffix(".jsonl").read_text() == direct.with_suffix(".jsonl").read_text()
+    got, want = read_generated(out), read_generated(direct)
+    for name in ("generated", "generated_lengths", "finish_reason"):
+        assert (got[name] == want[name]).all(), name
+
+
 def test_killed_rank_under_srun_ends_job(slurm, tiny_files, long_input, tmp_path, no_stale_shm):
     out, log, tag = tmp_path / "out.h5", tmp_path / "job.log", uuid.uuid4().hex
     job = submit(slurm, "moe_infer_cpu.sbatch", log,

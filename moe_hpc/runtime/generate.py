@@ -382,9 +382,10 @@ def _generate(scope: JobScope, job: Job, log, t_start: float) -> dict:
 
 
 def _reporter(job: Job, meta: InputMeta, progress: Progress, log) -> ProgressLog:
-    """Progress in generated tokens; each group's bound up front is its sequences x N."""
-    N, C = job.cfg.generate.max_new_tokens, job.cfg.run.chunk_sequences
-    bound = [min(C, meta.num_sequences) * N] * len(meta.chunk_tokens)
+    """Progress in generated tokens; each group's bound up front is its sequences (over every
+    dense rank, the last group's fewer) x N."""
+    N = job.cfg.generate.max_new_tokens
+    bound = [n * N for n in meta.chunk_counts]
     if progress.chunks_done:
         log(f"moe-hpc: resuming at group {progress.chunks_done + 1} of {progress.chunks_total}")
     log(f"moe-hpc: generate up to {N} tokens for each of {meta.num_sequences} prompts, "

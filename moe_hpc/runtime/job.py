@@ -61,6 +61,7 @@ class InputMeta:
     seq_len: int
     chunk_tokens: tuple[int, ...]     # [chunks] valid tokens per chunk, summed over dense ranks
     kind: str = "hidden"              # the input's dataset: hidden | tokens
+    chunk_counts: tuple[int, ...] = ()  # [chunks] sequences per chunk, summed over dense ranks
 
 
 def sequence_range(dense_index: int, num_dense: int, num_sequences: int) -> tuple[int, int]:
@@ -81,7 +82,8 @@ def chunk_slice(lo: int, hi: int, chunk: int, chunk_sequences: int) -> tuple[int
 
 
 def chunk_tokens(lengths: np.ndarray, num_dense: int, chunk_sequences: int) -> tuple[int, ...]:
-    """lengths: [S] int64 -> [chunks] valid tokens of each chunk over all dense ranks."""
+    """lengths: [S] int64 -> [chunks] valid tokens of each chunk over all dense ranks (ones:
+    its sequences)."""
     S = len(lengths)
     totals = [0] * num_chunks(S, num_dense, chunk_sequences)
     for d in range(num_dense):
@@ -125,7 +127,8 @@ def check_setup(job: Job, num_dense: int) -> InputMeta:
         if not cfg.run.allow_long_sequences:
             batch.check_positions(cfg.model.max_position_embeddings)
         return InputMeta(batch.num_sequences, batch.seq_len,
-                         chunk_tokens(batch.lengths, num_dense, cfg.run.chunk_sequences), batch.kind)
+                         chunk_tokens(batch.lengths, num_dense, cfg.run.chunk_sequences), batch.kind,
+                         chunk_tokens(np.ones_like(batch.lengths), num_dense, cfg.run.chunk_sequences))
     finally:
         batch.close()
 
