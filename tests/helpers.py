@@ -469,6 +469,7 @@ def assert_generate_equals_transformers(family: str, tmp: Path, *args, ranks: in
     ref_file = folder / "generate_reference.h5"
     with h5py.File(ref_file, "r") as f:
         want, gaps, new = f["generated"][()], f["hf_gap"][()], int(f.attrs["new_tokens"])
+        want_logprobs = f["hf_logprobs"][()]
     weights = tmp / "weights.h5"
     import_hf(folder, tmp / "model.toml", weights, log=lambda text: None)
     reference = reference_generate(weights, prompts_of(ref_file), new)
@@ -476,13 +477,17 @@ def assert_generate_equals_transformers(family: str, tmp: Path, *args, ranks: in
     r = moe_hpc("generate", folder, "--weights", folder, "--input", ref_file, "--output", out,
                 "--max-new-tokens", new, "--ignore-eos", "--progress", "off", *args, ranks=ranks)
     assert r.returncode == 0, r.stderr
-    got = read_generated(out)["generated"]
+    result = read_generated(out)
+    got = result["generated"]
     compared = 0
     for s, ref in enumerate(reference):
         near = np.flatnonzero(gaps[s] < 1e-2)
         k = min(ref.clear_steps(), near[0] if near.size else new)
         assert (ref.tokens[:k] == want[s, :k]).all(), ("float64 reference vs transformers", s, k)
         assert (got[s, :k] == want[s, :k]).all(), ("engine vs transformers", s, k, got[s], want[s])
+        # and the chosen token's log-probability, bf16 against transformers' fp32
+        np.testing.assert_allclose(result["generated_logprobs"][s, :k], want_logprobs[s, :k], atol=5e-2,
+                                   err_msg=f"log-probs, engine vs transformers, sequence {s}")
         compared += k
     print(f"{family}: {compared} of {got.size} steps compared")
     assert compared >= 4, compared      # the random fixtures tie often
