@@ -136,6 +136,42 @@ def test_kv_cache_is_made_once_per_group_shape_and_mla_keeps_the_latent(name):
     assert block.allocate(3, 10) is cache and block.allocate(2, 10) is not cache
 
 
+# ``moe-hpc`` counting the KV caches it makes and the shape of every cached forward's tokens
+COUNT_CACHES_AND_STEPS = """
+import atexit, json, sys
+from moe_hpc import cli
+from moe_hpc.model import blocks
+from moe_hpc.runtime import engine
+seen = {"caches": 0, "forwards": []}
+real_cache, real_forward = blocks.KvCache.__init__, engine.Engine.forward_cached
+def cache(self, *args, **kwargs):
+    seen["caches"] += 1
+    real_cache(self, *args, **kwargs)
+def forward(self, tokens, *args):
+    seen["forwards"].append(list(tokens.shape))
+    return real_forward(self, tokens, *args)
+blocks.KvCache.__init__, engine.Engine.forward_cached = cache, forward
+atexit.register(lambda: sys.stderr.write("seen " + json.dumps(seen) + chr(10)))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_decode_steps_read_the_cache_made_once_per_group(models, tmp_path):
+    """Two groups of 3 prompts: each gets one prefill over its prompts, then N - 1 decode steps
+    of one new position per sequence (the cache supplies the rest); the caches are made per
+    group (one per attention block), never per step."""
+    r = generate(models["tiny"], tmp_path / "out.h5", "--set", "run.chunk_sequences=3",
+                 program=COUNT_CACHES_AND_STEPS)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stderr.split("seen ", 1)[1])
+    blocks = load_config(TINY).model.num_layers
+    prompt_lengths = prompts_of(models["tiny"][4])
+    longest = [max(len(p) for p in prompt_lengths[g:g + 3]) for g in (0, 3)]
+    want = [[3, longest[0]]] + [[3, 1]] * (N - 1) + [[3, longest[1]]] + [[3, 1]] * (N - 1)
+    assert seen["forwards"] == want
+    assert blocks <= seen["caches"] <= 2 * blocks
+
+
 # ---------------------------------------------------------------- one rank, every family
 
 @pytest.mark.parametrize("name", ["tiny", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
