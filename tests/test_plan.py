@@ -442,6 +442,19 @@ def test_decode_slots_size_the_kv_cache_and_the_hint_names_them():
             "or 2 decode slots (--set generate.decode_slots=2)") in str(e.value), str(e.value)
 
 
+def test_plan_says_how_many_sequences_caches_fit(tmp_path):
+    """Beside the plan's memory on the fullest dense GPU (3,904 GPUs: dense TP 2, 32 KiB a
+    position and block), the room left over one sequence's cache of seq_len + N positions."""
+    r = build(plan_args(C3904, tmp_path, fmt="json"))
+    kv, dense = r["kv_cache"], r["memory"]["dense"]
+    per_sequence = (r["workload"]["seq_len"] + 16) * 61 * 32 * 1024
+    assert kv["sequences_fit"] == (64 * 2 ** 30 - dense["bytes"]) // per_sequence == 3
+    out = []
+    run_plan(plan_args(C3904, tmp_path), out=out.append)
+    assert ("3 sequences' caches fit beside the plan's memory (fewer than the group's: "
+            "--set run.chunk_sequences=3 or --set generate.decode_slots=3)") in out[0]
+
+
 def test_plan_reports_the_generate_kv_cache(tmp_path):
     """The 61-block seed model's MHA cache: k and v of 128 heads of 128 in bf16 = 64 KiB a
     position and block; a one-sequence group of seq_len + 128 positions over 61 blocks."""

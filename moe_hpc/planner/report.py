@@ -189,6 +189,7 @@ def build(args) -> dict:
                   fits=fits(memory, cluster),
                   dags=[{"name": d.name, "nodes": len(d.nodes), "edges": len(d.edges),
                          "problems": verify(d, layout)} for d in dags])
+    result["kv_cache"]["sequences_fit"] = _kv_sequences_fit(cfg, cluster, w, memory)
     if args.dot:
         written, svg = write_dags(dags, layout, Path(args.dot), cluster.name)
         result["dot"] = {"files": [str(p) for p in written], "svg": svg}
@@ -237,6 +238,26 @@ def _kv_cache(cfg, w) -> dict:
                 for s in range(p.dense_stages))
     return {"bytes_per_token_and_block": kv_cache_bytes_per_token(local_model(m, p.dense_tp)),
             "blocks": m.num_layers, "sequences": rows, "positions": w.seq_len + N, "group_gib": group / GIB}
+
+
+def _kv_sequences_fit(cfg, cluster, w, memory) -> int:
+    """How many sequences' KV caches fit on the fullest dense GPU beside the plan's memory (its
+    weights, buffers and activations of a run.chunk_sequences chunk): a generate job's group
+    (or its generate.decode_slots) may hold that many."""
+    m, p = cfg.model, cfg.parallel
+    positions = w.seq_len + cfg.generate.max_new_tokens
+    per_sequence = max(kv_cache_bytes(m, 1, positions, p.dense_tp, s, p.dense_stages) for s in range(p.dense_stages))
+    used = max(g.memory.total for g in memory if g.memory.dense_weights)
+    return max(0, int(cluster.gpu.memory_gib * GIB - used) // per_sequence)
+
+
+def _kv_fit_hint(kv: dict) -> str:
+    n = kv["sequences_fit"]
+    if n >= kv["sequences"]:
+        return ""
+    if n == 0:
+        return " (not one: split the dense side, parallel.dense_tp or parallel.dense_stages)"
+    return f" (fewer than the group's: --set run.chunk_sequences={n} or --set generate.decode_slots={n})"
 
 
 def _times(cfg, cluster, layout, w) -> dict:
@@ -297,7 +318,9 @@ def render_layout(r: dict, rows) -> list[str]:
            f"attention core {wl['attention_core']}",
            f"KV cache   (moe-hpc generate) {kv['bytes_per_token_and_block'] / 1024:.2f} KiB per position and block "
            f"({kv['blocks']} blocks); a group of {kv['sequences']} sequence(s) x {kv['positions']} positions "
-           f"(seq_len + generate.max_new_tokens): {kv['group_gib']:.2f} GiB per dense GPU",
+           f"(seq_len + generate.max_new_tokens): {kv['group_gib']:.2f} GiB per dense GPU; "
+           f"{kv['sequences_fit']} sequences' caches fit beside the plan's memory"
+           + _kv_fit_hint(kv),
            f"rank table {len(rows)} ranks, all of them in {r['rank_table']}:",
            f"  {'replica':<8}{'role':<14}{'ranks':<16}{'nodes':<12}{'experts/GPU':<12}first -> last"]
     out += [f"  {g['replica']:<8}{g['role']:<14}{g['ranks']:<16}{g['nodes']:<12}{g['experts_per_gpu']:<12}"
