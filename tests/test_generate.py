@@ -163,7 +163,7 @@ def test_decode_steps_read_the_cache_made_once_per_group(models, tmp_path):
     r = generate(models["tiny"], tmp_path / "out.h5", "--set", "run.chunk_sequences=3",
                  program=COUNT_CACHES_AND_STEPS)
     assert r.returncode == 0, r.stderr
-    seen = json.loads(r.stderr.split("seen ", 1)[1])
+    seen = json.loads(r.stderr.split("seen ", 1)[1].splitlines()[0])
     blocks = load_config(TINY).model.num_layers
     prompt_lengths = prompts_of(models["tiny"][4])
     longest = [max(len(p) for p in prompt_lengths[g:g + 3]) for g in (0, 3)]

@@ -443,16 +443,29 @@ def test_decode_slots_size_the_kv_cache_and_the_hint_names_them():
 
 
 def test_plan_says_how_many_sequences_caches_fit(tmp_path):
-    """Beside the plan's memory on the fullest dense GPU (3,904 GPUs: dense TP 2, 32 KiB a
-    position and block), the room left over one sequence's cache of seq_len + N positions."""
-    r = build(plan_args(C3904, tmp_path, fmt="json"))
-    kv, dense = r["kv_cache"], r["memory"]["dense"]
-    per_sequence = (r["workload"]["seq_len"] + 16) * 61 * 32 * 1024
-    assert kv["sequences_fit"] == (64 * 2 ** 30 - dense["bytes"]) // per_sequence == 3
+    """Beside the plan's memory and the LM head (generate always loads it) on the fullest dense
+    GPU, the room left over one sequence's cache of seq_len + N positions: DeepSeek-V3 on 256
+    GPUs (MLA: 1,152 bytes a position and block), the same whether or not run asks for logits."""
+    dsv3, c256 = REPO / "inputs" / "deepseek_v3.toml", REPO / "inputs" / "cluster_dsv3_256.toml"
+
+    def plan(*sets):
+        args = plan_args(c256, tmp_path, *sets, fmt="json")
+        args.config = str(dsv3)
+        return build(args)
+    with_head = plan("run.logits=true")
+    kv, dense = with_head["kv_cache"], with_head["memory"]["dense+expert"]
+    per_sequence = (with_head["workload"]["seq_len"] + 16) * 61 * 1152
+    assert kv["sequences_fit"] == (64 * 2 ** 30 - dense["bytes"]) // per_sequence == 7
+    assert plan()["kv_cache"]["sequences_fit"] == 7               # the head counted without run.logits too
+    longer = plan("generate.max_new_tokens=8000")               # the group of 4 does not fit: the line says what does
+    n = longer["kv_cache"]["sequences_fit"]
+    assert 0 < n < 4
     out = []
-    run_plan(plan_args(C3904, tmp_path), out=out.append)
-    assert ("3 sequences' caches fit beside the plan's memory (fewer than the group's: "
-            "--set run.chunk_sequences=3 or --set generate.decode_slots=3)") in out[0]
+    args = plan_args(c256, tmp_path, "generate.max_new_tokens=8000")
+    args.config = str(dsv3)
+    run_plan(args, out=out.append)
+    assert (f"{n} sequences' caches fit beside the plan's memory and the LM head (fewer than the group's: "
+            f"--set run.chunk_sequences={n} or --set generate.decode_slots={n})") in out[0]
 
 
 def test_plan_reports_the_generate_kv_cache(tmp_path):

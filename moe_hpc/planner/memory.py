@@ -160,7 +160,8 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
     ``generate.cache_rows`` sequences)."""
     m, dense_tp, stages = cfg.model, cfg.parallel.dense_tp, cfg.parallel.dense_stages
     expert_tp = expert_tp or cfg.parallel.expert_tp
-    head = cfg.run.logits or cfg.run.logprobs                        # load_weights reads lm_head for either
+    # load_weights reads lm_head for logits or log-probs, and generate always (it picks tokens)
+    head = cfg.run.logits or cfg.run.logprobs or new_tokens > 0
     dense_w = [dense_weight_bytes(m, head, dense_tp, s, stages) for s in range(stages)]
     act = activation_bytes(m, w, cfg.run.attention_block, dense_tp)
     send = w.mb_tokens * m.top_k

@@ -189,7 +189,7 @@ def build(args) -> dict:
                   fits=fits(memory, cluster),
                   dags=[{"name": d.name, "nodes": len(d.nodes), "edges": len(d.edges),
                          "problems": verify(d, layout)} for d in dags])
-    result["kv_cache"]["sequences_fit"] = _kv_sequences_fit(cfg, cluster, w, memory)
+    result["kv_cache"]["sequences_fit"] = _kv_sequences_fit(cfg, cluster, layout, w) if result["fits"] else None
     if args.dot:
         written, svg = write_dags(dags, layout, Path(args.dot), cluster.name)
         result["dot"] = {"files": [str(p) for p in written], "svg": svg}
@@ -237,22 +237,27 @@ def _kv_cache(cfg, w) -> dict:
     group = max(kv_cache_bytes(m, rows, w.seq_len + N, p.dense_tp, s, p.dense_stages)
                 for s in range(p.dense_stages))
     return {"bytes_per_token_and_block": kv_cache_bytes_per_token(local_model(m, p.dense_tp)),
-            "blocks": m.num_layers, "sequences": rows, "positions": w.seq_len + N, "group_gib": group / GIB}
+            "blocks": m.num_layers, "sequences": rows, "positions": w.seq_len + N, "group_gib": group / GIB,
+            "vocabulary": m.vocab_size > 0}
 
 
-def _kv_sequences_fit(cfg, cluster, w, memory) -> int:
-    """How many sequences' KV caches fit on the fullest dense GPU beside the plan's memory (its
-    weights, buffers and activations of a run.chunk_sequences chunk): a generate job's group
-    (or its generate.decode_slots) may hold that many."""
-    m, p = cfg.model, cfg.parallel
-    positions = w.seq_len + cfg.generate.max_new_tokens
-    per_sequence = max(kv_cache_bytes(m, 1, positions, p.dense_tp, s, p.dense_stages) for s in range(p.dense_stages))
-    used = max(g.memory.total for g in memory if g.memory.dense_weights)
-    return max(0, int(cluster.gpu.memory_gib * GIB - used) // per_sequence)
+def _kv_sequences_fit(cfg, cluster, layout, w) -> int | None:
+    """How many sequences' KV caches fit on each dense GPU beside the rest of what a generate job
+    holds there (the plan's memory with the LM head, which generate always loads), the fewest
+    over the dense GPUs (0 when not one fits)."""
+    memory = plan_memory(cfg, cluster, layout, w, new_tokens=cfg.generate.max_new_tokens)
+    cap, rows = int(cluster.gpu.memory_gib * GIB), cfg.generate.cache_rows(w.sequences)
+    room = [(cap - (g.memory.total - g.memory.kv_cache)) // (g.memory.kv_cache // rows)
+            for g in memory if g.memory.kv_cache]
+    return max(0, int(min(room))) if room else 0
 
 
 def _kv_fit_hint(kv: dict) -> str:
     n = kv["sequences_fit"]
+    if not kv["vocabulary"]:
+        return " (but this model has no vocabulary, model.vocab_size = 0: generate refuses it)"
+    if n is None:
+        return " (none: the plan does not fit without one; see its suggestions)"
     if n >= kv["sequences"]:
         return ""
     if n == 0:
@@ -319,7 +324,8 @@ def render_layout(r: dict, rows) -> list[str]:
            f"KV cache   (moe-hpc generate) {kv['bytes_per_token_and_block'] / 1024:.2f} KiB per position and block "
            f"({kv['blocks']} blocks); a group of {kv['sequences']} sequence(s) x {kv['positions']} positions "
            f"(seq_len + generate.max_new_tokens): {kv['group_gib']:.2f} GiB per dense GPU; "
-           f"{kv['sequences_fit']} sequences' caches fit beside the plan's memory"
+           f"{'no' if kv['sequences_fit'] is None else kv['sequences_fit']} sequences' caches fit beside "
+           "the plan's memory and the LM head"
            + _kv_fit_hint(kv),
            f"rank table {len(rows)} ranks, all of them in {r['rank_table']}:",
            f"  {'replica':<8}{'role':<14}{'ranks':<16}{'nodes':<12}{'experts/GPU':<12}first -> last"]

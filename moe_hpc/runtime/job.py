@@ -60,8 +60,8 @@ class InputMeta:
     num_sequences: int
     seq_len: int
     chunk_tokens: tuple[int, ...]     # [chunks] valid tokens per chunk, summed over dense ranks
+    chunk_counts: tuple[int, ...]     # [chunks] sequences per chunk, summed over dense ranks
     kind: str = "hidden"              # the input's dataset: hidden | tokens
-    chunk_counts: tuple[int, ...] = ()  # [chunks] sequences per chunk, summed over dense ranks
 
 
 def sequence_range(dense_index: int, num_dense: int, num_sequences: int) -> tuple[int, int]:
@@ -127,8 +127,8 @@ def check_setup(job: Job, num_dense: int) -> InputMeta:
         if not cfg.run.allow_long_sequences:
             batch.check_positions(cfg.model.max_position_embeddings)
         return InputMeta(batch.num_sequences, batch.seq_len,
-                         chunk_tokens(batch.lengths, num_dense, cfg.run.chunk_sequences), batch.kind,
-                         chunk_tokens(np.ones_like(batch.lengths), num_dense, cfg.run.chunk_sequences))
+                         chunk_tokens(batch.lengths, num_dense, cfg.run.chunk_sequences),
+                         chunk_tokens(np.ones_like(batch.lengths), num_dense, cfg.run.chunk_sequences), batch.kind)
     finally:
         batch.close()
 
