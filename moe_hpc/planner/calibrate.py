@@ -167,17 +167,18 @@ def fit(cluster: Cluster, measured: list[Measured], steps: int = 8) -> GpuSpec:
         step, *_ = np.linalg.lstsq(jac / target[:, None], (target - base) / target, rcond=None)
         theta = np.maximum(theta + step, [1.0, 1.0, 1.0, 0.0, 0.0])
     gpu = _gpu(gpu, theta)
-    core = [x for x in measured if _core_tflops(x)]
+    core = attention_fitted_on(measured)
     if core:        # the fused core's own rate, as measured: a few % of a forward it could not be fitted from
-        return dataclasses.replace(gpu, attention_mfu=float(np.mean([_core_tflops(x) / x.peak_tflops for x in core])))
-    with_model = [x for x in measured if "model" in x.bench]
-    return _fit_attention(cluster, with_model, gpu) if with_model else gpu
+        rates = [_core_tflops(x) / x.peak_tflops for x in measured if _core_tflops(x)]
+        return dataclasses.replace(gpu, attention_mfu=float(np.mean(rates)))
+    if core is False:
+        return _fit_attention(cluster, [x for x in measured if "model" in x.bench], gpu)
+    return gpu
 
 
 def _core_tflops(meas: Measured) -> float | None:
     """The fused attention core's measured TFLOP/s (``model.dense``), or None."""
-    dense = meas.bench.get("model", {}).get("dense") or {}
-    return dense.get("attention_core_tflops") if dense.get("attention_core") == "cudnn" else None
+    return meas.bench["model"]["dense"].get("attention_core_tflops") if measured_flash(meas) else None
 
 
 def _fit_attention(cluster: Cluster, measured: list[Measured], gpu: GpuSpec) -> GpuSpec:
@@ -222,7 +223,7 @@ def compare(cluster: Cluster, measured: list[Measured], gpu: GpuSpec, fitted_on:
 
 
 def attention_fitted_on(measured: list[Measured]) -> bool | None:
-    """The core ``fit`` took attention_mfu from: True the fused core (its measured rate), False
+    """The core ``fit`` takes attention_mfu from: True the fused core (its measured rate), False
     the tiled core (fitted from a forward), None neither (no whole-model figure)."""
     if any(_core_tflops(x) for x in measured):
         return True

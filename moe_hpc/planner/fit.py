@@ -15,7 +15,7 @@ from ..config.cluster import GIB, Cluster, DeploymentSpec, GpuSpec
 from ..config.errors import ConfigError
 from ..config.run_config import Config
 from .deployment import make_layout
-from .memory import Memory, plan_memory
+from .memory import Memory, cache_rows_fitting, plan_memory
 from .workload import workload_of
 
 MOST_RANKS = 4096         # the search for a layout that fits stops here
@@ -127,7 +127,7 @@ def kv_cache_hint(cfg: Config, need: Memory, positions: int, free: int) -> str |
     if not need.kv_cache:
         return None
     rows = cfg.generate.cache_rows(cfg.run.chunk_sequences)
-    fit = (free - (need.total - need.kv_cache)) // (need.kv_cache // rows)
+    fit = cache_rows_fitting(need, rows, free)
     if fit < 1:
         return None
     held = (f"{rows} decode slots (generate.decode_slots) of" if cfg.generate.decode_slots

@@ -196,9 +196,15 @@ def plan_memory(cfg: Config, cluster: Cluster, layout: Deployment, w: Workload,
     return out
 
 
+def cache_rows_fitting(need: Memory, rows: int, free: int) -> int:
+    """How many sequences' KV caches fit in ``free`` bytes beside the rest of ``need`` (which
+    holds a cache of ``rows`` sequences): the cache is linear in its rows; may be < 1."""
+    return (free - (need.total - need.kv_cache)) // (need.kv_cache // rows)
+
+
 def fits(memory: list[GpuMemory], cluster: Cluster) -> bool:
     return max(g.memory.total for g in memory) <= cluster.gpu.memory_gib * GIB
 
 
-__all__ = ["Memory", "GpuMemory", "plan_memory", "fits", "dense_weight_bytes", "expert_weight_bytes",
+__all__ = ["Memory", "GpuMemory", "plan_memory", "fits", "cache_rows_fitting", "dense_weight_bytes", "expert_weight_bytes",
            "kv_cache_bytes_per_token", "kv_cache_bytes", "activation_bytes", "token_buffer_bytes", "GIB"]

@@ -21,7 +21,7 @@ from ..model.flops import model_flops
 from .calibrate import attention_fitted_on, calibrated_cluster, compare, fit, load_measured
 from .dag import all_dags, ranges, verify, write_dags
 from .deployment import Deployment, RankRow, make_layout, rank_rows
-from .memory import GIB, fits, kv_cache_bytes, kv_cache_bytes_per_token, plan_memory
+from .memory import GIB, cache_rows_fitting, fits, kv_cache_bytes, kv_cache_bytes_per_token, plan_memory
 from .time_model import CATEGORIES, step_time
 from .workload import flash_planned, workload_of
 
@@ -247,8 +247,7 @@ def _kv_sequences_fit(cfg, cluster, layout, w) -> int | None:
     over the dense GPUs (0 when not one fits)."""
     memory = plan_memory(cfg, cluster, layout, w, new_tokens=cfg.generate.max_new_tokens)
     cap, rows = int(cluster.gpu.memory_gib * GIB), cfg.generate.cache_rows(w.sequences)
-    room = [(cap - (g.memory.total - g.memory.kv_cache)) // (g.memory.kv_cache // rows)
-            for g in memory if g.memory.kv_cache]
+    room = [cache_rows_fitting(g.memory, rows, cap) for g in memory if g.memory.kv_cache]
     return max(0, int(min(room))) if room else 0
 
 
