@@ -79,23 +79,32 @@ def test_cpu_job_matches_direct_run(slurm, launcher, launch_line, tiny_files, lo
     assert_same_output(out, uninterrupted(2), tmp_path)
 
 
-def test_usr1_requeue_resume_matches_uninterrupted(slurm, tiny_files, long_input, uninterrupted, tmp_path):
-    out, log, tag = tmp_path / "out.h5", tmp_path / "job.log", uuid.uuid4().hex
-    job = submit(slurm, "moe_infer_cpu.sbatch", log,
-                 job_env(tiny_files[0], long_input, out, MOE_HPC_TEST_TAG=tag))
+def stop_requeue_and_finish(slurm, job: int, tag: str, out: Path, log: Path) -> tuple[dict, str]:
+    """Once 2 chunks are recorded, USR1 to the batch script (every rank seeing it mid-run); the
+    job must come back requeued (PENDING), then run to COMPLETED. -> (the progress record at
+    the stop, the job log)."""
     wait_for_chunks(out, 2)
     signal_midway(tag, 2, lambda: slurm.run("scancel", "--signal=USR1", "--batch", job), signal.SIGUSR1)
     # Slurm holds a requeued batch job for about two minutes (BeginTime); start it now instead.
     info = slurm.wait(job, lambda i: int(i.get("Restarts", 0)) >= 1 and i["JobState"] == "PENDING"
                       or ended(i), JOB_TIMEOUT)
     assert info["JobState"] == "PENDING", log.read_text()
-    stopped_at = progress_record(out)["chunks_done"]
-    assert 2 <= stopped_at < 20
+    record = progress_record(out)
     slurm.wait_steps_gone(job)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = slurm.wait(job, ended, JOB_TIMEOUT)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text
+    return record, text
+
+
+def test_usr1_requeue_resume_matches_uninterrupted(slurm, tiny_files, long_input, uninterrupted, tmp_path):
+    out, log, tag = tmp_path / "out.h5", tmp_path / "job.log", uuid.uuid4().hex
+    job = submit(slurm, "moe_infer_cpu.sbatch", log,
+                 job_env(tiny_files[0], long_input, out, MOE_HPC_TEST_TAG=tag))
+    record, text = stop_requeue_and_finish(slurm, job, tag, out, log)
+    stopped_at = record["chunks_done"]
+    assert 2 <= stopped_at < 20
     for needle in ("stop signal: ranks finish the current chunk", "stopped by SIGUSR1", "moe-hpc exit status 75",
                    f"requeueing job {job}", "(restart count 1)", f"resuming at chunk {stopped_at + 1} of 20",
                    "moe-hpc exit status 0"):
@@ -128,19 +137,9 @@ def test_text_prompt_job_is_requeued_and_resumes(slurm, tmp_path):
                   RUN_ARGS=gen + " --progress lines --progress-every 0", MOE_HPC_TEST_TAG=tag)
     del env["INPUT"]
     job = submit(slurm, "moe_infer_cpu.sbatch", log, env)
-    wait_for_chunks(out, 2)
-    signal_midway(tag, 2, lambda: slurm.run("scancel", "--signal=USR1", "--batch", job), signal.SIGUSR1)
-    info = slurm.wait(job, lambda i: int(i.get("Restarts", 0)) >= 1 and i["JobState"] == "PENDING"
-                      or ended(i), JOB_TIMEOUT)
-    assert info["JobState"] == "PENDING", log.read_text()
-    record = progress_record(out)
+    record, text = stop_requeue_and_finish(slurm, job, tag, out, log)
     stopped_at, groups = record["chunks_done"], record["chunks_total"]
     assert 2 <= stopped_at < groups == 20, record         # 40 prompts, 2 dense ranks, 1 a group
-    slurm.wait_steps_gone(job)
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    info = slurm.wait(job, ended, JOB_TIMEOUT)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED", text
     for needle in ("moe-hpc exit status 75", f"requeueing job {job}", f"resuming at group {stopped_at + 1} of {groups}",
                    "moe-hpc exit status 0"):
         assert needle in text, f"{needle!r} not in the job log:\n{text}"
