@@ -149,6 +149,22 @@ def test_text_prompt_job_is_requeued_and_resumes(slurm, tmp_path):
         assert (got[name] == want[name]).all(), name
 
 
+@pytest.mark.parametrize("knobs, message", [
+    ({"VERB": "generate", "INPUT": "in.h5", "PROMPTS": "p.jsonl"}, "error: set INPUT or PROMPTS, not both"),
+    ({"VERB": "run", "PROMPTS": "p.jsonl"}, "error: PROMPTS needs VERB=generate"),
+    ({"VERB": "generate"}, "error: set INPUT (the input batch HDF5), or PROMPTS=prompts.jsonl with VERB=generate"),
+], ids=["input-and-prompts", "prompts-for-run", "neither"])
+def test_job_script_refuses_its_knobs_in_one_error_line(knobs, message, tmp_path):
+    """Checked before anything starts (no Slurm needed): one error: line, exit 1, nothing written."""
+    env = {"PATH": os.environ["PATH"], "MOE_HPC_ROOT": str(REPO), "WEIGHTS": "w.h5",
+           "OUTPUT": str(tmp_path / "out.h5"), **knobs}
+    r = subprocess.run(["bash", str(REPO / "jobs" / "moe_infer.sbatch")], env=env, capture_output=True,
+                       text=True, timeout=30)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and errors[0].startswith(message), r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_killed_rank_under_srun_ends_job(slurm, tiny_files, long_input, tmp_path, no_stale_shm):
     out, log, tag = tmp_path / "out.h5", tmp_path / "job.log", uuid.uuid4().hex
     job = submit(slurm, "moe_infer_cpu.sbatch", log,
